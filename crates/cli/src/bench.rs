@@ -1,0 +1,118 @@
+//! `tessera bench`: prefill and decode speed over a fixed prompt, the weight bytes each decoded
+//! token reads, and how much of this machine's memory bandwidth (measured in the same run by a
+//! plain streaming read) decode reaches.
+
+use crate::{ModelArgs, load};
+use clap::Args;
+use std::time::Instant;
+use tessera_model::{GenerateParams, Runner, generate};
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Prompt length in tokens (prefill)
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens to decode
+    #[arg(long, default_value_t = 64)]
+    gen_tokens: usize,
+    /// Measured runs (the best is reported); one warm-up run comes first
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Size of the buffer for the bandwidth measurement, in MiB (larger than the caches)
+    #[arg(long, default_value_t = 2048)]
+    bandwidth_mib: usize,
+}
+
+const TEXT: &str = "Tessera splits a large language model across several ordinary machines. \
+    Each worker holds a slice of every layer and the workers sum their partial results after \
+    the attention and the feed-forward blocks. Decoding reads every weight once per token, so \
+    memory bandwidth bounds its speed, while prefill is bound by arithmetic. ";
+
+/// Best-of-three streaming read of `mib` MiB with one thread per core; bytes per second.
+pub fn memory_bandwidth(mib: usize) -> (f64, usize) {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let words = mib * 1024 * 1024 / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let chunk = words.div_ceil(threads);
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let total: u64 = std::thread::scope(|s| {
+            let hs: Vec<_> = buf
+                .chunks(chunk)
+                .map(|c| s.spawn(move || c.iter().fold(0u64, |a, &x| a.wrapping_add(x))))
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap())
+                .fold(0u64, u64::wrapping_add)
+        });
+        std::hint::black_box(total);
+        best = best.max((words * 8) as f64 / t.elapsed().as_secs_f64());
+    }
+    (best, threads)
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+    let (files, mut cluster) = load(&a.model)?;
+    let mut prompt = Vec::new();
+    while prompt.len() < a.prompt_tokens {
+        prompt.extend(files.tokenizer.encode(TEXT)?);
+    }
+    prompt.truncate(
+        a.prompt_tokens
+            .min(files.cfg.max_context.saturating_sub(a.gen_tokens))
+            .max(1),
+    );
+    let params = GenerateParams {
+        max_tokens: a.gen_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut best_prefill = 0f64;
+    let mut best_decode = 0f64;
+    for run in 0..=a.runs {
+        let stats = generate(&mut cluster, run as u64, &prompt, &params, &[], &mut |_| {
+            true
+        })?;
+        if run > 0 {
+            best_prefill = best_prefill.max(stats.prefill_tok_s());
+            best_decode = best_decode.max(stats.decode_tok_s());
+        }
+    }
+    let bytes = cluster.weight_bytes_per_token();
+    let (bw, threads) = memory_bandwidth(a.bandwidth_mib);
+    let reached = bytes as f64 * best_decode;
+    println!(
+        "model: {} ({}), {} shard(s) on {}",
+        a.model.model,
+        files.format,
+        a.model.shards,
+        a.model.backend.name()
+    );
+    println!("load: {:.2} s", cluster.load_time.as_secs_f64());
+    println!(
+        "prefill: {} tokens, {:.1} tok/s",
+        prompt.len(),
+        best_prefill
+    );
+    println!(
+        "decode: {} tokens, {:.1} tok/s ({:.2} ms/token)",
+        a.gen_tokens,
+        best_decode,
+        1e3 / best_decode.max(1e-9)
+    );
+    println!("weights read per token: {:.1} MB (f32)", bytes as f64 / 1e6);
+    println!(
+        "memory bandwidth: {:.2} GB/s (streaming read of {} MiB, {threads} threads)",
+        bw / 1e9,
+        a.bandwidth_mib
+    );
+    println!(
+        "decode reached: {:.2} GB/s = {:.0}% of measured bandwidth",
+        reached / 1e9,
+        100.0 * reached / bw
+    );
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! `tessera`: the command-line front end.
+
+mod bench;
+mod pull;
+
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tessera_model::{
+    Backend, GenerateParams, LocalCluster, ModelError, ModelFiles, SamplingParams, TextStream,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "tessera",
+    version,
+    about = "Run a large language model split across several machines (tensor parallelism)",
+    long_about = "Run a large language model split across several machines (tensor parallelism).\n\n\
+        A model is a Hugging Face folder (config.json, *.safetensors, tokenizer.json), a .gguf file,\n\
+        or the name of a model fetched with `tessera pull` (for example smollm2-135m)."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it to stdout (statistics go to stderr)
+    Generate(GenerateArgs),
+    /// Fetch a model into the local cache and verify it (smollm2-135m, or hf:ORG/NAME)
+    Pull(pull::PullArgs),
+    /// Measure prefill and decode speed, and the share of memory bandwidth decode reaches
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Model folder, .gguf file, or a pulled model's name
+    #[arg(long, short = 'm')]
+    pub model: String,
+    /// How many tensor-parallel shards to split the model into
+    #[arg(long, default_value_t = 1)]
+    pub shards: usize,
+    /// Where the tensors live: cpu (Burn flex) or wgpu (Vulkan/Metal/DX12 GPU)
+    #[arg(long, default_value = "cpu")]
+    pub backend: Backend,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt text (used as is: no chat template is applied)
+    #[arg(long, short = 'p')]
+    prompt: String,
+    /// Most tokens to generate
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the K most likely tokens (0: no limit)
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Random seed, for reproducible sampling
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print the generated token ids (one line, space-separated) instead of text
+    #[arg(long)]
+    ids: bool,
+    /// Do not stop at end-of-sequence tokens
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+/// Resolves a model argument: a path, or the name of a model in the pull cache.
+pub fn resolve_model(arg: &str) -> anyhow::Result<PathBuf> {
+    let p = PathBuf::from(arg);
+    if p.exists() {
+        return Ok(p);
+    }
+    if let Some(path) = pull::cached_path(arg) {
+        if path.exists() {
+            return Ok(path);
+        }
+        return Err(ModelError::format(
+            &path,
+            format!("model {arg:?} is not downloaded yet: run `tessera pull {arg}` first"),
+        )
+        .into());
+    }
+    Err(ModelError::io(
+        &p,
+        std::io::Error::new(std::io::ErrorKind::NotFound, "no such model file or folder"),
+    )
+    .into())
+}
+
+pub fn load(args: &ModelArgs) -> anyhow::Result<(ModelFiles, LocalCluster)> {
+    let path = resolve_model(&args.model)?;
+    let files = ModelFiles::open(&path)?;
+    let cluster = LocalCluster::load(&files, args.shards, args.backend)?;
+    tracing::info!(
+        model = %path.display(), format = %files.format, shards = args.shards,
+        backend = args.backend.name(), secs = cluster.load_time.as_secs_f64(), "loaded"
+    );
+    Ok((files, cluster))
+}
+
+fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
+    let (files, mut cluster) = load(&a.model)?;
+    let prompt = files.tokenizer.encode(&a.prompt)?;
+    let params = GenerateParams {
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
+        ignore_eos: a.ignore_eos,
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut stream = TextStream::default();
+    let mut ids = Vec::new();
+    let mut failure: Option<anyhow::Error> = None;
+    let stats = tessera_model::generate(
+        &mut cluster,
+        1,
+        &prompt,
+        &params,
+        &files.cfg.eos_token_ids,
+        &mut |tok| {
+            ids.push(tok);
+            if a.ids {
+                return true;
+            }
+            let piece = match stream.push(&files.tokenizer, tok) {
+                Ok(p) => p,
+                Err(e) => {
+                    failure = Some(e.into());
+                    return false;
+                }
+            };
+            if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
+                // A closed pipe (e.g. `| head`) ends generation quietly.
+                failure = (e.kind() != std::io::ErrorKind::BrokenPipe).then(|| e.into());
+                return false;
+            }
+            true
+        },
+    )?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    if a.ids {
+        let line: Vec<String> = ids.iter().map(|t| t.to_string()).collect();
+        writeln!(out, "{}", line.join(" "))?;
+    } else {
+        write!(out, "{}", stream.finish(&files.tokenizer)?)?;
+        writeln!(out)?;
+    }
+    let bytes = cluster_bytes(&cluster);
+    let gbs = bytes as f64 * stats.decode_tok_s() / 1e9;
+    eprintln!(
+        "prompt tokens: {}, prefill: {:.1} tok/s, generated tokens: {}, decode: {:.1} tok/s, \
+         weights read per token: {:.1} MB, effective bandwidth: {:.2} GB/s ({} shard(s), {})",
+        stats.prompt_tokens,
+        stats.prefill_tok_s(),
+        stats.generated,
+        stats.decode_tok_s(),
+        bytes as f64 / 1e6,
+        gbs,
+        a.model.shards,
+        a.model.backend.name(),
+    );
+    Ok(())
+}
+
+fn cluster_bytes(c: &LocalCluster) -> u64 {
+    use tessera_model::Runner;
+    c.weight_bytes_per_token()
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(a) => run_generate(a),
+        Command::Pull(a) => pull::run(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            // Bad input (a model file, a prompt, an argument) exits 2, like a usage error;
+            // anything else (a failed download, a broken machine) exits 1.
+            if e.chain().any(|c| c.is::<ModelError>()) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! All-reduce between the shards of one model.
+//!
+//! Every layer of every shard calls [`Collective::all_reduce_sum`] twice. The algorithms here are
+//! written against the small [`Transport`] trait (send a vector to a peer, receive one from a
+//! peer), so their logic is tested with in-process channels and the same code runs over QUIC.
+//!
+//! Both algorithms give every rank bit-identical results, which the shards rely on: each rank
+//! keeps its own copy of the hidden state and they must never drift apart.
+//! - [`all_gather_sum`]: each rank sends its whole vector to every peer (one round trip), then
+//!   sums all N vectors in rank order. Best where latency dominates (decode, small N).
+//! - [`ring_all_reduce`]: reduce-scatter then all-gather around a ring, 2(N-1) steps of 1/N of
+//!   the vector each. Bandwidth-optimal, so it wins on large vectors (prefill).
+
+mod inproc;
+
+pub use inproc::InProcessTransport;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    #[error("peer {peer} disconnected during an all-reduce")]
+    PeerGone { peer: usize },
+    #[error("peer {peer} sent {got} values where {want} were expected")]
+    SizeMismatch {
+        peer: usize,
+        got: usize,
+        want: usize,
+    },
+    #[error("all-reduce transport error with peer {peer}: {msg}")]
+    Transport { peer: usize, msg: String },
+}
+
+/// Moves f32 vectors between ranks of one group. Messages between a pair of ranks arrive in
+/// the order they were sent.
+pub trait Transport: Send {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    fn send(&mut self, peer: usize, data: &[f32]) -> Result<(), CollectiveError>;
+    /// Receives the next message from `peer` into `out`, which must match its length exactly.
+    fn recv(&mut self, peer: usize, out: &mut [f32]) -> Result<(), CollectiveError>;
+}
+
+/// What the layers call. `buf` holds this rank's partial sum on entry and the total on return.
+pub trait Collective: Send {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
+}
+
+/// World size one: the sum of one partial is itself.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Single;
+
+impl Collective for Single {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+}
+
+/// Which algorithm [`Mesh`] runs for a message of a given length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    AllGather,
+    Ring,
+}
+
+/// A [`Collective`] over any [`Transport`]: picks the algorithm by message size and keeps its
+/// scratch buffers between calls, so the hot path does not allocate once warmed up.
+pub struct Mesh<T: Transport> {
+    transport: T,
+    /// Vectors of at most this many f32 use the one-step all-gather; longer ones the ring.
+    pub ring_threshold: usize,
+    gathered: Vec<f32>,
+    chunk: Vec<f32>,
+}
+
+/// 64 KiB of f32: below it a message is latency-bound on any network Tessera targets.
+pub const DEFAULT_RING_THRESHOLD: usize = 16 * 1024;
+
+impl<T: Transport> Mesh<T> {
+    pub fn new(transport: T) -> Self {
+        Mesh {
+            transport,
+            ring_threshold: DEFAULT_RING_THRESHOLD,
+            gathered: Vec::new(),
+            chunk: Vec::new(),
+        }
+    }
+
+    pub fn algorithm_for(&self, len: usize) -> Algorithm {
+        if self.transport.world() <= 2 || len <= self.ring_threshold {
+            // With two ranks the ring moves the same bytes in more steps.
+            Algorithm::AllGather
+        } else {
+            Algorithm::Ring
+        }
+    }
+
+    pub fn transport_mut(&mut self) -> &mut T {
+        &mut self.transport
+    }
+}
+
+impl<T: Transport> Collective for Mesh<T> {
+    fn rank(&self) -> usize {
+        self.transport.rank()
+    }
+    fn world(&self) -> usize {
+        self.transport.world()
+    }
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        let _span = tracing::debug_span!("all_reduce", len = buf.len()).entered();
+        match self.algorithm_for(buf.len()) {
+            Algorithm::AllGather => all_gather_sum(&mut self.transport, buf, &mut self.gathered),
+            Algorithm::Ring => ring_all_reduce(&mut self.transport, buf, &mut self.chunk),
+        }
+    }
+}
+
+/// One-step all-gather and a local sum in rank order (so every rank gets the same bits).
+/// `scratch` is resized to `world * buf.len()` and reused across calls.
+pub fn all_gather_sum<T: Transport>(
+    t: &mut T,
+    buf: &mut [f32],
+    scratch: &mut Vec<f32>,
+) -> Result<(), CollectiveError> {
+    let (rank, world, n) = (t.rank(), t.world(), buf.len());
+    if world == 1 {
+        return Ok(());
+    }
+    scratch.resize(world * n, 0.0);
+    for peer in (0..world).filter(|&p| p != rank) {
+        t.send(peer, buf)?;
+    }
+    scratch[rank * n..(rank + 1) * n].copy_from_slice(buf);
+    for peer in (0..world).filter(|&p| p != rank) {
+        t.recv(peer, &mut scratch[peer * n..(peer + 1) * n])?;
+    }
+    buf.copy_from_slice(&scratch[..n]);
+    for r in 1..world {
+        for (b, x) in buf.iter_mut().zip(&scratch[r * n..(r + 1) * n]) {
+            *b += x;
+        }
+    }
+    Ok(())
+}
+
+/// Bounds of chunk `c` when `n` values are cut into `world` nearly equal chunks.
+fn chunk_bounds(n: usize, world: usize, c: usize) -> std::ops::Range<usize> {
+    let base = n / world;
+    let rem = n % world;
+    let start = c * base + c.min(rem);
+    start..start + base + usize::from(c < rem)
+}
+
+/// Ring all-reduce: N-1 reduce-scatter steps, then N-1 all-gather steps. Chunk `c` is summed in
+/// the fixed order c+1, c+2, ..., c (mod N) and then copied, so all ranks hold identical bits.
+pub fn ring_all_reduce<T: Transport>(
+    t: &mut T,
+    buf: &mut [f32],
+    scratch: &mut Vec<f32>,
+) -> Result<(), CollectiveError> {
+    let (rank, world, n) = (t.rank(), t.world(), buf.len());
+    if world == 1 {
+        return Ok(());
+    }
+    let next = (rank + 1) % world;
+    let prev = (rank + world - 1) % world;
+    scratch.resize(n / world + 1, 0.0);
+    // Reduce-scatter: at step s, send chunk (rank - s) and add the incoming chunk (rank - s - 1).
+    // Accumulation order for chunk c: partial of c+1, then + partial of c+2, ... The incoming
+    // running sum is added to our partial as `incoming + ours`, keeping that order.
+    for s in 0..world - 1 {
+        let send_c = (rank + world - s) % world;
+        let recv_c = (rank + world - s - 1) % world;
+        t.send(next, &buf[chunk_bounds(n, world, send_c)])?;
+        let rb = chunk_bounds(n, world, recv_c);
+        let incoming = &mut scratch[..rb.len()];
+        t.recv(prev, incoming)?;
+        for (b, x) in buf[rb].iter_mut().zip(incoming.iter()) {
+            *b = *x + *b;
+        }
+    }
+    // Now rank r holds the total of chunk (r + 1) % world. All-gather those around the ring.
+    for s in 0..world - 1 {
+        let send_c = (rank + 1 + world - s) % world;
+        let recv_c = (rank + world - s) % world;
+        t.send(next, &buf[chunk_bounds(n, world, send_c)])?;
+        let rb = chunk_bounds(n, world, recv_c);
+        t.recv(prev, &mut buf[rb])?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    fn run_group(world: usize, len: usize, algo: Algorithm) -> Vec<Vec<f32>> {
+        let handles: Vec<_> = InProcessTransport::group(world)
+            .into_iter()
+            .map(|t| {
+                thread::spawn(move || {
+                    let rank = t.rank();
+                    let mut mesh = Mesh::new(t);
+                    mesh.ring_threshold = if algo == Algorithm::Ring {
+                        0
+                    } else {
+                        usize::MAX
+                    };
+                    // Integers (exactly representable) so any summation order is exact.
+                    let mut buf: Vec<f32> =
+                        (0..len).map(|i| (i * 7 + rank * 1000) as f32).collect();
+                    mesh.all_reduce_sum(&mut buf).unwrap();
+                    buf
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn both_algorithms_sum_exactly_on_2_3_4_ranks() {
+        for world in [2, 3, 4] {
+            for algo in [Algorithm::AllGather, Algorithm::Ring] {
+                for len in [1, 5, 64, 1001] {
+                    let out = run_group(world, len, algo);
+                    let rank_sum: usize = (0..world).map(|r| r * 1000).sum();
+                    for buf in &out {
+                        for (i, x) in buf.iter().enumerate() {
+                            assert_eq!(
+                                *x,
+                                (i * 7 * world + rank_sum) as f32,
+                                "{algo:?} w{world} len{len}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn float_results_are_identical_on_every_rank() {
+        for algo in [Algorithm::AllGather, Algorithm::Ring] {
+            let handles: Vec<_> = InProcessTransport::group(3)
+                .into_iter()
+                .map(|t| {
+                    thread::spawn(move || {
+                        let r = t.rank() as f32;
+                        let mut mesh = Mesh::new(t);
+                        mesh.ring_threshold = if algo == Algorithm::Ring {
+                            0
+                        } else {
+                            usize::MAX
+                        };
+                        let mut buf: Vec<f32> =
+                            (0..333).map(|i| (i as f32 * 0.1 + r).sin() * 1e3).collect();
+                        let want: Vec<f64> = (0..333)
+                            .map(|i| {
+                                (0..3)
+                                    .map(|r| ((i as f32 * 0.1 + r as f32).sin() * 1e3) as f64)
+                                    .sum()
+                            })
+                            .collect();
+                        mesh.all_reduce_sum(&mut buf).unwrap();
+                        for (x, w) in buf.iter().zip(&want) {
+                            assert!(
+                                (*x as f64 - w).abs() <= 1e-6 * w.abs().max(1.0),
+                                "{x} vs {w}"
+                            );
+                        }
+                        buf
+                    })
+                })
+                .collect();
+            let out: Vec<Vec<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+            assert!(out.iter().all(|b| b == &out[0]), "{algo:?}: ranks disagree");
+        }
+    }
+
+    #[test]
+    fn a_peer_that_leaves_is_an_error_not_a_hang() {
+        let mut group = InProcessTransport::group(3);
+        let gone = group.pop().unwrap();
+        drop(gone);
+        let handles: Vec<_> = group
+            .into_iter()
+            .map(|t| {
+                thread::spawn(move || {
+                    let mut mesh = Mesh::new(t);
+                    let mut buf = vec![1.0f32; 8];
+                    mesh.all_reduce_sum(&mut buf)
+                })
+            })
+            .collect();
+        for h in handles {
+            let err = h.join().unwrap().unwrap_err();
+            assert!(
+                matches!(err, CollectiveError::PeerGone { peer: 2 }),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn algorithm_is_picked_by_size() {
+        let mut g = InProcessTransport::group(4);
+        let mesh = Mesh::new(g.remove(0));
+        assert_eq!(mesh.algorithm_for(576), Algorithm::AllGather);
+        assert_eq!(mesh.algorithm_for(576 * 128), Algorithm::Ring);
+    }
+}

@@ -1,0 +1,13 @@
+//! Tessera core: model configuration, the tensor-parallel shard plan and the memory planner.
+//!
+//! Nothing here touches tensors or the network, so every number a plan prints can be checked
+//! by unit tests and by `tessera plan` before a single weight is loaded.
+
+pub mod config;
+pub mod plan;
+
+pub use config::{Arch, ConfigError, ModelConfig, RopeScaling};
+pub use plan::{
+    PlanError, ShardCost, ShardPlan, ShardSpec, allreduce_bytes_per_token, split_even,
+    split_weighted,
+};

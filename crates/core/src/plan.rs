@@ -1,0 +1,357 @@
+//! The tensor-parallel shard plan (Megatron style) and what each shard costs in memory.
+//!
+//! Shard `s` of `n` owns:
+//! - a contiguous range of query heads and the KV heads those heads read (column-parallel Q/K/V,
+//!   row-parallel O). With `n <= kv_heads` whole KV groups are dealt out; with more shards than
+//!   KV heads, query heads are dealt out and a KV head is replicated on every shard that needs it.
+//! - a contiguous range of FFN columns (column-parallel gate/up, row-parallel down), cut on
+//!   32-column boundaries so a 32-wide quantization block is never split.
+//! - a contiguous range of vocabulary rows (embedding lookup and LM head).
+
+use crate::config::ModelConfig;
+use std::ops::Range;
+
+/// Width of a GGUF quantization block: FFN splits never cut inside one.
+pub const QUANT_BLOCK: usize = 32;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardSpec {
+    pub rank: usize,
+    pub world: usize,
+    pub q_heads: Range<usize>,
+    pub kv_heads: Range<usize>,
+    pub ffn: Range<usize>,
+    pub vocab: Range<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardPlan {
+    pub shards: Vec<ShardSpec>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error("a plan needs at least one shard")]
+    NoShards,
+    #[error(
+        "{shards} shards but the model has only {heads} attention heads: at most {heads} shards"
+    )]
+    TooManyShards { shards: usize, heads: usize },
+    #[error("shard weights must be positive and finite")]
+    BadWeights,
+}
+
+/// Splits `0..total` into `parts` contiguous ranges whose inner boundaries fall on multiples of
+/// `granularity`; sizes differ by at most one granule, larger ranges first.
+pub fn split_even(total: usize, parts: usize, granularity: usize) -> Vec<Range<usize>> {
+    split_weighted(total, &vec![1.0; parts], granularity)
+}
+
+/// Like [`split_even`], but each part's share follows `weights` (for example each worker's free
+/// memory). Largest-remainder rounding keeps the total exact.
+pub fn split_weighted(total: usize, weights: &[f64], granularity: usize) -> Vec<Range<usize>> {
+    let g = granularity.max(1);
+    let units = total.div_ceil(g);
+    let sum: f64 = weights.iter().sum();
+    let exact: Vec<f64> = weights.iter().map(|w| w / sum * units as f64).collect();
+    let mut counts: Vec<usize> = exact.iter().map(|x| x.floor() as usize).collect();
+    let mut left = units - counts.iter().sum::<usize>();
+    let mut order: Vec<usize> = (0..weights.len()).collect();
+    // Largest fractional part first; ties go to the lower rank so the result is deterministic.
+    order.sort_by(|&a, &b| {
+        let fa = exact[a] - exact[a].floor();
+        let fb = exact[b] - exact[b].floor();
+        fb.partial_cmp(&fa)
+            .unwrap_or(std::cmp::Ordering::Equal)
+            .then(a.cmp(&b))
+    });
+    for &i in order.iter().cycle() {
+        if left == 0 {
+            break;
+        }
+        counts[i] += 1;
+        left -= 1;
+    }
+    let mut start = 0usize;
+    counts
+        .iter()
+        .map(|&c| {
+            let end = ((start / g + c) * g).min(total);
+            let r = start..end;
+            start = end;
+            r
+        })
+        .collect()
+}
+
+impl ShardPlan {
+    /// An even plan over `n` shards.
+    pub fn new(cfg: &ModelConfig, n: usize) -> Result<ShardPlan, PlanError> {
+        Self::weighted(cfg, &vec![1.0; n])
+    }
+
+    /// A plan whose shard sizes follow `weights` (one per shard).
+    pub fn weighted(cfg: &ModelConfig, weights: &[f64]) -> Result<ShardPlan, PlanError> {
+        let n = weights.len();
+        if n == 0 {
+            return Err(PlanError::NoShards);
+        }
+        if weights.iter().any(|w| !(w.is_finite() && *w > 0.0)) {
+            return Err(PlanError::BadWeights);
+        }
+        if n > cfg.heads {
+            return Err(PlanError::TooManyShards {
+                shards: n,
+                heads: cfg.heads,
+            });
+        }
+        let group = cfg.group_size();
+        let (q, kv): (Vec<_>, Vec<_>) = if n <= cfg.kv_heads {
+            split_nonempty(cfg.kv_heads, weights, 1)
+                .into_iter()
+                .map(|kv| (kv.start * group..kv.end * group, kv))
+                .unzip()
+        } else {
+            split_nonempty(cfg.heads, weights, 1)
+                .into_iter()
+                .map(|q| {
+                    let kv = q.start / group..(q.end - 1) / group + 1;
+                    (q, kv)
+                })
+                .unzip()
+        };
+        let ffn_gran = if cfg.intermediate % QUANT_BLOCK == 0 && cfg.intermediate / QUANT_BLOCK >= n
+        {
+            QUANT_BLOCK
+        } else {
+            1
+        };
+        let ffn = split_nonempty(cfg.intermediate, weights, ffn_gran);
+        let vocab = split_nonempty(cfg.vocab, weights, 1);
+        let shards = (0..n)
+            .map(|rank| ShardSpec {
+                rank,
+                world: n,
+                q_heads: q[rank].clone(),
+                kv_heads: kv[rank].clone(),
+                ffn: ffn[rank].clone(),
+                vocab: vocab[rank].clone(),
+            })
+            .collect();
+        Ok(ShardPlan { shards })
+    }
+}
+
+/// A weighted split in which every part gets at least one granule (a worker with no heads or
+/// no FFN columns would have nothing to do in that layer and break the uniform code path).
+fn split_nonempty(total: usize, weights: &[f64], g: usize) -> Vec<Range<usize>> {
+    let ranges = split_weighted(total, weights, g);
+    if ranges.iter().all(|r| !r.is_empty()) {
+        return ranges;
+    }
+    split_even(total, weights.len(), g)
+}
+
+/// What one shard holds and moves, in bytes, for a given weight and cache element size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShardCost {
+    /// Parameters held by the shard (its slice of every layer, its vocab rows, the norms).
+    pub params: u64,
+    /// Parameters read for every decoded token (everything but the embedding lookup table,
+    /// unless it doubles as the LM head).
+    pub params_read_per_token: u64,
+    /// KV cache bytes per token of context.
+    pub kv_bytes_per_token: u64,
+}
+
+impl ShardSpec {
+    pub fn n_q(&self) -> usize {
+        self.q_heads.len()
+    }
+    pub fn n_kv(&self) -> usize {
+        self.kv_heads.len()
+    }
+
+    /// The shard's KV-head index (0-based within the shard) that local query head `j` reads.
+    pub fn kv_index_for_local_q(&self, cfg: &ModelConfig, j: usize) -> usize {
+        (self.q_heads.start + j) / cfg.group_size() - self.kv_heads.start
+    }
+
+    pub fn cost(&self, cfg: &ModelConfig, cache_elem_bytes: u64) -> ShardCost {
+        let h = cfg.hidden as u64;
+        let hd = cfg.head_dim as u64;
+        let q = self.n_q() as u64 * hd;
+        let kv = self.n_kv() as u64 * hd;
+        let f = self.ffn.len() as u64;
+        let v = self.vocab.len() as u64;
+        let mut layer = h * q + 2 * h * kv + q * h + 3 * h * f + 2 * h;
+        if cfg.qkv_bias {
+            layer += q + 2 * kv;
+        }
+        if cfg.o_bias {
+            layer += h;
+        }
+        if cfg.mlp_bias {
+            layer += 2 * f + h;
+        }
+        let layers = cfg.layers as u64 * layer;
+        let head = v * h;
+        let embed = if cfg.tie_word_embeddings { 0 } else { v * h };
+        ShardCost {
+            params: layers + head + embed + h,
+            params_read_per_token: layers + head + h,
+            kv_bytes_per_token: 2 * cfg.layers as u64 * kv * cache_elem_bytes,
+        }
+    }
+}
+
+/// Bytes one shard sends into all-reduces per token: two hidden-size vectors per layer plus the
+/// embedding lookup, of `elem_bytes` each.
+pub fn allreduce_bytes_per_token(cfg: &ModelConfig, elem_bytes: u64) -> u64 {
+    (2 * cfg.layers as u64 + 1) * cfg.hidden as u64 * elem_bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Arch;
+
+    fn cfg(heads: usize, kv: usize, inter: usize, vocab: usize) -> ModelConfig {
+        ModelConfig {
+            arch: Arch::Llama,
+            hidden: heads * 64,
+            intermediate: inter,
+            layers: 30,
+            heads,
+            kv_heads: kv,
+            head_dim: 64,
+            vocab,
+            max_context: 8192,
+            rms_eps: 1e-5,
+            rope_theta: 1e4,
+            rope_scaling: None,
+            tie_word_embeddings: true,
+            qkv_bias: false,
+            o_bias: false,
+            mlp_bias: false,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+        }
+    }
+
+    fn check_cover(ranges: impl Iterator<Item = Range<usize>>, total: usize) {
+        let mut at = 0;
+        for r in ranges {
+            assert_eq!(r.start, at, "ranges must be contiguous");
+            assert!(!r.is_empty());
+            at = r.end;
+        }
+        assert_eq!(at, total);
+    }
+
+    #[test]
+    fn split_even_respects_blocks() {
+        assert_eq!(
+            split_even(1536, 4, 32),
+            vec![0..384, 384..768, 768..1152, 1152..1536]
+        );
+        // 48 blocks over 5 shards: 10,10,10,9,9 blocks.
+        let r = split_even(1536, 5, 32);
+        assert_eq!(
+            r.iter().map(|r| r.len()).collect::<Vec<_>>(),
+            vec![320, 320, 320, 288, 288]
+        );
+        assert!(r.iter().all(|r| r.start % 32 == 0));
+        // A total that is not a multiple of the granule: the last range is short.
+        assert_eq!(split_even(100, 3, 32), vec![0..64, 64..96, 96..100]);
+        assert_eq!(split_even(10, 3, 1), vec![0..4, 4..7, 7..10]);
+    }
+
+    #[test]
+    fn smollm2_two_shards_split_whole_kv_groups_unevenly() {
+        // SmolLM2-135M: 9 query heads, 3 KV heads (groups of 3).
+        let c = cfg(9, 3, 1536, 49152);
+        let p = ShardPlan::new(&c, 2).unwrap();
+        assert_eq!(p.shards[0].q_heads, 0..6);
+        assert_eq!(p.shards[0].kv_heads, 0..2);
+        assert_eq!(p.shards[1].q_heads, 6..9);
+        assert_eq!(p.shards[1].kv_heads, 2..3);
+        assert_eq!(p.shards[0].ffn, 0..768);
+        assert_eq!(p.shards[1].ffn, 768..1536);
+    }
+
+    #[test]
+    fn smollm2_four_shards_replicate_kv_heads() {
+        let c = cfg(9, 3, 1536, 49152);
+        let p = ShardPlan::new(&c, 4).unwrap();
+        let q: Vec<_> = p.shards.iter().map(|s| s.q_heads.clone()).collect();
+        let kv: Vec<_> = p.shards.iter().map(|s| s.kv_heads.clone()).collect();
+        assert_eq!(q, vec![0..3, 3..5, 5..7, 7..9]);
+        // Head 5 reads KV head 1 and head 6 reads KV head 2: shard 2 holds both.
+        assert_eq!(kv, vec![0..1, 1..2, 1..3, 2..3]);
+        let s2 = &p.shards[2];
+        assert_eq!(s2.kv_index_for_local_q(&c, 0), 0);
+        assert_eq!(s2.kv_index_for_local_q(&c, 1), 1);
+        check_cover(p.shards.iter().map(|s| s.ffn.clone()), 1536);
+        check_cover(p.shards.iter().map(|s| s.vocab.clone()), 49152);
+    }
+
+    #[test]
+    fn every_shard_count_covers_everything() {
+        for (heads, kv, inter, vocab) in [
+            (4, 2, 176, 384),
+            (6, 2, 240, 384),
+            (9, 3, 1536, 49152),
+            (32, 8, 14336, 128256),
+        ] {
+            let c = cfg(heads, kv, inter, vocab);
+            for n in 1..=heads.min(8) {
+                let p = ShardPlan::new(&c, n).unwrap();
+                check_cover(p.shards.iter().map(|s| s.q_heads.clone()), heads);
+                check_cover(p.shards.iter().map(|s| s.ffn.clone()), inter);
+                check_cover(p.shards.iter().map(|s| s.vocab.clone()), vocab);
+                for s in &p.shards {
+                    for j in 0..s.n_q() {
+                        let kv_global = s.kv_heads.start + s.kv_index_for_local_q(&c, j);
+                        assert_eq!(kv_global, (s.q_heads.start + j) / c.group_size());
+                        assert!(s.kv_heads.contains(&kv_global));
+                    }
+                }
+                // Parameters add up to the whole model once replicated pieces are counted once.
+                let total: u64 = p.shards.iter().map(|s| s.cost(&c, 4).params).sum();
+                assert!(total >= c.param_count());
+            }
+        }
+    }
+
+    #[test]
+    fn too_many_shards_and_weights() {
+        let c = cfg(4, 2, 176, 384);
+        assert_eq!(
+            ShardPlan::new(&c, 5),
+            Err(PlanError::TooManyShards {
+                shards: 5,
+                heads: 4
+            })
+        );
+        assert_eq!(ShardPlan::new(&c, 0), Err(PlanError::NoShards));
+        assert_eq!(
+            ShardPlan::weighted(&c, &[1.0, -1.0]),
+            Err(PlanError::BadWeights)
+        );
+        let c = cfg(8, 8, 4096, 32000);
+        let p = ShardPlan::weighted(&c, &[3.0, 1.0]).unwrap();
+        assert_eq!(p.shards[0].kv_heads, 0..6);
+        assert_eq!(p.shards[0].ffn, 0..3072);
+        assert_eq!(p.shards[1].vocab, 24000..32000);
+    }
+
+    #[test]
+    fn kv_bytes_follow_the_formula() {
+        // 2 x layers x kv_heads x head_dim x bytes: SmolLM2 on one shard in f32.
+        let c = cfg(9, 3, 1536, 49152);
+        let s = &ShardPlan::new(&c, 1).unwrap().shards[0];
+        assert_eq!(s.cost(&c, 4).kv_bytes_per_token, 2 * 30 * 3 * 64 * 4);
+        assert_eq!(allreduce_bytes_per_token(&c, 4), 61 * 576 * 4);
+    }
+}

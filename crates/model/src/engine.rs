@@ -1,0 +1,401 @@
+//! Running shards and generating text.
+//!
+//! [`Runner`] is what generation needs from a cluster: a forward step for a sequence that
+//! returns the full vocabulary's logits. [`LocalCluster`] runs N shards as threads of this
+//! process, joined by an in-process all-reduce; the same [`ShardModel`] runs in remote workers.
+
+use crate::error::{ModelError, Result};
+use crate::loader::ModelFiles;
+use crate::sampling::{Sampler, SamplingParams};
+use crate::shard::ShardModel;
+use burn::tensor::Device;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tessera_collective::{Collective, InProcessTransport, Mesh, Single};
+use tessera_core::{ModelConfig, ShardPlan};
+
+/// Where a shard's tensors live. One code path; the device is picked at run time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Burn's `flex` backend: pure Rust, SIMD and threads. The default.
+    Cpu,
+    /// Burn's wgpu backend: Vulkan, Metal or DX12, whichever GPU the machine has.
+    Wgpu,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" | "flex" => Ok(Backend::Cpu),
+            "wgpu" | "gpu" => Ok(Backend::Wgpu),
+            other => Err(format!("unknown backend {other:?} (cpu or wgpu)")),
+        }
+    }
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Wgpu => "wgpu",
+        }
+    }
+
+    /// The Burn device for this backend, checked to work by running one small operation.
+    pub fn device(self) -> Result<Device> {
+        match self {
+            Backend::Cpu => Ok(Device::flex()),
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => {
+                let probe = std::panic::catch_unwind(|| {
+                    let d = Device::wgpu(burn::tensor::DeviceKind::DefaultDevice);
+                    let t = burn::tensor::Tensor::<1>::from_data([1.0f32, 2.0], &d);
+                    let _ = t.sum().into_data();
+                    d
+                });
+                probe.map_err(|p| {
+                    let why = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown error".into());
+                    ModelError::Backend(format!("no usable wgpu adapter (is a Vulkan, Metal or DX12 driver installed?): {why}"))
+                })
+            }
+            #[cfg(not(feature = "wgpu"))]
+            Backend::Wgpu => Err(ModelError::Backend(
+                "this build of tessera has no wgpu support (feature \"wgpu\")".into(),
+            )),
+        }
+    }
+}
+
+/// What generation needs from a set of shards, local or remote.
+pub trait Runner {
+    fn cfg(&self) -> &ModelConfig;
+    /// Feeds `ids` at positions `pos..` of sequence `seq`; returns the last position's logits
+    /// over the whole vocabulary.
+    fn forward(&mut self, seq: u64, ids: &[u32], pos: usize) -> Result<Vec<f32>>;
+    /// Drops the sequence's KV cache everywhere.
+    fn free(&mut self, seq: u64);
+    /// Weight bytes all shards together read for one decoded token.
+    fn weight_bytes_per_token(&self) -> u64;
+}
+
+enum Cmd {
+    Forward {
+        seq: u64,
+        ids: Arc<[u32]>,
+        pos: usize,
+    },
+    Free {
+        seq: u64,
+    },
+}
+
+struct ShardThread {
+    tx: Option<Sender<Cmd>>,
+    rx: Receiver<Result<Vec<f32>>>,
+    join: Option<JoinHandle<()>>,
+}
+
+/// N shards as threads of one process: shard 0 of 1 on a single machine, or a rehearsal of a
+/// cluster whose all-reduce runs over channels instead of QUIC.
+pub struct LocalCluster {
+    cfg: ModelConfig,
+    pub plan: ShardPlan,
+    shards: Vec<ShardThread>,
+    weight_bytes: u64,
+    pub load_time: Duration,
+}
+
+impl LocalCluster {
+    pub fn load(files: &ModelFiles, n: usize, backend: Backend) -> Result<LocalCluster> {
+        let started = Instant::now();
+        let cfg = files.cfg.clone();
+        let plan = ShardPlan::new(&cfg, n)?;
+        let device = backend.device()?;
+        let mut transports: Vec<Option<InProcessTransport>> = if n > 1 {
+            InProcessTransport::group(n).into_iter().map(Some).collect()
+        } else {
+            vec![None]
+        };
+        let mut shards = Vec::with_capacity(n);
+        let mut ready = Vec::with_capacity(n);
+        for spec in plan.shards.iter().cloned() {
+            let (cmd_tx, cmd_rx) = channel::<Cmd>();
+            let (out_tx, out_rx) = channel::<Result<Vec<f32>>>();
+            let (ready_tx, ready_rx) = channel::<Result<u64>>();
+            let weights = files.weights.clone();
+            let cfg = cfg.clone();
+            let device = device.clone();
+            let transport = transports[spec.rank].take();
+            let join = std::thread::Builder::new()
+                .name(format!("shard-{}", spec.rank))
+                .spawn(move || {
+                    let mut coll: Box<dyn Collective> = match transport {
+                        Some(t) => Box::new(Mesh::new(t)),
+                        None => Box::new(Single),
+                    };
+                    let mut model = match ShardModel::load(&weights, &cfg, &spec, &device) {
+                        Ok(m) => {
+                            let _ = ready_tx.send(Ok(m.weight_bytes_per_token()));
+                            m
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    drop(weights);
+                    while let Ok(cmd) = cmd_rx.recv() {
+                        match cmd {
+                            Cmd::Forward { seq, ids, pos } => {
+                                let r = model.forward(seq, &ids, pos, coll.as_mut());
+                                if out_tx.send(r).is_err() {
+                                    return;
+                                }
+                            }
+                            Cmd::Free { seq } => model.free(seq),
+                        }
+                    }
+                })
+                .map_err(|e| ModelError::Backend(format!("cannot start a shard thread: {e}")))?;
+            shards.push(ShardThread {
+                tx: Some(cmd_tx),
+                rx: out_rx,
+                join: Some(join),
+            });
+            ready.push(ready_rx);
+        }
+        let mut weight_bytes = 0;
+        for (rank, r) in ready.into_iter().enumerate() {
+            weight_bytes += r.recv().map_err(|_| ModelError::Shard {
+                rank,
+                msg: "died while loading".into(),
+            })??;
+        }
+        Ok(LocalCluster {
+            cfg,
+            plan,
+            shards,
+            weight_bytes,
+            load_time: started.elapsed(),
+        })
+    }
+}
+
+impl Runner for LocalCluster {
+    fn cfg(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    fn forward(&mut self, seq: u64, ids: &[u32], pos: usize) -> Result<Vec<f32>> {
+        // Checked here so every shard sees the same valid input and none is left waiting in
+        // an all-reduce for a peer that refused the step.
+        if ids.is_empty() {
+            return Err(ModelError::EmptyPrompt);
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab) {
+            return Err(ModelError::BadToken {
+                id,
+                vocab: self.cfg.vocab,
+            });
+        }
+        if pos + ids.len() > self.cfg.max_context {
+            return Err(ModelError::PromptTooLong {
+                prompt: pos + ids.len(),
+                context: self.cfg.max_context,
+            });
+        }
+        let ids: Arc<[u32]> = ids.into();
+        for (rank, s) in self.shards.iter().enumerate() {
+            let tx = s.tx.as_ref().ok_or(ModelError::Shard {
+                rank,
+                msg: "stopped".into(),
+            })?;
+            tx.send(Cmd::Forward {
+                seq,
+                ids: ids.clone(),
+                pos,
+            })
+            .map_err(|_| ModelError::Shard {
+                rank,
+                msg: "shard thread is gone".into(),
+            })?;
+        }
+        let mut logits = Vec::with_capacity(self.cfg.vocab);
+        let mut first_err = None;
+        for (rank, s) in self.shards.iter().enumerate() {
+            match s.rx.recv() {
+                Ok(Ok(part)) => logits.extend(part),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(ModelError::Shard {
+                        rank,
+                        msg: "shard thread is gone".into(),
+                    });
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(logits),
+        }
+    }
+
+    fn free(&mut self, seq: u64) {
+        for s in &self.shards {
+            if let Some(tx) = &s.tx {
+                let _ = tx.send(Cmd::Free { seq });
+            }
+        }
+    }
+
+    fn weight_bytes_per_token(&self) -> u64 {
+        self.weight_bytes
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for s in &mut self.shards {
+            s.tx.take();
+        }
+        for s in &mut self.shards {
+            if let Some(j) = s.join.take() {
+                let _ = j.join();
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Keep generating past end-of-sequence tokens (for comparing with references).
+    pub ignore_eos: bool,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            max_tokens: 128,
+            sampling: SamplingParams::default(),
+            ignore_eos: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// An end-of-sequence token was produced.
+    Stop,
+    /// `max_tokens` or the context length was reached.
+    Length,
+    /// The caller asked to stop.
+    Cancelled,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenStats {
+    pub prompt_tokens: usize,
+    pub prefill: Duration,
+    pub generated: usize,
+    /// Time of the decode steps (every forward after the prefill).
+    pub decode: Duration,
+    pub decode_steps: usize,
+    pub finish: Finish,
+}
+
+impl GenStats {
+    pub fn prefill_tok_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill.as_secs_f64().max(1e-9)
+    }
+    pub fn decode_tok_s(&self) -> f64 {
+        if self.decode_steps == 0 {
+            return 0.0;
+        }
+        self.decode_steps as f64 / self.decode.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Prefills `prompt` in one batched forward, then decodes one token at a time. `on_token` gets
+/// each new token and returns false to stop. The sequence's cache is freed at the end.
+pub fn generate(
+    runner: &mut dyn Runner,
+    seq: u64,
+    prompt: &[u32],
+    params: &GenerateParams,
+    eos_ids: &[u32],
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<GenStats> {
+    let ctx = runner.cfg().max_context;
+    if prompt.is_empty() {
+        return Err(ModelError::EmptyPrompt);
+    }
+    if prompt.len() > ctx {
+        return Err(ModelError::PromptTooLong {
+            prompt: prompt.len(),
+            context: ctx,
+        });
+    }
+    let result = generate_inner(runner, seq, prompt, params, eos_ids, on_token);
+    runner.free(seq);
+    result
+}
+
+fn generate_inner(
+    runner: &mut dyn Runner,
+    seq: u64,
+    prompt: &[u32],
+    params: &GenerateParams,
+    eos_ids: &[u32],
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<GenStats> {
+    let ctx = runner.cfg().max_context;
+    let mut sampler = Sampler::new(params.sampling.clone());
+    let mut stats = GenStats {
+        prompt_tokens: prompt.len(),
+        prefill: Duration::ZERO,
+        generated: 0,
+        decode: Duration::ZERO,
+        decode_steps: 0,
+        finish: Finish::Length,
+    };
+    if params.max_tokens == 0 {
+        return Ok(stats);
+    }
+    let t0 = Instant::now();
+    let mut logits = runner.forward(seq, prompt, 0)?;
+    stats.prefill = t0.elapsed();
+    let mut pos = prompt.len();
+    loop {
+        let tok = sampler.sample(&logits);
+        stats.generated += 1;
+        if !on_token(tok) {
+            stats.finish = Finish::Cancelled;
+            break;
+        }
+        if !params.ignore_eos && eos_ids.contains(&tok) {
+            stats.finish = Finish::Stop;
+            break;
+        }
+        // The next forward would put the new token at position `pos`: it must fit.
+        if stats.generated >= params.max_tokens || pos >= ctx {
+            break;
+        }
+        let t = Instant::now();
+        logits = runner.forward(seq, &[tok], pos)?;
+        stats.decode += t.elapsed();
+        stats.decode_steps += 1;
+        pos += 1;
+    }
+    Ok(stats)
+}

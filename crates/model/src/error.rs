@@ -1,0 +1,64 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong between a model path and a generated token. Each message says
+/// which file and which tensor, and what was expected against what was found.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+    #[error("{path}: tensor {name:?} not found")]
+    MissingTensor { path: PathBuf, name: String },
+    #[error("{path}: tensor {name:?} has shape {found:?}, expected {expected:?}")]
+    Shape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{path}: tensor {name:?} has unsupported type {dtype}")]
+    Dtype {
+        path: PathBuf,
+        name: String,
+        dtype: String,
+    },
+    #[error(transparent)]
+    Config(#[from] tessera_core::ConfigError),
+    #[error(transparent)]
+    Plan(#[from] tessera_core::PlanError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("the prompt has {prompt} tokens but the model's context is {context} tokens")]
+    PromptTooLong { prompt: usize, context: usize },
+    #[error("the prompt is empty: at least one token is needed")]
+    EmptyPrompt,
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    BadToken { id: u32, vocab: usize },
+    #[error("backend: {0}")]
+    Backend(String),
+    #[error(transparent)]
+    Collective(#[from] tessera_collective::CollectiveError),
+    #[error("shard {rank} failed: {msg}")]
+    Shard { rank: usize, msg: String },
+}
+
+impl ModelError {
+    pub fn format(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        ModelError::Format {
+            path: path.into(),
+            msg: msg.into(),
+        }
+    }
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        ModelError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

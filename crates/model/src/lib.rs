@@ -1,0 +1,18 @@
+//! Tessera's model engine: loaders (safetensors folders and GGUF files), tokenizers, one
+//! shard's slice of every layer on Burn, sampling, and generation.
+
+pub mod engine;
+pub mod error;
+pub mod gguf;
+pub mod loader;
+pub mod sampling;
+pub mod shard;
+pub mod tokenizer;
+pub mod weights;
+
+pub use engine::{Backend, Finish, GenStats, GenerateParams, LocalCluster, Runner, generate};
+pub use error::{ModelError, Result};
+pub use loader::ModelFiles;
+pub use sampling::{Sampler, SamplingParams};
+pub use shard::ShardModel;
+pub use tokenizer::{TextStream, Tokenizer};

@@ -1,0 +1,479 @@
+//! One shard's slice of every layer, on Burn tensors. World size 1 is simply shard 0 of 1:
+//! there is no other, unsharded code path.
+//!
+//! Per layer: RMSNorm (replicated) -> Q/K/V for the shard's heads (column-parallel) -> RoPE ->
+//! attention against the shard's own KV cache -> O over the matching rows (row-parallel) ->
+//! all-reduce #1 -> residual; RMSNorm -> gate/up for the shard's FFN columns -> SiLU(gate)*up ->
+//! down over the same rows -> all-reduce #2 -> residual. The LM head holds the shard's
+//! vocabulary rows, and the embedding is looked up in those same rows and all-reduced.
+
+use crate::error::{ModelError, Result};
+use crate::weights::{Tensor as W, Weights};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use std::collections::HashMap;
+use tessera_collective::Collective;
+use tessera_core::{ModelConfig, ShardSpec};
+
+/// The weight seam: every matrix product of the model goes through this type, so a quantized
+/// kernel can replace it later without touching the layers.
+pub struct Linear {
+    /// `[in, out]`, so that `x @ w` maps `[tokens, in]` to `[tokens, out]`.
+    w: Tensor<2>,
+    b: Option<Tensor<2>>,
+}
+
+impl Linear {
+    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
+        let y = x.matmul(self.w.clone());
+        match &self.b {
+            Some(b) => y + b.clone(),
+            None => y,
+        }
+    }
+    pub fn bytes(&self) -> u64 {
+        let [i, o] = self.w.dims();
+        (i * o * 4) as u64
+    }
+}
+
+struct Layer {
+    attn_norm: Tensor<2>,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    o_bias: Option<Tensor<2>>,
+    ffn_norm: Tensor<2>,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    down_bias: Option<Tensor<2>>,
+}
+
+struct KvCache {
+    k: Tensor<3>,
+    v: Tensor<3>,
+}
+
+pub struct ShardModel {
+    pub cfg: ModelConfig,
+    pub spec: ShardSpec,
+    device: Device,
+    layers: Vec<Layer>,
+    final_norm: Tensor<2>,
+    /// LM head rows for the shard's vocabulary slice, stored `[hidden, vocab_slice]`.
+    head: Tensor<2>,
+    /// Embedding rows for the same slice, `[hidden, vocab_slice]`; None when tied to the head.
+    embed: Option<Tensor<2>>,
+    /// For each local query head, the local KV head it reads.
+    kv_index: Option<Tensor<1, Int>>,
+    inv_freq: Vec<f32>,
+    caches: HashMap<u64, Vec<Option<KvCache>>>,
+    weight_bytes: u64,
+}
+
+fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; data.len()];
+    const B: usize = 32;
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    out[c * rows + r] = data[r * cols + c];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Rotary inverse frequencies as Hugging Face computes them, with Llama 3 scaling if set.
+pub fn inv_freq(cfg: &ModelConfig) -> Vec<f32> {
+    let d = cfg.head_dim;
+    (0..d / 2)
+        .map(|i| {
+            let base = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64);
+            let f = match cfg.rope_scaling {
+                None => base,
+                Some(s) => {
+                    let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+                    let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+                    let wavelen = 2.0 * std::f64::consts::PI / base;
+                    if wavelen < high_wavelen {
+                        base
+                    } else if wavelen > low_wavelen {
+                        base / s.factor
+                    } else {
+                        let smooth = (s.original_max_position_embeddings / wavelen
+                            - s.low_freq_factor)
+                            / (s.high_freq_factor - s.low_freq_factor);
+                        (1.0 - smooth) * base / s.factor + smooth * base
+                    }
+                }
+            };
+            f as f32
+        })
+        .collect()
+}
+
+impl ShardModel {
+    /// Reads this shard's slice of every tensor from `weights` onto `device`.
+    pub fn load(
+        weights: &Weights,
+        cfg: &ModelConfig,
+        spec: &ShardSpec,
+        device: &Device,
+    ) -> Result<ShardModel> {
+        let (h, hd) = (cfg.hidden, cfg.head_dim);
+        let q_rows = spec.q_heads.start * hd..spec.q_heads.end * hd;
+        let kv_rows = spec.kv_heads.start * hd..spec.kv_heads.end * hd;
+        let mut weight_bytes = 0u64;
+        let dev = device.clone();
+        // A column-parallel matrix: rows `rows` of a `[out, in]` tensor, stored `[in, rows]`.
+        let col_par =
+            |t: W, out: usize, rows: std::ops::Range<usize>, bias: Option<W>| -> Result<Linear> {
+                weights.expect_shape(t, &[out, h])?;
+                let n = rows.len();
+                let data = transpose(&weights.read(t, rows.clone(), 0..h)?, n, h);
+                let w = Tensor::<2>::from_data(TensorData::new(data, [h, n]), &dev);
+                let b = match bias {
+                    Some(bt) => {
+                        weights.expect_shape(bt, &[out])?;
+                        let v = weights.read(bt, 0..1, rows)?;
+                        Some(Tensor::<2>::from_data(TensorData::new(v, [1, n]), &dev))
+                    }
+                    None => None,
+                };
+                Ok(Linear { w, b })
+            };
+        // A row-parallel matrix: columns `cols` of a `[h, in]` tensor, stored `[cols, h]`.
+        let row_par = |t: W, inp: usize, cols: std::ops::Range<usize>| -> Result<Linear> {
+            weights.expect_shape(t, &[h, inp])?;
+            let n = cols.len();
+            let data = transpose(&weights.read(t, 0..h, cols)?, h, n);
+            Ok(Linear {
+                w: Tensor::<2>::from_data(TensorData::new(data, [n, h]), &dev),
+                b: None,
+            })
+        };
+        let vector = |t: W, len: usize| -> Result<Tensor<2>> {
+            weights.expect_shape(t, &[len])?;
+            let v = weights.read(t, 0..1, 0..len)?;
+            Ok(Tensor::<2>::from_data(TensorData::new(v, [1, len]), &dev))
+        };
+        let opt_bias = |t: W, on: bool| if on { Some(t) } else { None };
+
+        let mut layers = Vec::with_capacity(cfg.layers);
+        for l in 0..cfg.layers {
+            let _span = tracing::debug_span!("load_layer", layer = l, rank = spec.rank).entered();
+            let q_out = cfg.heads * hd;
+            let kv_out = cfg.kv_heads * hd;
+            let layer = Layer {
+                attn_norm: vector(W::AttnNorm(l), h)?,
+                q: col_par(
+                    W::Q(l),
+                    q_out,
+                    q_rows.clone(),
+                    opt_bias(W::QBias(l), cfg.qkv_bias),
+                )?,
+                k: col_par(
+                    W::K(l),
+                    kv_out,
+                    kv_rows.clone(),
+                    opt_bias(W::KBias(l), cfg.qkv_bias),
+                )?,
+                v: col_par(
+                    W::V(l),
+                    kv_out,
+                    kv_rows.clone(),
+                    opt_bias(W::VBias(l), cfg.qkv_bias),
+                )?,
+                o: row_par(W::O(l), q_out, q_rows.clone())?,
+                o_bias: if cfg.o_bias {
+                    Some(vector(W::OBias(l), h)?)
+                } else {
+                    None
+                },
+                ffn_norm: vector(W::FfnNorm(l), h)?,
+                gate: col_par(
+                    W::Gate(l),
+                    cfg.intermediate,
+                    spec.ffn.clone(),
+                    opt_bias(W::GateBias(l), cfg.mlp_bias),
+                )?,
+                up: col_par(
+                    W::Up(l),
+                    cfg.intermediate,
+                    spec.ffn.clone(),
+                    opt_bias(W::UpBias(l), cfg.mlp_bias),
+                )?,
+                down: row_par(W::Down(l), cfg.intermediate, spec.ffn.clone())?,
+                down_bias: if cfg.mlp_bias {
+                    Some(vector(W::DownBias(l), h)?)
+                } else {
+                    None
+                },
+            };
+            for lin in [
+                &layer.q,
+                &layer.k,
+                &layer.v,
+                &layer.o,
+                &layer.gate,
+                &layer.up,
+                &layer.down,
+            ] {
+                weight_bytes += lin.bytes();
+            }
+            weight_bytes += 2 * h as u64 * 4;
+            layers.push(layer);
+        }
+        let vocab_rows = spec.vocab.clone();
+        let head_src = if cfg.tie_word_embeddings || !weights.has(W::LmHead) {
+            W::Embed
+        } else {
+            W::LmHead
+        };
+        let head = col_par(head_src, cfg.vocab, vocab_rows.clone(), None)?.w;
+        let embed = if head_src == W::Embed {
+            None
+        } else {
+            Some(col_par(W::Embed, cfg.vocab, vocab_rows.clone(), None)?.w)
+        };
+        weight_bytes += (vocab_rows.len() * h * 4 + h * 4) as u64;
+        let final_norm = vector(W::FinalNorm, h)?;
+
+        let identity = (0..spec.n_q()).all(|j| spec.kv_index_for_local_q(cfg, j) == j);
+        let kv_index = (!identity).then(|| {
+            let idx: Vec<i64> = (0..spec.n_q())
+                .map(|j| spec.kv_index_for_local_q(cfg, j) as i64)
+                .collect();
+            Tensor::<1, Int>::from_data(TensorData::new(idx, [spec.n_q()]), &dev)
+        });
+        Ok(ShardModel {
+            cfg: cfg.clone(),
+            spec: spec.clone(),
+            device: device.clone(),
+            layers,
+            final_norm,
+            head,
+            embed,
+            kv_index,
+            inv_freq: inv_freq(cfg),
+            caches: HashMap::new(),
+            weight_bytes,
+        })
+    }
+
+    /// Bytes of weights read per decoded token by this shard (f32 after dequantization).
+    pub fn weight_bytes_per_token(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    pub fn free(&mut self, seq: u64) {
+        self.caches.remove(&seq);
+    }
+
+    /// Cached positions of a sequence (0 if unknown).
+    pub fn cached_len(&self, seq: u64) -> usize {
+        self.caches
+            .get(&seq)
+            .and_then(|c| c.first())
+            .and_then(|c| c.as_ref())
+            .map_or(0, |c| c.k.dims()[1])
+    }
+
+    fn all_reduce(&self, x: Tensor<2>, coll: &mut dyn Collective) -> Result<Tensor<2>> {
+        if coll.world() == 1 {
+            return Ok(x);
+        }
+        let shape = x.dims();
+        let mut v = x
+            .into_data()
+            .try_into_vec::<f32>()
+            .map_err(|e| ModelError::Backend(format!("reading activations: {e:?}")))?;
+        coll.all_reduce_sum(&mut v)?;
+        Ok(Tensor::<2>::from_data(
+            TensorData::new(v, shape),
+            &self.device,
+        ))
+    }
+
+    fn rms_norm(&self, x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
+        let var = x.clone().square().mean_dim(1);
+        x * (var + self.cfg.rms_eps).sqrt().recip() * w.clone()
+    }
+
+    fn rope_tables(&self, pos: usize, t: usize) -> (Tensor<3>, Tensor<3>) {
+        let hd = self.cfg.head_dim;
+        let half = hd / 2;
+        let mut cos = Vec::with_capacity(t * hd);
+        let mut sin = Vec::with_capacity(t * hd);
+        for p in pos..pos + t {
+            // f32 product, like transformers' `inv_freq @ position_ids` in float32.
+            let row: Vec<f32> = self.inv_freq.iter().map(|f| *f * p as f32).collect();
+            for _ in 0..2 {
+                cos.extend(row.iter().map(|a| a.cos()));
+                sin.extend(row.iter().map(|a| a.sin()));
+            }
+        }
+        debug_assert_eq!(cos.len(), t * 2 * half);
+        (
+            Tensor::<3>::from_data(TensorData::new(cos, [1, t, hd]), &self.device),
+            Tensor::<3>::from_data(TensorData::new(sin, [1, t, hd]), &self.device),
+        )
+    }
+
+    /// Runs the shard on `ids` at positions `pos..pos+len` of sequence `seq` and returns the
+    /// logits of the last position for the shard's vocabulary slice.
+    pub fn forward(
+        &mut self,
+        seq: u64,
+        ids: &[u32],
+        pos: usize,
+        coll: &mut dyn Collective,
+    ) -> Result<Vec<f32>> {
+        let _span =
+            tracing::debug_span!("step", rank = self.spec.rank, seq, tokens = ids.len(), pos)
+                .entered();
+        let cfg = &self.cfg;
+        let (t, h, hd) = (ids.len(), cfg.hidden, cfg.head_dim);
+        if t == 0 {
+            return Err(ModelError::EmptyPrompt);
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= cfg.vocab) {
+            return Err(ModelError::BadToken {
+                id,
+                vocab: cfg.vocab,
+            });
+        }
+        let cached = self.cached_len(seq);
+        if cached != pos {
+            return Err(ModelError::Shard {
+                rank: self.spec.rank,
+                msg: format!(
+                    "sequence {seq} has {cached} cached positions, step asked for position {pos}"
+                ),
+            });
+        }
+        if pos + t > cfg.max_context {
+            return Err(ModelError::PromptTooLong {
+                prompt: pos + t,
+                context: cfg.max_context,
+            });
+        }
+
+        // Embedding: look up the ids that fall in this shard's vocabulary slice; the others
+        // contribute zero rows, and the all-reduce assembles the full rows.
+        let vr = self.spec.vocab.clone();
+        let local: Vec<i64> = ids
+            .iter()
+            .map(|&id| {
+                if vr.contains(&(id as usize)) {
+                    (id as usize - vr.start) as i64
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let table = self.embed.as_ref().unwrap_or(&self.head);
+        let idx = Tensor::<1, Int>::from_data(TensorData::new(local, [t]), &self.device);
+        let mut x = table.clone().select(1, idx).transpose(); // [t, h]
+        if ids.iter().any(|&id| !vr.contains(&(id as usize))) {
+            let mask: Vec<f32> = ids
+                .iter()
+                .map(|&id| f32::from(u8::from(vr.contains(&(id as usize)))))
+                .collect();
+            x = x * Tensor::<2>::from_data(TensorData::new(mask, [t, 1]), &self.device);
+        }
+        let mut x = self.all_reduce(x, coll)?;
+
+        let (cos, sin) = self.rope_tables(pos, t);
+        let (nq, nkv) = (self.spec.n_q(), self.spec.n_kv());
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mask = (t > 1).then(|| {
+            let s = pos + t;
+            let m: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    (0..s).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+                })
+                .collect();
+            Tensor::<3>::from_data(TensorData::new(m, [1, t, s]), &self.device)
+        });
+        let mut caches = self
+            .caches
+            .remove(&seq)
+            .unwrap_or_else(|| (0..cfg.layers).map(|_| None).collect());
+        let rope = |x: Tensor<3>, n: usize| -> Tensor<3> {
+            let x1 = x.clone().slice([0..n, 0..t, 0..hd / 2]);
+            let x2 = x.clone().slice([0..n, 0..t, hd / 2..hd]);
+            let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
+            x * cos.clone() + rotated * sin.clone()
+        };
+        let result = (|| -> Result<Tensor<2>> {
+            for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+                // Attention.
+                let hn = self.rms_norm(x.clone(), &layer.attn_norm);
+                let q = layer
+                    .q
+                    .forward(hn.clone())
+                    .reshape([t, nq, hd])
+                    .swap_dims(0, 1);
+                let k = layer
+                    .k
+                    .forward(hn.clone())
+                    .reshape([t, nkv, hd])
+                    .swap_dims(0, 1);
+                let v = layer.v.forward(hn).reshape([t, nkv, hd]).swap_dims(0, 1);
+                let q = rope(q, nq);
+                let k = rope(k, nkv);
+                let (k, v) = match cache.take() {
+                    Some(c) => (Tensor::cat(vec![c.k, k], 1), Tensor::cat(vec![c.v, v], 1)),
+                    None => (k, v),
+                };
+                *cache = Some(KvCache {
+                    k: k.clone(),
+                    v: v.clone(),
+                });
+                let (k, v) = match &self.kv_index {
+                    Some(idx) => (k.select(0, idx.clone()), v.select(0, idx.clone())),
+                    None => (k, v),
+                };
+                let mut scores = q.matmul(k.swap_dims(1, 2)) * scale;
+                if let Some(m) = &mask {
+                    scores = scores + m.clone();
+                }
+                let probs = softmax(scores, 2);
+                let attn = probs.matmul(v).swap_dims(0, 1).reshape([t, nq * hd]);
+                let partial = layer.o.forward(attn);
+                let mut out = self.all_reduce(partial, coll)?;
+                if let Some(b) = &layer.o_bias {
+                    out = out + b.clone();
+                }
+                x = x + out;
+
+                // MLP.
+                let hn = self.rms_norm(x.clone(), &layer.ffn_norm);
+                let act = silu(layer.gate.forward(hn.clone())) * layer.up.forward(hn);
+                let partial = layer.down.forward(act);
+                let mut out = self.all_reduce(partial, coll)?;
+                if let Some(b) = &layer.down_bias {
+                    out = out + b.clone();
+                }
+                x = x + out;
+            }
+            Ok(x)
+        })();
+        // A failed step leaves the sequence's cache incomplete: `?` drops it entirely.
+        let x = result?;
+        self.caches.insert(seq, caches);
+        let last = x.slice([t - 1..t, 0..h]);
+        let last = self.rms_norm(last, &self.final_norm);
+        let logits = last.matmul(self.head.clone());
+        logits
+            .into_data()
+            .try_into_vec::<f32>()
+            .map_err(|e| ModelError::Backend(format!("reading logits: {e:?}")))
+    }
+}

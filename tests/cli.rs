@@ -1,0 +1,213 @@
+//! The `tessera` binary as a user runs it: streamed output, the stats line, and clear errors
+//! with exit code 2 on bad model files and prompts.
+
+mod common;
+
+use common::{fixtures, reference, smollm2};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn tessera(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .output()
+        .expect("tessera runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("tessera-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// Exit code 2, a message containing every `needles`, and no panic.
+fn assert_clear_error(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "exit code; stderr: {err}");
+    assert!(!err.contains("panicked"), "panicked: {err}");
+    for n in needles {
+        assert!(err.contains(n), "expected {n:?} in: {err}");
+    }
+}
+
+#[test]
+fn generate_prints_reference_ids_and_stats_for_any_shard_count() {
+    let r = reference("tiny-qwen2");
+    let case = &r.cases[0];
+    let model = fixtures().join("tiny-qwen2");
+    let want: Vec<String> = case.greedy_ids.iter().map(|t| t.to_string()).collect();
+    for shards in ["1", "3"] {
+        let n = case.greedy_ids.len().to_string();
+        let o = tessera(&[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            &case.prompt,
+            "--max-tokens",
+            &n,
+            "--ids",
+            "--ignore-eos",
+            "--shards",
+            shards,
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), want.join(" "));
+        let err = stderr(&o);
+        for field in [
+            "prompt tokens: 27",
+            "prefill:",
+            "generated tokens: 24",
+            "decode:",
+            "weights read per token:",
+            "GB/s",
+        ] {
+            assert!(err.contains(field), "stats line lacks {field:?}: {err}");
+        }
+    }
+}
+
+#[test]
+fn generate_streams_reference_text_of_the_demo_model() {
+    let r = reference("smollm2-135m-q4_1");
+    let case = &r.cases[1];
+    let o = tessera(&[
+        "generate",
+        "--model",
+        smollm2().to_str().unwrap(),
+        "--prompt",
+        &case.prompt,
+        "--max-tokens",
+        "32",
+        "--shards",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text =
+        std::fs::read_to_string(fixtures().join("smollm2-135m-q4_1/reference.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let want = v["cases"][1]["greedy_text"].as_str().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), format!("{want}\n"));
+}
+
+#[test]
+fn truncated_gguf_is_a_clear_error() {
+    let d = scratch("gguf");
+    let bytes = std::fs::read(smollm2()).unwrap();
+    let cut = d.join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let o = tessera(&[
+        "generate",
+        "--model",
+        cut.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_clear_error(&o, &["truncated GGUF", "cut.gguf"]);
+    // Cut inside the header as well.
+    std::fs::write(&cut, &bytes[..100]).unwrap();
+    let o = tessera(&[
+        "generate",
+        "--model",
+        cut.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_clear_error(&o, &["truncated GGUF"]);
+}
+
+#[test]
+fn truncated_safetensors_is_a_clear_error() {
+    let d = scratch("st");
+    copy_dir(&fixtures().join("tiny-llama"), &d);
+    let f = d.join("model.safetensors");
+    let bytes = std::fs::read(&f).unwrap();
+    std::fs::write(&f, &bytes[..bytes.len() - 1000]).unwrap();
+    let o = tessera(&["generate", "--model", d.to_str().unwrap(), "--prompt", "hi"]);
+    assert_clear_error(&o, &["model.safetensors", "truncated"]);
+}
+
+#[test]
+fn wrong_tensor_shape_is_a_clear_error() {
+    let d = scratch("shape");
+    copy_dir(&fixtures().join("tiny-llama"), &d);
+    let cfg = d.join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"intermediate_size\": 176", "\"intermediate_size\": 192");
+    std::fs::write(&cfg, text).unwrap();
+    let o = tessera(&["generate", "--model", d.to_str().unwrap(), "--prompt", "hi"]);
+    assert_clear_error(
+        &o,
+        &[
+            "model.layers.0.mlp.gate_proj.weight",
+            "[176, 64]",
+            "expected [192, 64]",
+        ],
+    );
+}
+
+#[test]
+fn unknown_architecture_is_a_clear_error() {
+    let d = scratch("arch");
+    copy_dir(&fixtures().join("tiny-llama"), &d);
+    let cfg = d.join("config.json");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("\"model_type\": \"llama\"", "\"model_type\": \"gpt_neox\"");
+    std::fs::write(&cfg, text).unwrap();
+    let o = tessera(&["generate", "--model", d.to_str().unwrap(), "--prompt", "hi"]);
+    assert_clear_error(&o, &["unknown model architecture", "gpt_neox"]);
+}
+
+#[test]
+fn prompt_longer_than_context_is_a_clear_error() {
+    // tiny-llama's context is 256 tokens.
+    let prompt = "memory bandwidth ".repeat(200);
+    let model = fixtures().join("tiny-llama");
+    let o = tessera(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        &prompt,
+        "--shards",
+        "2",
+    ]);
+    assert_clear_error(&o, &["context is 256 tokens"]);
+}
+
+#[test]
+fn missing_model_and_bad_shard_count_are_clear_errors() {
+    let o = tessera(&[
+        "generate",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--prompt",
+        "hi",
+    ]);
+    assert_clear_error(&o, &["/nonexistent/model.gguf"]);
+    let model = fixtures().join("tiny-llama");
+    let o = tessera(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--shards",
+        "5",
+    ]);
+    assert_clear_error(&o, &["5 shards", "4 attention heads"]);
+}

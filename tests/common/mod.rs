@@ -1,0 +1,89 @@
+//! Shared helpers for the end-to-end tests: where the fixtures and the demo model are, and
+//! the reference cases that Hugging Face transformers produced for them.
+#![allow(dead_code)]
+
+use serde_json::Value;
+use std::path::PathBuf;
+
+pub fn fixtures() -> PathBuf {
+    match std::env::var_os("TESSERA_FIXTURES") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures"),
+    }
+}
+
+pub struct Case {
+    pub prompt: String,
+    pub input_ids: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+    pub last_logits: Option<Vec<f32>>,
+    pub last_logits_top: Vec<(u32, f32)>,
+    pub messages: Option<Value>,
+}
+
+pub struct Reference {
+    pub logit_abs: f32,
+    pub cases: Vec<Case>,
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
+}
+
+pub fn reference(fixture: &str) -> Reference {
+    let path = fixtures().join(fixture).join("reference.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let v: Value = serde_json::from_str(&text).expect("reference.json is JSON");
+    let cases = v["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .map(|c| Case {
+            prompt: c["prompt"].as_str().expect("prompt").to_string(),
+            input_ids: ids(&c["input_ids"]),
+            greedy_ids: ids(&c["greedy_ids"]),
+            last_logits: c.get("last_logits").map(|l| {
+                l.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect()
+            }),
+            last_logits_top: c["last_logits_top"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
+                .collect(),
+            messages: c.get("messages").cloned(),
+        })
+        .collect();
+    Reference {
+        logit_abs: v["tolerance"]["logit_abs"].as_f64().expect("tolerance") as f32,
+        cases,
+    }
+}
+
+/// The demo model, as `tessera pull smollm2-135m` caches it (or `TESSERA_SMOLLM2`).
+pub fn smollm2() -> PathBuf {
+    if let Some(p) = std::env::var_os("TESSERA_SMOLLM2") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("TESSERA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|x| PathBuf::from(x).join("tessera")))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/tessera")
+        });
+    let p = home.join("models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.exists(),
+        "the demo model is not at {}: run `cargo run --release -- pull smollm2-135m` (or set TESSERA_SMOLLM2)",
+        p.display()
+    );
+    p
+}

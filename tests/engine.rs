@@ -1,0 +1,138 @@
+//! The engine against Hugging Face transformers' reference outputs (../shared/fixtures):
+//! tokenizer ids, last-position logits, greedy continuations, and the same tokens on 1..4 shards.
+
+mod common;
+
+use common::{Reference, fixtures, reference, smollm2};
+use std::path::Path;
+use tessera_model::{Backend, GenerateParams, LocalCluster, ModelFiles, Runner, generate};
+
+fn greedy(cluster: &mut LocalCluster, prompt: &[u32], n: usize) -> Vec<u32> {
+    let params = GenerateParams {
+        max_tokens: n,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    generate(cluster, 7, prompt, &params, &[], &mut |t| {
+        out.push(t);
+        true
+    })
+    .expect("generation");
+    out
+}
+
+/// Tokenizer ids, logits within tolerance and greedy ids, on one shard.
+fn check_fixture(path: &Path, r: &Reference, backend: Backend) {
+    let files = ModelFiles::open(path).expect("model opens");
+    let mut cluster = LocalCluster::load(&files, 1, backend).expect("model loads");
+    for (i, case) in r.cases.iter().enumerate() {
+        let ids = files.tokenizer.encode(&case.prompt).expect("tokenizes");
+        assert_eq!(
+            ids, case.input_ids,
+            "case {i}: tokenizer ids for {:?}",
+            case.prompt
+        );
+        let logits = cluster.forward(100 + i as u64, &ids, 0).expect("forward");
+        cluster.free(100 + i as u64);
+        assert_eq!(logits.len(), files.cfg.vocab);
+        let mut worst = 0f32;
+        match &case.last_logits {
+            Some(full) => {
+                for (a, b) in logits.iter().zip(full) {
+                    worst = worst.max((a - b).abs());
+                }
+            }
+            None => {
+                for (id, want) in &case.last_logits_top {
+                    worst = worst.max((logits[*id as usize] - want).abs());
+                }
+            }
+        }
+        assert!(
+            worst <= r.logit_abs,
+            "case {i}: logits differ by up to {worst} (tolerance {})",
+            r.logit_abs
+        );
+        let got = greedy(&mut cluster, &ids, case.greedy_ids.len());
+        assert_eq!(
+            got, case.greedy_ids,
+            "case {i}: greedy continuation of {:?}",
+            case.prompt
+        );
+    }
+}
+
+/// Greedy ids of every case on 2, 3 and 4 shards equal the reference.
+fn check_shards(path: &Path, r: &Reference, cases: usize) {
+    let files = ModelFiles::open(path).expect("model opens");
+    for n in 2..=4 {
+        let mut cluster = LocalCluster::load(&files, n, Backend::Cpu).expect("sharded model loads");
+        for case in r.cases.iter().take(cases) {
+            let got = greedy(&mut cluster, &case.input_ids, case.greedy_ids.len());
+            assert_eq!(
+                got, case.greedy_ids,
+                "{n} shards: greedy continuation of {:?}",
+                case.prompt
+            );
+        }
+    }
+}
+
+#[test]
+fn tiny_llama_matches_reference() {
+    check_fixture(
+        &fixtures().join("tiny-llama"),
+        &reference("tiny-llama"),
+        Backend::Cpu,
+    );
+}
+
+#[test]
+fn tiny_qwen2_matches_reference() {
+    check_fixture(
+        &fixtures().join("tiny-qwen2"),
+        &reference("tiny-qwen2"),
+        Backend::Cpu,
+    );
+}
+
+#[test]
+fn tiny_llama_bf16_sharded_files_match_reference() {
+    let name = "tiny-llama-bf16-sharded";
+    check_fixture(&fixtures().join(name), &reference(name), Backend::Cpu);
+}
+
+#[test]
+fn smollm2_gguf_matches_reference() {
+    check_fixture(&smollm2(), &reference("smollm2-135m-q4_1"), Backend::Cpu);
+}
+
+#[test]
+fn tiny_llama_same_tokens_on_2_3_4_shards() {
+    check_shards(&fixtures().join("tiny-llama"), &reference("tiny-llama"), 3);
+}
+
+#[test]
+fn tiny_qwen2_same_tokens_on_2_3_4_shards() {
+    check_shards(&fixtures().join("tiny-qwen2"), &reference("tiny-qwen2"), 3);
+}
+
+#[test]
+fn smollm2_same_tokens_on_2_3_4_shards() {
+    // 9 query heads over 3 KV heads: 2 shards split KV groups 2+1, 4 shards replicate KV heads.
+    check_shards(&smollm2(), &reference("smollm2-135m-q4_1"), 2);
+}
+
+#[test]
+fn wgpu_tiny_llama_matches_reference() {
+    if std::env::var_os("TESSERA_SKIP_WGPU").is_some() {
+        eprintln!("SKIPPED: TESSERA_SKIP_WGPU is set, the wgpu backend is not tested in this run");
+        return;
+    }
+    check_fixture(
+        &fixtures().join("tiny-llama"),
+        &reference("tiny-llama"),
+        Backend::Wgpu,
+    );
+}
