@@ -125,7 +125,7 @@ fn truncated_gguf_is_a_clear_error() {
         "--prompt",
         "hi",
     ]);
-    assert_clear_error(&o, &["truncated GGUF"]);
+    assert_clear_error(&o, &["truncated or corrupt GGUF"]);
 }
 
 #[test]

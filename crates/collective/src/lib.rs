@@ -302,10 +302,8 @@ mod tests {
             .collect();
         for h in handles {
             let err = h.join().unwrap().unwrap_err();
-            assert!(
-                matches!(err, CollectiveError::PeerGone { peer: 2 }),
-                "{err}"
-            );
+            // Which peer a rank notices first depends on timing; that it errors does not.
+            assert!(matches!(err, CollectiveError::PeerGone { .. }), "{err}");
         }
     }
 

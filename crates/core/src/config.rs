@@ -39,6 +39,17 @@ pub struct RopeScaling {
     pub original_max_position_embeddings: f64,
 }
 
+/// The precision in which the reference implementation holds the rotary inverse frequencies.
+/// transformers stores them as a buffer in the model's dtype, so for a checkpoint declared
+/// `bfloat16` or `float16` in config.json they are rounded to that type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RopePrecision {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
     pub arch: Arch,
@@ -53,6 +64,7 @@ pub struct ModelConfig {
     pub rms_eps: f64,
     pub rope_theta: f64,
     pub rope_scaling: Option<RopeScaling>,
+    pub rope_precision: RopePrecision,
     pub tie_word_embeddings: bool,
     /// Q, K and V projections carry a bias (Qwen2, or Llama with `attention_bias`).
     pub qkv_bias: bool,
@@ -188,6 +200,15 @@ impl ModelConfig {
             rms_eps: get_f64(&v, "rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
+            rope_precision: match v
+                .get("dtype")
+                .or(v.get("torch_dtype"))
+                .and_then(Value::as_str)
+            {
+                Some("bfloat16") => RopePrecision::Bf16,
+                Some("float16") => RopePrecision::F16,
+                _ => RopePrecision::F32,
+            },
             tie_word_embeddings: v
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)

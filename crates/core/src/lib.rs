@@ -6,7 +6,7 @@
 pub mod config;
 pub mod plan;
 
-pub use config::{Arch, ConfigError, ModelConfig, RopeScaling};
+pub use config::{Arch, ConfigError, ModelConfig, RopePrecision, RopeScaling};
 pub use plan::{
     PlanError, ShardCost, ShardPlan, ShardSpec, allreduce_bytes_per_token, split_even,
     split_weighted,

@@ -230,6 +230,7 @@ mod tests {
             rms_eps: 1e-5,
             rope_theta: 1e4,
             rope_scaling: None,
+            rope_precision: Default::default(),
             tie_word_embeddings: true,
             qkv_bias: false,
             o_bias: false,

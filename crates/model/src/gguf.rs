@@ -179,13 +179,15 @@ impl<'a> Reader<'a> {
     }
     fn len(&mut self, what: &str) -> Result<usize> {
         let n = self.u64()?;
-        // No length can exceed the bytes left; this also stops huge allocations on bad input.
+        // Every counted item takes at least one byte, so no count can exceed the bytes left;
+        // this also stops huge allocations on bad input.
         if n > (self.buf.len() - self.pos) as u64 {
             return Err(ModelError::format(
                 self.path,
                 format!(
-                    "corrupt GGUF: {what} length {n} at offset {} exceeds the file",
-                    self.pos
+                    "truncated or corrupt GGUF: {what} {n} at offset {} cannot fit in the {} bytes left",
+                    self.pos,
+                    self.buf.len() - self.pos
                 ),
             ));
         }

@@ -189,6 +189,7 @@ fn gguf_config(g: &GgufFile) -> Result<ModelConfig, ConfigError> {
         rms_eps: f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
         rope_theta: f("rope.freq_base").unwrap_or(10000.0),
         rope_scaling: None,
+        rope_precision: Default::default(),
         tie_word_embeddings: !g.tensors.contains_key("output.weight"),
         qkv_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
         o_bias: g.tensors.contains_key("blk.0.attn_output.bias"),

@@ -13,7 +13,7 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::collections::HashMap;
 use tessera_collective::Collective;
-use tessera_core::{ModelConfig, ShardSpec};
+use tessera_core::{ModelConfig, RopePrecision, ShardSpec};
 
 /// The weight seam: every matrix product of the model goes through this type, so a quantized
 /// kernel can replace it later without touching the layers.
@@ -112,7 +112,13 @@ pub fn inv_freq(cfg: &ModelConfig) -> Vec<f32> {
                     }
                 }
             };
-            f as f32
+            // transformers keeps the frequencies in the checkpoint's dtype (a buffer cast with the
+            // model), so a bf16 or f16 checkpoint rotates by rounded frequencies.
+            match cfg.rope_precision {
+                RopePrecision::F32 => f as f32,
+                RopePrecision::Bf16 => half::bf16::from_f64(f).to_f32(),
+                RopePrecision::F16 => half::f16::from_f64(f).to_f32(),
+            }
         })
         .collect()
 }
