@@ -173,8 +173,8 @@ pub fn ring_all_reduce<T: Transport>(
     let prev = (rank + world - 1) % world;
     scratch.resize(n / world + 1, 0.0);
     // Reduce-scatter: at step s, send chunk (rank - s) and add the incoming chunk (rank - s - 1).
-    // Accumulation order for chunk c: partial of c+1, then + partial of c+2, ... The incoming
-    // running sum is added to our partial as `incoming + ours`, keeping that order.
+    // Chunk c is accumulated along the ring in the fixed order c+1, c+2, ..., c, whichever rank
+    // runs this, and IEEE addition is commutative, so the final bits do not depend on the rank.
     for s in 0..world - 1 {
         let send_c = (rank + world - s) % world;
         let recv_c = (rank + world - s - 1) % world;
@@ -183,7 +183,7 @@ pub fn ring_all_reduce<T: Transport>(
         let incoming = &mut scratch[..rb.len()];
         t.recv(prev, incoming)?;
         for (b, x) in buf[rb].iter_mut().zip(incoming.iter()) {
-            *b = *x + *b;
+            *b += *x;
         }
     }
     // Now rank r holds the total of chunk (r + 1) % world. All-gather those around the ring.

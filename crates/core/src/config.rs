@@ -241,7 +241,7 @@ impl ModelConfig {
                 return bad(field, "must be greater than zero".into());
             }
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return bad(
                 "num_key_value_heads",
                 format!(
@@ -250,13 +250,13 @@ impl ModelConfig {
                 ),
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(
                 "head_dim",
                 format!("{} is odd; RoPE needs pairs", self.head_dim),
             );
         }
-        if !(self.rms_eps > 0.0) {
+        if self.rms_eps.is_nan() || self.rms_eps <= 0.0 {
             return bad("rms_norm_eps", format!("{} must be positive", self.rms_eps));
         }
         Ok(())

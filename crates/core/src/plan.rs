@@ -120,7 +120,8 @@ impl ShardPlan {
                 })
                 .unzip()
         };
-        let ffn_gran = if cfg.intermediate % QUANT_BLOCK == 0 && cfg.intermediate / QUANT_BLOCK >= n
+        let ffn_gran = if cfg.intermediate.is_multiple_of(QUANT_BLOCK)
+            && cfg.intermediate / QUANT_BLOCK >= n
         {
             QUANT_BLOCK
         } else {

@@ -378,7 +378,7 @@ impl GgufFile {
     ) -> Result<Vec<f32>> {
         let (nrows, ncols) = t.rows_cols();
         let (per, bytes) = t.ty.block();
-        if rows.end > nrows || cols.end > ncols || (cols.start % per != 0) {
+        if rows.end > nrows || cols.end > ncols || !cols.start.is_multiple_of(per) {
             return Err(ModelError::format(
                 &self.path,
                 format!(
