@@ -1,6 +1,8 @@
 //! `tessera`: the command-line front end.
 
 mod bench;
+mod cluster;
+mod plan;
 mod pull;
 
 use clap::{Args, Parser, Subcommand};
@@ -33,6 +35,22 @@ enum Command {
     Pull(pull::PullArgs),
     /// Measure prefill and decode speed, and the share of memory bandwidth decode reaches
     Bench(bench::BenchArgs),
+    /// Run a worker: holds one shard, joins the all-reduce mesh, runs steps
+    Worker(cluster::WorkerArgs),
+    /// Run the coordinator: waits for workers, ships their shards, serves generation
+    Coordinator(cluster::CoordinatorArgs),
+    /// A whole cluster on this machine: a coordinator and N worker processes on loopback
+    Run(cluster::RunArgs),
+    /// Show what each worker would hold and whether it fits, before loading anything
+    Plan(plan::PlanArgs),
+    /// Show a running cluster's state and workers
+    Status {
+        /// The coordinator's address
+        #[arg(long)]
+        coordinator: String,
+        #[arg(long, env = "TESSERA_TOKEN", hide_env_values = true)]
+        token: String,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -50,32 +68,51 @@ pub struct ModelArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    #[command(flatten)]
-    model: ModelArgs,
+    /// Model folder, .gguf file, or a pulled model's name (runs the shards in this process)
+    #[arg(long, short = 'm', required_unless_present = "coordinator")]
+    model: Option<String>,
+    /// How many tensor-parallel shards to split the model into
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Where the tensors live: cpu (Burn flex) or wgpu (Vulkan/Metal/DX12 GPU)
+    #[arg(long, default_value = "cpu")]
+    backend: Backend,
+    /// Submit to a running cluster's coordinator (HOST:PORT) instead of loading the model here
+    #[arg(long, conflicts_with = "model")]
+    coordinator: Option<String>,
+    /// The cluster secret, with --coordinator
+    #[arg(long, env = "TESSERA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// The prompt text (used as is: no chat template is applied)
     #[arg(long, short = 'p')]
     prompt: String,
+    #[command(flatten)]
+    options: GenOptions,
+}
+
+#[derive(Args, Clone)]
+pub struct GenOptions {
     /// Most tokens to generate
     #[arg(long, default_value_t = 128)]
-    max_tokens: usize,
+    pub max_tokens: usize,
     /// Sampling temperature; 0 is greedy
     #[arg(long, default_value_t = 0.0)]
-    temperature: f32,
+    pub temperature: f32,
     /// Nucleus sampling: keep the most likely tokens up to this total probability
     #[arg(long, default_value_t = 1.0)]
-    top_p: f32,
+    pub top_p: f32,
     /// Keep only the K most likely tokens (0: no limit)
     #[arg(long, default_value_t = 0)]
-    top_k: usize,
+    pub top_k: usize,
     /// Random seed, for reproducible sampling
     #[arg(long, default_value_t = 0)]
-    seed: u64,
+    pub seed: u64,
     /// Print the generated token ids (one line, space-separated) instead of text
     #[arg(long)]
-    ids: bool,
+    pub ids: bool,
     /// Do not stop at end-of-sequence tokens
     #[arg(long)]
-    ignore_eos: bool,
+    pub ignore_eos: bool,
 }
 
 /// Resolves a model argument: a path, or the name of a model in the pull cache.
@@ -112,9 +149,18 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<(ModelFiles, LocalCluster)> {
     Ok((files, cluster))
 }
 
-fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
-    let (files, mut cluster) = load(&a.model)?;
-    let prompt = files.tokenizer.encode(&a.prompt)?;
+fn run_generate(g: GenerateArgs) -> anyhow::Result<()> {
+    if let Some(addr) = &g.coordinator {
+        return cluster::generate_remote(addr, g.token.clone(), &g.prompt, &g.options);
+    }
+    let margs = ModelArgs {
+        model: g.model.clone().unwrap_or_default(),
+        shards: g.shards,
+        backend: g.backend,
+    };
+    let a = &g.options;
+    let (files, mut cluster) = load(&margs)?;
+    let prompt = files.tokenizer.encode(&g.prompt)?;
     let params = GenerateParams {
         max_tokens: a.max_tokens,
         sampling: SamplingParams {
@@ -177,8 +223,8 @@ fn run_generate(a: GenerateArgs) -> anyhow::Result<()> {
         stats.decode_tok_s(),
         bytes as f64 / 1e6,
         gbs,
-        a.model.shards,
-        a.model.backend.name(),
+        margs.shards,
+        margs.backend.name(),
     );
     Ok(())
 }
@@ -200,6 +246,11 @@ fn main() -> ExitCode {
         Command::Generate(a) => run_generate(a),
         Command::Pull(a) => pull::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Worker(a) => cluster::worker(a),
+        Command::Coordinator(a) => cluster::coordinator(a),
+        Command::Run(a) => cluster::run(a),
+        Command::Plan(a) => plan::run(a),
+        Command::Status { coordinator, token } => cluster::status(&coordinator, &token),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -12,8 +12,10 @@
 //!   the vector each. Bandwidth-optimal, so it wins on large vectors (prefill).
 
 mod inproc;
+pub mod quic;
 
 pub use inproc::InProcessTransport;
+pub use quic::{ClusterCa, Identity, QuicNode, QuicTransport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectiveError {
@@ -44,6 +46,10 @@ pub trait Collective: Send {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
+    /// Counters of the all-reduces run so far.
+    fn stats(&self) -> ReduceStats {
+        ReduceStats::default()
+    }
 }
 
 /// World size one: the sum of one partial is itself.
@@ -77,6 +83,14 @@ pub struct Mesh<T: Transport> {
     pub ring_threshold: usize,
     gathered: Vec<f32>,
     chunk: Vec<f32>,
+    /// All-reduces run and the time spent in them (for latency and communication share).
+    pub stats: ReduceStats,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ReduceStats {
+    pub count: u64,
+    pub nanos: u64,
 }
 
 /// 64 KiB of f32: below it a message is latency-bound on any network Tessera targets.
@@ -89,6 +103,7 @@ impl<T: Transport> Mesh<T> {
             ring_threshold: DEFAULT_RING_THRESHOLD,
             gathered: Vec::new(),
             chunk: Vec::new(),
+            stats: ReduceStats::default(),
         }
     }
 
@@ -107,6 +122,9 @@ impl<T: Transport> Mesh<T> {
 }
 
 impl<T: Transport> Collective for Mesh<T> {
+    fn stats(&self) -> ReduceStats {
+        self.stats
+    }
     fn rank(&self) -> usize {
         self.transport.rank()
     }
@@ -115,10 +133,14 @@ impl<T: Transport> Collective for Mesh<T> {
     }
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
         let _span = tracing::debug_span!("all_reduce", len = buf.len()).entered();
-        match self.algorithm_for(buf.len()) {
+        let t = std::time::Instant::now();
+        let r = match self.algorithm_for(buf.len()) {
             Algorithm::AllGather => all_gather_sum(&mut self.transport, buf, &mut self.gathered),
             Algorithm::Ring => ring_all_reduce(&mut self.transport, buf, &mut self.chunk),
-        }
+        };
+        self.stats.count += 1;
+        self.stats.nanos += t.elapsed().as_nanos() as u64;
+        r
     }
 }
 

@@ -4,7 +4,7 @@ use serde_json::Value;
 
 /// Which family of decoder the weights belong to. They share one layer code path; the
 /// differences (biases, tied heads, rope layout) are fields of [`ModelConfig`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Arch {
     Llama,
     Qwen2,
@@ -31,7 +31,7 @@ impl Arch {
 }
 
 /// Llama 3 style frequency scaling (`rope_scaling.rope_type == "llama3"`).
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RopeScaling {
     pub factor: f64,
     pub low_freq_factor: f64,
@@ -42,7 +42,7 @@ pub struct RopeScaling {
 /// The precision in which the reference implementation holds the rotary inverse frequencies.
 /// transformers stores them as a buffer in the model's dtype, so for a checkpoint declared
 /// `bfloat16` or `float16` in config.json they are rounded to that type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum RopePrecision {
     #[default]
     F32,
@@ -50,7 +50,7 @@ pub enum RopePrecision {
     F16,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ModelConfig {
     pub arch: Arch,
     pub hidden: usize,

@@ -14,7 +14,7 @@ use std::ops::Range;
 /// Width of a GGUF quantization block: FFN splits never cut inside one.
 pub const QUANT_BLOCK: usize = 32;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ShardSpec {
     pub rank: usize,
     pub world: usize,

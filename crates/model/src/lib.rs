@@ -14,5 +14,5 @@ pub use engine::{Backend, Finish, GenStats, GenerateParams, LocalCluster, Runner
 pub use error::{ModelError, Result};
 pub use loader::ModelFiles;
 pub use sampling::{Sampler, SamplingParams};
-pub use shard::ShardModel;
+pub use shard::{ShardModel, shard_reads};
 pub use tokenizer::{TextStream, Tokenizer};

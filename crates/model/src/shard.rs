@@ -12,6 +12,7 @@ use crate::weights::{Tensor as W, Weights};
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::collections::HashMap;
+use std::ops::Range;
 use tessera_collective::Collective;
 use tessera_core::{ModelConfig, RopePrecision, ShardSpec};
 
@@ -121,6 +122,61 @@ pub fn inv_freq(cfg: &ModelConfig) -> Vec<f32> {
             }
         })
         .collect()
+}
+
+/// Every (tensor, rows, cols) block [`ShardModel::load`] reads for `spec`: what a coordinator
+/// ships a worker that does not have the model file.
+pub fn shard_reads(
+    cfg: &ModelConfig,
+    spec: &ShardSpec,
+    weights: &Weights,
+) -> Vec<(W, Range<usize>, Range<usize>)> {
+    let (h, hd) = (cfg.hidden, cfg.head_dim);
+    let q = spec.q_heads.start * hd..spec.q_heads.end * hd;
+    let kv = spec.kv_heads.start * hd..spec.kv_heads.end * hd;
+    let f = spec.ffn.clone();
+    let one = 0..1;
+    let mut v = Vec::new();
+    for l in 0..cfg.layers {
+        v.push((W::AttnNorm(l), one.clone(), 0..h));
+        v.push((W::Q(l), q.clone(), 0..h));
+        v.push((W::K(l), kv.clone(), 0..h));
+        v.push((W::V(l), kv.clone(), 0..h));
+        if cfg.qkv_bias {
+            v.push((W::QBias(l), one.clone(), q.clone()));
+            v.push((W::KBias(l), one.clone(), kv.clone()));
+            v.push((W::VBias(l), one.clone(), kv.clone()));
+        }
+        v.push((W::O(l), 0..h, q.clone()));
+        if cfg.o_bias {
+            v.push((W::OBias(l), one.clone(), 0..h));
+        }
+        v.push((W::FfnNorm(l), one.clone(), 0..h));
+        v.push((W::Gate(l), f.clone(), 0..h));
+        v.push((W::Up(l), f.clone(), 0..h));
+        v.push((W::Down(l), 0..h, f.clone()));
+        if cfg.mlp_bias {
+            v.push((W::GateBias(l), one.clone(), f.clone()));
+            v.push((W::UpBias(l), one.clone(), f.clone()));
+            v.push((W::DownBias(l), one.clone(), 0..h));
+        }
+    }
+    let head = head_source(cfg, weights);
+    v.push((head, spec.vocab.clone(), 0..h));
+    if head != W::Embed {
+        v.push((W::Embed, spec.vocab.clone(), 0..h));
+    }
+    v.push((W::FinalNorm, one, 0..h));
+    v
+}
+
+/// The tensor holding the LM head: the embedding when tied (or when no head is stored).
+fn head_source(cfg: &ModelConfig, weights: &Weights) -> W {
+    if cfg.tie_word_embeddings || !weights.has(W::LmHead) {
+        W::Embed
+    } else {
+        W::LmHead
+    }
 }
 
 impl ShardModel {

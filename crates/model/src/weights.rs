@@ -38,6 +38,11 @@ pub enum Tensor {
 }
 
 impl Tensor {
+    /// A format-independent name, e.g. `Q(3)`.
+    pub fn key(self) -> String {
+        format!("{self:?}")
+    }
+
     fn hf_name(self) -> String {
         use Tensor::*;
         let l = |i: usize, s: &str| format!("model.layers.{i}.{s}");
@@ -98,9 +103,22 @@ pub struct StFile {
     meta: Metadata,
 }
 
-/// Either format, behind one `read` call.
+/// A block of a tensor already cut out for one shard (what a coordinator ships a worker).
+#[derive(Debug, Clone)]
+pub struct Block {
+    /// The whole tensor's logical shape.
+    pub shape: Vec<usize>,
+    pub rows: Range<usize>,
+    pub cols: Range<usize>,
+    /// `rows.len() x cols.len()` values, row-major.
+    pub data: Vec<f32>,
+}
+
+/// Either format, or pre-cut blocks, behind one `read` call.
 #[derive(Clone)]
 pub enum Weights {
+    /// Blocks keyed by [`Tensor::key`], with Q/K already in rotate-half order.
+    Blocks(Arc<HashMap<String, Block>>),
     Safetensors {
         files: Arc<Vec<StFile>>,
         by_name: Arc<HashMap<String, usize>>,
@@ -184,6 +202,7 @@ impl Weights {
                 files[0].path.parent().unwrap_or(Path::new(".")).into()
             }
             Weights::Gguf { file, .. } => file.path.clone(),
+            Weights::Blocks(_) => PathBuf::from("<shipped shard>"),
         }
     }
 
@@ -191,6 +210,7 @@ impl Weights {
         match self {
             Weights::Safetensors { .. } => t.hf_name(),
             Weights::Gguf { .. } => t.gguf_name(),
+            Weights::Blocks(_) => t.key(),
         }
     }
 
@@ -206,6 +226,7 @@ impl Weights {
                 let info = file.tensors.get(&name)?;
                 Some(info.dims.iter().rev().copied().collect())
             }
+            Weights::Blocks(b) => Some(b.get(&name)?.shape.clone()),
         }
     }
 
@@ -234,6 +255,32 @@ impl Weights {
     pub fn read(&self, t: Tensor, rows: Range<usize>, cols: Range<usize>) -> Result<Vec<f32>> {
         let name = self.name(t);
         let out = match self {
+            Weights::Blocks(blocks) => {
+                let b = blocks.get(&name).ok_or_else(|| ModelError::MissingTensor {
+                    path: self.path(),
+                    name: name.clone(),
+                })?;
+                if rows.start < b.rows.start
+                    || rows.end > b.rows.end
+                    || cols.start < b.cols.start
+                    || cols.end > b.cols.end
+                {
+                    return Err(ModelError::format(
+                        self.path(),
+                        format!(
+                            "{name}: slice {rows:?} x {cols:?} was not shipped (have {:?} x {:?})",
+                            b.rows, b.cols
+                        ),
+                    ));
+                }
+                let w = b.cols.len();
+                let mut out = Vec::with_capacity(rows.len() * cols.len());
+                for r in rows.clone() {
+                    let s = (r - b.rows.start) * w + (cols.start - b.cols.start);
+                    out.extend_from_slice(&b.data[s..s + cols.len()]);
+                }
+                out
+            }
             Weights::Safetensors { files, by_name } => {
                 let missing = || ModelError::MissingTensor {
                     path: self.path(),

@@ -1,0 +1,607 @@
+//! The all-reduce transport between worker processes: QUIC (quinn) with TLS 1.3.
+//!
+//! Trust: the coordinator runs a cluster CA ([`ClusterCa`]) and issues each worker that
+//! registered with the cluster token a certificate for the worker's own key. A worker's QUIC
+//! endpoint accepts only clients with such a certificate and trusts only servers with one, and
+//! the first message on every stream proves knowledge of the token again. A process that did not
+//! register cannot complete a handshake.
+//!
+//! Topology: one long-lived connection per pair of ranks (the lower rank dials), one
+//! unidirectional stream each way on it. Messages are a u32 length (in f32 values) and the
+//! values, little-endian; send and receive buffers are reused, so a warmed-up step does not
+//! allocate.
+
+use crate::{CollectiveError, Transport};
+use quinn::{Connection, Endpoint, RecvStream, SendStream};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::runtime::Handle;
+use tokio::sync::Notify;
+
+/// Name every worker certificate carries; identity within the mesh is the rank in the hello.
+pub const SERVER_NAME: &str = "tessera-worker";
+const ALPN: &[u8] = b"tessera-mesh/1";
+
+/// The coordinator's certificate authority for the mesh.
+pub struct ClusterCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl ClusterCa {
+    pub fn new() -> Result<ClusterCa, rcgen::Error> {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Tessera cluster CA");
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate()?)?;
+        Ok(ClusterCa { issuer })
+    }
+
+    pub fn ca_der(&self) -> Vec<u8> {
+        self.issuer.der().to_vec()
+    }
+
+    /// Issues a certificate for a worker's ECDSA P-256 public key (the uncompressed point, as
+    /// [`generate_key`] returns it).
+    pub fn issue(&self, public_key: &[u8], worker_name: &str) -> Result<Vec<u8>, rcgen::Error> {
+        if public_key.len() != 65 || public_key[0] != 4 {
+            return Err(rcgen::Error::CouldNotParseKeyPair);
+        }
+        let key = P256PublicKey(public_key.to_vec());
+        let mut params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, worker_name);
+        Ok(params.signed_by(&key, &self.issuer)?.der().to_vec())
+    }
+}
+
+/// A worker's QUIC identity: its key (PKCS#8 DER), and once registered its certificate and the
+/// cluster CA.
+pub struct Identity {
+    pub key_pkcs8: Vec<u8>,
+    pub cert_der: Vec<u8>,
+    pub ca_der: Vec<u8>,
+}
+
+struct P256PublicKey(Vec<u8>);
+
+impl rcgen::PublicKeyData for P256PublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// A fresh ECDSA P-256 key pair for a worker: (PKCS#8 private key, public key point).
+pub fn generate_key() -> Result<(Vec<u8>, Vec<u8>), rcgen::Error> {
+    use rcgen::PublicKeyData;
+    let k = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    Ok((k.serialize_der(), k.der_bytes().to_vec()))
+}
+
+fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    // A peer that vanishes (killed, cut off) is noticed within seconds, not minutes.
+    t.max_idle_timeout(Some(
+        Duration::from_secs(5).try_into().expect("valid timeout"),
+    ));
+    t.keep_alive_interval(Some(Duration::from_millis(500)));
+    Arc::new(t)
+}
+
+fn tls_error(e: impl std::fmt::Display) -> CollectiveError {
+    CollectiveError::Transport {
+        peer: usize::MAX,
+        msg: format!("TLS setup: {e}"),
+    }
+}
+
+fn configs(id: &Identity) -> Result<(quinn::ServerConfig, quinn::ClientConfig), CollectiveError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from(id.ca_der.clone()))
+        .map_err(tls_error)?;
+    let roots = Arc::new(roots);
+    let chain = vec![CertificateDer::from(id.cert_der.clone())];
+    let key = || PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key_pkcs8.clone()));
+
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        roots.clone(),
+        provider.clone(),
+    )
+    .build()
+    .map_err(tls_error)?;
+    let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_error)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain.clone(), key())
+        .map_err(tls_error)?;
+    server.alpn_protocols = vec![ALPN.to_vec()];
+    let server = quinn::crypto::rustls::QuicServerConfig::try_from(server).map_err(tls_error)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(server));
+    server.transport_config(transport_config());
+
+    let mut client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_error)?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key())
+        .map_err(tls_error)?;
+    client.alpn_protocols = vec![ALPN.to_vec()];
+    let client = quinn::crypto::rustls::QuicClientConfig::try_from(client).map_err(tls_error)?;
+    let mut client = quinn::ClientConfig::new(Arc::new(client));
+    client.transport_config(transport_config());
+    Ok((server, client))
+}
+
+/// Hello on each stream: mesh id, sender rank, and a proof of the cluster token.
+fn hello(mesh_id: u64, rank: u32, proof: &[u8; 32]) -> Vec<u8> {
+    let mut h = Vec::with_capacity(44);
+    h.extend_from_slice(&mesh_id.to_le_bytes());
+    h.extend_from_slice(&rank.to_le_bytes());
+    h.extend_from_slice(proof);
+    h
+}
+
+type Pending = Arc<(Mutex<HashMap<(u64, u32), (Connection, RecvStream)>>, Notify)>;
+
+/// A worker's QUIC endpoint. Bound at start-up (so its address can be registered); it serves
+/// once [`QuicNode::set_identity`] has installed the certificate the coordinator issued.
+pub struct QuicNode {
+    endpoint: Endpoint,
+    client: Mutex<Option<quinn::ClientConfig>>,
+    proof: [u8; 32],
+    pending: Pending,
+    handle: Handle,
+    accept_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl QuicNode {
+    /// Binds a UDP socket. `proof` is derived from the cluster token (see `token_proof`).
+    pub fn bind(addr: SocketAddr, proof: [u8; 32]) -> std::io::Result<QuicNode> {
+        let endpoint = Endpoint::client(addr)?;
+        Ok(QuicNode {
+            endpoint,
+            client: Mutex::new(None),
+            proof,
+            pending: Arc::new((Mutex::new(HashMap::new()), Notify::new())),
+            handle: Handle::current(),
+            accept_task: Mutex::new(None),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Whether [`QuicNode::set_identity`] has run.
+    pub fn has_identity(&self) -> bool {
+        self.client.lock().unwrap().is_some()
+    }
+
+    /// Installs the registered identity and starts accepting peers.
+    pub fn set_identity(&self, id: &Identity) -> Result<(), CollectiveError> {
+        let (server, client) = configs(id)?;
+        self.endpoint.set_server_config(Some(server));
+        *self.client.lock().unwrap() = Some(client);
+        let endpoint = self.endpoint.clone();
+        let pending = self.pending.clone();
+        let proof = self.proof;
+        let task = self.handle.spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let pending = pending.clone();
+                tokio::spawn(async move {
+                    match accept_peer(incoming, &proof).await {
+                        Ok((mesh, rank, conn, recv)) => {
+                            pending.0.lock().unwrap().insert((mesh, rank), (conn, recv));
+                            pending.1.notify_waiters();
+                        }
+                        Err(e) => tracing::warn!("refused a QUIC peer: {e}"),
+                    }
+                });
+            }
+        });
+        if let Some(old) = self.accept_task.lock().unwrap().replace(task) {
+            old.abort();
+        }
+        Ok(())
+    }
+
+    /// Connects this rank to every peer of mesh `mesh_id` (`peers[r]` is rank r's address).
+    /// Must be called from a thread that is not a Tokio worker (it blocks).
+    pub fn connect_mesh(
+        &self,
+        mesh_id: u64,
+        rank: usize,
+        peers: &[SocketAddr],
+        timeout: Duration,
+    ) -> Result<QuicTransport, CollectiveError> {
+        let client = self
+            .client
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| tls_error("no identity installed"))?;
+        let world = peers.len();
+        let mut sends: Vec<Option<SendStream>> = (0..world).map(|_| None).collect();
+        let mut recvs: Vec<Option<RecvStream>> = (0..world).map(|_| None).collect();
+        let mut conns: Vec<Option<Connection>> = (0..world).map(|_| None).collect();
+        let my_hello = hello(mesh_id, rank as u32, &self.proof);
+        self.handle.block_on(async {
+            tokio::time::timeout(timeout, async {
+                for (peer, addr) in peers.iter().enumerate().filter(|(p, _)| *p > rank) {
+                    let err = |e: &dyn std::fmt::Display| CollectiveError::Transport {
+                        peer,
+                        msg: format!("connecting to {addr}: {e}"),
+                    };
+                    let conn = self
+                        .endpoint
+                        .connect_with(client.clone(), *addr, SERVER_NAME)
+                        .map_err(|e| err(&e))?
+                        .await
+                        .map_err(|e| err(&e))?;
+                    let mut send = conn.open_uni().await.map_err(|e| err(&e))?;
+                    send.write_all(&my_hello).await.map_err(|e| err(&e))?;
+                    let mut recv = conn.accept_uni().await.map_err(|e| err(&e))?;
+                    let (m, r) = read_hello(&mut recv, &self.proof)
+                        .await
+                        .map_err(|e| err(&e))?;
+                    if m != mesh_id || r as usize != peer {
+                        return Err(err(&format!("peer answered as rank {r} of mesh {m}")));
+                    }
+                    sends[peer] = Some(send);
+                    recvs[peer] = Some(recv);
+                    conns[peer] = Some(conn);
+                }
+                for peer in (0..rank).rev() {
+                    let (conn, recv) = loop {
+                        let notified = self.pending.1.notified();
+                        if let Some(x) = self
+                            .pending
+                            .0
+                            .lock()
+                            .unwrap()
+                            .remove(&(mesh_id, peer as u32))
+                        {
+                            break x;
+                        }
+                        notified.await;
+                    };
+                    let err = |e: &dyn std::fmt::Display| CollectiveError::Transport {
+                        peer,
+                        msg: format!("answering: {e}"),
+                    };
+                    let mut send = conn.open_uni().await.map_err(|e| err(&e))?;
+                    send.write_all(&my_hello).await.map_err(|e| err(&e))?;
+                    sends[peer] = Some(send);
+                    recvs[peer] = Some(recv);
+                    conns[peer] = Some(conn);
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|_| CollectiveError::Transport {
+                peer: usize::MAX,
+                msg: format!("mesh not complete after {timeout:?}"),
+            })?
+        })?;
+        // Stale half-open entries of older meshes are of no use any more.
+        self.pending
+            .0
+            .lock()
+            .unwrap()
+            .retain(|(m, _), _| *m > mesh_id);
+        Ok(QuicTransport {
+            rank,
+            world,
+            sends,
+            recvs,
+            _conns: conns,
+            handle: self.handle.clone(),
+            buf: Vec::new(),
+            timeout: Duration::from_secs(10),
+        })
+    }
+}
+
+impl Drop for QuicNode {
+    fn drop(&mut self) {
+        if let Some(t) = self.accept_task.lock().unwrap().take() {
+            t.abort();
+        }
+        self.endpoint.close(0u32.into(), b"bye");
+    }
+}
+
+/// sha256 of the cluster token with a domain prefix: what peers show each other.
+pub fn token_proof(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(b"tessera-mesh-v1:");
+    h.update(token.as_bytes());
+    h.finalize().into()
+}
+
+async fn read_hello(recv: &mut RecvStream, proof: &[u8; 32]) -> Result<(u64, u32), String> {
+    let mut h = [0u8; 44];
+    recv.read_exact(&mut h)
+        .await
+        .map_err(|e| format!("reading hello: {e}"))?;
+    // Compare without an early exit.
+    let diff = h[12..44]
+        .iter()
+        .zip(proof)
+        .fold(0u8, |a, (x, y)| a | (x ^ y));
+    if diff != 0 {
+        return Err("wrong cluster token".into());
+    }
+    Ok((
+        u64::from_le_bytes(h[0..8].try_into().unwrap()),
+        u32::from_le_bytes(h[8..12].try_into().unwrap()),
+    ))
+}
+
+async fn accept_peer(
+    incoming: quinn::Incoming,
+    proof: &[u8; 32],
+) -> Result<(u64, u32, Connection, RecvStream), String> {
+    let conn = incoming.await.map_err(|e| format!("handshake: {e}"))?;
+    let mut recv = tokio::time::timeout(Duration::from_secs(10), conn.accept_uni())
+        .await
+        .map_err(|_| "no hello".to_string())?
+        .map_err(|e| format!("stream: {e}"))?;
+    let (mesh, rank) = read_hello(&mut recv, proof)
+        .await
+        .inspect_err(|_| conn.close(1u32.into(), b"refused"))?;
+    Ok((mesh, rank, conn, recv))
+}
+
+/// The [`Transport`] over a mesh of QUIC streams.
+pub struct QuicTransport {
+    rank: usize,
+    world: usize,
+    sends: Vec<Option<SendStream>>,
+    recvs: Vec<Option<RecvStream>>,
+    _conns: Vec<Option<Connection>>,
+    handle: Handle,
+    buf: Vec<u8>,
+    /// Longest wait for a peer's message before the all-reduce fails.
+    pub timeout: Duration,
+}
+
+impl Transport for QuicTransport {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn send(&mut self, peer: usize, data: &[f32]) -> Result<(), CollectiveError> {
+        self.buf.clear();
+        self.buf
+            .extend_from_slice(&(data.len() as u32).to_le_bytes());
+        for x in data {
+            self.buf.extend_from_slice(&x.to_le_bytes());
+        }
+        let stream = self.sends[peer]
+            .as_mut()
+            .ok_or(CollectiveError::PeerGone { peer })?;
+        let buf = &self.buf;
+        let timeout = self.timeout;
+        self.handle.block_on(async {
+            match tokio::time::timeout(timeout, stream.write_all(buf)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(CollectiveError::Transport {
+                    peer,
+                    msg: format!("send: {e}"),
+                }),
+                Err(_) => Err(CollectiveError::Transport {
+                    peer,
+                    msg: format!("send timed out after {timeout:?}"),
+                }),
+            }
+        })
+    }
+    fn recv(&mut self, peer: usize, out: &mut [f32]) -> Result<(), CollectiveError> {
+        let stream = self.recvs[peer]
+            .as_mut()
+            .ok_or(CollectiveError::PeerGone { peer })?;
+        let timeout = self.timeout;
+        self.buf.resize(4 + out.len() * 4, 0);
+        let buf = &mut self.buf;
+        self.handle.block_on(async {
+            let read = async {
+                stream.read_exact(&mut buf[..4]).await?;
+                let n = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
+                if n != out.len() {
+                    return Ok(Some(n));
+                }
+                stream.read_exact(&mut buf[4..]).await?;
+                Ok::<_, quinn::ReadExactError>(None)
+            };
+            match tokio::time::timeout(timeout, read).await {
+                Ok(Ok(None)) => Ok(()),
+                Ok(Ok(Some(n))) => Err(CollectiveError::SizeMismatch {
+                    peer,
+                    got: n,
+                    want: out.len(),
+                }),
+                Ok(Err(quinn::ReadExactError::FinishedEarly(_))) => {
+                    Err(CollectiveError::PeerGone { peer })
+                }
+                Ok(Err(e)) => Err(CollectiveError::Transport {
+                    peer,
+                    msg: format!("receive: {e}"),
+                }),
+                Err(_) => Err(CollectiveError::Transport {
+                    peer,
+                    msg: format!("no data for {timeout:?}"),
+                }),
+            }
+        })?;
+        for (o, b) in out.iter_mut().zip(self.buf[4..].chunks_exact(4)) {
+            *o = f32::from_le_bytes(b.try_into().unwrap());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Algorithm, Collective, Mesh};
+
+    struct Group {
+        rt: tokio::runtime::Runtime,
+        nodes: Vec<Arc<QuicNode>>,
+        ca: ClusterCa,
+    }
+
+    fn node(rt: &tokio::runtime::Runtime, ca: &ClusterCa, token: &str) -> Arc<QuicNode> {
+        let _g = rt.enter();
+        let n = QuicNode::bind("127.0.0.1:0".parse().unwrap(), token_proof(token)).unwrap();
+        let (key, spki) = generate_key().unwrap();
+        let cert = ca.issue(&spki, "test").unwrap();
+        n.set_identity(&Identity {
+            key_pkcs8: key,
+            cert_der: cert,
+            ca_der: ca.ca_der(),
+        })
+        .unwrap();
+        Arc::new(n)
+    }
+
+    fn group(n: usize) -> Group {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let ca = ClusterCa::new().unwrap();
+        let nodes = (0..n).map(|_| node(&rt, &ca, "secret")).collect();
+        Group { rt, nodes, ca }
+    }
+
+    fn connect(nodes: &[Arc<QuicNode>], mesh: u64) -> Vec<Result<QuicTransport, CollectiveError>> {
+        let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.local_addr().unwrap()).collect();
+        let hs: Vec<_> = nodes
+            .iter()
+            .enumerate()
+            .map(|(r, n)| {
+                let (n, addrs) = (n.clone(), addrs.clone());
+                std::thread::spawn(move || n.connect_mesh(mesh, r, &addrs, Duration::from_secs(5)))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn quic_all_reduce_is_exact_on_2_3_4_endpoints() {
+        for world in [2, 3, 4] {
+            let g = group(world);
+            let ts = connect(&g.nodes, 1);
+            for algo in [Algorithm::AllGather, Algorithm::Ring] {
+                let hs: Vec<_> = connect(&g.nodes, 10 + algo as u64)
+                    .into_iter()
+                    .map(|t| {
+                        std::thread::spawn(move || {
+                            let mut mesh = Mesh::new(t.unwrap());
+                            mesh.ring_threshold = if algo == Algorithm::Ring {
+                                0
+                            } else {
+                                usize::MAX
+                            };
+                            let r = mesh.rank();
+                            let mut out = Vec::new();
+                            for len in [1usize, 576, 5000] {
+                                let mut buf: Vec<f32> =
+                                    (0..len).map(|i| (i * 3 + r * 100) as f32).collect();
+                                mesh.all_reduce_sum(&mut buf).unwrap();
+                                out.push(buf);
+                            }
+                            let mut f: Vec<f32> =
+                                (0..999).map(|i| ((i + r) as f32 * 0.3).sin()).collect();
+                            mesh.all_reduce_sum(&mut f).unwrap();
+                            (out, f)
+                        })
+                    })
+                    .collect();
+                let results: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+                let rank_sum: usize = (0..world).map(|r| r * 100).sum();
+                for (ints, floats) in &results {
+                    for buf in ints {
+                        for (i, x) in buf.iter().enumerate() {
+                            assert_eq!(*x, (i * 3 * world + rank_sum) as f32);
+                        }
+                    }
+                    for (i, x) in floats.iter().enumerate() {
+                        let want: f64 = (0..world)
+                            .map(|r| ((i + r) as f32 * 0.3).sin() as f64)
+                            .sum();
+                        assert!((*x as f64 - want).abs() < 1e-6, "{x} vs {want}");
+                    }
+                    assert_eq!(floats, &results[0].1, "ranks hold identical bits");
+                }
+            }
+            drop(ts);
+            drop(g.rt);
+        }
+    }
+
+    #[test]
+    fn unregistered_or_wrong_token_peers_are_refused() {
+        let g = group(2);
+        // A node whose certificate comes from another CA: the TLS handshake fails.
+        let other_ca = ClusterCa::new().unwrap();
+        let stranger = node(&g.rt, &other_ca, "secret");
+        let res = connect(&[g.nodes[0].clone(), stranger], 1);
+        assert!(res.iter().any(|r| r.is_err()), "a stranger joined the mesh");
+        // Right CA, wrong token: the hello is refused.
+        let impostor = node(&g.rt, &g.ca, "not-the-secret");
+        let res = connect(&[g.nodes[0].clone(), impostor], 2);
+        assert!(
+            res.iter().all(|r| r.is_err()),
+            "an impostor joined the mesh"
+        );
+        // The legitimate pair still forms a mesh afterwards.
+        assert!(connect(&g.nodes, 3).into_iter().all(|r| r.is_ok()));
+    }
+
+    #[test]
+    fn a_peer_that_disconnects_mid_reduce_is_an_error_not_a_hang() {
+        let g = group(3);
+        let mut ts: Vec<_> = connect(&g.nodes, 1)
+            .into_iter()
+            .map(|t| t.unwrap())
+            .collect();
+        let gone = ts.pop().unwrap();
+        let gone_node = g.nodes[2].clone();
+        let started = std::time::Instant::now();
+        let hs: Vec<_> = ts
+            .into_iter()
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let mut mesh = Mesh::new(t);
+                    let mut buf = vec![1.0f32; 64];
+                    mesh.all_reduce_sum(&mut buf)
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(200));
+        drop(gone);
+        gone_node.endpoint.close(0u32.into(), b"killed");
+        for h in hs {
+            assert!(h.join().unwrap().is_err());
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(12),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+}

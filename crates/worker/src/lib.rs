@@ -1,0 +1,446 @@
+//! A Tessera worker: registers with the coordinator, receives its shard (or reads it from its
+//! own copy of the model), joins the QUIC all-reduce mesh with its peers, and runs steps.
+
+use anyhow::{Context, bail};
+use sha2::Digest;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tessera_collective::quic::{Identity, QuicNode, generate_key, token_proof};
+use tessera_collective::{Collective, Mesh, Single};
+use tessera_core::{ModelConfig, ShardSpec};
+use tessera_model::weights::{Block, Weights};
+use tessera_model::{Backend, ModelFiles, ShardModel};
+use tessera_proto::coordinator_client::CoordinatorClient;
+use tessera_proto::worker_server::{Worker, WorkerServer};
+use tessera_proto::*;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+pub struct WorkerConfig {
+    pub listen: SocketAddr,
+    /// Address peers use to reach this worker's QUIC endpoint (port 0: any).
+    pub quic_listen: SocketAddr,
+    pub coordinator: String,
+    pub token: String,
+    pub name: String,
+    pub backend: Backend,
+    /// A local copy of the model: the worker reads its slice from it when the coordinator's
+    /// file has the same sha256, instead of receiving it over the network.
+    pub model: Option<PathBuf>,
+    pub memory_bytes: u64,
+}
+
+/// Checks the `authorization` metadata against the cluster token.
+pub fn check_token(token: &str, meta: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+    let want = format!("Bearer {token}");
+    match meta.get("authorization").and_then(|v| v.to_str().ok()) {
+        Some(got)
+            if got.len() == want.len()
+                && got
+                    .bytes()
+                    .zip(want.bytes())
+                    .fold(0u8, |a, (x, y)| a | (x ^ y))
+                    == 0 =>
+        {
+            Ok(())
+        }
+        _ => Err(Status::unauthenticated("missing or wrong cluster token")),
+    }
+}
+
+pub fn with_token<T>(token: &str, msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("token is ASCII"),
+    );
+    r
+}
+
+pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}
+
+enum ShardCmd {
+    Step(StepRequest, oneshot::Sender<StepReply>),
+}
+
+struct Loaded {
+    tx: std::sync::mpsc::Sender<ShardCmd>,
+    mesh_id: u64,
+}
+
+struct State {
+    token: String,
+    backend: Backend,
+    node: Arc<QuicNode>,
+    local_model: Option<PathBuf>,
+    shard: Mutex<Option<Loaded>>,
+}
+
+pub struct WorkerService {
+    state: Arc<State>,
+}
+
+type StepStream = Pin<Box<dyn Stream<Item = Result<StepReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    async fn load(
+        &self,
+        req: Request<Streaming<LoadChunk>>,
+    ) -> Result<Response<LoadReply>, Status> {
+        check_token(&self.state.token, req.metadata())?;
+        let started = Instant::now();
+        let mut stream = req.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty load"))?;
+        let Some(load_chunk::Chunk::Assignment(a)) = first.chunk else {
+            return Err(Status::invalid_argument(
+                "a load must start with its assignment",
+            ));
+        };
+        let cfg: ModelConfig = serde_json::from_str(&a.config_json)
+            .map_err(|e| Status::invalid_argument(format!("config: {e}")))?;
+        let spec: ShardSpec = serde_json::from_str(&a.spec_json)
+            .map_err(|e| Status::invalid_argument(format!("spec: {e}")))?;
+        tracing::debug!(
+            rank = spec.rank,
+            world = spec.world,
+            mesh = a.mesh_id,
+            "load"
+        );
+        // The coordinator may start loading before our registration reply has been processed.
+        let t = Instant::now();
+        while !self.state.node.has_identity() {
+            if t.elapsed() > Duration::from_secs(10) {
+                return Err(Status::failed_precondition(
+                    "this worker has no QUIC identity: is it registered?",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // A new load replaces whatever shard and mesh this worker had.
+        self.state.shard.lock().unwrap().take();
+        let weights = if a.use_local_model {
+            let path = self
+                .state
+                .local_model
+                .clone()
+                .ok_or_else(|| Status::failed_precondition("no local model"))?;
+            ModelFiles::open(&path)
+                .map_err(|e| Status::failed_precondition(e.to_string()))?
+                .weights
+        } else {
+            let mut blocks: HashMap<String, Block> = HashMap::new();
+            let mut hasher = sha2::Sha256::new();
+            let mut received = 0u64;
+            while let Some(chunk) = stream.message().await? {
+                let Some(load_chunk::Chunk::Block(b)) = chunk.chunk else {
+                    return Err(Status::invalid_argument(
+                        "a second assignment inside one load",
+                    ));
+                };
+                hasher.update(&b.data);
+                received += b.data.len() as u64;
+                let rows = b.row_start as usize..b.row_end as usize;
+                let cols = b.col_start as usize..b.col_end as usize;
+                let len = rows.len() * cols.len();
+                let entry = blocks.entry(b.name.clone()).or_insert_with(|| Block {
+                    shape: b.shape.iter().map(|&d| d as usize).collect(),
+                    rows,
+                    cols,
+                    data: Vec::with_capacity(len),
+                });
+                if b.offset as usize != entry.data.len() * 4
+                    || b.data.len() % 4 != 0
+                    || entry.data.len() * 4 + b.data.len() > len * 4
+                {
+                    return Err(Status::invalid_argument(format!(
+                        "block {} arrived out of order or oversized",
+                        b.name
+                    )));
+                }
+                entry.data.extend(
+                    b.data
+                        .chunks_exact(4)
+                        .map(|x| f32::from_le_bytes(x.try_into().unwrap())),
+                );
+            }
+            let sum = format!("{:x}", hasher.finalize());
+            if received != a.total_bytes || sum != a.sha256 {
+                return Err(Status::data_loss(format!(
+                    "shard data corrupt: {received} bytes with sha256 {sum}, expected {} bytes with {}",
+                    a.total_bytes, a.sha256
+                )));
+            }
+            Weights::Blocks(Arc::new(blocks))
+        };
+        let peers: Vec<SocketAddr> = a
+            .peers
+            .iter()
+            .map(|p| p.quic_addr.parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| Status::invalid_argument(format!("peer address: {e}")))?;
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (tx, rx) = std::sync::mpsc::channel::<ShardCmd>();
+        let node = self.state.node.clone();
+        let backend = self.state.backend;
+        let mesh_id = a.mesh_id;
+        std::thread::Builder::new()
+            .name(format!("shard-{}", spec.rank))
+            .spawn(move || {
+                shard_thread(
+                    cfg, spec, weights, backend, node, mesh_id, peers, rx, ready_tx,
+                )
+            })
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let bytes = ready_rx
+            .await
+            .map_err(|_| Status::internal("shard thread died"))?
+            .map_err(Status::failed_precondition)?;
+        *self.state.shard.lock().unwrap() = Some(Loaded { tx, mesh_id });
+        tracing::info!(
+            mesh = mesh_id,
+            secs = started.elapsed().as_secs_f64(),
+            "shard loaded"
+        );
+        Ok(Response::new(LoadReply {
+            weight_bytes_per_token: bytes,
+            seconds: started.elapsed().as_secs_f64(),
+        }))
+    }
+
+    type StepStream = StepStream;
+
+    async fn step(
+        &self,
+        req: Request<Streaming<StepRequest>>,
+    ) -> Result<Response<StepStream>, Status> {
+        check_token(&self.state.token, req.metadata())?;
+        let tx = {
+            let g = self.state.shard.lock().unwrap();
+            g.as_ref()
+                .ok_or_else(|| Status::failed_precondition("no shard loaded"))?
+                .tx
+                .clone()
+        };
+        let mut input = req.into_inner();
+        let (out_tx, out_rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let req = match input.message().await {
+                    Ok(Some(r)) => r,
+                    _ => break,
+                };
+                let (rtx, rrx) = oneshot::channel();
+                if tx.send(ShardCmd::Step(req, rtx)).is_err() {
+                    let _ = out_tx
+                        .send(Err(Status::unavailable("shard was replaced")))
+                        .await;
+                    break;
+                }
+                let reply = match rrx.await {
+                    Ok(r) => Ok(r),
+                    Err(_) => Err(Status::internal("shard thread died")),
+                };
+                let stop = reply.is_err();
+                if out_tx.send(reply).await.is_err() || stop {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out_rx),
+        )))
+    }
+
+    async fn health(&self, req: Request<Empty>) -> Result<Response<HealthReply>, Status> {
+        check_token(&self.state.token, req.metadata())?;
+        let g = self.state.shard.lock().unwrap();
+        Ok(Response::new(match g.as_ref() {
+            Some(l) => HealthReply {
+                state: "ready".into(),
+                mesh_id: l.mesh_id,
+            },
+            None => HealthReply {
+                state: "idle".into(),
+                mesh_id: 0,
+            },
+        }))
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn shard_thread(
+    cfg: ModelConfig,
+    spec: ShardSpec,
+    weights: Weights,
+    backend: Backend,
+    node: Arc<QuicNode>,
+    mesh_id: u64,
+    peers: Vec<SocketAddr>,
+    rx: std::sync::mpsc::Receiver<ShardCmd>,
+    ready: oneshot::Sender<Result<u64, String>>,
+) {
+    let setup = || -> Result<(ShardModel, Box<dyn Collective>), String> {
+        let device = backend.device().map_err(|e| e.to_string())?;
+        let model = ShardModel::load(&weights, &cfg, &spec, &device).map_err(|e| e.to_string())?;
+        let coll: Box<dyn Collective> = if spec.world == 1 {
+            Box::new(Single)
+        } else {
+            let t = node
+                .connect_mesh(mesh_id, spec.rank, &peers, Duration::from_secs(60))
+                .map_err(|e| format!("joining the mesh: {e}"))?;
+            Box::new(Mesh::new(t))
+        };
+        Ok((model, coll))
+    };
+    let (mut model, mut coll) = match setup() {
+        Ok(x) => {
+            let _ = ready.send(Ok(x.0.weight_bytes_per_token()));
+            x
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    drop(weights);
+    while let Ok(ShardCmd::Step(req, reply)) = rx.recv() {
+        let before = coll.stats();
+        let mut out = StepReply {
+            seq: req.seq,
+            ..Default::default()
+        };
+        if req.free {
+            model.free(req.seq);
+        } else {
+            match model.forward(req.seq, &req.ids, req.pos as usize, coll.as_mut()) {
+                Ok(l) => out.logits = l,
+                Err(e) => {
+                    out.error = e.to_string();
+                    let failed = matches!(e, tessera_model::ModelError::Collective(_));
+                    let after = coll.stats();
+                    out.allreduce_ns = after.nanos - before.nanos;
+                    let _ = reply.send(out);
+                    if failed {
+                        // The mesh is broken: this shard is of no use until reloaded.
+                        return;
+                    }
+                    continue;
+                }
+            }
+        }
+        let after = coll.stats();
+        out.allreduce_ns = after.nanos - before.nanos;
+        out.allreduce_count = (after.count - before.count) as u32;
+        let _ = reply.send(out);
+    }
+}
+
+/// Runs a worker until the process is stopped: serves the Worker API and registers with the
+/// coordinator (retrying while it is unreachable). A refused registration is an error.
+pub async fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let grpc_addr = listener.local_addr()?;
+    let node = Arc::new(
+        QuicNode::bind(cfg.quic_listen, token_proof(&cfg.token))
+            .context("binding the QUIC endpoint")?,
+    );
+    let mut quic_addr = node.local_addr()?;
+    if quic_addr.ip().is_unspecified() {
+        quic_addr.set_ip(grpc_addr.ip());
+    }
+    let model_sha256 = match &cfg.model {
+        Some(p) => sha256_file(p).with_context(|| format!("reading {}", p.display()))?,
+        None => String::new(),
+    };
+    let state = Arc::new(State {
+        token: cfg.token.clone(),
+        backend: cfg.backend,
+        node: node.clone(),
+        local_model: cfg.model.clone(),
+        shard: Mutex::new(None),
+    });
+    let svc = WorkerServer::new(WorkerService {
+        state: state.clone(),
+    })
+    .max_decoding_message_size(64 << 20)
+    .max_encoding_message_size(64 << 20);
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let (key, spki) = generate_key()?;
+    let advertised = std::env::var("TESSERA_ADVERTISE").ok();
+    let reg = RegisterRequest {
+        protocol_version: PROTOCOL_VERSION,
+        name: cfg.name.clone(),
+        grpc_addr: advertised
+            .clone()
+            .map(|h| format!("{h}:{}", grpc_addr.port()))
+            .unwrap_or(grpc_addr.to_string()),
+        quic_addr: advertised
+            .map(|h| format!("{h}:{}", quic_addr.port()))
+            .unwrap_or(quic_addr.to_string()),
+        backend: cfg.backend.name().into(),
+        memory_bytes: cfg.memory_bytes,
+        public_key_der: spki,
+        model_sha256,
+    };
+    let coordinator = if cfg.coordinator.contains("://") {
+        cfg.coordinator.clone()
+    } else {
+        format!("http://{}", cfg.coordinator)
+    };
+    let reply = loop {
+        match CoordinatorClient::connect(coordinator.clone()).await {
+            Ok(mut c) => match c.register(with_token(&cfg.token, reg.clone())).await {
+                Ok(r) => break r.into_inner(),
+                Err(s)
+                    if s.code() == tonic::Code::Unauthenticated
+                        || s.code() == tonic::Code::FailedPrecondition =>
+                {
+                    bail!("the coordinator refused this worker: {}", s.message())
+                }
+                Err(s) => tracing::warn!("registration failed, retrying: {}", s.message()),
+            },
+            Err(e) => tracing::warn!("coordinator {coordinator} unreachable, retrying: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    node.set_identity(&Identity {
+        key_pkcs8: key,
+        cert_der: reply.certificate_der,
+        ca_der: reply.ca_der,
+    })?;
+    tracing::info!(id = reply.worker_id, grpc = %grpc_addr, quic = %quic_addr, "registered");
+    eprintln!(
+        "worker {} registered as #{} (gRPC {grpc_addr}, QUIC {quic_addr})",
+        cfg.name, reply.worker_id
+    );
+    server.await??;
+    Ok(())
+}

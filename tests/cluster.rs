@@ -1,0 +1,318 @@
+//! The cluster as separate processes: `tessera run`, `tessera coordinator` and `tessera worker`
+//! over real gRPC and QUIC on loopback. Reference tokens on 1..4 workers, refused intruders,
+//! and a worker killed mid-generation.
+
+mod common;
+
+use common::{fixtures, reference, smollm2};
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn tessera() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn ids(v: &[u32]) -> String {
+    v.iter()
+        .map(|t| t.to_string())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `tessera run` with `workers` worker processes answering one prompt.
+fn run_cluster(model: &Path, workers: usize, prompt: &str, n: usize) -> Output {
+    tessera()
+        .args([
+            "run",
+            "--model",
+            model.to_str().unwrap(),
+            "--workers",
+            &workers.to_string(),
+        ])
+        .args([
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--prompt",
+            prompt,
+        ])
+        .args(["--max-tokens", &n.to_string(), "--ids", "--ignore-eos"])
+        .output()
+        .expect("tessera run")
+}
+
+fn check_run(model: &Path, fixture: &str, workers: &[usize], cases: usize) {
+    let r = reference(fixture);
+    for &w in workers {
+        for case in r.cases.iter().take(cases) {
+            let o = run_cluster(model, w, &case.prompt, case.greedy_ids.len());
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(o.status.success(), "{w} workers: {err}");
+            assert_eq!(
+                String::from_utf8_lossy(&o.stdout).trim(),
+                ids(&case.greedy_ids),
+                "{fixture}, {w} workers, {:?}",
+                case.prompt
+            );
+            if w > 1 {
+                assert!(
+                    err.contains("all-reduce:"),
+                    "stats line lacks the all-reduce figures: {err}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn run_tiny_llama_on_1_to_4_worker_processes() {
+    check_run(
+        &fixtures().join("tiny-llama"),
+        "tiny-llama",
+        &[1, 2, 3, 4],
+        1,
+    );
+}
+
+#[test]
+fn run_tiny_qwen2_on_1_to_4_worker_processes() {
+    check_run(
+        &fixtures().join("tiny-qwen2"),
+        "tiny-qwen2",
+        &[1, 2, 3, 4],
+        1,
+    );
+}
+
+#[test]
+fn run_smollm2_on_1_to_4_worker_processes() {
+    check_run(&smollm2(), "smollm2-135m-q4_1", &[1, 2, 3, 4], 1);
+}
+
+/// A coordinator and its workers as separate processes, killed when the test ends.
+struct Cluster {
+    addr: String,
+    token: String,
+    coordinator: Child,
+    workers: Vec<Option<Child>>,
+    model: String,
+}
+
+impl Cluster {
+    fn start(model: &Path, n: usize) -> Cluster {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let token = format!("test-token-{}", std::process::id());
+        let coordinator = tessera()
+            .args([
+                "coordinator",
+                "--model",
+                model.to_str().unwrap(),
+                "--workers",
+                &n.to_string(),
+                "--listen",
+                &addr,
+            ])
+            .env("TESSERA_TOKEN", &token)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut c = Cluster {
+            addr,
+            token,
+            coordinator,
+            workers: vec![],
+            model: model.to_str().unwrap().into(),
+        };
+        for i in 0..n {
+            let w = c.worker(i, &c.token.clone());
+            c.workers.push(Some(w));
+        }
+        c.wait_ready();
+        c
+    }
+
+    fn worker(&self, i: usize, token: &str) -> Child {
+        tessera()
+            .args([
+                "worker",
+                "--listen",
+                "127.0.0.1:0",
+                "--quic-listen",
+                "127.0.0.1:0",
+                "--coordinator",
+                &self.addr,
+            ])
+            .args(["--name", &format!("worker-{i}"), "--memory-gib", "1"])
+            .env("TESSERA_TOKEN", token)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn status(&self) -> String {
+        let o = tessera()
+            .args(["status", "--coordinator", &self.addr])
+            .env("TESSERA_TOKEN", &self.token)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    fn wait_ready(&self) {
+        let t = Instant::now();
+        loop {
+            if self.status().starts_with("cluster: ready") {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "cluster not ready: {}",
+                self.status()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn generate(&self, prompt: &str, n: usize) -> Command {
+        let mut c = tessera();
+        c.args([
+            "generate",
+            "--coordinator",
+            &self.addr,
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            &n.to_string(),
+            "--ids",
+            "--ignore-eos",
+        ])
+        .env("TESSERA_TOKEN", &self.token);
+        c
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for w in self.workers.iter_mut().flatten() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        let _ = self.coordinator.kill();
+        let _ = self.coordinator.wait();
+        let _ = &self.model;
+    }
+}
+
+#[test]
+fn workers_without_the_cluster_token_are_refused_and_the_cluster_keeps_serving() {
+    let r = reference("tiny-llama");
+    let case = &r.cases[1];
+    let c = Cluster::start(&fixtures().join("tiny-llama"), 2);
+    for bad in ["wrong-token", ""] {
+        let mut intruder = c.worker(9, bad);
+        let status = intruder.wait().unwrap();
+        let mut err = String::new();
+        intruder
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(
+            !status.success(),
+            "an intruder with token {bad:?} was accepted"
+        );
+        assert!(err.contains("refused") || err.contains("token"), "{err}");
+    }
+    assert!(
+        !c.status().contains("worker-9"),
+        "the intruder is listed: {}",
+        c.status()
+    );
+    let o = c
+        .generate(&case.prompt, case.greedy_ids.len())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        ids(&case.greedy_ids)
+    );
+    // A client with the wrong token is refused too.
+    let o = c
+        .generate("hi", 4)
+        .env("TESSERA_TOKEN", "wrong")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("token"));
+}
+
+#[test]
+fn a_killed_worker_fails_the_request_and_a_restarted_one_rejoins() {
+    let r = reference("smollm2-135m-q4_1");
+    let case = &r.cases[0];
+    let mut c = Cluster::start(&smollm2(), 2);
+    // A long generation, with one worker killed (SIGKILL) while it streams.
+    let mut long = c
+        .generate("Write a very long story about a lighthouse keeper.", 4000)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 8];
+    long.stdout.as_mut().unwrap().read_exact(&mut first).ok();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut victim = c.workers[1].take().unwrap();
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let killed_at = Instant::now();
+    let status = long.wait().unwrap();
+    let waited = killed_at.elapsed();
+    let mut err = String::new();
+    long.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!status.success(), "the request survived a dead worker");
+    assert!(
+        err.contains("worker-1") || err.contains("worker-0"),
+        "the error names no worker: {err}"
+    );
+    assert!(
+        waited < Duration::from_secs(30),
+        "the failure took {waited:?}"
+    );
+    // The coordinator lives on and reports the cluster degraded.
+    let t = Instant::now();
+    while !c.status().starts_with("cluster: degraded") {
+        assert!(t.elapsed() < Duration::from_secs(10), "{}", c.status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = c.generate("hi", 4).output().unwrap();
+    assert!(!o.status.success(), "a degraded cluster answered");
+    // The worker comes back under the same name; the cluster reloads and serves again.
+    let back = c.worker(1, &c.token.clone());
+    c.workers[1] = Some(back);
+    c.wait_ready();
+    let o = c
+        .generate(&case.prompt, case.greedy_ids.len())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        ids(&case.greedy_ids)
+    );
+}
