@@ -264,8 +264,17 @@ fn a_killed_worker_fails_the_request_and_a_restarted_one_rejoins() {
     let case = &r.cases[0];
     let mut c = Cluster::start(&smollm2(), 2);
     // A long generation, with one worker killed (SIGKILL) while it streams.
-    let mut long = c
-        .generate("Write a very long story about a lighthouse keeper.", 4000)
+    // Text output (not --ids), so that it streams and shows the generation is under way.
+    let mut long = tessera()
+        .args([
+            "generate",
+            "--coordinator",
+            &c.addr,
+            "--prompt",
+            "Write a very long story about a lighthouse keeper.",
+        ])
+        .args(["--max-tokens", "4000", "--ignore-eos"])
+        .env("TESSERA_TOKEN", &c.token)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -341,9 +341,12 @@ pub fn status(addr: &str, token: &str) -> anyhow::Result<()> {
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?
             .into_inner();
-        println!("cluster: {} ({})", s.state, s.model);
+        // A closed pipe (`| head`) is not an error worth a panic.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "cluster: {} ({})", s.state, s.model);
         for w in s.workers {
-            println!(
+            let _ = writeln!(
+                out,
                 "  #{} {} {} {} {} {:.1} GiB {}",
                 w.id,
                 w.name,

@@ -527,13 +527,15 @@ mod tests {
                             let mut f: Vec<f32> =
                                 (0..999).map(|i| ((i + r) as f32 * 0.3).sin()).collect();
                             mesh.all_reduce_sum(&mut f).unwrap();
-                            (out, f)
+                            // Kept alive until every rank is done: closing a connection drops
+                            // what it still had in flight to a slower peer.
+                            (out, f, mesh)
                         })
                     })
                     .collect();
                 let results: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
                 let rank_sum: usize = (0..world).map(|r| r * 100).sum();
-                for (ints, floats) in &results {
+                for (ints, floats, _) in &results {
                     for buf in ints {
                         for (i, x) in buf.iter().enumerate() {
                             assert_eq!(*x, (i * 3 * world + rank_sum) as f32);

@@ -280,6 +280,14 @@ impl CoordinatorState {
                 if g.runner.is_none() && live.len() >= self.n {
                     g.mesh_id += 1;
                     g.state = "loading";
+                    // Until the new mesh is up none of them is ready (the health check would
+                    // otherwise take a worker between two shards for a failed one).
+                    for w in g.workers.values_mut() {
+                        if w.state == WState::Ready {
+                            w.state = WState::Registered;
+                            w.rank = None;
+                        }
+                    }
                     Some((live[live.len() - self.n..].to_vec(), g.mesh_id))
                 } else {
                     None
@@ -636,13 +644,10 @@ impl Coordinator for CoordinatorService {
         let st = self.state.clone();
         check_token(&st.token, req.metadata())?;
         let r = req.into_inner();
-        let runner = st
-            .inner
-            .lock()
-            .unwrap()
-            .runner
-            .clone()
-            .ok_or_else(|| Status::unavailable(format!("cluster is {}", st.state())))?;
+        // Not in one expression: the guard would still be held when `state()` locks again.
+        let runner = st.inner.lock().unwrap().runner.clone();
+        let runner =
+            runner.ok_or_else(|| Status::unavailable(format!("cluster is {}", st.state())))?;
         let files = st.files.clone();
         let prompt = if r.prompt_ids.is_empty() {
             files
