@@ -159,31 +159,47 @@ impl Drop for Children {
     }
 }
 
-pub fn run(a: RunArgs) -> anyhow::Result<()> {
-    let model = crate::resolve_model(&a.model.model)?;
-    let token = a.token.clone().unwrap_or_else(|| {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u128(Instant::now().elapsed().as_nanos() ^ std::process::id() as u128);
-        let a = h.finish();
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(a);
-        format!("{a:016x}{:016x}", h.finish())
-    });
+/// A coordinator in this process and worker processes on loopback, stopped when dropped.
+pub struct Local {
+    pub rt: tokio::runtime::Runtime,
+    pub addr: SocketAddr,
+    pub token: String,
+    pub state: std::sync::Arc<CoordinatorState>,
+    _children: Children,
+}
+
+fn random_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos() ^ std::process::id() as u128);
+    let a = h.finish();
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(a);
+    format!("{a:016x}{:016x}", h.finish())
+}
+
+pub fn start_local(
+    model: &ModelArgs,
+    workers: usize,
+    listen: SocketAddr,
+    token: Option<String>,
+) -> anyhow::Result<Local> {
+    let path = crate::resolve_model(&model.model)?;
+    let token = token.unwrap_or_else(random_token);
     let state = CoordinatorState::new(&CoordinatorConfig {
-        model,
-        workers: a.workers,
+        model: path,
+        workers,
         token: token.clone(),
     })?;
     let rt = runtime()?;
     let listener = rt
-        .block_on(tokio::net::TcpListener::bind(a.listen))
-        .with_context(|| format!("binding {}", a.listen))?;
+        .block_on(tokio::net::TcpListener::bind(listen))
+        .with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
     rt.spawn(tessera_coordinator::serve(state.clone(), listener));
     let exe = std::env::current_exe()?;
     let mut children = Children(Vec::new());
-    for i in 0..a.workers {
+    for i in 0..workers {
         let child = std::process::Command::new(&exe)
             .args([
                 "worker",
@@ -198,7 +214,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
                 "--name",
                 &format!("worker-{i}"),
                 "--backend",
-                a.model.backend.name(),
+                model.backend.name(),
                 "--memory-gib",
                 "1",
             ])
@@ -209,10 +225,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             .context("starting a worker process")?;
         children.0.push(child);
     }
-    eprintln!(
-        "coordinator on {addr}: started {} worker process(es)",
-        a.workers
-    );
+    eprintln!("coordinator on {addr}: started {workers} worker process(es)");
     let started = Instant::now();
     while !state.is_ready() {
         for (i, c) in children.0.iter_mut().enumerate() {
@@ -225,24 +238,31 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    if let Some(secs) = *state.load_seconds.lock().unwrap() {
-        eprintln!("shards loaded in {secs:.2} s");
-    }
+    Ok(Local {
+        rt,
+        addr,
+        token,
+        state,
+        _children: children,
+    })
+}
+
+pub fn run(a: RunArgs) -> anyhow::Result<()> {
+    let local = start_local(&a.model, a.workers, a.listen, a.token.clone())?;
+    let (addr, token) = (local.addr, local.token.clone());
     match a.prompt {
-        Some(prompt) => rt.block_on(remote_generate(
+        Some(prompt) => local.rt.block_on(remote_generate(
             &addr.to_string(),
             &token,
             &prompt,
             &a.options,
         )),
         None => {
-            eprintln!(
-                "serving on {addr} (cluster token in TESSERA_TOKEN of this process); Ctrl-C stops"
-            );
+            eprintln!("serving on {addr}; Ctrl-C stops");
             if a.token.is_none() {
                 eprintln!("token for clients: {token}");
             }
-            rt.block_on(tokio::signal::ctrl_c())?;
+            local.rt.block_on(tokio::signal::ctrl_c())?;
             Ok(())
         }
     }
@@ -255,6 +275,36 @@ pub async fn remote_generate(
     prompt: &str,
     g: &crate::GenOptions,
 ) -> anyhow::Result<()> {
+    let d = remote_stream(addr, token, prompt, g, true).await?;
+    let decode = if d.decode_seconds > 0.0 {
+        d.decode_steps as f64 / d.decode_seconds
+    } else {
+        0.0
+    };
+    eprintln!(
+        "prompt tokens: {}, prefill: {:.1} tok/s, generated tokens: {}, decode: {:.1} tok/s, \
+         weights read per token: {:.1} MB, effective bandwidth: {:.2} GB/s, \
+         all-reduce: {:.0} us mean, {:.0}% of step time",
+        d.prompt_tokens,
+        d.prompt_tokens as f64 / d.prefill_seconds.max(1e-9),
+        d.generated_tokens,
+        decode,
+        d.weight_bytes_per_token as f64 / 1e6,
+        d.weight_bytes_per_token as f64 * decode / 1e9,
+        d.allreduce_mean_us,
+        100.0 * d.comm_fraction,
+    );
+    Ok(())
+}
+
+/// Submits a prompt; prints the answer (text or ids) when `print`; returns the closing stats.
+pub async fn remote_stream(
+    addr: &str,
+    token: &str,
+    prompt: &str,
+    g: &crate::GenOptions,
+    print: bool,
+) -> anyhow::Result<tessera_proto::Done> {
     let url = if addr.contains("://") {
         addr.to_string()
     } else {
@@ -291,37 +341,19 @@ pub async fn remote_generate(
                 if t.id != u32::MAX {
                     ids.push(t.id);
                 }
-                if !g.ids {
+                if print && !g.ids {
                     out.write_all(t.text.as_bytes())?;
                     out.flush()?;
                 }
             }
             Some(generate_event::Event::Done(d)) => {
-                if g.ids {
+                if print && g.ids {
                     let line: Vec<String> = ids.iter().map(|t| t.to_string()).collect();
                     writeln!(out, "{}", line.join(" "))?;
-                } else {
+                } else if print {
                     writeln!(out)?;
                 }
-                let decode = if d.decode_seconds > 0.0 {
-                    d.decode_steps as f64 / d.decode_seconds
-                } else {
-                    0.0
-                };
-                eprintln!(
-                    "prompt tokens: {}, prefill: {:.1} tok/s, generated tokens: {}, decode: {:.1} tok/s, \
-                     weights read per token: {:.1} MB, effective bandwidth: {:.2} GB/s, \
-                     all-reduce: {:.0} us mean, {:.0}% of step time",
-                    d.prompt_tokens,
-                    d.prompt_tokens as f64 / d.prefill_seconds.max(1e-9),
-                    d.generated_tokens,
-                    decode,
-                    d.weight_bytes_per_token as f64 / 1e6,
-                    d.weight_bytes_per_token as f64 * decode / 1e9,
-                    d.allreduce_mean_us,
-                    100.0 * d.comm_fraction,
-                );
-                return Ok(());
+                return Ok(d);
             }
             None => {}
         }
