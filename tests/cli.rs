@@ -215,15 +215,42 @@ fn missing_model_and_bad_shard_count_are_clear_errors() {
 #[test]
 fn plan_prints_each_workers_share_and_exits_1_when_it_does_not_fit() {
     let m = smollm2();
-    let o = tessera(&["plan", "--model", m.to_str().unwrap(), "--workers", "2", "--memory", "4", "--context", "8192"]);
+    let o = tessera(&[
+        "plan",
+        "--model",
+        m.to_str().unwrap(),
+        "--workers",
+        "2",
+        "--memory",
+        "4",
+        "--context",
+        "8192",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     // 9 query heads over 3 KV heads: 6+3 heads, KV cache 2 x 30 layers x kv_heads x 64 x 4 bytes.
-    assert!(out.contains("worker 0: q heads 0..6, KV heads 0..2"), "{out}");
-    assert!(out.contains("worker 1: q heads 6..9, KV heads 2..3"), "{out}");
-    assert!(out.contains(&format!("KV cache {} B/token", 2 * 30 * 2 * 64 * 4)), "{out}");
+    assert!(
+        out.contains("worker 0: q heads 0..6, KV heads 0..2"),
+        "{out}"
+    );
+    assert!(
+        out.contains("worker 1: q heads 6..9, KV heads 2..3"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("KV cache {} B/token", 2 * 30 * 2 * 64 * 4)),
+        "{out}"
+    );
     assert!(out.contains("fits in 4.0 GiB"), "{out}");
-    let o = tessera(&["plan", "--model", m.to_str().unwrap(), "--workers", "2", "--memory", "0.1,4"]);
+    let o = tessera(&[
+        "plan",
+        "--model",
+        m.to_str().unwrap(),
+        "--workers",
+        "2",
+        "--memory",
+        "0.1,4",
+    ]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("DOES NOT FIT"));
 }
