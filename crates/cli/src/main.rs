@@ -184,7 +184,8 @@ fn run_generate(g: GenerateArgs) -> anyhow::Result<()> {
         &files.cfg.eos_token_ids,
         &mut |tok| {
             ids.push(tok);
-            if a.ids {
+            // The end-of-sequence token that stops generation is not part of the answer's text.
+            if a.ids || (!a.ignore_eos && files.cfg.eos_token_ids.contains(&tok)) {
                 return true;
             }
             let piece = match stream.push(&files.tokenizer, tok) {

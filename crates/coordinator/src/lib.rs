@@ -699,7 +699,13 @@ impl Coordinator for CoordinatorService {
                     &params,
                     &files.cfg.eos_token_ids,
                     &mut |tok| {
-                        let text = stream.push(&files.tokenizer, tok).unwrap_or_default();
+                        // The end-of-sequence token that stops generation is not answer text.
+                        let stops = !params.ignore_eos && files.cfg.eos_token_ids.contains(&tok);
+                        let text = if stops {
+                            String::new()
+                        } else {
+                            stream.push(&files.tokenizer, tok).unwrap_or_default()
+                        };
                         tx2.blocking_send(Ok(GenerateEvent {
                             event: Some(generate_event::Event::Token(Token { id: tok, text })),
                         }))

@@ -310,7 +310,16 @@ fn shard_thread(
             let t = node
                 .connect_mesh(mesh_id, spec.rank, &peers, Duration::from_secs(60))
                 .map_err(|e| format!("joining the mesh: {e}"))?;
-            Box::new(Mesh::new(t))
+            let mut mesh = Mesh::new(t);
+            // For measuring the two algorithms against each other (see README): vectors of at
+            // most this many values use the one-step all-gather, longer ones the ring.
+            if let Some(v) = std::env::var("TESSERA_RING_THRESHOLD")
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                mesh.ring_threshold = v;
+            }
+            Box::new(mesh)
         };
         Ok((model, coll))
     };
