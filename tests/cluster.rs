@@ -104,7 +104,6 @@ struct Cluster {
     token: String,
     coordinator: Child,
     workers: Vec<Option<Child>>,
-    model: String,
 }
 
 impl Cluster {
@@ -130,7 +129,6 @@ impl Cluster {
             token,
             coordinator,
             workers: vec![],
-            model: model.to_str().unwrap().into(),
         };
         for i in 0..n {
             let w = c.worker(i, &c.token.clone());
@@ -209,7 +207,6 @@ impl Drop for Cluster {
         }
         let _ = self.coordinator.kill();
         let _ = self.coordinator.wait();
-        let _ = &self.model;
     }
 }
 
@@ -324,4 +321,77 @@ fn a_killed_worker_fails_the_request_and_a_restarted_one_rejoins() {
         String::from_utf8_lossy(&o.stdout).trim(),
         ids(&case.greedy_ids)
     );
+}
+
+#[test]
+fn a_worker_with_the_same_model_file_reads_its_slice_locally() {
+    let model = smollm2();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let token = "local-model-test";
+    let coordinator = tessera()
+        .args([
+            "coordinator",
+            "--model",
+            model.to_str().unwrap(),
+            "--workers",
+            "2",
+            "--listen",
+            &addr,
+        ])
+        .env("TESSERA_TOKEN", token)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let worker = |i: usize, local: bool| {
+        let mut c = tessera();
+        c.args([
+            "worker",
+            "--listen",
+            "127.0.0.1:0",
+            "--quic-listen",
+            "127.0.0.1:0",
+            "--coordinator",
+            &addr,
+        ])
+        .args(["--name", &format!("local-{i}"), "--memory-gib", "1"])
+        .env("TESSERA_TOKEN", token)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+        if local {
+            c.args(["--model", model.to_str().unwrap()]);
+        }
+        c.spawn().unwrap()
+    };
+    let mut c = Cluster {
+        addr: addr.clone(),
+        token: token.into(),
+        coordinator,
+        workers: vec![Some(worker(0, true)), Some(worker(1, false))],
+    };
+    c.wait_ready();
+    let r = reference("smollm2-135m-q4_1");
+    let case = &r.cases[2];
+    let o = c
+        .generate(&case.prompt, case.greedy_ids.len())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        ids(&case.greedy_ids)
+    );
+    let _ = c.coordinator.kill();
+    let mut log = String::new();
+    c.coordinator
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert_eq!(
+        log.matches("read from the worker's own copy").count(),
+        1,
+        "{log}"
+    );
+    assert_eq!(log.matches("shipped").count(), 1, "{log}");
 }

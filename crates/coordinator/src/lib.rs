@@ -518,7 +518,21 @@ impl CoordinatorState {
                 anyhow::anyhow!("worker {addr} could not load its shard: {}", s.message())
             })?;
         bar.finish_and_clear();
-        Ok((reply.into_inner().weight_bytes_per_token, client))
+        let reply = reply.into_inner();
+        if local {
+            eprintln!(
+                "shard {} -> {addr}: read from the worker's own copy of the model in {:.2} s",
+                spec.rank, reply.seconds
+            );
+        } else {
+            eprintln!(
+                "shard {} -> {addr}: shipped {:.1} MB (sha256 checked) in {:.2} s",
+                spec.rank,
+                total as f64 / 1e6,
+                reply.seconds
+            );
+        }
+        Ok((reply.weight_bytes_per_token, client))
     }
 
     /// Checks the ready workers every second; a silent one degrades the cluster.
