@@ -58,20 +58,6 @@ pub fn cached_path(name: &str) -> Option<PathBuf> {
         .map(|repo| cache_dir().join("models").join(repo.replace('/', "--")))
 }
 
-fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", h.finalize()))
-}
-
 pub fn run(a: PullArgs) -> anyhow::Result<()> {
     if let Some(repo) = a.name.strip_prefix("hf:") {
         return pull_hf(repo);
@@ -86,7 +72,7 @@ pub fn run(a: PullArgs) -> anyhow::Result<()> {
     };
     let dest = cached_path(k.name).expect("known model");
     if dest.exists() {
-        if sha256_file(&dest)? == k.sha256 {
+        if tessera_worker::sha256_file(&dest)? == k.sha256 {
             eprintln!("{} is already pulled and verified", k.name);
             println!("{}", dest.display());
             return Ok(());

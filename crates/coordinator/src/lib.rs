@@ -81,18 +81,7 @@ impl Runner for RemoteCluster {
     }
 
     fn forward(&mut self, seq: u64, ids: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab) {
-            return Err(ModelError::BadToken {
-                id,
-                vocab: self.cfg.vocab,
-            });
-        }
-        if pos + ids.len() > self.cfg.max_context {
-            return Err(ModelError::PromptTooLong {
-                prompt: pos + ids.len(),
-                context: self.cfg.max_context,
-            });
-        }
+        tessera_model::check_step(&self.cfg, ids, pos)?;
         let started = Instant::now();
         let req = StepRequest {
             seq,

@@ -73,6 +73,27 @@ impl Backend {
     }
 }
 
+/// Validates a step before any shard sees it, so that every shard gets the same valid input
+/// and none is left waiting in an all-reduce for a peer that refused the step.
+pub fn check_step(cfg: &ModelConfig, ids: &[u32], pos: usize) -> Result<()> {
+    if ids.is_empty() {
+        return Err(ModelError::EmptyPrompt);
+    }
+    if let Some(&id) = ids.iter().find(|&&id| id as usize >= cfg.vocab) {
+        return Err(ModelError::BadToken {
+            id,
+            vocab: cfg.vocab,
+        });
+    }
+    if pos + ids.len() > cfg.max_context {
+        return Err(ModelError::PromptTooLong {
+            prompt: pos + ids.len(),
+            context: cfg.max_context,
+        });
+    }
+    Ok(())
+}
+
 /// What generation needs from a set of shards, local or remote.
 pub trait Runner {
     fn cfg(&self) -> &ModelConfig;
@@ -194,23 +215,7 @@ impl Runner for LocalCluster {
     }
 
     fn forward(&mut self, seq: u64, ids: &[u32], pos: usize) -> Result<Vec<f32>> {
-        // Checked here so every shard sees the same valid input and none is left waiting in
-        // an all-reduce for a peer that refused the step.
-        if ids.is_empty() {
-            return Err(ModelError::EmptyPrompt);
-        }
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.cfg.vocab) {
-            return Err(ModelError::BadToken {
-                id,
-                vocab: self.cfg.vocab,
-            });
-        }
-        if pos + ids.len() > self.cfg.max_context {
-            return Err(ModelError::PromptTooLong {
-                prompt: pos + ids.len(),
-                context: self.cfg.max_context,
-            });
-        }
+        check_step(&self.cfg, ids, pos)?;
         let ids: Arc<[u32]> = ids.into();
         for (rank, s) in self.shards.iter().enumerate() {
             let tx = s.tx.as_ref().ok_or(ModelError::Shard {

@@ -10,7 +10,9 @@ pub mod shard;
 pub mod tokenizer;
 pub mod weights;
 
-pub use engine::{Backend, Finish, GenStats, GenerateParams, LocalCluster, Runner, generate};
+pub use engine::{
+    Backend, Finish, GenStats, GenerateParams, LocalCluster, Runner, check_step, generate,
+};
 pub use error::{ModelError, Result};
 pub use loader::ModelFiles;
 pub use sampling::{Sampler, SamplingParams};
