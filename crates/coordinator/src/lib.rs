@@ -24,6 +24,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_stream::Stream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 /// How long one step may take before the worker is declared failed.
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -350,7 +351,12 @@ impl CoordinatorState {
             let st = self.clone();
             let peers = peers.clone();
             tasks.push(tokio::spawn(async move {
-                let r = st.load_one(&m.2, &spec, peers, mesh_id, m.4).await;
+                let span =
+                    tracing::debug_span!("load", rank = spec.rank, worker = %m.1, mesh = mesh_id);
+                let r = st
+                    .load_one(&m.2, &spec, peers, mesh_id, m.4)
+                    .instrument(span)
+                    .await;
                 (m.0, r)
             }));
         }
@@ -425,7 +431,6 @@ impl CoordinatorState {
         mesh_id: u64,
         local: bool,
     ) -> anyhow::Result<(u64, WorkerClient<Channel>)> {
-        tracing::debug!(rank = spec.rank, worker = addr, "load");
         let mut client = WorkerClient::connect(format!("http://{addr}"))
             .await
             .with_context(|| format!("connecting to worker {addr}"))?
@@ -565,11 +570,8 @@ pub struct CoordinatorService {
     pub state: Arc<CoordinatorState>,
 }
 
-type GenStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl Coordinator for CoordinatorService {
-    async fn register(
+impl CoordinatorService {
+    async fn register_inner(
         &self,
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterReply>, Status> {
@@ -639,6 +641,19 @@ impl Coordinator for CoordinatorService {
             certificate_der: cert,
             ca_der: st.ca.ca_der(),
         }))
+    }
+}
+
+type GenStream = Pin<Box<dyn Stream<Item = Result<GenerateEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterReply>, Status> {
+        let span = tracing::debug_span!("register", name = %req.get_ref().name, remote = ?req.remote_addr());
+        self.register_inner(req).instrument(span).await
     }
 
     type GenerateStream = GenStream;
