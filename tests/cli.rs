@@ -254,3 +254,61 @@ fn plan_prints_each_workers_share_and_exits_1_when_it_does_not_fit() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("DOES NOT FIT"));
 }
+
+#[test]
+fn chat_flag_applies_the_models_template_locally_and_on_a_cluster() {
+    let text =
+        std::fs::read_to_string(fixtures().join("smollm2-135m-q4_1/reference.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let case = v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c.get("messages").is_some())
+        .unwrap();
+    let question = case["messages"][0]["content"].as_str().unwrap();
+    // Generation stops at <|im_end|>, which is not part of the answer text.
+    let want = case["greedy_text"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches("<|im_end|>")
+        .to_string();
+    let m = smollm2();
+    let local = tessera(&[
+        "generate",
+        "--model",
+        m.to_str().unwrap(),
+        "--chat",
+        "--prompt",
+        question,
+        "--max-tokens",
+        "64",
+    ]);
+    assert!(local.status.success(), "{}", stderr(&local));
+    assert_eq!(String::from_utf8_lossy(&local.stdout), format!("{want}\n"));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let cluster = tessera(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--workers",
+        "2",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--chat",
+        "--prompt",
+        question,
+        "--max-tokens",
+        "64",
+    ]);
+    assert!(cluster.status.success(), "{}", stderr(&cluster));
+    assert_eq!(
+        String::from_utf8_lossy(&cluster.stdout),
+        format!("{want}\n")
+    );
+}

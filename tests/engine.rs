@@ -136,3 +136,19 @@ fn wgpu_tiny_llama_matches_reference() {
         Backend::Wgpu,
     );
 }
+
+#[test]
+fn smollm2_chat_template_renders_like_transformers() {
+    let files = ModelFiles::open(&smollm2()).expect("model opens");
+    let r = reference("smollm2-135m-q4_1");
+    let case = r
+        .cases
+        .iter()
+        .find(|c| c.messages.is_some())
+        .expect("a chat case");
+    let messages: Vec<tessera_model::chat::Message> =
+        serde_json::from_value(case.messages.clone().unwrap()).expect("messages");
+    let prompt = files.render_chat(&messages).expect("template renders");
+    assert_eq!(prompt, case.prompt);
+    assert_eq!(files.tokenizer.encode(&prompt).unwrap(), case.input_ids);
+}

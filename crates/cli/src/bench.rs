@@ -138,6 +138,7 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<()> {
         seed: 0,
         ids: true,
         ignore_eos: true,
+        chat: false,
     };
     let addr = local.addr.to_string();
     let mut best: Option<tessera_proto::Done> = None;

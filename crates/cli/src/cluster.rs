@@ -322,6 +322,7 @@ pub async fn remote_stream(
         top_k: g.top_k as u32,
         seed: g.seed,
         ignore_eos: g.ignore_eos,
+        chat: g.chat,
     };
     let mut stream = client
         .generate(with_token(token, req))

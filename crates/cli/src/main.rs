@@ -113,6 +113,9 @@ pub struct GenOptions {
     /// Do not stop at end-of-sequence tokens
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Send the prompt as a user message through the model's chat template
+    #[arg(long)]
+    pub chat: bool,
 }
 
 /// Resolves a model argument: a path, or the name of a model in the pull cache.
@@ -160,7 +163,16 @@ fn run_generate(g: GenerateArgs) -> anyhow::Result<()> {
     };
     let a = &g.options;
     let (files, mut cluster) = load(&margs)?;
-    let prompt = files.tokenizer.encode(&g.prompt)?;
+    let text = if a.chat {
+        let user = tessera_model::chat::Message {
+            role: "user".into(),
+            content: g.prompt.clone(),
+        };
+        files.render_chat(&[user])?
+    } else {
+        g.prompt.clone()
+    };
+    let prompt = files.tokenizer.encode(&text)?;
     let params = GenerateParams {
         max_tokens: a.max_tokens,
         sampling: SamplingParams {

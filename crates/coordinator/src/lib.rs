@@ -668,9 +668,20 @@ impl Coordinator for CoordinatorService {
             runner.ok_or_else(|| Status::unavailable(format!("cluster is {}", st.state())))?;
         let files = st.files.clone();
         let prompt = if r.prompt_ids.is_empty() {
+            let text = if r.chat {
+                let user = tessera_model::chat::Message {
+                    role: "user".into(),
+                    content: r.prompt.clone(),
+                };
+                files
+                    .render_chat(&[user])
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?
+            } else {
+                r.prompt.clone()
+            };
             files
                 .tokenizer
-                .encode(&r.prompt)
+                .encode(&text)
                 .map_err(|e| Status::invalid_argument(e.to_string()))?
         } else {
             r.prompt_ids.clone()

@@ -1,6 +1,7 @@
 //! Tessera's model engine: loaders (safetensors folders and GGUF files), tokenizers, one
 //! shard's slice of every layer on Burn, sampling, and generation.
 
+pub mod chat;
 pub mod engine;
 pub mod error;
 pub mod gguf;

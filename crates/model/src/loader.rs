@@ -118,6 +118,21 @@ impl ModelFiles {
         Ok(files)
     }
 
+    /// Renders a conversation with the model's own chat template, opening the assistant's turn.
+    pub fn render_chat(&self, messages: &[crate::chat::Message]) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| ModelError::format(&self.path, "the model has no chat template"))?;
+        let text = |id: Option<u32>| {
+            id.and_then(|i| self.tokenizer.id_to_token(i))
+                .unwrap_or_default()
+        };
+        let bos = text(self.cfg.bos_token_id);
+        let eos = text(self.cfg.eos_token_ids.first().copied());
+        crate::chat::render(template, messages, true, &bos, &eos)
+    }
+
     /// Checks every tensor the model needs exists with the right shape before any is loaded.
     fn check_tensors(&self) -> Result<()> {
         let c = &self.cfg;
