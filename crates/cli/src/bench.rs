@@ -89,7 +89,6 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         }
     }
     let bytes = cluster.weight_bytes_per_token();
-    let (bw, threads) = memory_bandwidth(a.bandwidth_mib);
     let reached = bytes as f64 * best_decode;
     println!(
         "model: {} ({}), {} shard(s) on {}",
@@ -111,17 +110,22 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         1e3 / best_decode.max(1e-9)
     );
     println!("weights read per token: {:.1} MB (f32)", bytes as f64 / 1e6);
+    report_bandwidth(a.bandwidth_mib, reached);
+    Ok(())
+}
+
+/// Measures the machine's bandwidth and says what share of it decode (`reached` bytes/s) used.
+fn report_bandwidth(mib: usize, reached: f64) {
+    let (bw, threads) = memory_bandwidth(mib);
     println!(
-        "memory bandwidth: {:.2} GB/s (streaming read of {} MiB, {threads} threads)",
-        bw / 1e9,
-        a.bandwidth_mib
+        "memory bandwidth: {:.2} GB/s (streaming read of {mib} MiB, {threads} threads)",
+        bw / 1e9
     );
     println!(
         "decode reached: {:.2} GB/s = {:.0}% of measured bandwidth",
         reached / 1e9,
         100.0 * reached / bw
     );
-    Ok(())
 }
 
 /// The same measurement through a local cluster of worker processes: also reports the mean
@@ -157,7 +161,6 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<()> {
     }
     let d = best.expect("at least one run");
     let decode = d.decode_steps as f64 / d.decode_seconds.max(1e-9);
-    let (bw, threads) = memory_bandwidth(a.bandwidth_mib);
     let reached = d.weight_bytes_per_token as f64 * decode;
     println!(
         "model: {}, {n} worker process(es) on loopback ({})",
@@ -185,15 +188,6 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<()> {
         "weights read per token: {:.1} MB (f32, all workers)",
         d.weight_bytes_per_token as f64 / 1e6
     );
-    println!(
-        "memory bandwidth: {:.2} GB/s (streaming read of {} MiB, {threads} threads)",
-        bw / 1e9,
-        a.bandwidth_mib
-    );
-    println!(
-        "decode reached: {:.2} GB/s = {:.0}% of measured bandwidth",
-        reached / 1e9,
-        100.0 * reached / bw
-    );
+    report_bandwidth(a.bandwidth_mib, reached);
     Ok(())
 }
