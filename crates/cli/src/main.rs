@@ -10,7 +10,8 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tessera_model::{
-    Backend, GenerateParams, LocalCluster, ModelError, ModelFiles, SamplingParams, TextStream,
+    Backend, GenerateParams, LocalCluster, ModelError, ModelFiles, Runner, SamplingParams,
+    TextStream,
 };
 
 #[derive(Parser)]
@@ -225,7 +226,7 @@ fn run_generate(g: GenerateArgs) -> anyhow::Result<()> {
         write!(out, "{}", stream.finish(&files.tokenizer)?)?;
         writeln!(out)?;
     }
-    let bytes = cluster_bytes(&cluster);
+    let bytes = cluster.weight_bytes_per_token();
     let gbs = bytes as f64 * stats.decode_tok_s() / 1e9;
     eprintln!(
         "prompt tokens: {}, prefill: {:.1} tok/s, generated tokens: {}, decode: {:.1} tok/s, \
@@ -240,11 +241,6 @@ fn run_generate(g: GenerateArgs) -> anyhow::Result<()> {
         margs.backend.name(),
     );
     Ok(())
-}
-
-fn cluster_bytes(c: &LocalCluster) -> u64 {
-    use tessera_model::Runner;
-    c.weight_bytes_per_token()
 }
 
 fn main() -> ExitCode {

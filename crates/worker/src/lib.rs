@@ -340,22 +340,16 @@ fn shard_thread(
             seq: req.seq,
             ..Default::default()
         };
+        // A collective error means the mesh is broken: this shard is of no use until reloaded.
+        let mut mesh_broken = false;
         if req.free {
             model.free(req.seq);
         } else {
             match model.forward(req.seq, &req.ids, req.pos as usize, coll.as_mut()) {
                 Ok(l) => out.logits = l,
                 Err(e) => {
+                    mesh_broken = matches!(e, tessera_model::ModelError::Collective(_));
                     out.error = e.to_string();
-                    let failed = matches!(e, tessera_model::ModelError::Collective(_));
-                    let after = coll.stats();
-                    out.allreduce_ns = after.nanos - before.nanos;
-                    let _ = reply.send(out);
-                    if failed {
-                        // The mesh is broken: this shard is of no use until reloaded.
-                        return;
-                    }
-                    continue;
                 }
             }
         }
@@ -363,6 +357,9 @@ fn shard_thread(
         out.allreduce_ns = after.nanos - before.nanos;
         out.allreduce_count = (after.count - before.count) as u32;
         let _ = reply.send(out);
+        if mesh_broken {
+            return;
+        }
     }
 }
 
