@@ -152,3 +152,68 @@ fn smollm2_chat_template_renders_like_transformers() {
     assert_eq!(prompt, case.prompt);
     assert_eq!(files.tokenizer.encode(&prompt).unwrap(), case.input_ids);
 }
+
+/// Every case in one batch: one prefill step for all prompts (of different lengths), then
+/// decode steps that carry every sequence at once. Each sequence's first logits must match the
+/// reference, and its greedy ids too: batching changes nothing a sequence sees.
+fn check_batched(path: &Path, r: &Reference, shards: usize, steps: usize) {
+    use tessera_model::SeqStep;
+    let files = ModelFiles::open(path).expect("model opens");
+    let mut cluster = LocalCluster::load(&files, shards, Backend::Cpu).expect("model loads");
+    let mut batch: Vec<SeqStep> = r
+        .cases
+        .iter()
+        .enumerate()
+        .map(|(i, c)| SeqStep {
+            seq: 1000 + i as u64,
+            ids: c.input_ids.clone(),
+            pos: 0,
+        })
+        .collect();
+    let mut got: Vec<Vec<u32>> = vec![Vec::new(); batch.len()];
+    for step in 0..steps {
+        let logits = cluster.step(&batch, &[]).expect("batched step");
+        assert_eq!(logits.len(), batch.len());
+        for (i, l) in logits.iter().enumerate() {
+            if step == 0 {
+                let case = &r.cases[i];
+                for (id, want) in &case.last_logits_top {
+                    let d = (l[*id as usize] - want).abs();
+                    assert!(
+                        d <= r.logit_abs,
+                        "{shards} shards, case {i}: logit {id} off by {d}"
+                    );
+                }
+            }
+            let next = l
+                .iter()
+                .enumerate()
+                .fold((0, f32::MIN), |b, (j, &v)| if v > b.1 { (j, v) } else { b })
+                .0 as u32;
+            got[i].push(next);
+            let s = &mut batch[i];
+            s.pos += s.ids.len();
+            s.ids = vec![next];
+        }
+    }
+    let done: Vec<u64> = batch.iter().map(|s| s.seq).collect();
+    cluster.step(&[], &done).expect("free");
+    for (i, case) in r.cases.iter().enumerate() {
+        let n = steps.min(case.greedy_ids.len());
+        assert_eq!(
+            got[i][..n],
+            case.greedy_ids[..n],
+            "{shards} shards, case {i} batched"
+        );
+    }
+}
+
+#[test]
+fn batched_steps_match_reference_on_1_and_3_shards() {
+    let tiny = reference("tiny-llama");
+    let smol = reference("smollm2-135m-q4_1");
+    for shards in [1, 3] {
+        check_batched(&fixtures().join("tiny-llama"), &tiny, shards, 8);
+        check_batched(&smollm2(), &smol, shards, 12);
+    }
+}

@@ -19,6 +19,7 @@ pub struct Case {
     pub last_logits: Option<Vec<f32>>,
     pub last_logits_top: Vec<(u32, f32)>,
     pub messages: Option<Value>,
+    pub greedy_text: Option<String>,
 }
 
 pub struct Reference {
@@ -60,6 +61,7 @@ pub fn reference(fixture: &str) -> Reference {
                 .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
                 .collect(),
             messages: c.get("messages").cloned(),
+            greedy_text: c["greedy_text"].as_str().map(str::to_string),
         })
         .collect();
     Reference {
@@ -87,3 +89,4 @@ pub fn smollm2() -> PathBuf {
     );
     p
 }
+pub mod http;

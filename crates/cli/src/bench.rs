@@ -27,6 +27,10 @@ pub struct BenchArgs {
     /// instead of shards in this process
     #[arg(long)]
     workers: Option<usize>,
+    /// With --workers: concurrent streams to measure aggregate throughput at (for example
+    /// 1,4,16); each stream gets its own prompt, and the scheduler batches them
+    #[arg(long, value_delimiter = ',', requires = "workers")]
+    concurrency: Vec<usize>,
 }
 
 const TEXT: &str = "Tessera splits a large language model across several ordinary machines. \
@@ -131,7 +135,12 @@ fn report_bandwidth(mib: usize, reached: f64) {
 /// The same measurement through a local cluster of worker processes: also reports the mean
 /// all-reduce latency and the share of decode time spent in communication.
 fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<()> {
-    let local = crate::cluster::start_local(&a.model, n, "127.0.0.1:0".parse()?, None)?;
+    let serve = crate::cluster::ServeArgs::default();
+    let local =
+        crate::cluster::start_local(&a.model, n, "127.0.0.1:0".parse()?, None, None, &serve)?;
+    if !a.concurrency.is_empty() {
+        return run_concurrency(a, n, &local);
+    }
     let load = local.state.load_seconds.lock().unwrap().unwrap_or(0.0);
     let prompt = TEXT.repeat(a.prompt_tokens / 40 + 1);
     let opts = crate::GenOptions {
@@ -143,6 +152,7 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<()> {
         ids: true,
         ignore_eos: true,
         chat: false,
+        stop: vec![],
     };
     let addr = local.addr.to_string();
     let mut best: Option<tessera_proto::Done> = None;
@@ -189,5 +199,81 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<()> {
         d.weight_bytes_per_token as f64 / 1e6
     );
     report_bandwidth(a.bandwidth_mib, reached);
+    Ok(())
+}
+
+/// Aggregate throughput with several streams at once: each level starts `c` requests together
+/// (distinct prompts, `gen_tokens` each) and waits for all of them.
+fn run_concurrency(a: &BenchArgs, n: usize, local: &crate::cluster::Local) -> anyhow::Result<()> {
+    let addr = local.addr.to_string();
+    let opts = crate::GenOptions {
+        max_tokens: a.gen_tokens,
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        seed: 0,
+        ids: true,
+        ignore_eos: true,
+        chat: false,
+        stop: vec![],
+    };
+    println!(
+        "model: {}, {n} worker process(es) on loopback ({}), {} prompt tokens and {} generated \
+         tokens per stream",
+        a.model.model,
+        a.model.backend.name(),
+        a.prompt_tokens,
+        a.gen_tokens
+    );
+    println!(
+        "streams | aggregate decode tok/s | decode tok/s per stream | all tokens / wall, tok/s \
+         | wall s"
+    );
+    // A warm-up request first, so that the first level does not pay for it.
+    local.rt.block_on(crate::cluster::remote_stream(
+        &addr,
+        &local.token,
+        "warm up",
+        &crate::GenOptions {
+            max_tokens: 4,
+            ..opts.clone()
+        },
+        false,
+    ))?;
+    for &c in &a.concurrency {
+        let started = Instant::now();
+        let results = local.rt.block_on(async {
+            let mut tasks = Vec::new();
+            for i in 0..c {
+                let (addr, token, opts) = (addr.clone(), local.token.clone(), opts.clone());
+                let mut prompt = format!("Stream {i}. ");
+                while prompt.len() < a.prompt_tokens * 4 {
+                    prompt.push_str(TEXT);
+                }
+                tasks.push(tokio::spawn(async move {
+                    crate::cluster::remote_stream(&addr, &token, &prompt, &opts, false).await
+                }));
+            }
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await??);
+            }
+            anyhow::Ok(out)
+        })?;
+        let wall = started.elapsed().as_secs_f64();
+        let generated: u32 = results.iter().map(|d| d.generated_tokens).sum();
+        let per_stream: f64 = results
+            .iter()
+            .map(|d| d.decode_steps as f64 / d.decode_seconds.max(1e-9))
+            .sum::<f64>()
+            / c as f64;
+        // Streams overlap while decoding, so their decode rates add up.
+        println!(
+            "{c:7} | {:22.1} | {:23.1} | {:24.1} | {wall:.2}",
+            per_stream * c as f64,
+            per_stream,
+            generated as f64 / wall,
+        );
+    }
     Ok(())
 }

@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
-use tessera_coordinator::{CoordinatorConfig, CoordinatorState};
+use tessera_coordinator::http::HttpConfig;
+use tessera_coordinator::{CoordinatorConfig, CoordinatorState, SchedulerConfig};
 use tessera_model::Backend;
 use tessera_proto::coordinator_client::CoordinatorClient;
 use tessera_proto::{Empty, GenerateRequest, generate_event};
@@ -47,6 +48,73 @@ pub struct WorkerArgs {
     /// Memory this worker offers, in GiB (weights the shard plan; default: the machine's)
     #[arg(long)]
     memory_gib: Option<f64>,
+    /// Serve GET /health over plain HTTP on this address (for container and Kubernetes probes)
+    #[arg(long)]
+    health_listen: Option<SocketAddr>,
+}
+
+/// How the coordinator serves requests: the HTTP API and the batching scheduler.
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// API key clients must send to the HTTP API (Authorization: Bearer KEY); none: open
+    #[arg(long, env = "TESSERA_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Requests that may wait for a slot; more are refused (HTTP 429)
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Sequences decoded together in one step (continuous batching)
+    #[arg(long, default_value_t = 16)]
+    max_seqs: usize,
+    /// KV cache memory all active sequences may reserve over the cluster, in GiB
+    #[arg(long, default_value_t = 2.0)]
+    kv_cache_gib: f64,
+    /// Prompt tokens prefilled per step, so long prompts do not stall others' decoding
+    #[arg(long, default_value_t = 512)]
+    prefill_chunk: usize,
+}
+
+impl Default for ServeArgs {
+    fn default() -> Self {
+        ServeArgs {
+            api_key: None,
+            max_queue: 64,
+            max_seqs: 16,
+            kv_cache_gib: 2.0,
+            prefill_chunk: 512,
+        }
+    }
+}
+
+impl ServeArgs {
+    fn scheduler(&self, model: &std::path::Path) -> anyhow::Result<SchedulerConfig> {
+        let files = tessera_model::ModelFiles::open(model)?;
+        let c = &files.cfg;
+        // f32 K and V for every layer and KV head.
+        let per_position = (2 * c.layers * c.kv_heads * c.head_dim * 4) as f64;
+        let kv_budget = (self.kv_cache_gib * (1u64 << 30) as f64 / per_position) as usize;
+        if kv_budget < c.max_context.min(1024) {
+            bail!(
+                "--kv-cache-gib {} holds only {kv_budget} positions of this model's KV cache;                  give it at least {:.3}",
+                self.kv_cache_gib,
+                c.max_context.min(1024) as f64 * per_position / (1u64 << 30) as f64
+            );
+        }
+        if self.max_seqs == 0 || self.prefill_chunk == 0 {
+            bail!("--max-seqs and --prefill-chunk must be at least 1");
+        }
+        Ok(SchedulerConfig {
+            max_queue: self.max_queue,
+            max_seqs: self.max_seqs,
+            kv_budget,
+            prefill_chunk: self.prefill_chunk,
+        })
+    }
+
+    fn http(&self) -> HttpConfig {
+        HttpConfig {
+            api_key: self.api_key.clone(),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -62,6 +130,11 @@ pub struct CoordinatorArgs {
     workers: usize,
     #[command(flatten)]
     token: TokenArg,
+    /// Serve the OpenAI-compatible HTTP API on this address (for example 0.0.0.0:8080)
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Args)]
@@ -82,6 +155,14 @@ pub struct RunArgs {
     /// The cluster secret (default: a random one for this run)
     #[arg(long, env = "TESSERA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Address of the OpenAI-compatible HTTP API (port 0: any free port)
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    /// Do not serve the HTTP API
+    #[arg(long)]
+    no_http: bool,
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 fn machine_memory() -> u64 {
@@ -117,6 +198,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
         memory_bytes: a
             .memory_gib
             .map_or_else(machine_memory, |g| (g * (1u64 << 30) as f64) as u64),
+        health_listen: a.health_listen,
     };
     runtime()?.block_on(tessera_worker::run(cfg))
 }
@@ -127,10 +209,24 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+async fn bind_http(
+    addr: Option<SocketAddr>,
+    serve: &ServeArgs,
+) -> anyhow::Result<Option<(tokio::net::TcpListener, HttpConfig)>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let l = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the HTTP API to {addr}"))?;
+    eprintln!("HTTP API on http://{}/v1", l.local_addr()?);
+    Ok(Some((l, serve.http())))
+}
+
 pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     let model = crate::resolve_model(&a.model)?;
     let state = CoordinatorState::new(&CoordinatorConfig {
+        scheduler: a.serve.scheduler(&model)?,
         model,
+        model_name: crate::model_name(&a.model),
         workers: a.workers,
         token: a.token.token,
     })?;
@@ -138,12 +234,13 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(a.listen)
             .await
             .with_context(|| format!("binding {}", a.listen))?;
+        let http = bind_http(a.http, &a.serve).await?;
         eprintln!(
             "coordinator listening on {}, waiting for {} worker(s)",
             listener.local_addr()?,
             a.workers
         );
-        tessera_coordinator::serve(state, listener).await
+        tessera_coordinator::serve(state, listener, http).await
     })
 }
 
@@ -183,11 +280,15 @@ pub fn start_local(
     workers: usize,
     listen: SocketAddr,
     token: Option<String>,
+    http: Option<SocketAddr>,
+    serve: &ServeArgs,
 ) -> anyhow::Result<Local> {
     let path = crate::resolve_model(&model.model)?;
     let token = token.unwrap_or_else(random_token);
     let state = CoordinatorState::new(&CoordinatorConfig {
+        scheduler: serve.scheduler(&path)?,
         model: path,
+        model_name: crate::model_name(&model.model),
         workers,
         token: token.clone(),
     })?;
@@ -196,7 +297,8 @@ pub fn start_local(
         .block_on(tokio::net::TcpListener::bind(listen))
         .with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
-    rt.spawn(tessera_coordinator::serve(state.clone(), listener));
+    let http = rt.block_on(bind_http(http, serve))?;
+    rt.spawn(tessera_coordinator::serve(state.clone(), listener, http));
     let exe = std::env::current_exe()?;
     let mut children = Children(Vec::new());
     for i in 0..workers {
@@ -248,7 +350,16 @@ pub fn start_local(
 }
 
 pub fn run(a: RunArgs) -> anyhow::Result<()> {
-    let local = start_local(&a.model, a.workers, a.listen, a.token.clone())?;
+    // Answering one prompt needs no HTTP API (and must not take its port).
+    let http = (!a.no_http && a.prompt.is_none()).then_some(a.http);
+    let local = start_local(
+        &a.model,
+        a.workers,
+        a.listen,
+        a.token.clone(),
+        http,
+        &a.serve,
+    )?;
     let (addr, token) = (local.addr, local.token.clone());
     match a.prompt {
         Some(prompt) => local.rt.block_on(remote_generate(
@@ -297,23 +408,8 @@ pub async fn remote_generate(
     Ok(())
 }
 
-/// Submits a prompt; prints the answer (text or ids) when `print`; returns the closing stats.
-pub async fn remote_stream(
-    addr: &str,
-    token: &str,
-    prompt: &str,
-    g: &crate::GenOptions,
-    print: bool,
-) -> anyhow::Result<tessera_proto::Done> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let mut client = CoordinatorClient::connect(url.clone())
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
-    let req = GenerateRequest {
+fn request(prompt: &str, g: &crate::GenOptions) -> GenerateRequest {
+    GenerateRequest {
         prompt: prompt.to_string(),
         prompt_ids: vec![],
         max_tokens: g.max_tokens as u32,
@@ -323,14 +419,53 @@ pub async fn remote_stream(
         seed: g.seed,
         ignore_eos: g.ignore_eos,
         chat: g.chat,
+        messages: vec![],
+        stop: g.stop.clone(),
+    }
+}
+
+/// Submits a prompt; prints the answer (text or ids) when `print`; returns the closing stats.
+pub async fn remote_stream(
+    addr: &str,
+    token: &str,
+    prompt: &str,
+    g: &crate::GenOptions,
+    print: bool,
+) -> anyhow::Result<tessera_proto::Done> {
+    let (done, _) = stream_request(addr, token, request(prompt, g), print, g.ids).await?;
+    Ok(done)
+}
+
+async fn connect(addr: &str) -> anyhow::Result<CoordinatorClient<tonic::transport::Channel>> {
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
     };
+    CoordinatorClient::connect(url.clone())
+        .await
+        .with_context(|| format!("connecting to {url}"))
+}
+
+/// Streams one request's answer (printed when `print`, as ids when `ids`); returns the
+/// closing stats and the answer's text.
+async fn stream_request(
+    addr: &str,
+    token: &str,
+    req: GenerateRequest,
+    print: bool,
+    ids_mode: bool,
+) -> anyhow::Result<(tessera_proto::Done, String)> {
+    let mut client = connect(addr).await?;
     let mut stream = client
         .generate(with_token(token, req))
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
-    let mut out = std::io::stdout().lock();
+    // Not locked across awaits: the lock is not Send, and concurrent streams share stdout.
+    let mut out = std::io::stdout();
     let mut ids = Vec::new();
+    let mut text = String::new();
     loop {
         let ev = match stream.message().await {
             Ok(Some(ev)) => ev,
@@ -342,33 +477,119 @@ pub async fn remote_stream(
                 if t.id != u32::MAX {
                     ids.push(t.id);
                 }
-                if print && !g.ids {
+                text.push_str(&t.text);
+                if print && !ids_mode {
                     out.write_all(t.text.as_bytes())?;
                     out.flush()?;
                 }
             }
             Some(generate_event::Event::Done(d)) => {
-                if print && g.ids {
+                if print && ids_mode {
                     let line: Vec<String> = ids.iter().map(|t| t.to_string()).collect();
                     writeln!(out, "{}", line.join(" "))?;
                 } else if print {
                     writeln!(out)?;
                 }
-                return Ok(d);
+                return Ok((d, text));
             }
             None => {}
         }
     }
 }
 
+#[derive(Args)]
+pub struct ChatArgs {
+    /// The coordinator's gRPC address (HOST:PORT)
+    #[arg(long)]
+    coordinator: String,
+    #[command(flatten)]
+    token: TokenArg,
+    /// A system message that opens the conversation
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    options: crate::GenOptions,
+}
+
+/// `tessera chat`: an interactive conversation. Each line is a user message; the whole
+/// history goes through the model's chat template every turn. /reset forgets, /exit leaves.
+pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let rt = runtime()?;
+    let mut history: Vec<tessera_proto::ChatMessage> = Vec::new();
+    let system = |h: &mut Vec<tessera_proto::ChatMessage>| {
+        if let Some(s) = &a.system {
+            h.push(tessera_proto::ChatMessage {
+                role: "system".into(),
+                content: s.clone(),
+            });
+        }
+    };
+    system(&mut history);
+    eprintln!(
+        "chatting with {} (/reset forgets the conversation, /exit or Ctrl-D leaves)",
+        a.coordinator
+    );
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        eprint!("> ");
+        let Some(line) = lines.next() else { break };
+        let line = line?;
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                history.clear();
+                system(&mut history);
+                eprintln!("(conversation forgotten)");
+                continue;
+            }
+            _ => {}
+        }
+        history.push(tessera_proto::ChatMessage {
+            role: "user".into(),
+            content: line.to_string(),
+        });
+        let mut req = request("", &a.options);
+        req.messages = history.clone();
+        let started = Instant::now();
+        match rt.block_on(stream_request(
+            &a.coordinator,
+            &a.token.token,
+            req,
+            true,
+            false,
+        )) {
+            Ok((d, text)) => {
+                history.push(tessera_proto::ChatMessage {
+                    role: "assistant".into(),
+                    content: text,
+                });
+                eprintln!(
+                    "[{} tokens in {:.1} s: prefill {} tokens at {:.1} tok/s, decode {:.1} tok/s, {}]",
+                    d.generated_tokens,
+                    started.elapsed().as_secs_f64(),
+                    d.prompt_tokens,
+                    d.prompt_tokens as f64 / d.prefill_seconds.max(1e-9),
+                    d.decode_steps as f64 / d.decode_seconds.max(1e-9),
+                    d.finish_reason
+                );
+            }
+            Err(e) => {
+                // The question stays unanswered: drop it so the next turn can retry.
+                history.pop();
+                eprintln!("error: {e:#}");
+            }
+        }
+    }
+    Ok(())
+}
+
 pub fn status(addr: &str, token: &str) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        let url = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let mut c = CoordinatorClient::connect(url).await?;
+        let mut c = connect(addr).await?;
         let s = c
             .status(with_token(token, Empty {}))
             .await
@@ -403,4 +624,35 @@ pub fn generate_remote(
     let token =
         token.context("--coordinator needs the cluster token (--token or TESSERA_TOKEN)")?;
     runtime()?.block_on(remote_generate(addr, &token, prompt, g))
+}
+
+/// `tessera probe URL`: exits 0 when an HTTP GET of URL answers 2xx (a health check for
+/// container images that carry no curl).
+pub fn probe(url: &str) -> anyhow::Result<()> {
+    use std::io::Read;
+    let rest = url
+        .strip_prefix("http://")
+        .context("probe takes an http:// URL")?;
+    let (hostport, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(hostport)?
+        .next()
+        .with_context(|| format!("{hostport} does not resolve"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .with_context(|| format!("connecting to {hostport}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = String::new();
+    s.take(1 << 16).read_to_string(&mut head)?;
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    if status.starts_with('2') {
+        Ok(())
+    } else {
+        bail!("{url} answered {:?}", head.lines().next().unwrap_or(""))
+    }
 }

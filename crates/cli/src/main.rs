@@ -9,9 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tessera_coordinator::text::StopText;
 use tessera_model::{
     Backend, GenerateParams, LocalCluster, ModelError, ModelFiles, Runner, SamplingParams,
-    TextStream,
 };
 
 #[derive(Parser)]
@@ -42,8 +42,12 @@ enum Command {
     Coordinator(cluster::CoordinatorArgs),
     /// A whole cluster on this machine: a coordinator and N worker processes on loopback
     Run(cluster::RunArgs),
+    /// Chat with a running cluster: keeps the conversation, shows tok/s after each answer
+    Chat(cluster::ChatArgs),
     /// Show what each worker would hold and whether it fits, before loading anything
     Plan(plan::PlanArgs),
+    /// Exit 0 if an HTTP GET of URL answers 2xx (a health check for containers)
+    Probe { url: String },
     /// Show a running cluster's state and workers
     Status {
         /// The coordinator's address
@@ -117,6 +121,22 @@ pub struct GenOptions {
     /// Send the prompt as a user message through the model's chat template
     #[arg(long)]
     pub chat: bool,
+    /// Stop when the text contains this string (not printed); may be given several times
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+/// The name a model is served under (the `model` of API requests): a pulled model's name, or
+/// the file or folder name without extension.
+pub fn model_name(arg: &str) -> String {
+    let p = PathBuf::from(arg);
+    if !p.exists() && pull::cached_path(arg).is_some() {
+        return arg.to_string();
+    }
+    let p = p.canonicalize().unwrap_or(p);
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| arg.to_string())
 }
 
 /// Resolves a model argument: a path, or the name of a model in the pull cache.
@@ -186,7 +206,7 @@ fn run_generate(g: GenerateArgs) -> anyhow::Result<()> {
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let mut stream = TextStream::default();
+    let mut stream = StopText::new(a.stop.clone());
     let mut ids = Vec::new();
     let mut failure: Option<anyhow::Error> = None;
     let stats = tessera_model::generate(
@@ -201,19 +221,14 @@ fn run_generate(g: GenerateArgs) -> anyhow::Result<()> {
             if a.ids || (!a.ignore_eos && files.cfg.eos_token_ids.contains(&tok)) {
                 return true;
             }
-            let piece = match stream.push(&files.tokenizer, tok) {
-                Ok(p) => p,
-                Err(e) => {
-                    failure = Some(e.into());
-                    return false;
-                }
-            };
+            let piece = stream.push(&files.tokenizer, tok);
             if let Err(e) = out.write_all(piece.as_bytes()).and_then(|_| out.flush()) {
                 // A closed pipe (e.g. `| head`) ends generation quietly.
                 failure = (e.kind() != std::io::ErrorKind::BrokenPipe).then(|| e.into());
                 return false;
             }
-            true
+            // A stop string ends generation; its text is not printed.
+            !stream.stopped
         },
     )?;
     if let Some(e) = failure {
@@ -223,7 +238,7 @@ fn run_generate(g: GenerateArgs) -> anyhow::Result<()> {
         let line: Vec<String> = ids.iter().map(|t| t.to_string()).collect();
         writeln!(out, "{}", line.join(" "))?;
     } else {
-        write!(out, "{}", stream.finish(&files.tokenizer)?)?;
+        write!(out, "{}", stream.finish(&files.tokenizer))?;
         writeln!(out)?;
     }
     let bytes = cluster.weight_bytes_per_token();
@@ -258,6 +273,8 @@ fn main() -> ExitCode {
         Command::Worker(a) => cluster::worker(a),
         Command::Coordinator(a) => cluster::coordinator(a),
         Command::Run(a) => cluster::run(a),
+        Command::Chat(a) => cluster::chat(a),
+        Command::Probe { url } => cluster::probe(&url),
         Command::Plan(a) => plan::run(a),
         Command::Status { coordinator, token } => cluster::status(&coordinator, &token),
     };

@@ -12,10 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tessera_collective::ClusterCa;
 use tessera_core::ShardPlan;
-use tessera_model::{
-    GenerateParams, ModelError, ModelFiles, Runner, SamplingParams, TextStream, generate,
-    shard_reads,
-};
+use tessera_model::chat::Message;
+use tessera_model::{GenerateParams, ModelError, ModelFiles, SamplingParams, shard_reads};
 use tessera_proto::coordinator_server::{Coordinator, CoordinatorServer};
 use tessera_proto::worker_client::WorkerClient;
 use tessera_proto::*;
@@ -23,17 +21,28 @@ use tessera_worker::{check_token, with_token};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::Stream;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-/// How long one step may take before the worker is declared failed.
-pub const STEP_TIMEOUT: Duration = Duration::from_secs(20);
+pub mod http;
+pub mod remote;
+pub mod scheduler;
+pub mod text;
+
+use remote::StepLink;
+pub use remote::{CacheUsage, RemoteCluster, STEP_TIMEOUT};
+pub use scheduler::{Event, Job, Scheduler, SchedulerConfig, SubmitError};
+use text::StopText;
+
 const CHUNK: usize = 2 << 20;
 
 pub struct CoordinatorConfig {
     pub model: std::path::PathBuf,
+    /// The model's name in the HTTP API (`"model"` in requests).
+    pub model_name: String,
     pub workers: usize,
     pub token: String,
+    pub scheduler: SchedulerConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,152 +62,25 @@ struct WorkerEntry {
     model_sha256: String,
     state: WState,
     rank: Option<usize>,
-}
-
-struct StepLink {
-    name: String,
-    addr: String,
-    id: u64,
-    tx: mpsc::Sender<StepRequest>,
-    rx: Streaming<StepReply>,
-}
-
-/// The shards in remote workers, as a [`Runner`] for the engine's generation loop.
-pub struct RemoteCluster {
-    cfg: tessera_core::ModelConfig,
-    links: Vec<StepLink>,
-    weight_bytes: u64,
-    handle: tokio::runtime::Handle,
-    /// Set to the failed worker's id when a step fails.
-    failed: Option<u64>,
-    pub allreduce_ns: u64,
-    pub allreduce_count: u64,
-    pub step_ns: u64,
-}
-
-impl Runner for RemoteCluster {
-    fn cfg(&self) -> &tessera_core::ModelConfig {
-        &self.cfg
-    }
-
-    fn forward(&mut self, seq: u64, ids: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
-        tessera_model::check_step(&self.cfg, ids, pos)?;
-        let started = Instant::now();
-        let req = StepRequest {
-            seq,
-            pos: pos as u32,
-            ids: ids.to_vec(),
-            free: false,
-        };
-        let handle = self.handle.clone();
-        let links = &mut self.links;
-        let result: Result<Vec<f32>, (u64, ModelError)> = handle.block_on(async {
-            for (rank, l) in links.iter().enumerate() {
-                let fail = |why: &str| {
-                    (
-                        l.id,
-                        ModelError::Shard {
-                            rank,
-                            msg: format!("worker {} ({}) {why}", l.name, l.addr),
-                        },
-                    )
-                };
-                l.tx.send(req.clone()).await.map_err(|_| fail("is gone"))?;
-            }
-            let mut logits = Vec::with_capacity(self.cfg.vocab);
-            let mut reduce = (0u64, 0u64);
-            let mut first_err = None;
-            for (rank, l) in links.iter_mut().enumerate() {
-                let fail = |why: String| {
-                    (
-                        l.id,
-                        ModelError::Shard {
-                            rank,
-                            msg: format!("worker {} ({}) {why}", l.name, l.addr),
-                        },
-                    )
-                };
-                match tokio::time::timeout(STEP_TIMEOUT, l.rx.message()).await {
-                    Ok(Ok(Some(r))) if r.error.is_empty() => {
-                        logits.extend(r.logits);
-                        reduce.0 += r.allreduce_ns;
-                        reduce.1 += r.allreduce_count as u64;
-                    }
-                    Ok(Ok(Some(r))) => {
-                        first_err.get_or_insert(fail(format!("failed the step: {}", r.error)));
-                    }
-                    Ok(Ok(None)) => {
-                        first_err.get_or_insert(fail("closed its step stream".into()));
-                    }
-                    Ok(Err(s)) => {
-                        first_err.get_or_insert(fail(format!("failed: {}", s.message())));
-                    }
-                    Err(_) => {
-                        first_err
-                            .get_or_insert(fail(format!("did not answer within {STEP_TIMEOUT:?}")));
-                    }
-                }
-            }
-            if let Some(e) = first_err {
-                return Err(e);
-            }
-            // Per worker averages: every worker runs the same all-reduces.
-            let n = links.len() as u64;
-            self.allreduce_ns += reduce.0 / n;
-            self.allreduce_count += reduce.1 / n;
-            Ok(logits)
-        });
-        self.step_ns += started.elapsed().as_nanos() as u64;
-        result.map_err(|(id, e)| {
-            self.failed = Some(id);
-            e
-        })
-    }
-
-    fn free(&mut self, seq: u64) {
-        let req = StepRequest {
-            seq,
-            free: true,
-            ..Default::default()
-        };
-        let handle = self.handle.clone();
-        let links = &mut self.links;
-        let failed = handle.block_on(async {
-            for l in links.iter() {
-                if l.tx.send(req.clone()).await.is_err() {
-                    return Some(l.id);
-                }
-            }
-            for l in links.iter_mut() {
-                if !matches!(
-                    tokio::time::timeout(STEP_TIMEOUT, l.rx.message()).await,
-                    Ok(Ok(Some(_)))
-                ) {
-                    return Some(l.id);
-                }
-            }
-            None
-        });
-        if failed.is_some() {
-            self.failed = failed;
-        }
-    }
-
-    fn weight_bytes_per_token(&self) -> u64 {
-        self.weight_bytes
-    }
+    shard: Option<tessera_core::ShardSpec>,
 }
 
 struct Inner {
     workers: BTreeMap<u64, WorkerEntry>,
     next_id: u64,
     mesh_id: u64,
-    runner: Option<Arc<tokio::sync::Mutex<RemoteCluster>>>,
+    /// A loaded mesh is serving (or loading one is under way).
+    loaded: bool,
     state: &'static str,
 }
 
 pub struct CoordinatorState {
-    files: Arc<ModelFiles>,
+    pub files: Arc<ModelFiles>,
+    pub model_name: String,
+    pub scheduler: Arc<Scheduler>,
+    /// KV cache use per worker, as reported with each step.
+    pub cache_usage: CacheUsage,
+    pub started: Instant,
     model_sha256: String,
     n: usize,
     token: String,
@@ -217,26 +99,43 @@ impl CoordinatorState {
         } else {
             String::new()
         };
-        Ok(Arc::new(CoordinatorState {
-            files: Arc::new(files),
-            model_sha256,
-            n: cfg.workers,
-            token: cfg.token.clone(),
-            ca: ClusterCa::new()?,
-            inner: Mutex::new(Inner {
-                workers: BTreeMap::new(),
-                next_id: 1,
-                mesh_id: 0,
-                runner: None,
-                state: "waiting for workers",
-            }),
-            changed: Notify::new(),
-            load_seconds: Mutex::new(None),
+        let ca = ClusterCa::new()?;
+        let files = Arc::new(files);
+        Ok(Arc::new_cyclic(|me: &std::sync::Weak<CoordinatorState>| {
+            let me = me.clone();
+            let scheduler = Scheduler::start(
+                cfg.scheduler.clone(),
+                Box::new(move |e: &ModelError| {
+                    if let Some(st) = me.upgrade() {
+                        st.step_failed(e);
+                    }
+                }),
+            );
+            CoordinatorState {
+                files,
+                model_name: cfg.model_name.clone(),
+                scheduler,
+                cache_usage: CacheUsage::default(),
+                started: Instant::now(),
+                model_sha256,
+                n: cfg.workers,
+                token: cfg.token.clone(),
+                ca,
+                inner: Mutex::new(Inner {
+                    workers: BTreeMap::new(),
+                    next_id: 1,
+                    mesh_id: 0,
+                    loaded: false,
+                    state: "waiting for workers",
+                }),
+                changed: Notify::new(),
+                load_seconds: Mutex::new(None),
+            }
         }))
     }
 
     pub fn is_ready(&self) -> bool {
-        self.inner.lock().unwrap().runner.is_some()
+        self.scheduler.is_ready()
     }
 
     pub fn state(&self) -> String {
@@ -249,11 +148,41 @@ impl CoordinatorState {
         if let Some(w) = g.workers.get_mut(&id) {
             tracing::warn!(worker = %w.name, "worker failed; cluster degraded");
             w.state = WState::Down;
+            w.rank = None;
         }
-        g.runner = None;
+        g.loaded = false;
         g.state = "degraded";
         drop(g);
+        self.scheduler.withdraw("degraded");
         self.changed.notify_one();
+    }
+
+    /// A step failed: the worker it names is marked down; any other failure reloads the mesh.
+    fn step_failed(&self, e: &ModelError) {
+        let rank = match e {
+            ModelError::Shard { rank, .. } => Some(*rank),
+            _ => None,
+        };
+        let id = {
+            let g = self.inner.lock().unwrap();
+            rank.and_then(|r| {
+                g.workers
+                    .values()
+                    .find(|w| w.state == WState::Ready && w.rank == Some(r))
+                    .map(|w| w.id)
+            })
+        };
+        match id {
+            Some(id) => self.fail_worker(id),
+            None => {
+                let mut g = self.inner.lock().unwrap();
+                g.loaded = false;
+                g.state = "degraded";
+                drop(g);
+                self.scheduler.withdraw("degraded");
+                self.changed.notify_one();
+            }
+        }
     }
 
     /// Waits for enough workers, then plans and loads them; again after any failure.
@@ -267,7 +196,8 @@ impl CoordinatorState {
                     .filter(|w| w.state != WState::Down)
                     .map(|w| w.id)
                     .collect();
-                if g.runner.is_none() && live.len() >= self.n {
+                if !g.loaded && live.len() >= self.n {
+                    g.loaded = true;
                     g.mesh_id += 1;
                     g.state = "loading";
                     // Until the new mesh is up none of them is ready (the health check would
@@ -276,6 +206,7 @@ impl CoordinatorState {
                         if w.state == WState::Ready {
                             w.state = WState::Registered;
                             w.rank = None;
+                            w.shard = None;
                         }
                     }
                     Some((live[live.len() - self.n..].to_vec(), g.mesh_id))
@@ -292,7 +223,9 @@ impl CoordinatorState {
                         if let Some(id) = id {
                             self.fail_worker(id);
                         } else {
-                            self.inner.lock().unwrap().state = "degraded";
+                            let mut g = self.inner.lock().unwrap();
+                            g.state = "degraded";
+                            g.loaded = false;
                         }
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
@@ -394,15 +327,14 @@ impl CoordinatorState {
                 rx: resp.into_inner(),
             });
         }
+        self.cache_usage.lock().unwrap().clear();
         let runner = RemoteCluster {
             cfg: self.files.cfg.clone(),
             links,
             weight_bytes: bytes,
             handle: tokio::runtime::Handle::current(),
-            failed: None,
-            allreduce_ns: 0,
-            allreduce_count: 0,
-            step_ns: 0,
+            comm: Default::default(),
+            usage: self.cache_usage.clone(),
         };
         let secs = started.elapsed().as_secs_f64();
         *self.load_seconds.lock().unwrap() = Some(secs);
@@ -411,10 +343,12 @@ impl CoordinatorState {
             if let Some(w) = g.workers.get_mut(id) {
                 w.state = WState::Ready;
                 w.rank = Some(rank);
+                w.shard = Some(plan.shards[rank].clone());
             }
         }
-        g.runner = Some(Arc::new(tokio::sync::Mutex::new(runner)));
         g.state = "ready";
+        drop(g);
+        self.scheduler.set_runner(Box::new(runner));
         tracing::info!(mesh = mesh_id, secs, "cluster ready");
         eprintln!(
             "cluster ready: {} worker(s), shards loaded in {secs:.2} s",
@@ -529,40 +463,141 @@ impl CoordinatorState {
         Ok((reply.weight_bytes_per_token, client))
     }
 
-    /// Checks the ready workers every second; a silent one degrades the cluster.
+    /// Checks every worker each second, all at once: a silent ready one degrades the
+    /// cluster, a silent registered one is set aside; a worker marked down that answers again
+    /// (it was blamed for a peer's failure, or the network came back) can be used again. The
+    /// checks also tell each worker that the coordinator still knows it.
     pub async fn health_loop(self: Arc<Self>) {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let ready: Vec<(u64, String)> = {
+            let watch: Vec<(u64, String, WState)> = {
                 let g = self.inner.lock().unwrap();
                 g.workers
                     .values()
-                    .filter(|w| w.state == WState::Ready)
-                    .map(|w| (w.id, w.grpc_addr.clone()))
+                    .map(|w| (w.id, w.grpc_addr.clone(), w.state))
                     .collect()
             };
-            for (id, addr) in ready {
-                let ok = tokio::time::timeout(Duration::from_secs(3), async {
-                    let mut c = WorkerClient::connect(format!("http://{addr}")).await.ok()?;
-                    c.health(with_token(&self.token, Empty {})).await.ok()
-                })
-                .await
-                .ok()
-                .flatten()
-                .is_some_and(|r| r.into_inner().state == "ready");
-                if !ok
-                    && self
-                        .inner
-                        .lock()
-                        .unwrap()
-                        .workers
-                        .get(&id)
-                        .is_some_and(|w| w.state == WState::Ready)
-                {
-                    self.fail_worker(id);
+            let mut checks = Vec::new();
+            for (id, addr, was) in watch {
+                let token = self.token.clone();
+                checks.push(tokio::spawn(async move {
+                    let reply = tokio::time::timeout(Duration::from_secs(3), async {
+                        let mut c = WorkerClient::connect(format!("http://{addr}")).await.ok()?;
+                        c.health(with_token(&token, Empty {})).await.ok()
+                    })
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|r| r.into_inner().state);
+                    (id, was, reply)
+                }));
+            }
+            for c in checks {
+                let Ok((id, was, reply)) = c.await else {
+                    continue;
+                };
+                let mut g = self.inner.lock().unwrap();
+                let Some(w) = g.workers.get_mut(&id) else {
+                    continue;
+                };
+                if w.state != was {
+                    continue;
+                }
+                match (was, reply) {
+                    (WState::Ready, Some(s)) if s == "ready" => {}
+                    (WState::Ready, _) => {
+                        drop(g);
+                        self.fail_worker(id);
+                    }
+                    (WState::Registered, None) => {
+                        tracing::warn!(worker = %w.name, "registered worker does not answer");
+                        w.state = WState::Down;
+                    }
+                    (WState::Down, Some(_)) => {
+                        tracing::info!(worker = %w.name, "worker answers again");
+                        w.state = WState::Registered;
+                        drop(g);
+                        self.changed.notify_one();
+                    }
+                    _ => {}
                 }
             }
         }
+    }
+}
+
+/// A request's prompt before tokenization.
+pub enum PromptInput {
+    Text(String),
+    Chat(Vec<Message>),
+    Ids(Vec<u32>),
+}
+
+pub fn finish_reason(f: tessera_model::Finish) -> &'static str {
+    match f {
+        tessera_model::Finish::Stop => "stop",
+        tessera_model::Finish::Length => "length",
+        tessera_model::Finish::Cancelled => "cancelled",
+    }
+}
+
+/// One worker as /v1/cluster and `tessera status` show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct WorkerView {
+    pub id: u64,
+    pub name: String,
+    pub grpc_addr: String,
+    pub quic_addr: String,
+    pub state: &'static str,
+    pub rank: Option<usize>,
+    pub shard: Option<tessera_core::ShardSpec>,
+    pub memory_bytes: u64,
+    pub backend: String,
+    /// KV caches it held after the last step: sequences, and positions over all of them.
+    pub kv_cached_sequences: u32,
+    pub kv_cached_positions: u64,
+}
+
+impl CoordinatorState {
+    pub fn workers(&self) -> Vec<WorkerView> {
+        let usage = self.cache_usage.lock().unwrap().clone();
+        let g = self.inner.lock().unwrap();
+        g.workers
+            .values()
+            .map(|w| {
+                let (seqs, pos) = usage.get(&w.id).copied().unwrap_or_default();
+                WorkerView {
+                    id: w.id,
+                    name: w.name.clone(),
+                    grpc_addr: w.grpc_addr.clone(),
+                    quic_addr: w.quic_addr.clone(),
+                    state: match w.state {
+                        WState::Registered => "registered",
+                        WState::Ready => "ready",
+                        WState::Down => "down",
+                    },
+                    rank: w.rank,
+                    shard: w.shard.clone(),
+                    memory_bytes: w.memory,
+                    backend: w.backend.clone(),
+                    kv_cached_sequences: if w.state == WState::Ready { seqs } else { 0 },
+                    kv_cached_positions: if w.state == WState::Ready { pos } else { 0 },
+                }
+            })
+            .collect()
+    }
+
+    /// The prompt's token ids (a conversation through the model's chat template), checked
+    /// against the vocabulary and the context.
+    pub fn tokenize(&self, input: PromptInput) -> Result<Vec<u32>, ModelError> {
+        let files = &self.files;
+        let ids = match input {
+            PromptInput::Ids(ids) => ids,
+            PromptInput::Text(t) => files.tokenizer.encode(&t)?,
+            PromptInput::Chat(m) => files.tokenizer.encode(&files.render_chat(&m)?)?,
+        };
+        tessera_model::check_step(&files.cfg, &ids, 0)?;
+        Ok(ids)
     }
 }
 
@@ -616,7 +651,7 @@ impl CoordinatorService {
             }
         }
         if replaced_ready {
-            g.runner = None;
+            g.loaded = false;
             g.state = "degraded";
         }
         g.workers.insert(
@@ -631,9 +666,13 @@ impl CoordinatorService {
                 model_sha256: r.model_sha256,
                 state: WState::Registered,
                 rank: None,
+                shard: None,
             },
         );
         drop(g);
+        if replaced_ready {
+            self.state.scheduler.withdraw("degraded");
+        }
         tracing::info!(id, name = %r.name, "worker registered");
         st.changed.notify_one();
         Ok(Response::new(RegisterReply {
@@ -662,39 +701,30 @@ impl Coordinator for CoordinatorService {
         let st = self.state.clone();
         check_token(&st.token, req.metadata())?;
         let r = req.into_inner();
-        // Not in one expression: the guard would still be held when `state()` locks again.
-        let runner = st.inner.lock().unwrap().runner.clone();
-        let runner =
-            runner.ok_or_else(|| Status::unavailable(format!("cluster is {}", st.state())))?;
-        let files = st.files.clone();
-        let prompt = if r.prompt_ids.is_empty() {
-            let text = if r.chat {
-                let user = tessera_model::chat::Message {
-                    role: "user".into(),
-                    content: r.prompt.clone(),
-                };
-                files
-                    .render_chat(&[user])
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?
-            } else {
-                r.prompt.clone()
-            };
-            files
-                .tokenizer
-                .encode(&text)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?
+        let chat = r.chat || !r.messages.is_empty();
+        let input = if !r.prompt_ids.is_empty() {
+            PromptInput::Ids(r.prompt_ids.clone())
+        } else if !r.messages.is_empty() {
+            PromptInput::Chat(
+                r.messages
+                    .iter()
+                    .map(|m| Message {
+                        role: m.role.clone(),
+                        content: m.content.clone(),
+                    })
+                    .collect(),
+            )
+        } else if r.chat {
+            PromptInput::Chat(vec![Message {
+                role: "user".into(),
+                content: r.prompt.clone(),
+            }])
         } else {
-            r.prompt_ids.clone()
+            PromptInput::Text(r.prompt.clone())
         };
-        if prompt.len() > files.cfg.max_context {
-            return Err(Status::invalid_argument(
-                ModelError::PromptTooLong {
-                    prompt: prompt.len(),
-                    context: files.cfg.max_context,
-                }
-                .to_string(),
-            ));
-        }
+        let prompt = st
+            .tokenize(input)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let params = GenerateParams {
             max_tokens: if r.max_tokens == 0 {
                 128
@@ -709,105 +739,115 @@ impl Coordinator for CoordinatorService {
             },
             ignore_eos: r.ignore_eos,
         };
+        let stop_ids = st.files.stop_ids(chat);
+        let n_prompt = prompt.len();
+        let mut events = st
+            .scheduler
+            .submit(
+                &st.files.cfg,
+                Job {
+                    prompt,
+                    params: params.clone(),
+                    stop_ids: stop_ids.clone(),
+                },
+            )
+            .map_err(|e| match e {
+                SubmitError::QueueFull(_) => Status::resource_exhausted(e.to_string()),
+                SubmitError::NotReady(_) => Status::unavailable(e.to_string()),
+                SubmitError::Invalid(_) => Status::invalid_argument(e.to_string()),
+            })?;
         let (tx, rx) = mpsc::channel::<Result<GenerateEvent, Status>>(64);
         tokio::spawn(async move {
-            let mut guard = runner.lock_owned().await;
-            let tx2 = tx.clone();
-            let result = tokio::task::spawn_blocking(move || {
-                let cluster: &mut RemoteCluster = &mut guard;
-                let (ar0, ac0, s0) = (
-                    cluster.allreduce_ns,
-                    cluster.allreduce_count,
-                    cluster.step_ns,
-                );
-                let mut stream = TextStream::default();
-                let res = generate(
-                    cluster,
-                    1,
-                    &prompt,
-                    &params,
-                    &files.cfg.eos_token_ids,
-                    &mut |tok| {
-                        // The end-of-sequence token that stops generation is not answer text.
-                        let stops = !params.ignore_eos && files.cfg.eos_token_ids.contains(&tok);
-                        let text = if stops {
+            let files = st.files.clone();
+            let mut text = StopText::new(r.stop.clone());
+            let started = Instant::now();
+            let mut first: Option<Instant> = None;
+            let mut generated = 0u32;
+            let token = |id: u32, text: String| GenerateEvent {
+                event: Some(generate_event::Event::Token(Token { id, text })),
+            };
+            loop {
+                let ev = tokio::select! {
+                    ev = events.recv() => ev,
+                    // The client went away: dropping `events` cancels the sequence.
+                    _ = tx.closed() => return,
+                };
+                match ev {
+                    Some(Event::Token(id)) => {
+                        first.get_or_insert_with(Instant::now);
+                        generated += 1;
+                        // An end-of-sequence token that stops generation is not answer text.
+                        let piece = if !params.ignore_eos && stop_ids.contains(&id) {
                             String::new()
                         } else {
-                            stream.push(&files.tokenizer, tok).unwrap_or_default()
+                            text.push(&files.tokenizer, id)
                         };
-                        tx2.blocking_send(Ok(GenerateEvent {
-                            event: Some(generate_event::Event::Token(Token { id: tok, text })),
-                        }))
-                        .is_ok()
-                    },
-                );
-                let tail = stream.finish(&files.tokenizer).unwrap_or_default();
-                let (ar, ac, s) = (
-                    cluster.allreduce_ns - ar0,
-                    cluster.allreduce_count - ac0,
-                    cluster.step_ns - s0,
-                );
-                (
-                    res,
-                    tail,
-                    cluster.failed.take(),
-                    cluster.weight_bytes,
-                    ar,
-                    ac,
-                    s,
-                )
-            })
-            .await;
-            let (res, tail, failed, bytes, ar, ac, s) = match result {
-                Ok(x) => x,
-                Err(e) => {
-                    let _ = tx.send(Err(Status::internal(e.to_string()))).await;
-                    return;
-                }
-            };
-            if let Some(id) = failed {
-                st.fail_worker(id);
-            }
-            match res {
-                Ok(stats) => {
-                    if !tail.is_empty() {
+                        if tx.send(Ok(token(id, piece))).await.is_err() {
+                            return;
+                        }
+                        if text.stopped {
+                            // A stop string: end here; dropping `events` frees the sequence.
+                            let now = Instant::now();
+                            let first = first.unwrap_or(now);
+                            let done = Done {
+                                prompt_tokens: n_prompt as u32,
+                                generated_tokens: generated,
+                                prefill_seconds: (first - started).as_secs_f64(),
+                                decode_seconds: (now - first).as_secs_f64(),
+                                decode_steps: generated.saturating_sub(1),
+                                finish_reason: "stop".into(),
+                                ..Default::default()
+                            };
+                            let _ = tx
+                                .send(Ok(GenerateEvent {
+                                    event: Some(generate_event::Event::Done(done)),
+                                }))
+                                .await;
+                            return;
+                        }
+                    }
+                    Some(Event::Done(d)) => {
+                        let tail = text.finish(&files.tokenizer);
+                        if !tail.is_empty() && tx.send(Ok(token(u32::MAX, tail))).await.is_err() {
+                            return;
+                        }
+                        let s = &d.stats;
+                        let done = Done {
+                            prompt_tokens: s.prompt_tokens as u32,
+                            generated_tokens: s.generated as u32,
+                            prefill_seconds: s.prefill.as_secs_f64(),
+                            decode_seconds: s.decode.as_secs_f64(),
+                            decode_steps: s.decode_steps as u32,
+                            finish_reason: finish_reason(s.finish).into(),
+                            weight_bytes_per_token: d.weight_bytes_per_token,
+                            allreduce_mean_us: if d.comm.allreduce_count > 0 {
+                                d.comm.allreduce_ns as f64 / d.comm.allreduce_count as f64 / 1e3
+                            } else {
+                                0.0
+                            },
+                            comm_fraction: if d.comm.step_ns > 0 {
+                                d.comm.allreduce_ns as f64 / d.comm.step_ns as f64
+                            } else {
+                                0.0
+                            },
+                        };
                         let _ = tx
                             .send(Ok(GenerateEvent {
-                                event: Some(generate_event::Event::Token(Token {
-                                    id: u32::MAX,
-                                    text: tail,
-                                })),
+                                event: Some(generate_event::Event::Done(done)),
                             }))
                             .await;
+                        return;
                     }
-                    let done = Done {
-                        prompt_tokens: stats.prompt_tokens as u32,
-                        generated_tokens: stats.generated as u32,
-                        prefill_seconds: stats.prefill.as_secs_f64(),
-                        decode_seconds: stats.decode.as_secs_f64(),
-                        decode_steps: stats.decode_steps as u32,
-                        finish_reason: match stats.finish {
-                            tessera_model::Finish::Stop => "stop",
-                            tessera_model::Finish::Length => "length",
-                            tessera_model::Finish::Cancelled => "cancelled",
-                        }
-                        .into(),
-                        weight_bytes_per_token: bytes,
-                        allreduce_mean_us: if ac > 0 {
-                            ar as f64 / ac as f64 / 1e3
-                        } else {
-                            0.0
-                        },
-                        comm_fraction: if s > 0 { ar as f64 / s as f64 } else { 0.0 },
-                    };
-                    let _ = tx
-                        .send(Ok(GenerateEvent {
-                            event: Some(generate_event::Event::Done(done)),
-                        }))
-                        .await;
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+                    Some(Event::Error(e)) => {
+                        let _ = tx.send(Err(Status::unavailable(e.to_string()))).await;
+                        return;
+                    }
+                    None => {
+                        let _ = tx
+                            .send(Err(Status::internal("the scheduler stopped")))
+                            .await;
+                        return;
+                    }
                 }
             }
         });
@@ -818,36 +858,47 @@ impl Coordinator for CoordinatorService {
 
     async fn status(&self, req: Request<Empty>) -> Result<Response<ClusterStatus>, Status> {
         check_token(&self.state.token, req.metadata())?;
-        let g = self.state.inner.lock().unwrap();
-        let workers = g
-            .workers
-            .values()
+        let workers = self
+            .state
+            .workers()
+            .into_iter()
             .map(|w| WorkerStatus {
                 id: w.id,
-                name: w.name.clone(),
-                grpc_addr: w.grpc_addr.clone(),
-                state: format!("{:?}", w.state).to_lowercase(),
+                name: w.name,
+                grpc_addr: w.grpc_addr,
+                state: w.state.into(),
                 rank: w.rank.unwrap_or(0) as u32,
                 shard: w.rank.map(|r| format!("rank {r}")).unwrap_or_default(),
-                memory_bytes: w.memory,
-                backend: w.backend.clone(),
+                memory_bytes: w.memory_bytes,
+                backend: w.backend,
             })
             .collect();
         Ok(Response::new(ClusterStatus {
-            state: g.state.into(),
+            state: self.state.state(),
             model: self.state.files.path.display().to_string(),
             workers,
         }))
     }
 }
 
-/// Serves the coordinator on `listener` until the process ends.
+/// Serves the coordinator's gRPC API on `listener`, and the HTTP API on `http` when given,
+/// until the process ends.
 pub async fn serve(
     state: Arc<CoordinatorState>,
     listener: tokio::net::TcpListener,
+    http: Option<(tokio::net::TcpListener, http::HttpConfig)>,
 ) -> anyhow::Result<()> {
     tokio::spawn(state.clone().supervise());
     tokio::spawn(state.clone().health_loop());
+    if let Some((l, cfg)) = http {
+        let st = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = http::serve(st, l, cfg).await {
+                tracing::error!("HTTP API stopped: {e:#}");
+                eprintln!("HTTP API stopped: {e:#}");
+            }
+        });
+    }
     let svc = CoordinatorServer::new(CoordinatorService { state });
     tonic::transport::Server::builder()
         .add_service(svc)

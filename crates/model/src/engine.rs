@@ -7,7 +7,7 @@
 use crate::error::{ModelError, Result};
 use crate::loader::ModelFiles;
 use crate::sampling::{Sampler, SamplingParams};
-use crate::shard::ShardModel;
+use crate::shard::{SeqStep, ShardModel};
 use burn::tensor::Device;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -94,26 +94,91 @@ pub fn check_step(cfg: &ModelConfig, ids: &[u32], pos: usize) -> Result<()> {
     Ok(())
 }
 
+/// Validates a whole batch step: each sequence as [`check_step`], and no sequence twice.
+pub fn check_steps(cfg: &ModelConfig, steps: &[SeqStep]) -> Result<()> {
+    let mut seen = std::collections::HashSet::new();
+    for s in steps {
+        check_step(cfg, &s.ids, s.pos)?;
+        if !seen.insert(s.seq) {
+            return Err(ModelError::Shard {
+                rank: 0,
+                msg: format!("sequence {} appears twice in one step", s.seq),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Time spent in all-reduces (mean per shard) and in whole steps, since the runner started.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommStats {
+    pub allreduce_ns: u64,
+    pub allreduce_count: u64,
+    pub step_ns: u64,
+    pub steps: u64,
+}
+
 /// What generation needs from a set of shards, local or remote.
-pub trait Runner {
+pub trait Runner: Send {
     fn cfg(&self) -> &ModelConfig;
-    /// Feeds `ids` at positions `pos..` of sequence `seq`; returns the last position's logits
-    /// over the whole vocabulary.
-    fn forward(&mut self, seq: u64, ids: &[u32], pos: usize) -> Result<Vec<f32>>;
-    /// Drops the sequence's KV cache everywhere.
-    fn free(&mut self, seq: u64);
-    /// Weight bytes all shards together read for one decoded token.
+    /// Drops the KV caches of `free`, then runs one step for every sequence in `steps`
+    /// together. Returns each sequence's last-position logits over the whole vocabulary.
+    fn step(&mut self, steps: &[SeqStep], free: &[u64]) -> Result<Vec<Vec<f32>>>;
+    /// Weight bytes all shards together read for one step.
     fn weight_bytes_per_token(&self) -> u64;
+    fn comm_stats(&self) -> CommStats {
+        CommStats::default()
+    }
+
+    /// One sequence's step: feeds `ids` at positions `pos..` of sequence `seq`.
+    fn forward(&mut self, seq: u64, ids: &[u32], pos: usize) -> Result<Vec<f32>> {
+        let step = SeqStep {
+            seq,
+            ids: ids.to_vec(),
+            pos,
+        };
+        let mut out = self.step(std::slice::from_ref(&step), &[])?;
+        out.pop()
+            .ok_or_else(|| ModelError::Backend("a step returned no logits".into()))
+    }
+    /// Drops the sequence's KV cache everywhere.
+    fn free(&mut self, seq: u64) {
+        let _ = self.step(&[], &[seq]);
+    }
+}
+
+/// Splits each shard's `batch x slice` logits into per-sequence rows over the whole
+/// vocabulary (shards hold consecutive vocabulary slices, in rank order).
+pub fn gather_logits(parts: &[Vec<f32>], batch: usize, vocab: usize) -> Result<Vec<Vec<f32>>> {
+    let mut out: Vec<Vec<f32>> = (0..batch).map(|_| Vec::with_capacity(vocab)).collect();
+    for (rank, p) in parts.iter().enumerate() {
+        if batch == 0 {
+            break;
+        }
+        if p.len() % batch != 0 {
+            return Err(ModelError::Shard {
+                rank,
+                msg: format!("returned {} logits for {batch} sequences", p.len()),
+            });
+        }
+        let w = p.len() / batch;
+        for (b, row) in out.iter_mut().enumerate() {
+            row.extend_from_slice(&p[b * w..(b + 1) * w]);
+        }
+    }
+    if let Some(r) = out.iter().find(|r| r.len() != vocab) {
+        return Err(ModelError::Backend(format!(
+            "shards returned {} logits, the vocabulary has {vocab}",
+            r.len()
+        )));
+    }
+    Ok(out)
 }
 
 enum Cmd {
-    Forward {
-        seq: u64,
-        ids: Arc<[u32]>,
-        pos: usize,
-    },
-    Free {
-        seq: u64,
+    Step {
+        steps: Arc<[SeqStep]>,
+        free: Arc<[u64]>,
     },
 }
 
@@ -172,15 +237,13 @@ impl LocalCluster {
                         }
                     };
                     drop(weights);
-                    while let Ok(cmd) = cmd_rx.recv() {
-                        match cmd {
-                            Cmd::Forward { seq, ids, pos } => {
-                                let r = model.forward(seq, &ids, pos, coll.as_mut());
-                                if out_tx.send(r).is_err() {
-                                    return;
-                                }
-                            }
-                            Cmd::Free { seq } => model.free(seq),
+                    while let Ok(Cmd::Step { steps, free }) = cmd_rx.recv() {
+                        for &seq in free.iter() {
+                            model.free(seq);
+                        }
+                        let r = model.forward_batch(&steps, coll.as_mut());
+                        if out_tx.send(r).is_err() {
+                            return;
                         }
                     }
                 })
@@ -214,29 +277,29 @@ impl Runner for LocalCluster {
         &self.cfg
     }
 
-    fn forward(&mut self, seq: u64, ids: &[u32], pos: usize) -> Result<Vec<f32>> {
-        check_step(&self.cfg, ids, pos)?;
-        let ids: Arc<[u32]> = ids.into();
+    fn step(&mut self, steps: &[SeqStep], free: &[u64]) -> Result<Vec<Vec<f32>>> {
+        check_steps(&self.cfg, steps)?;
+        let steps: Arc<[SeqStep]> = steps.into();
+        let free: Arc<[u64]> = free.into();
         for (rank, s) in self.shards.iter().enumerate() {
             let tx = s.tx.as_ref().ok_or(ModelError::Shard {
                 rank,
                 msg: "stopped".into(),
             })?;
-            tx.send(Cmd::Forward {
-                seq,
-                ids: ids.clone(),
-                pos,
+            tx.send(Cmd::Step {
+                steps: steps.clone(),
+                free: free.clone(),
             })
             .map_err(|_| ModelError::Shard {
                 rank,
                 msg: "shard thread is gone".into(),
             })?;
         }
-        let mut logits = Vec::with_capacity(self.cfg.vocab);
+        let mut parts = Vec::with_capacity(self.shards.len());
         let mut first_err = None;
         for (rank, s) in self.shards.iter().enumerate() {
             match s.rx.recv() {
-                Ok(Ok(part)) => logits.extend(part),
+                Ok(Ok(part)) => parts.push(part),
                 Ok(Err(e)) => {
                     first_err.get_or_insert(e);
                 }
@@ -250,15 +313,7 @@ impl Runner for LocalCluster {
         }
         match first_err {
             Some(e) => Err(e),
-            None => Ok(logits),
-        }
-    }
-
-    fn free(&mut self, seq: u64) {
-        for s in &self.shards {
-            if let Some(tx) = &s.tx {
-                let _ = tx.send(Cmd::Free { seq });
-            }
+            None => gather_logits(&parts, steps.len(), self.cfg.vocab),
         }
     }
 

@@ -12,10 +12,11 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use engine::{
-    Backend, Finish, GenStats, GenerateParams, LocalCluster, Runner, check_step, generate,
+    Backend, CommStats, Finish, GenStats, GenerateParams, LocalCluster, Runner, check_step,
+    check_steps, gather_logits, generate,
 };
 pub use error::{ModelError, Result};
 pub use loader::ModelFiles;
 pub use sampling::{Sampler, SamplingParams};
-pub use shard::{ShardModel, shard_reads};
+pub use shard::{SeqStep, ShardModel, shard_reads};
 pub use tokenizer::{TextStream, Tokenizer};

@@ -118,6 +118,28 @@ impl ModelFiles {
         Ok(files)
     }
 
+    /// Tokens that end generation: the model's end-of-sequence tokens and, for chat, the
+    /// end-of-turn markers of the common templates that this vocabulary has.
+    pub fn stop_ids(&self, chat: bool) -> Vec<u32> {
+        let mut ids = self.cfg.eos_token_ids.clone();
+        if chat {
+            for t in [
+                "<|im_end|>",
+                "<|eot_id|>",
+                "<|end|>",
+                "<end_of_turn>",
+                "<|endoftext|>",
+            ] {
+                if let Some(id) = self.tokenizer.token_to_id(t)
+                    && !ids.contains(&id)
+                {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
+    }
+
     /// Renders a conversation with the model's own chat template, opening the assistant's turn.
     pub fn render_chat(&self, messages: &[crate::chat::Message]) -> Result<String> {
         let template = self

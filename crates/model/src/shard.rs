@@ -367,12 +367,13 @@ impl ShardModel {
         x * (var + self.cfg.rms_eps).sqrt().recip() * w.clone()
     }
 
-    fn rope_tables(&self, pos: usize, t: usize) -> (Tensor<3>, Tensor<3>) {
+    /// cos and sin tables `[1, tokens, head_dim]` for the given positions, one row each.
+    fn rope_tables(&self, positions: &[usize]) -> (Tensor<3>, Tensor<3>) {
         let hd = self.cfg.head_dim;
-        let half = hd / 2;
+        let t = positions.len();
         let mut cos = Vec::with_capacity(t * hd);
         let mut sin = Vec::with_capacity(t * hd);
-        for p in pos..pos + t {
+        for &p in positions {
             // f32 product, like transformers' `inv_freq @ position_ids` in float32.
             let row: Vec<f32> = self.inv_freq.iter().map(|f| *f * p as f32).collect();
             for _ in 0..2 {
@@ -380,11 +381,50 @@ impl ShardModel {
                 sin.extend(row.iter().map(|a| a.sin()));
             }
         }
-        debug_assert_eq!(cos.len(), t * 2 * half);
         (
             Tensor::<3>::from_data(TensorData::new(cos, [1, t, hd]), &self.device),
             Tensor::<3>::from_data(TensorData::new(sin, [1, t, hd]), &self.device),
         )
+    }
+
+    /// Checks a batch before touching any cache, so a refused batch changes nothing.
+    fn check_batch(&self, steps: &[SeqStep]) -> Result<()> {
+        let cfg = &self.cfg;
+        let mut seen = std::collections::HashSet::new();
+        for s in steps {
+            if s.ids.is_empty() {
+                return Err(ModelError::EmptyPrompt);
+            }
+            if let Some(&id) = s.ids.iter().find(|&&id| id as usize >= cfg.vocab) {
+                return Err(ModelError::BadToken {
+                    id,
+                    vocab: cfg.vocab,
+                });
+            }
+            if !seen.insert(s.seq) {
+                return Err(ModelError::Shard {
+                    rank: self.spec.rank,
+                    msg: format!("sequence {} appears twice in one step", s.seq),
+                });
+            }
+            let cached = self.cached_len(s.seq);
+            if cached != s.pos {
+                return Err(ModelError::Shard {
+                    rank: self.spec.rank,
+                    msg: format!(
+                        "sequence {} has {cached} cached positions, step asked for position {}",
+                        s.seq, s.pos
+                    ),
+                });
+            }
+            if s.pos + s.ids.len() > cfg.max_context {
+                return Err(ModelError::PromptTooLong {
+                    prompt: s.pos + s.ids.len(),
+                    context: cfg.max_context,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Runs the shard on `ids` at positions `pos..pos+len` of sequence `seq` and returns the
@@ -396,35 +436,79 @@ impl ShardModel {
         pos: usize,
         coll: &mut dyn Collective,
     ) -> Result<Vec<f32>> {
-        let _span =
-            tracing::debug_span!("step", rank = self.spec.rank, seq, tokens = ids.len(), pos)
-                .entered();
+        let step = SeqStep {
+            seq,
+            ids: ids.to_vec(),
+            pos,
+        };
+        self.forward_batch(std::slice::from_ref(&step), coll)
+    }
+
+    /// Attention of one sequence's new tokens: `q` `[nq, t, hd]`, `k`/`v` `[nkv, t, hd]`
+    /// appended to its cache. Returns `[nq, t, hd]`.
+    fn attend(
+        &self,
+        q: Tensor<3>,
+        k: Tensor<3>,
+        v: Tensor<3>,
+        cache: &mut Option<KvCache>,
+        pos: usize,
+    ) -> Tensor<3> {
+        let t = q.dims()[1];
+        let (k, v) = match cache.take() {
+            Some(c) => (Tensor::cat(vec![c.k, k], 1), Tensor::cat(vec![c.v, v], 1)),
+            None => (k, v),
+        };
+        *cache = Some(KvCache {
+            k: k.clone(),
+            v: v.clone(),
+        });
+        let (k, v) = match &self.kv_index {
+            Some(idx) => (k.select(0, idx.clone()), v.select(0, idx.clone())),
+            None => (k, v),
+        };
+        let scale = 1.0 / (self.cfg.head_dim as f64).sqrt();
+        let mut scores = q.matmul(k.swap_dims(1, 2)) * scale;
+        if t > 1 {
+            let s = pos + t;
+            let m: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    (0..s).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
+                })
+                .collect();
+            scores = scores + Tensor::<3>::from_data(TensorData::new(m, [1, t, s]), &self.device);
+        }
+        softmax(scores, 2).matmul(v)
+    }
+
+    /// One step for several sequences at once: their new tokens go through every matrix
+    /// product together (the weights are read once for the whole batch), each attends to its
+    /// own KV cache, and the two all-reduces per layer carry all of the batch's rows. Returns
+    /// the last position's logits of each sequence, in order, `steps.len() x vocab slice`.
+    pub fn forward_batch(
+        &mut self,
+        steps: &[SeqStep],
+        coll: &mut dyn Collective,
+    ) -> Result<Vec<f32>> {
+        let _span = tracing::debug_span!(
+            "step",
+            rank = self.spec.rank,
+            seqs = steps.len(),
+            tokens = steps.iter().map(|s| s.ids.len()).sum::<usize>()
+        )
+        .entered();
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.check_batch(steps)?;
         let cfg = &self.cfg;
-        let (t, h, hd) = (ids.len(), cfg.hidden, cfg.head_dim);
-        if t == 0 {
-            return Err(ModelError::EmptyPrompt);
-        }
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= cfg.vocab) {
-            return Err(ModelError::BadToken {
-                id,
-                vocab: cfg.vocab,
-            });
-        }
-        let cached = self.cached_len(seq);
-        if cached != pos {
-            return Err(ModelError::Shard {
-                rank: self.spec.rank,
-                msg: format!(
-                    "sequence {seq} has {cached} cached positions, step asked for position {pos}"
-                ),
-            });
-        }
-        if pos + t > cfg.max_context {
-            return Err(ModelError::PromptTooLong {
-                prompt: pos + t,
-                context: cfg.max_context,
-            });
-        }
+        let (h, hd) = (cfg.hidden, cfg.head_dim);
+        let ids: Vec<u32> = steps.iter().flat_map(|s| s.ids.iter().copied()).collect();
+        let positions: Vec<usize> = steps
+            .iter()
+            .flat_map(|s| s.pos..s.pos + s.ids.len())
+            .collect();
+        let t = ids.len();
 
         // Embedding: look up the ids that fall in this shard's vocabulary slice; the others
         // contribute zero rows, and the all-reduce assembles the full rows.
@@ -451,22 +535,17 @@ impl ShardModel {
         }
         let mut x = self.all_reduce(x, coll)?;
 
-        let (cos, sin) = self.rope_tables(pos, t);
+        let (cos, sin) = self.rope_tables(&positions);
         let (nq, nkv) = (self.spec.n_q(), self.spec.n_kv());
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mask = (t > 1).then(|| {
-            let s = pos + t;
-            let m: Vec<f32> = (0..t)
-                .flat_map(|i| {
-                    (0..s).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
-                })
-                .collect();
-            Tensor::<3>::from_data(TensorData::new(m, [1, t, s]), &self.device)
-        });
-        let mut caches = self
-            .caches
-            .remove(&seq)
-            .unwrap_or_else(|| (0..cfg.layers).map(|_| None).collect());
+        let n_layers = cfg.layers;
+        let mut caches: Vec<Vec<Option<KvCache>>> = steps
+            .iter()
+            .map(|s| {
+                self.caches
+                    .remove(&s.seq)
+                    .unwrap_or_else(|| (0..n_layers).map(|_| None).collect())
+            })
+            .collect();
         let rope = |x: Tensor<3>, n: usize| -> Tensor<3> {
             let x1 = x.clone().slice([0..n, 0..t, 0..hd / 2]);
             let x2 = x.clone().slice([0..n, 0..t, hd / 2..hd]);
@@ -474,7 +553,7 @@ impl ShardModel {
             x * cos.clone() + rotated * sin.clone()
         };
         let result = (|| -> Result<Tensor<2>> {
-            for (layer, cache) in self.layers.iter().zip(caches.iter_mut()) {
+            for (l, layer) in self.layers.iter().enumerate() {
                 // Attention.
                 let hn = self.rms_norm(x.clone(), &layer.attn_norm);
                 let q = layer
@@ -490,24 +569,25 @@ impl ShardModel {
                 let v = layer.v.forward(hn).reshape([t, nkv, hd]).swap_dims(0, 1);
                 let q = rope(q, nq);
                 let k = rope(k, nkv);
-                let (k, v) = match cache.take() {
-                    Some(c) => (Tensor::cat(vec![c.k, k], 1), Tensor::cat(vec![c.v, v], 1)),
-                    None => (k, v),
+                let attn = if steps.len() == 1 {
+                    self.attend(q, k, v, &mut caches[0][l], steps[0].pos)
+                } else {
+                    let mut parts = Vec::with_capacity(steps.len());
+                    let mut o = 0;
+                    for (s, cache) in steps.iter().zip(caches.iter_mut()) {
+                        let r = o..o + s.ids.len();
+                        o = r.end;
+                        parts.push(self.attend(
+                            q.clone().slice([0..nq, r.clone(), 0..hd]),
+                            k.clone().slice([0..nkv, r.clone(), 0..hd]),
+                            v.clone().slice([0..nkv, r, 0..hd]),
+                            &mut cache[l],
+                            s.pos,
+                        ));
+                    }
+                    Tensor::cat(parts, 1)
                 };
-                *cache = Some(KvCache {
-                    k: k.clone(),
-                    v: v.clone(),
-                });
-                let (k, v) = match &self.kv_index {
-                    Some(idx) => (k.select(0, idx.clone()), v.select(0, idx.clone())),
-                    None => (k, v),
-                };
-                let mut scores = q.matmul(k.swap_dims(1, 2)) * scale;
-                if let Some(m) = &mask {
-                    scores = scores + m.clone();
-                }
-                let probs = softmax(scores, 2);
-                let attn = probs.matmul(v).swap_dims(0, 1).reshape([t, nq * hd]);
+                let attn = attn.swap_dims(0, 1).reshape([t, nq * hd]);
                 let partial = layer.o.forward(attn);
                 let mut out = self.all_reduce(partial, coll)?;
                 if let Some(b) = &layer.o_bias {
@@ -527,10 +607,24 @@ impl ShardModel {
             }
             Ok(x)
         })();
-        // A failed step leaves the sequence's cache incomplete: `?` drops it entirely.
+        // A failed step leaves the sequences' caches incomplete: `?` drops them entirely.
         let x = result?;
-        self.caches.insert(seq, caches);
-        let last = x.slice([t - 1..t, 0..h]);
+        for (s, c) in steps.iter().zip(caches) {
+            self.caches.insert(s.seq, c);
+        }
+        let last: Vec<i64> = steps
+            .iter()
+            .scan(0usize, |o, s| {
+                *o += s.ids.len();
+                Some(*o as i64 - 1)
+            })
+            .collect();
+        let b = last.len();
+        let last = x.select(
+            0,
+            Tensor::<1, Int>::from_data(TensorData::new(last, [b]), &self.device),
+        );
+        debug_assert_eq!(last.dims(), [b, h]);
         let last = self.rms_norm(last, &self.final_norm);
         let logits = last.matmul(self.head.clone());
         logits
@@ -538,4 +632,19 @@ impl ShardModel {
             .try_into_vec::<f32>()
             .map_err(|e| ModelError::Backend(format!("reading logits: {e:?}")))
     }
+
+    /// Sequences with a KV cache on this shard, and the positions cached over all of them.
+    pub fn cache_usage(&self) -> (usize, usize) {
+        let seqs = self.caches.len();
+        let positions = self.caches.keys().map(|&s| self.cached_len(s)).sum();
+        (seqs, positions)
+    }
+}
+
+/// One sequence's part of a step: new tokens `ids` at positions `pos..`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqStep {
+    pub seq: u64,
+    pub ids: Vec<u32>,
+    pub pos: usize,
 }

@@ -160,6 +160,10 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -13,7 +13,7 @@ use tessera_collective::quic::{Identity, QuicNode, generate_key, token_proof};
 use tessera_collective::{Collective, Mesh, Single};
 use tessera_core::{ModelConfig, ShardSpec};
 use tessera_model::weights::{Block, Weights};
-use tessera_model::{Backend, ModelFiles, ShardModel};
+use tessera_model::{Backend, ModelFiles, SeqStep, ShardModel};
 use tessera_proto::coordinator_client::CoordinatorClient;
 use tessera_proto::worker_server::{Worker, WorkerServer};
 use tessera_proto::*;
@@ -33,6 +33,8 @@ pub struct WorkerConfig {
     /// file has the same sha256, instead of receiving it over the network.
     pub model: Option<PathBuf>,
     pub memory_bytes: u64,
+    /// Serve `GET /health` over plain HTTP here (for container and Kubernetes probes).
+    pub health_listen: Option<SocketAddr>,
 }
 
 /// Checks the `authorization` metadata against the cluster token.
@@ -87,11 +89,30 @@ struct Loaded {
 }
 
 struct State {
+    /// When the coordinator last called (ms since `born`): a coordinator that stops calling
+    /// has lost this worker (restarted, or the network changed), and the worker registers again.
+    last_contact: std::sync::atomic::AtomicU64,
+    born: Instant,
     token: String,
     backend: Backend,
     node: Arc<QuicNode>,
     local_model: Option<PathBuf>,
     shard: Mutex<Option<Loaded>>,
+}
+
+impl State {
+    fn touch(&self) {
+        self.last_contact.store(
+            self.born.elapsed().as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+    fn silent_for(&self) -> Duration {
+        let last = self.last_contact.load(std::sync::atomic::Ordering::Relaxed);
+        self.born
+            .elapsed()
+            .saturating_sub(Duration::from_millis(last))
+    }
 }
 
 pub struct WorkerService {
@@ -107,6 +128,7 @@ impl Worker for WorkerService {
         req: Request<Streaming<LoadChunk>>,
     ) -> Result<Response<LoadReply>, Status> {
         check_token(&self.state.token, req.metadata())?;
+        self.state.touch();
         let started = Instant::now();
         let mut stream = req.into_inner();
         let first = stream
@@ -236,6 +258,7 @@ impl Worker for WorkerService {
         req: Request<Streaming<StepRequest>>,
     ) -> Result<Response<StepStream>, Status> {
         check_token(&self.state.token, req.metadata())?;
+        self.state.touch();
         let tx = {
             let g = self.state.shard.lock().unwrap();
             g.as_ref()
@@ -275,6 +298,7 @@ impl Worker for WorkerService {
 
     async fn health(&self, req: Request<Empty>) -> Result<Response<HealthReply>, Status> {
         check_token(&self.state.token, req.metadata())?;
+        self.state.touch();
         let g = self.state.shard.lock().unwrap();
         Ok(Response::new(match g.as_ref() {
             Some(l) => HealthReply {
@@ -336,31 +360,65 @@ fn shard_thread(
     drop(weights);
     while let Ok(ShardCmd::Step(req, reply)) = rx.recv() {
         let before = coll.stats();
-        let mut out = StepReply {
-            seq: req.seq,
-            ..Default::default()
-        };
+        let mut out = StepReply::default();
+        for seq in &req.free {
+            model.free(*seq);
+        }
+        let steps: Vec<SeqStep> = req
+            .steps
+            .into_iter()
+            .map(|s| SeqStep {
+                seq: s.seq,
+                ids: s.ids,
+                pos: s.pos as usize,
+            })
+            .collect();
         // A collective error means the mesh is broken: this shard is of no use until reloaded.
         let mut mesh_broken = false;
-        if req.free {
-            model.free(req.seq);
-        } else {
-            match model.forward(req.seq, &req.ids, req.pos as usize, coll.as_mut()) {
-                Ok(l) => out.logits = l,
-                Err(e) => {
-                    mesh_broken = matches!(e, tessera_model::ModelError::Collective(_));
-                    out.error = e.to_string();
-                }
+        match model.forward_batch(&steps, coll.as_mut()) {
+            Ok(l) => out.logits = l,
+            Err(e) => {
+                mesh_broken = matches!(e, tessera_model::ModelError::Collective(_));
+                out.error = e.to_string();
             }
         }
         let after = coll.stats();
         out.allreduce_ns = after.nanos - before.nanos;
         out.allreduce_count = (after.count - before.count) as u32;
+        let (seqs, positions) = model.cache_usage();
+        out.cached_sequences = seqs as u32;
+        out.cached_positions = positions as u64;
         let _ = reply.send(out);
         if mesh_broken {
             return;
         }
     }
+}
+
+/// The local address this machine uses to reach `coordinator` (HOST:PORT or a URL).
+async fn route_to(coordinator: &str) -> Option<std::net::IpAddr> {
+    let hostport = coordinator
+        .split("://")
+        .last()
+        .unwrap_or(coordinator)
+        .trim_end_matches('/');
+    for _ in 0..120 {
+        // The coordinator's name may not resolve yet (a container starting up): retry.
+        if let Ok(mut addrs) = tokio::net::lookup_host(hostport).await
+            && let Some(a) = addrs.next()
+        {
+            let bind: SocketAddr = if a.is_ipv4() {
+                "0.0.0.0:0".parse().ok()?
+            } else {
+                "[::]:0".parse().ok()?
+            };
+            let sock = std::net::UdpSocket::bind(bind).ok()?;
+            sock.connect(a).ok()?;
+            return sock.local_addr().ok().map(|l| l.ip());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    None
 }
 
 /// Runs a worker until the process is stopped: serves the Worker API and registers with the
@@ -374,15 +432,14 @@ pub async fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
         QuicNode::bind(cfg.quic_listen, token_proof(&cfg.token))
             .context("binding the QUIC endpoint")?,
     );
-    let mut quic_addr = node.local_addr()?;
-    if quic_addr.ip().is_unspecified() {
-        quic_addr.set_ip(grpc_addr.ip());
-    }
+    let quic_addr = node.local_addr()?;
     let model_sha256 = match &cfg.model {
         Some(p) => sha256_file(p).with_context(|| format!("reading {}", p.display()))?,
         None => String::new(),
     };
     let state = Arc::new(State {
+        last_contact: Default::default(),
+        born: Instant::now(),
         token: cfg.token.clone(),
         backend: cfg.backend,
         node: node.clone(),
@@ -399,54 +456,143 @@ pub async fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
             .add_service(svc)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
+    if let Some(addr) = cfg.health_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the health endpoint {addr}"))?;
+        let st = state.clone();
+        let app = axum::Router::new().route(
+            "/health",
+            axum::routing::get(move || {
+                let st = st.clone();
+                async move {
+                    let loaded = st.shard.lock().unwrap().is_some();
+                    axum::Json(serde_json::json!({
+                        "state": if loaded { "ready" } else { "idle" },
+                        "registered": st.node.has_identity(),
+                    }))
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(l, app).await });
+    }
     let (key, spki) = generate_key()?;
-    let advertised = std::env::var("TESSERA_ADVERTISE").ok();
-    let reg = RegisterRequest {
-        protocol_version: PROTOCOL_VERSION,
-        name: cfg.name.clone(),
-        grpc_addr: advertised
-            .clone()
-            .map(|h| format!("{h}:{}", grpc_addr.port()))
-            .unwrap_or(grpc_addr.to_string()),
-        quic_addr: advertised
-            .map(|h| format!("{h}:{}", quic_addr.port()))
-            .unwrap_or(quic_addr.to_string()),
-        backend: cfg.backend.name().into(),
-        memory_bytes: cfg.memory_bytes,
-        public_key_der: spki,
+    let reg = Registration {
+        cfg: &cfg,
+        grpc_port: grpc_addr.port(),
+        quic_port: quic_addr.port(),
+        bound: grpc_addr.ip(),
+        spki,
         model_sha256,
     };
-    let coordinator = if cfg.coordinator.contains("://") {
-        cfg.coordinator.clone()
-    } else {
-        format!("http://{}", cfg.coordinator)
-    };
-    let reply = loop {
-        match CoordinatorClient::connect(coordinator.clone()).await {
-            Ok(mut c) => match c.register(with_token(&cfg.token, reg.clone())).await {
-                Ok(r) => break r.into_inner(),
-                Err(s)
-                    if s.code() == tonic::Code::Unauthenticated
-                        || s.code() == tonic::Code::FailedPrecondition =>
-                {
-                    bail!("the coordinator refused this worker: {}", s.message())
-                }
-                Err(s) => tracing::warn!("registration failed, retrying: {}", s.message()),
-            },
-            Err(e) => tracing::warn!("coordinator {coordinator} unreachable, retrying: {e}"),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let reply = reg.register().await?;
     node.set_identity(&Identity {
-        key_pkcs8: key,
+        key_pkcs8: key.clone(),
         cert_der: reply.certificate_der,
         ca_der: reply.ca_der,
     })?;
-    tracing::info!(id = reply.worker_id, grpc = %grpc_addr, quic = %quic_addr, "registered");
-    eprintln!(
-        "worker {} registered as #{} (gRPC {grpc_addr}, QUIC {quic_addr})",
-        cfg.name, reply.worker_id
-    );
-    server.await??;
+    state.touch();
+    // A coordinator that has not called for a while has lost this worker (it restarted, or the
+    // network was cut and this worker's address changed): register again.
+    tokio::select! {
+        r = server => r??,
+        r = async {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if state.silent_for() < REREGISTER_AFTER {
+                    continue;
+                }
+                tracing::warn!("no word from the coordinator for {REREGISTER_AFTER:?}: registering again");
+                eprintln!("no word from the coordinator for {REREGISTER_AFTER:?}: registering again");
+                let reply = reg.register().await?;
+                node.set_identity(&Identity {
+                    key_pkcs8: key.clone(),
+                    cert_der: reply.certificate_der,
+                    ca_der: reply.ca_der,
+                })?;
+                state.touch();
+            }
+            #[allow(unreachable_code)]
+            anyhow::Ok(())
+        } => r?,
+    }
     Ok(())
+}
+
+/// The coordinator checks every worker each second; this much silence means it lost us.
+const REREGISTER_AFTER: Duration = Duration::from_secs(10);
+
+struct Registration<'a> {
+    cfg: &'a WorkerConfig,
+    grpc_port: u16,
+    quic_port: u16,
+    bound: std::net::IpAddr,
+    spki: Vec<u8>,
+    model_sha256: String,
+}
+
+impl Registration<'_> {
+    /// Registers with the coordinator, retrying while it is unreachable; a refusal is an
+    /// error. The address is worked out anew each time (it may have changed).
+    async fn register(&self) -> anyhow::Result<RegisterReply> {
+        let cfg = self.cfg;
+        let coordinator = if cfg.coordinator.contains("://") {
+            cfg.coordinator.clone()
+        } else {
+            format!("http://{}", cfg.coordinator)
+        };
+        loop {
+            // Where the coordinator and peers reach this worker: TESSERA_ADVERTISE, else the
+            // bound address, else (bound to 0.0.0.0, as in a container) the interface that
+            // routes to the coordinator.
+            let host = match std::env::var("TESSERA_ADVERTISE").ok() {
+                Some(a) => a,
+                None if self.bound.is_unspecified() => match route_to(&cfg.coordinator).await {
+                    Some(ip) => ip.to_string(),
+                    None => {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                },
+                None => self.bound.to_string(),
+            };
+            let host = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]")
+            } else {
+                host
+            };
+            let reg = RegisterRequest {
+                protocol_version: PROTOCOL_VERSION,
+                name: cfg.name.clone(),
+                grpc_addr: format!("{host}:{}", self.grpc_port),
+                quic_addr: format!("{host}:{}", self.quic_port),
+                backend: cfg.backend.name().into(),
+                memory_bytes: cfg.memory_bytes,
+                public_key_der: self.spki.clone(),
+                model_sha256: self.model_sha256.clone(),
+            };
+            match CoordinatorClient::connect(coordinator.clone()).await {
+                Ok(mut c) => match c.register(with_token(&cfg.token, reg.clone())).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        tracing::info!(id = r.worker_id, grpc = %reg.grpc_addr, quic = %reg.quic_addr, "registered");
+                        eprintln!(
+                            "worker {} registered as #{} (gRPC {}, QUIC {})",
+                            cfg.name, r.worker_id, reg.grpc_addr, reg.quic_addr
+                        );
+                        return Ok(r);
+                    }
+                    Err(s)
+                        if s.code() == tonic::Code::Unauthenticated
+                            || s.code() == tonic::Code::FailedPrecondition =>
+                    {
+                        bail!("the coordinator refused this worker: {}", s.message())
+                    }
+                    Err(s) => tracing::warn!("registration failed, retrying: {}", s.message()),
+                },
+                Err(e) => tracing::warn!("coordinator {coordinator} unreachable, retrying: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
 }

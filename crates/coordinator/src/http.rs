@@ -1,0 +1,848 @@
+//! The OpenAI-compatible HTTP API (axum): `/v1/models`, `/v1/completions` and
+//! `/v1/chat/completions` with or without server-sent events, plus `/health`, `/metrics`
+//! (Prometheus text) and `/v1/cluster`. Every request goes through the scheduler, so
+//! concurrent clients share each forward step.
+//!
+//! Errors use OpenAI's JSON shape (`{"error": {"message", "type", "param", "code"}}`) with
+//! 400 for a malformed or invalid request, 401 for a missing API key, 404 for an unknown
+//! model or path, 429 when the queue is full and 503 while the cluster is not ready.
+
+use crate::scheduler::{Event, Job, SubmitError};
+use crate::text::StopText;
+use crate::{CoordinatorState, PromptInput, finish_reason};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tessera_model::chat::Message;
+use tessera_model::{GenerateParams, ModelError, SamplingParams};
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, Default)]
+pub struct HttpConfig {
+    /// When set, `/v1/*` needs `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+}
+
+struct App {
+    st: Arc<CoordinatorState>,
+    cfg: HttpConfig,
+    next_id: AtomicU64,
+    /// Responses by status code, for /metrics.
+    responses: Mutex<BTreeMap<u16, u64>>,
+}
+
+type Shared = Arc<App>;
+
+/// Serves the HTTP API on `listener` until the process ends.
+pub async fn serve(
+    st: Arc<CoordinatorState>,
+    listener: tokio::net::TcpListener,
+    cfg: HttpConfig,
+) -> anyhow::Result<()> {
+    axum::serve(listener, router(st, cfg)).await?;
+    Ok(())
+}
+
+pub fn router(st: Arc<CoordinatorState>, cfg: HttpConfig) -> Router {
+    let app = Arc::new(App {
+        st,
+        cfg,
+        next_id: AtomicU64::new(1),
+        responses: Mutex::new(BTreeMap::new()),
+    });
+    let v1 = Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/cluster", get(cluster))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .layer(axum::middleware::from_fn_with_state(app.clone(), auth));
+    Router::new()
+        .route("/health", get(health))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .merge(v1)
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(app.clone(), count))
+        .with_state(app)
+}
+
+/// An error in OpenAI's shape.
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<&'static str>,
+    code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn bad(message: impl Into<String>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: None,
+        }
+    }
+    fn param(mut self, p: &'static str) -> ApiError {
+        self.param = Some(p);
+        self
+    }
+    fn code(mut self, c: &'static str) -> ApiError {
+        self.code = Some(c);
+        self
+    }
+    fn json(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.json())).into_response()
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> ApiError {
+        let message = e.to_string();
+        match e {
+            SubmitError::QueueFull(_) => ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                message,
+                kind: "rate_limit_error",
+                param: None,
+                code: Some("queue_full"),
+            },
+            SubmitError::NotReady(_) => unavailable(message),
+            SubmitError::Invalid(_) => ApiError::bad(message).param("prompt"),
+        }
+    }
+}
+
+fn unavailable(message: String) -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message,
+        kind: "server_error",
+        param: None,
+        code: Some("cluster_unavailable"),
+    }
+}
+
+fn model_error(e: ModelError) -> ApiError {
+    match e {
+        ModelError::PromptTooLong { .. } => ApiError::bad(e.to_string())
+            .param("messages")
+            .code("context_length_exceeded"),
+        other => ApiError::bad(other.to_string()),
+    }
+}
+
+async fn count(State(app): State<Shared>, req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    *app.responses
+        .lock()
+        .unwrap()
+        .entry(resp.status().as_u16())
+        .or_default() += 1;
+    resp
+}
+
+async fn auth(State(app): State<Shared>, req: Request, next: Next) -> Response {
+    if let Some(key) = &app.cfg.api_key {
+        let want = format!("Bearer {key}");
+        let got = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let same = got.len() == want.len()
+            && got
+                .bytes()
+                .zip(want.bytes())
+                .fold(0u8, |a, (x, y)| a | (x ^ y))
+                == 0;
+        if !same {
+            return ApiError {
+                status: StatusCode::UNAUTHORIZED,
+                message: "missing or wrong API key (Authorization: Bearer ...)".into(),
+                kind: "invalid_request_error",
+                param: None,
+                code: Some("invalid_api_key"),
+            }
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!("no route for {} {}", req.method(), req.uri().path()),
+        kind: "invalid_request_error",
+        param: None,
+        code: Some("not_found"),
+    }
+}
+
+async fn health(State(app): State<Shared>) -> Response {
+    let ready = app.st.is_ready();
+    let body =
+        json!({"status": if ready { "ready" } else { "unavailable" }, "state": app.st.state()});
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(body)).into_response()
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn models(State(app): State<Shared>) -> Response {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": app.st.model_name,
+            "object": "model",
+            "created": now_secs(),
+            "owned_by": "tessera",
+            "context_length": app.st.files.cfg.max_context,
+        }],
+    }))
+    .into_response()
+}
+
+async fn cluster(State(app): State<Shared>) -> Response {
+    let st = &app.st;
+    let (queued, active, reserved) = st.scheduler.load();
+    let sc = st.scheduler.config();
+    let cfg = &st.files.cfg;
+    axum::Json(json!({
+        "state": st.state(),
+        "ready": st.is_ready(),
+        "model": st.model_name,
+        "model_path": st.files.path.display().to_string(),
+        "workers": st.workers(),
+        "scheduler": {
+            "queued": queued,
+            "active_sequences": active,
+            "max_queue": sc.max_queue,
+            "max_sequences": sc.max_seqs,
+            "kv_budget_positions": sc.kv_budget,
+            "kv_reserved_positions": reserved,
+            "prefill_chunk": sc.prefill_chunk,
+        },
+        "kv_bytes_per_position": 2 * cfg.layers * cfg.kv_heads * cfg.head_dim * 4,
+        "uptime_seconds": st.started.elapsed().as_secs_f64(),
+    }))
+    .into_response()
+}
+
+async fn metrics(State(app): State<Shared>) -> Response {
+    let st = &app.st;
+    let m = st.scheduler.metrics();
+    let (queued, active, reserved) = st.scheduler.load();
+    let mut o = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, v) in samples {
+            let _ = writeln!(o, "{name}{labels} {v}");
+        }
+    };
+    let one = |v: f64| vec![(String::new(), v)];
+    let rate = |n: u64, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    metric(
+        "tessera_cluster_ready",
+        "gauge",
+        "1 while the cluster serves requests.",
+        &one(f64::from(u8::from(st.is_ready()))),
+    );
+    metric(
+        "tessera_requests_total",
+        "counter",
+        "Generation requests received (HTTP and gRPC).",
+        &one(m.requests as f64),
+    );
+    metric(
+        "tessera_requests_rejected_total",
+        "counter",
+        "Requests refused before generation, by reason.",
+        &[
+            (
+                "{reason=\"queue_full\"}".into(),
+                m.rejected_queue_full as f64,
+            ),
+            ("{reason=\"not_ready\"}".into(), m.rejected_not_ready as f64),
+            ("{reason=\"invalid\"}".into(), m.rejected_invalid as f64),
+        ],
+    );
+    metric(
+        "tessera_requests_finished_total",
+        "counter",
+        "Sequences that left the batch, by outcome.",
+        &[
+            ("{outcome=\"completed\"}".into(), m.completed as f64),
+            ("{outcome=\"cancelled\"}".into(), m.cancelled as f64),
+            ("{outcome=\"failed\"}".into(), m.failed as f64),
+        ],
+    );
+    metric(
+        "tessera_prompt_tokens_total",
+        "counter",
+        "Prompt tokens prefilled.",
+        &one(m.prefill_tokens as f64),
+    );
+    metric(
+        "tessera_generated_tokens_total",
+        "counter",
+        "Tokens generated.",
+        &one(m.generated_tokens as f64),
+    );
+    metric(
+        "tessera_prefill_tokens_per_second",
+        "gauge",
+        "Prompt tokens per second of steps that carried prefill.",
+        &one(rate(m.prefill_tokens, m.prefill_seconds)),
+    );
+    metric(
+        "tessera_decode_tokens_per_second",
+        "gauge",
+        "Decoded tokens per second over all sequences, in steps that carried decodes.",
+        &one(rate(m.decode_tokens, m.decode_seconds)),
+    );
+    metric(
+        "tessera_queue_depth",
+        "gauge",
+        "Requests waiting for a slot.",
+        &one(queued as f64),
+    );
+    metric(
+        "tessera_active_sequences",
+        "gauge",
+        "Sequences in the running batch.",
+        &one(active as f64),
+    );
+    metric(
+        "tessera_kv_reserved_positions",
+        "gauge",
+        "KV cache positions reserved by active sequences.",
+        &one(reserved as f64),
+    );
+    metric(
+        "tessera_step_seconds",
+        "summary",
+        "Time of one forward step of the whole batch.",
+        &[
+            ("_sum".into(), m.step_seconds),
+            ("_count".into(), m.steps as f64),
+        ],
+    );
+    metric(
+        "tessera_last_step_batch",
+        "gauge",
+        "Sequences in the last step.",
+        &one(m.last_batch as f64),
+    );
+    metric(
+        "tessera_max_step_batch",
+        "gauge",
+        "The most sequences one step has carried.",
+        &one(m.max_batch as f64),
+    );
+    metric(
+        "tessera_allreduce_seconds",
+        "summary",
+        "All-reduces between workers (mean per worker).",
+        &[
+            ("_sum".into(), m.comm.allreduce_ns as f64 / 1e9),
+            ("_count".into(), m.comm.allreduce_count as f64),
+        ],
+    );
+    let workers = st.workers();
+    let label = |w: &crate::WorkerView| format!("{{worker=\"{}\"}}", w.name.replace('"', "'"));
+    metric(
+        "tessera_worker_up",
+        "gauge",
+        "1 for a worker serving its shard, 0 otherwise.",
+        &workers
+            .iter()
+            .map(|w| (label(w), f64::from(u8::from(w.state == "ready"))))
+            .collect::<Vec<_>>(),
+    );
+    metric(
+        "tessera_worker_kv_cached_sequences",
+        "gauge",
+        "Sequences with a KV cache on the worker.",
+        &workers
+            .iter()
+            .map(|w| (label(w), w.kv_cached_sequences as f64))
+            .collect::<Vec<_>>(),
+    );
+    metric(
+        "tessera_worker_kv_cached_positions",
+        "gauge",
+        "KV cache positions held by the worker.",
+        &workers
+            .iter()
+            .map(|w| (label(w), w.kv_cached_positions as f64))
+            .collect::<Vec<_>>(),
+    );
+    let responses: Vec<(String, f64)> = app
+        .responses
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(c, n)| (format!("{{code=\"{c}\"}}"), *n as f64))
+        .collect();
+    metric(
+        "tessera_http_responses_total",
+        "counter",
+        "HTTP responses by status code.",
+        &responses,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], o).into_response()
+}
+
+// ------------------------------------------------------------------ requests
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// Both endpoints' requests: `prompt` for completions, `messages` for chat. Unknown fields
+/// are ignored, as OpenAI clients send many; known ones of the wrong type are refused.
+#[derive(Deserialize)]
+struct GenRequest {
+    prompt: Option<Prompt>,
+    messages: Option<Vec<ChatMessage>>,
+    model: Option<String>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    n: Option<u32>,
+    /// Not OpenAI's: keep generating past end-of-sequence (for benchmarks).
+    #[serde(default)]
+    ignore_eos: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    content: Option<Content>,
+}
+
+fn parse(headers: &HeaderMap, body: &[u8]) -> Result<GenRequest, ApiError> {
+    if let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        && !ct.starts_with("application/json")
+    {
+        return Err(ApiError::bad(format!(
+            "expected a JSON body (Content-Type: application/json), got {ct:?}"
+        )));
+    }
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::bad("the body must be a JSON object"));
+    }
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::bad(format!("invalid field {path:?}: {}", e.inner()))
+    })
+}
+
+/// What a request asks to generate, checked.
+struct Plan {
+    prompt: Vec<u32>,
+    params: GenerateParams,
+    stops: Vec<String>,
+    stream: bool,
+    include_usage: bool,
+    chat: bool,
+}
+
+fn plan(app: &App, c: GenRequest, input: PromptInput, chat: bool) -> Result<Plan, ApiError> {
+    let st = &app.st;
+    if let Some(m) = &c.model
+        && m != &st.model_name
+    {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!(
+                "the model {m:?} does not exist: this server serves {:?}",
+                st.model_name
+            ),
+            kind: "invalid_request_error",
+            param: Some("model"),
+            code: Some("model_not_found"),
+        });
+    }
+    if c.n.unwrap_or(1) != 1 {
+        return Err(ApiError::bad("only n = 1 is supported").param("n"));
+    }
+    let temperature = c.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad(format!(
+            "temperature must be between 0 and 2, got {temperature}"
+        ))
+        .param("temperature"));
+    }
+    let top_p = c.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad(format!("top_p must be in (0, 1], got {top_p}")).param("top_p"));
+    }
+    let stops = match c.stop {
+        None => vec![],
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stops.len() > 4 {
+        return Err(ApiError::bad("at most 4 stop sequences").param("stop"));
+    }
+    let prompt = st.tokenize(input).map_err(model_error)?;
+    let ctx = st.files.cfg.max_context;
+    let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
+        Some(0) => return Err(ApiError::bad("max_tokens must be at least 1").param("max_tokens")),
+        Some(n) => n as usize,
+        // OpenAI's defaults: 16 for completions, the rest of the context for chat.
+        None if chat => ctx.saturating_sub(prompt.len()).max(1),
+        None => 16,
+    };
+    let seed = c.seed.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    Ok(Plan {
+        prompt,
+        params: GenerateParams {
+            max_tokens,
+            sampling: SamplingParams {
+                temperature,
+                top_k: c.top_k.unwrap_or(0) as usize,
+                top_p,
+                seed,
+            },
+            ignore_eos: c.ignore_eos,
+        },
+        stops,
+        stream: c.stream,
+        include_usage: c.stream_options.unwrap_or_default().include_usage,
+        chat,
+    })
+}
+
+async fn completions(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let mut r = parse(&headers, &body)?;
+    let input = match r.prompt.take() {
+        None => return Err(ApiError::bad("\"prompt\" is required").param("prompt")),
+        Some(Prompt::Text(t)) => PromptInput::Text(t),
+        Some(Prompt::Texts(mut v)) if v.len() == 1 => PromptInput::Text(v.remove(0)),
+        Some(Prompt::Texts(_)) => {
+            return Err(ApiError::bad("one prompt per request is supported").param("prompt"));
+        }
+        Some(Prompt::Ids(ids)) => PromptInput::Ids(ids),
+    };
+    let p = plan(&app, r, input, false)?;
+    run(app, p).await
+}
+
+async fn chat_completions(
+    State(app): State<Shared>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let mut r = parse(&headers, &body)?;
+    let msgs = r.messages.take().unwrap_or_default();
+    if msgs.is_empty() {
+        return Err(ApiError::bad("\"messages\" must be a non-empty list").param("messages"));
+    }
+    let mut messages = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        let content = match m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut s = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), p.text) {
+                        ("text", Some(t)) => s.push_str(&t),
+                        (kind, _) => {
+                            return Err(ApiError::bad(format!(
+                                "content parts of type {kind:?} are not supported (text only)"
+                            ))
+                            .param("messages"));
+                        }
+                    }
+                }
+                s
+            }
+        };
+        messages.push(Message {
+            role: m.role,
+            content,
+        });
+    }
+    let p = plan(&app, r, PromptInput::Chat(messages), true)?;
+    run(app, p).await
+}
+
+/// The streaming state of one request: the text so far and the token count.
+struct Progress {
+    text: StopText,
+    stop_ids: Vec<u32>,
+    ignore_eos: bool,
+    completion_tokens: usize,
+}
+
+enum Step {
+    Text(String),
+    Finished(&'static str, String),
+    Failed(ApiError),
+}
+
+impl Progress {
+    fn on(&mut self, app: &App, ev: Option<Event>) -> Step {
+        let tok = &app.st.files.tokenizer;
+        match ev {
+            Some(Event::Token(id)) => {
+                self.completion_tokens += 1;
+                if !self.ignore_eos && self.stop_ids.contains(&id) {
+                    return Step::Text(String::new());
+                }
+                let piece = self.text.push(tok, id);
+                if self.text.stopped {
+                    Step::Finished("stop", piece)
+                } else {
+                    Step::Text(piece)
+                }
+            }
+            Some(Event::Done(d)) => {
+                let tail = self.text.finish(tok);
+                Step::Finished(finish_reason(d.stats.finish), tail)
+            }
+            Some(Event::Error(e)) => Step::Failed(unavailable(format!(
+                "generation failed: {e}; the cluster is {}",
+                app.st.state()
+            ))),
+            None => Step::Failed(unavailable("the scheduler stopped".into())),
+        }
+    }
+}
+
+async fn run(app: Shared, p: Plan) -> Result<Response, ApiError> {
+    let st = app.st.clone();
+    let stop_ids = st.files.stop_ids(p.chat);
+    let prompt_tokens = p.prompt.len();
+    let mut events = st.scheduler.submit(
+        &st.files.cfg,
+        Job {
+            prompt: p.prompt,
+            params: p.params.clone(),
+            stop_ids: stop_ids.clone(),
+        },
+    )?;
+    let n = app.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = if p.chat {
+        format!(
+            "chatcmpl-{:x}-{n}",
+            st.started.elapsed().as_nanos() as u64 ^ now_secs()
+        )
+    } else {
+        format!(
+            "cmpl-{:x}-{n}",
+            st.started.elapsed().as_nanos() as u64 ^ now_secs()
+        )
+    };
+    let created = now_secs();
+    let model = st.model_name.clone();
+    let mut prog = Progress {
+        text: StopText::new(p.stops),
+        stop_ids,
+        ignore_eos: p.params.ignore_eos,
+        completion_tokens: 0,
+    };
+    let usage = move |c: usize| {
+        json!({"prompt_tokens": prompt_tokens, "completion_tokens": c,
+               "total_tokens": prompt_tokens + c})
+    };
+
+    if !p.stream {
+        let mut text = String::new();
+        let finish = loop {
+            match prog.on(&app, events.recv().await) {
+                Step::Text(t) => text.push_str(&t),
+                Step::Finished(f, t) => {
+                    text.push_str(&t);
+                    break f;
+                }
+                Step::Failed(e) => return Err(e),
+            }
+        };
+        // Dropping `events` here cancels the sequence if a stop string ended it early.
+        drop(events);
+        let choice = if p.chat {
+            json!({"index": 0, "message": {"role": "assistant", "content": text},
+                   "logprobs": null, "finish_reason": finish})
+        } else {
+            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+        };
+        return Ok(axum::Json(json!({
+            "id": id,
+            "object": if p.chat { "chat.completion" } else { "text_completion" },
+            "created": created,
+            "model": model,
+            "choices": [choice],
+            "usage": usage(prog.completion_tokens),
+        }))
+        .into_response());
+    }
+
+    let chat = p.chat;
+    let include_usage = p.include_usage;
+    let object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    let chunk = move |piece: Option<&str>, finish: Option<&str>, first: bool| {
+        let choice = if chat {
+            let mut delta = serde_json::Map::new();
+            if first {
+                delta.insert("role".into(), "assistant".into());
+            }
+            if let Some(t) = piece {
+                delta.insert("content".into(), t.into());
+            }
+            json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+        } else {
+            json!({"index": 0, "text": piece.unwrap_or(""), "logprobs": null,
+                   "finish_reason": finish})
+        };
+        json!({"id": id, "object": object, "created": created, "model": model,
+               "choices": [choice]})
+    };
+    let (tx, rx) = mpsc::channel::<Result<SseEvent, Infallible>>(64);
+    let data = |v: Value| Ok(SseEvent::default().data(v.to_string()));
+    tokio::spawn(async move {
+        let mut first = true;
+        if chat && tx.send(data(chunk(Some(""), None, true))).await.is_err() {
+            return;
+        }
+        first &= !chat;
+        loop {
+            let ev = tokio::select! {
+                ev = events.recv() => ev,
+                // The client closed the connection: dropping `events` cancels the sequence
+                // and frees its KV cache in the next step.
+                _ = tx.closed() => return,
+            };
+            let (piece, finish) = match prog.on(&app, ev) {
+                Step::Text(t) => (t, None),
+                Step::Finished(f, t) => (t, Some(f)),
+                Step::Failed(e) => {
+                    let _ = tx.send(data(e.json())).await;
+                    return;
+                }
+            };
+            if !piece.is_empty()
+                && tx
+                    .send(data(chunk(Some(&piece), None, first)))
+                    .await
+                    .is_err()
+            {
+                return;
+            }
+            first = false;
+            if let Some(f) = finish {
+                drop(events);
+                let mut last = vec![chunk(None, Some(f), false)];
+                if include_usage {
+                    let mut u = chunk(None, None, false);
+                    u["choices"] = json!([]);
+                    u["usage"] = usage(prog.completion_tokens);
+                    last.push(u);
+                }
+                for v in last {
+                    if tx.send(data(v)).await.is_err() {
+                        return;
+                    }
+                }
+                let _ = tx.send(Ok(SseEvent::default().data("[DONE]"))).await;
+                return;
+            }
+        }
+    });
+    Ok(Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}

@@ -1,0 +1,126 @@
+//! The shards in remote workers, as a [`Runner`]: each step goes to every worker over its
+//! long-lived gRPC step stream, and the vocabulary slices of the logits come back.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tessera_model::{CommStats, ModelError, Runner, SeqStep, check_steps, gather_logits};
+use tessera_proto::{StepReply, StepRequest};
+use tokio::sync::mpsc;
+use tonic::Streaming;
+
+/// How long one step may take before the worker is declared failed.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub(crate) struct StepLink {
+    pub name: String,
+    pub addr: String,
+    pub id: u64,
+    pub tx: mpsc::Sender<StepRequest>,
+    pub rx: Streaming<StepReply>,
+}
+
+/// KV cache use each worker reported with its last step: worker id -> (sequences, positions).
+pub type CacheUsage = Arc<Mutex<HashMap<u64, (u32, u64)>>>;
+
+pub struct RemoteCluster {
+    pub(crate) cfg: tessera_core::ModelConfig,
+    pub(crate) links: Vec<StepLink>,
+    pub(crate) weight_bytes: u64,
+    pub(crate) handle: tokio::runtime::Handle,
+    pub(crate) comm: CommStats,
+    pub(crate) usage: CacheUsage,
+}
+
+/// A step's failure, worst first: a worker whose stream died is the likely culprit; the
+/// others then report all-reduce errors of their own.
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+enum Blame {
+    Dead,
+    Reported,
+}
+
+impl Runner for RemoteCluster {
+    fn cfg(&self) -> &tessera_core::ModelConfig {
+        &self.cfg
+    }
+
+    fn step(&mut self, steps: &[SeqStep], free: &[u64]) -> Result<Vec<Vec<f32>>, ModelError> {
+        check_steps(&self.cfg, steps)?;
+        let started = Instant::now();
+        let req = StepRequest {
+            steps: steps
+                .iter()
+                .map(|s| tessera_proto::SeqStep {
+                    seq: s.seq,
+                    pos: s.pos as u32,
+                    ids: s.ids.clone(),
+                })
+                .collect(),
+            free: free.to_vec(),
+        };
+        let handle = self.handle.clone();
+        let links = &mut self.links;
+        let usage = self.usage.clone();
+        let result: Result<(Vec<Vec<f32>>, u64, u64), ModelError> = handle.block_on(async {
+            let shard_err = |rank: usize, l: &StepLink, why: String| ModelError::Shard {
+                rank,
+                msg: format!("worker {} ({}) {why}", l.name, l.addr),
+            };
+            for (rank, l) in links.iter().enumerate() {
+                l.tx.send(req.clone())
+                    .await
+                    .map_err(|_| shard_err(rank, l, "is gone".into()))?;
+            }
+            let mut parts = Vec::with_capacity(links.len());
+            let mut reduce = (0u64, 0u64);
+            let mut worst: Option<(Blame, ModelError)> = None;
+            for (rank, l) in links.iter_mut().enumerate() {
+                let failure = match tokio::time::timeout(STEP_TIMEOUT, l.rx.message()).await {
+                    Ok(Ok(Some(r))) if r.error.is_empty() => {
+                        reduce.0 += r.allreduce_ns;
+                        reduce.1 += r.allreduce_count as u64;
+                        usage
+                            .lock()
+                            .unwrap()
+                            .insert(l.id, (r.cached_sequences, r.cached_positions));
+                        parts.push(r.logits);
+                        continue;
+                    }
+                    Ok(Ok(Some(r))) => (Blame::Reported, format!("failed the step: {}", r.error)),
+                    Ok(Ok(None)) => (Blame::Dead, "closed its step stream".into()),
+                    Ok(Err(s)) => (Blame::Dead, format!("failed: {}", s.message())),
+                    Err(_) => (
+                        Blame::Dead,
+                        format!("did not answer within {STEP_TIMEOUT:?}"),
+                    ),
+                };
+                let e = shard_err(rank, l, failure.1);
+                if worst.as_ref().is_none_or(|w| failure.0 < w.0) {
+                    worst = Some((failure.0, e));
+                }
+            }
+            if let Some((_, e)) = worst {
+                return Err(e);
+            }
+            let logits = gather_logits(&parts, steps.len(), self.cfg.vocab)?;
+            // Per worker means: every worker runs the same all-reduces.
+            let n = links.len() as u64;
+            Ok((logits, reduce.0 / n, reduce.1 / n))
+        });
+        let (logits, ns, count) = result?;
+        self.comm.allreduce_ns += ns;
+        self.comm.allreduce_count += count;
+        self.comm.step_ns += started.elapsed().as_nanos() as u64;
+        self.comm.steps += 1;
+        Ok(logits)
+    }
+
+    fn weight_bytes_per_token(&self) -> u64 {
+        self.weight_bytes
+    }
+
+    fn comm_stats(&self) -> CommStats {
+        self.comm
+    }
+}

@@ -1,0 +1,538 @@
+//! The OpenAI-compatible HTTP API of `tessera run`, over real sockets: reference outputs for
+//! chat and completions (streamed and not), stop strings, every error status, a client that
+//! hangs up mid-stream, and 16 concurrent streams batched together.
+
+mod common;
+
+use common::http::{get, post, read_response, request, send};
+use common::{reference, smollm2};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+fn tessera() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `tessera run` (or `tessera coordinator`) process serving HTTP, killed when dropped.
+struct Server {
+    child: Child,
+    http: String,
+    grpc: String,
+    token: String,
+    model: String,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Server {
+    fn spawn(mut cmd: Command, grpc: String, token: &str, wait_ready: bool) -> Server {
+        let mut child = cmd
+            .env("TESSERA_TOKEN", token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tessera");
+        let (tx, lines) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let mut s = Server {
+            child,
+            http: String::new(),
+            grpc,
+            token: token.into(),
+            model: String::new(),
+            lines,
+        };
+        s.http = s
+            .wait_line("HTTP API on http://")
+            .split("http://")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches("/v1")
+            .to_string();
+        if wait_ready {
+            s.wait_line("serving on");
+        }
+        let models = get(&s.http, "/v1/models");
+        assert_eq!(models.status, 200, "{}", models.body);
+        s.model = models.json()["data"][0]["id"].as_str().unwrap().to_string();
+        s
+    }
+
+    /// `tessera run` with SmolLM2 on two worker processes.
+    fn run(extra: &[&str]) -> Server {
+        let grpc = format!("127.0.0.1:{}", free_port());
+        let mut cmd = tessera();
+        cmd.args(["run", "--model", smollm2().to_str().unwrap()])
+            .args(["--workers", "2", "--listen", &grpc, "--http", "127.0.0.1:0"])
+            .args(extra);
+        Server::spawn(cmd, grpc, "http-test-token", true)
+    }
+
+    fn wait_line(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(e) => panic!("no line with {needle:?} from tessera: {e}"),
+            }
+        }
+    }
+
+    fn cluster(&self) -> Value {
+        let r = get(&self.http, "/v1/cluster");
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    }
+
+    fn metrics(&self) -> String {
+        let r = get(&self.http, "/metrics");
+        assert_eq!(r.status, 200);
+        r.body
+    }
+
+    /// Waits until `f` holds for /v1/cluster.
+    fn wait_cluster(&self, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let t = Instant::now();
+        loop {
+            let c = self.cluster();
+            if f(&c) {
+                return c;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "{what}: {c:#}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of an unlabelled or labelled sample in Prometheus text.
+fn sample(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{metrics}"))
+}
+
+/// Text and finish reason of a streamed answer; checks the stream's framing.
+fn streamed(events: &[String], chat: bool) -> (String, String, Option<Value>) {
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{events:?}"
+    );
+    let mut text = String::new();
+    let mut finish = None;
+    let mut usage = None;
+    for (i, e) in events[..events.len() - 1].iter().enumerate() {
+        let v: Value = serde_json::from_str(e).unwrap_or_else(|_| panic!("event {e:?}"));
+        assert!(v.get("error").is_none(), "{v}");
+        if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+            usage = Some(u.clone());
+            continue;
+        }
+        let c = &v["choices"][0];
+        if chat {
+            assert_eq!(v["object"], "chat.completion.chunk");
+            if i == 0 {
+                assert_eq!(c["delta"]["role"], "assistant");
+            }
+            text.push_str(c["delta"]["content"].as_str().unwrap_or(""));
+        } else {
+            text.push_str(c["text"].as_str().unwrap_or(""));
+        }
+        if let Some(f) = c["finish_reason"].as_str() {
+            assert!(finish.is_none(), "two finish reasons");
+            finish = Some(f.to_string());
+        }
+    }
+    (text, finish.expect("a finish reason"), usage)
+}
+
+#[test]
+fn chat_and_completions_give_the_reference_text_streamed_or_not() {
+    let r = reference("smollm2-135m-q4_1");
+    let s = Server::run(&[]);
+    let health = get(&s.http, "/health");
+    assert_eq!(health.status, 200, "{}", health.body);
+
+    // Chat: the reference chat case, greedy. It ends with the end-of-turn token.
+    let case = r.cases.iter().find(|c| c.messages.is_some()).unwrap();
+    let want = case.greedy_text.as_deref().unwrap();
+    let want = want.strip_suffix("<|im_end|>").expect("ends its turn");
+    let body = json!({"model": s.model, "messages": case.messages, "temperature": 0,
+                      "max_tokens": case.greedy_ids.len() + 20});
+    let resp = post(&s.http, "/v1/chat/completions", &body);
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let v = resp.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    assert_eq!(v["choices"][0]["message"]["content"], want);
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+    assert_eq!(v["usage"]["prompt_tokens"], case.input_ids.len());
+    assert_eq!(v["usage"]["completion_tokens"], case.greedy_ids.len());
+    assert_eq!(
+        v["usage"]["total_tokens"],
+        case.input_ids.len() + case.greedy_ids.len()
+    );
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    sbody["stream_options"] = json!({"include_usage": true});
+    let resp = post(&s.http, "/v1/chat/completions", &sbody);
+    assert_eq!(resp.status, 200);
+    assert!(
+        resp.header("content-type")
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let (text, finish, usage) = streamed(&resp.events(), true);
+    assert_eq!(text, want);
+    assert_eq!(finish, "stop");
+    assert_eq!(usage.unwrap(), v["usage"]);
+
+    // Completions: a plain prompt, as long as the reference (which runs past end-of-text).
+    let case = &r.cases[0];
+    let want = case.greedy_text.as_deref().unwrap();
+    let body = json!({"model": s.model, "prompt": case.prompt, "temperature": 0,
+                      "max_tokens": case.greedy_ids.len(), "ignore_eos": true});
+    let resp = post(&s.http, "/v1/completions", &body);
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let v = resp.json();
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["choices"][0]["text"], want);
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["prompt_tokens"], case.input_ids.len());
+    assert_eq!(v["usage"]["completion_tokens"], case.greedy_ids.len());
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let (text, finish, usage) = streamed(&post(&s.http, "/v1/completions", &sbody).events(), false);
+    assert_eq!((text.as_str(), finish.as_str()), (want, "length"));
+    assert!(usage.is_none(), "usage only when asked for");
+
+    // Stop strings cut exactly, also when they span tokens (" Paris" + "." and "\n" + "\n").
+    for (stop, stream) in [
+        ("\n\n", false),
+        ("is.", false),
+        ("is.", true),
+        ("zzz", false),
+    ] {
+        let mut b = body.clone();
+        b["stop"] = json!([stop]);
+        b["stream"] = json!(stream);
+        let resp = post(&s.http, "/v1/completions", &b);
+        assert_eq!(resp.status, 200, "{}", resp.body);
+        let (text, finish) = if stream {
+            let (t, f, _) = streamed(&resp.events(), false);
+            (t, f)
+        } else {
+            let v = resp.json();
+            let c = &v["choices"][0];
+            (
+                c["text"].as_str().unwrap().to_string(),
+                c["finish_reason"].as_str().unwrap().to_string(),
+            )
+        };
+        match want.find(stop) {
+            Some(at) => {
+                assert_eq!(text, want[..at], "stop {stop:?}");
+                assert_eq!(finish, "stop");
+            }
+            None => assert_eq!((text.as_str(), finish.as_str()), (want, "length")),
+        }
+    }
+
+    // `tessera chat` keeps a conversation through the gRPC API.
+    let mut chat = tessera()
+        .args(["chat", "--coordinator", &s.grpc, "--max-tokens", "60"])
+        .env("TESSERA_TOKEN", &s.token)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let case = r.cases.iter().find(|c| c.messages.is_some()).unwrap();
+    let question = case.messages.as_ref().unwrap()[0]["content"]
+        .as_str()
+        .unwrap();
+    write!(
+        chat.stdin.as_mut().unwrap(),
+        "{question}\nAnd in two words?\n/exit\n"
+    )
+    .unwrap();
+    let o = chat.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let first = case
+        .greedy_text
+        .as_deref()
+        .unwrap()
+        .strip_suffix("<|im_end|>")
+        .unwrap();
+    assert!(out.starts_with(first), "{out}");
+    assert_eq!(
+        err.matches("decode").count(),
+        2,
+        "two answers with their speed: {err}"
+    );
+}
+
+#[test]
+fn bad_requests_get_the_right_status_and_a_hung_up_stream_is_freed() {
+    let s = Server::run(&["--max-seqs", "1", "--max-queue", "1"]);
+    let error = |resp: &common::http::Response, status: u16| -> Value {
+        assert_eq!(resp.status, status, "{}", resp.body);
+        let v = resp.json();
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{v}"
+        );
+        assert!(v["error"]["type"].is_string(), "{v}");
+        v["error"].clone()
+    };
+    // Malformed JSON, and a known field of the wrong type.
+    let e = error(
+        &request(
+            &s.http,
+            "POST",
+            "/v1/completions",
+            Some(r#"{"prompt": "hi","#),
+        ),
+        400,
+    );
+    assert!(e["message"].as_str().unwrap().contains("JSON"), "{e}");
+    let e = error(
+        &post(
+            &s.http,
+            "/v1/completions",
+            &json!({"prompt": "hi", "max_tokens": "many"}),
+        ),
+        400,
+    );
+    assert!(e["message"].as_str().unwrap().contains("max_tokens"), "{e}");
+    let e = error(
+        &post(
+            &s.http,
+            "/v1/chat/completions",
+            &json!({"messages": "hello"}),
+        ),
+        400,
+    );
+    assert!(e["message"].as_str().unwrap().contains("messages"), "{e}");
+    error(
+        &post(&s.http, "/v1/completions", &json!({"prompt": "hi", "n": 2})),
+        400,
+    );
+    // A 100 KB prompt: the error says how long it is and what the limit is.
+    let long = "All work and no play makes Jack a dull boy. ".repeat(2300);
+    assert!(long.len() > 100_000);
+    let e = error(
+        &post(
+            &s.http,
+            "/v1/completions",
+            &json!({"prompt": long, "max_tokens": 4}),
+        ),
+        400,
+    );
+    let m = e["message"].as_str().unwrap();
+    assert!(m.contains("8192"), "{m}");
+    assert!(
+        m.split(|c: char| !c.is_ascii_digit())
+            .any(|n| n.parse::<usize>().is_ok_and(|n| n > 20000)),
+        "the prompt's length is missing: {m}"
+    );
+    assert_eq!(e["code"], "context_length_exceeded");
+    // Unknown model, unknown path.
+    let e = error(
+        &post(
+            &s.http,
+            "/v1/completions",
+            &json!({"model": "gpt-17", "prompt": "hi"}),
+        ),
+        404,
+    );
+    assert_eq!(e["code"], "model_not_found");
+    error(&get(&s.http, "/v1/nothing-here"), 404);
+
+    // One sequence at a time and one waiting: a third request is refused with 429.
+    let long = json!({"model": s.model, "prompt": "Once upon a time", "max_tokens": 4000,
+                      "ignore_eos": true, "stream": true, "temperature": 0});
+    let mut first = send(&s.http, "POST", "/v1/completions", Some(&long.to_string()));
+    let mut buf = [0u8; 256];
+    let n = first.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    s.wait_cluster("the first stream decodes", |c| {
+        c["scheduler"]["active_sequences"] == 1
+            && c["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|w| w["kv_cached_sequences"] == 1)
+    });
+    let second = send(&s.http, "POST", "/v1/completions", Some(&long.to_string()));
+    s.wait_cluster("the second waits", |c| c["scheduler"]["queued"] == 1);
+    let e = error(&post(&s.http, "/v1/completions", &long), 429);
+    assert_eq!(e["code"], "queue_full");
+
+    // The first client hangs up mid-stream: its sequence leaves, the second one takes the slot.
+    first.write_all(b"").ok();
+    drop(first);
+    s.wait_cluster("the waiting request is admitted", |c| {
+        c["scheduler"]["queued"] == 0 && c["scheduler"]["active_sequences"] == 1
+    });
+    drop(second);
+    // Both gone: no sequence left and no KV cache on any worker.
+    let c = s.wait_cluster("every cache freed", |c| {
+        c["scheduler"]["active_sequences"] == 0
+            && c["scheduler"]["kv_reserved_positions"] == 0
+            && c["workers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|w| w["kv_cached_sequences"] == 0 && w["kv_cached_positions"] == 0)
+    });
+    assert_eq!(c["workers"].as_array().unwrap().len(), 2);
+    let m = s.metrics();
+    assert_eq!(
+        sample(&m, "tessera_requests_finished_total{outcome=\"cancelled\"}"),
+        2.0
+    );
+    assert_eq!(
+        sample(&m, "tessera_requests_rejected_total{reason=\"queue_full\"}"),
+        1.0
+    );
+    assert_eq!(
+        sample(&m, "tessera_http_responses_total{code=\"429\"}"),
+        1.0
+    );
+    assert_eq!(sample(&m, "tessera_worker_up{worker=\"worker-0\"}"), 1.0);
+    assert_eq!(sample(&m, "tessera_worker_up{worker=\"worker-1\"}"), 1.0);
+    assert_eq!(sample(&m, "tessera_queue_depth"), 0.0);
+    assert!(sample(&m, "tessera_generated_tokens_total") > 0.0);
+    assert!(sample(&m, "tessera_decode_tokens_per_second") > 0.0);
+    assert!(sample(&m, "tessera_allreduce_seconds_count") > 0.0);
+
+    // The cluster still answers.
+    let ok = post(
+        &s.http,
+        "/v1/completions",
+        &json!({"prompt": "Hello", "max_tokens": 3, "temperature": 0, "ignore_eos": true}),
+    );
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(ok.json()["usage"]["completion_tokens"], 3);
+}
+
+#[test]
+fn a_cluster_that_is_not_ready_answers_503() {
+    // A coordinator waiting for a worker that never comes.
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let mut cmd = tessera();
+    cmd.args(["coordinator", "--model", smollm2().to_str().unwrap()])
+        .args(["--workers", "1", "--listen", &grpc, "--http", "127.0.0.1:0"]);
+    let s = Server::spawn(cmd, grpc, "t", false);
+    let h = get(&s.http, "/health");
+    assert_eq!(h.status, 503, "{}", h.body);
+    assert_eq!(h.json()["state"], "waiting for workers");
+    let r = post(&s.http, "/v1/completions", &json!({"prompt": "hi"}));
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "cluster_unavailable");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("waiting for workers")
+    );
+    assert_eq!(sample(&s.metrics(), "tessera_cluster_ready"), 0.0);
+    assert_eq!(s.cluster()["ready"], false);
+}
+
+#[test]
+fn sixteen_concurrent_streams_each_get_their_own_greedy_text() {
+    let s = Server::run(&[]);
+    let prompts: Vec<String> = (0..16)
+        .map(|i| {
+            let topics = [
+                "the sea",
+                "a robot",
+                "bread",
+                "winter",
+                "music",
+                "a cat",
+                "mountains",
+                "the moon",
+            ];
+            format!(
+                "Question {i}: write one sentence about {}.",
+                topics[i % topics.len()]
+            )
+        })
+        .collect();
+    let body = |p: &str, stream: bool| {
+        json!({"model": s.model, "prompt": p, "max_tokens": 12, "temperature": 0,
+               "ignore_eos": true, "stream": stream})
+    };
+    // Each alone first.
+    let alone: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let r = post(&s.http, "/v1/completions", &body(p, false));
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+        })
+        .collect();
+    // Then all sixteen at once, streamed.
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(prompts.len()));
+    let handles: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let (http, b, barrier) = (s.http.clone(), body(p, true), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let r = read_response(send(&http, "POST", "/v1/completions", Some(&b.to_string())));
+                assert_eq!(r.status, 200, "{}", r.body);
+                streamed(&r.events(), false)
+            })
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (text, finish, _) = h.join().unwrap();
+        assert_eq!(text, alone[i], "stream {i}: {:?}", prompts[i]);
+        assert_eq!(finish, "length");
+    }
+    let m = s.metrics();
+    assert!(
+        sample(&m, "tessera_max_step_batch") >= 4.0,
+        "the streams did not share steps:\n{m}"
+    );
+    assert_eq!(
+        sample(&m, "tessera_requests_finished_total{outcome=\"completed\"}"),
+        32.0
+    );
+}
