@@ -395,3 +395,22 @@ fn a_worker_with_the_same_model_file_reads_its_slice_locally() {
     );
     assert_eq!(log.matches("shipped").count(), 1, "{log}");
 }
+
+#[test]
+fn a_long_prompt_prefills_over_quic_in_chunks_and_matches_one_process() {
+    // 1000+ tokens: prefilled in 512-token steps, whose all-reduces move 1.2 MB per layer
+    // (more than QUIC's default per-stream window, and every rank sends before it receives).
+    let prompt = "The quick brown fox jumps over the lazy dog. ".repeat(110);
+    let model = smollm2();
+    let o = run_cluster(&model, 2, &prompt, 6);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("prompt tokens: 1"), "{err}");
+    let local = tessera()
+        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", &prompt])
+        .args(["--max-tokens", "6", "--ids", "--ignore-eos"])
+        .output()
+        .unwrap();
+    assert!(local.status.success());
+    assert_eq!(o.stdout, local.stdout, "{err}");
+}

@@ -256,6 +256,13 @@ impl Drop for Children {
     }
 }
 
+impl Drop for Local {
+    fn drop(&mut self) {
+        // No step may be in flight when the workers go.
+        self.state.scheduler.shutdown();
+    }
+}
+
 /// A coordinator in this process and worker processes on loopback, stopped when dropped.
 pub struct Local {
     pub rt: tokio::runtime::Runtime,

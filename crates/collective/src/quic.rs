@@ -93,6 +93,10 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
         Duration::from_secs(5).try_into().expect("valid timeout"),
     ));
     t.keep_alive_interval(Some(Duration::from_millis(500)));
+    // A prefill all-reduce moves megabytes at once (512 tokens x 4096 hidden x 4 bytes is
+    // 8 MiB); every rank sends before it receives, so a message must fit the peer's window.
+    t.stream_receive_window(quinn::VarInt::from_u32(64 << 20));
+    t.send_window(256 << 20);
     Arc::new(t)
 }
 
@@ -518,7 +522,7 @@ mod tests {
                             };
                             let r = mesh.rank();
                             let mut out = Vec::new();
-                            for len in [1usize, 576, 5000] {
+                            for len in [1usize, 576, 5000, 300_000] {
                                 let mut buf: Vec<f32> =
                                     (0..len).map(|i| (i * 3 + r * 100) as f32).collect();
                                 mesh.all_reduce_sum(&mut buf).unwrap();

@@ -152,6 +152,7 @@ pub struct Scheduler {
     wake: Condvar,
     /// Told of a failed step (the coordinator marks the worker down and reloads).
     on_failure: Box<dyn Fn(&ModelError) + Send + Sync>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
 impl Scheduler {
@@ -174,12 +175,14 @@ impl Scheduler {
             }),
             wake: Condvar::new(),
             on_failure,
+            thread: Mutex::new(None),
         });
         let s2 = s.clone();
-        std::thread::Builder::new()
+        let t = std::thread::Builder::new()
             .name("scheduler".into())
             .spawn(move || s2.run())
             .expect("starting the scheduler thread");
+        *s.thread.lock().unwrap() = Some(t);
         s
     }
 
@@ -221,10 +224,17 @@ impl Scheduler {
         self.shared.lock().unwrap().ready
     }
 
-    /// Stops the thread (active requests fail).
+    /// Stops the thread after its current step (active requests fail) and waits for it, so
+    /// that the workers can be stopped without a step in flight.
     pub fn shutdown(&self) {
         self.shared.lock().unwrap().stop = true;
         self.withdraw("shutting down");
+        let t = self.thread.lock().unwrap().take();
+        if let Some(t) = t
+            && t.thread().id() != std::thread::current().id()
+        {
+            let _ = t.join();
+        }
     }
 
     /// (queued, active, KV positions reserved)
