@@ -407,7 +407,13 @@ fn a_long_prompt_prefills_over_quic_in_chunks_and_matches_one_process() {
     assert!(o.status.success(), "{err}");
     assert!(err.contains("prompt tokens: 1"), "{err}");
     let local = tessera()
-        .args(["generate", "--model", model.to_str().unwrap(), "--prompt", &prompt])
+        .args([
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            &prompt,
+        ])
         .args(["--max-tokens", "6", "--ids", "--ignore-eos"])
         .output()
         .unwrap();
