@@ -4,23 +4,11 @@
 
 mod common;
 
-use common::{fixtures, reference, smollm2};
+use common::{fixtures, free_port, reference, smollm2, tessera};
 use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn tessera() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tessera"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn ids(v: &[u32]) -> String {
     v.iter()

@@ -173,11 +173,7 @@ impl Project {
         let env_file = tmp.join(format!("tessera-{}.env", std::process::id()));
         let token = format!("compose-test-{}", std::process::id());
         std::fs::write(&env_file, format!("TESSERA_TOKEN={token}\n")).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let p = Project {
             name: format!("tesseratest{}", std::process::id()),
             env: vec![

@@ -5,24 +5,12 @@
 mod common;
 
 use common::http::{get, post, read_response, request, send};
-use common::{reference, smollm2};
+use common::{free_port, reference, smollm2, tessera};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-fn tessera() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tessera"))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A `tessera run` (or `tessera coordinator`) process serving HTTP, killed when dropped.
 struct Server {

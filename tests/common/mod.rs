@@ -5,6 +5,20 @@
 use serde_json::Value;
 use std::path::PathBuf;
 
+/// The `tessera` binary of this build.
+pub fn tessera() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn fixtures() -> PathBuf {
     match std::env::var_os("TESSERA_FIXTURES") {
         Some(p) => PathBuf::from(p),

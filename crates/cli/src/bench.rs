@@ -143,17 +143,7 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<()> {
     }
     let load = local.state.load_seconds.lock().unwrap().unwrap_or(0.0);
     let prompt = TEXT.repeat(a.prompt_tokens / 40 + 1);
-    let opts = crate::GenOptions {
-        max_tokens: a.gen_tokens,
-        temperature: 0.0,
-        top_p: 1.0,
-        top_k: 0,
-        seed: 0,
-        ids: true,
-        ignore_eos: true,
-        chat: false,
-        stop: vec![],
-    };
+    let opts = bench_options(a.gen_tokens);
     let addr = local.addr.to_string();
     let mut best: Option<tessera_proto::Done> = None;
     for run in 0..=a.runs {
@@ -202,12 +192,10 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Aggregate throughput with several streams at once: each level starts `c` requests together
-/// (distinct prompts, `gen_tokens` each) and waits for all of them.
-fn run_concurrency(a: &BenchArgs, n: usize, local: &crate::cluster::Local) -> anyhow::Result<()> {
-    let addr = local.addr.to_string();
-    let opts = crate::GenOptions {
-        max_tokens: a.gen_tokens,
+/// Greedy, past end-of-sequence, token ids: the same work on every run.
+fn bench_options(max_tokens: usize) -> crate::GenOptions {
+    crate::GenOptions {
+        max_tokens,
         temperature: 0.0,
         top_p: 1.0,
         top_k: 0,
@@ -216,7 +204,14 @@ fn run_concurrency(a: &BenchArgs, n: usize, local: &crate::cluster::Local) -> an
         ignore_eos: true,
         chat: false,
         stop: vec![],
-    };
+    }
+}
+
+/// Aggregate throughput with several streams at once: each level starts `c` requests together
+/// (distinct prompts, `gen_tokens` each) and waits for all of them.
+fn run_concurrency(a: &BenchArgs, n: usize, local: &crate::cluster::Local) -> anyhow::Result<()> {
+    let addr = local.addr.to_string();
+    let opts = bench_options(a.gen_tokens);
     println!(
         "model: {}, {n} worker process(es) on loopback ({}), {} prompt tokens and {} generated \
          tokens per stream",
@@ -234,10 +229,7 @@ fn run_concurrency(a: &BenchArgs, n: usize, local: &crate::cluster::Local) -> an
         &addr,
         &local.token,
         "warm up",
-        &crate::GenOptions {
-            max_tokens: 4,
-            ..opts.clone()
-        },
+        &bench_options(4),
         false,
     ))?;
     for &c in &a.concurrency {

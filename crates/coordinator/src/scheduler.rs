@@ -114,7 +114,6 @@ pub struct Metrics {
     pub completed: u64,
     pub cancelled: u64,
     pub failed: u64,
-    pub prompt_tokens: u64,
     pub generated_tokens: u64,
     pub steps: u64,
     pub step_seconds: f64,
@@ -499,7 +498,6 @@ impl Scheduler {
                 } else {
                     g.metrics.completed += 1;
                 }
-                g.metrics.prompt_tokens += a.stats.prompt_tokens as u64;
                 let c = CommStats {
                     allreduce_ns: comm.allreduce_ns - a.comm0.allreduce_ns,
                     allreduce_count: comm.allreduce_count - a.comm0.allreduce_count,

@@ -485,13 +485,18 @@ pub async fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
         spki,
         model_sha256,
     };
-    let reply = reg.register().await?;
-    node.set_identity(&Identity {
-        key_pkcs8: key.clone(),
-        cert_der: reply.certificate_der,
-        ca_der: reply.ca_der,
-    })?;
-    state.touch();
+    // Registers and installs the QUIC certificate the coordinator issued for our key.
+    let join = || async {
+        let reply = reg.register().await?;
+        node.set_identity(&Identity {
+            key_pkcs8: key.clone(),
+            cert_der: reply.certificate_der,
+            ca_der: reply.ca_der,
+        })?;
+        state.touch();
+        anyhow::Ok(())
+    };
+    join().await?;
     // A coordinator that has not called for a while has lost this worker (it restarted, or the
     // network was cut and this worker's address changed): register again.
     tokio::select! {
@@ -504,13 +509,7 @@ pub async fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
                 }
                 tracing::warn!("no word from the coordinator for {REREGISTER_AFTER:?}: registering again");
                 eprintln!("no word from the coordinator for {REREGISTER_AFTER:?}: registering again");
-                let reply = reg.register().await?;
-                node.set_identity(&Identity {
-                    key_pkcs8: key.clone(),
-                    cert_der: reply.certificate_der,
-                    ca_der: reply.ca_der,
-                })?;
-                state.touch();
+                join().await?;
             }
             #[allow(unreachable_code)]
             anyhow::Ok(())
