@@ -408,3 +408,80 @@ fn a_long_prompt_prefills_over_quic_in_chunks_and_matches_one_process() {
     assert!(local.status.success());
     assert_eq!(o.stdout, local.stdout, "{err}");
 }
+
+/// The pids of `pid`'s child processes.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+    {
+        let p = task.unwrap().path().join("children");
+        for c in std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .split_whitespace()
+        {
+            out.push(c.parse().unwrap());
+        }
+    }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie has exited; only its entry waits to be reaped.
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
+
+#[test]
+fn tessera_run_takes_its_workers_down_when_stopped_or_killed() {
+    for signal in ["TERM", "KILL"] {
+        let mut run = tessera()
+            .args([
+                "run",
+                "--model",
+                fixtures().join("tiny-llama").to_str().unwrap(),
+            ])
+            .args([
+                "--workers",
+                "2",
+                "--listen",
+                &format!("127.0.0.1:{}", free_port()),
+            ])
+            .args(["--http", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = std::io::BufReader::new(run.stderr.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("serving on") {
+            line.clear();
+            assert!(
+                std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0,
+                "no start"
+            );
+        }
+        let workers = children_of(run.id());
+        assert_eq!(workers.len(), 2, "{workers:?}");
+        let ok = Command::new("kill")
+            .args([&format!("-{signal}"), &run.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        run.wait().unwrap();
+        let t = Instant::now();
+        while workers.iter().any(|&w| alive(w)) {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "SIG{signal}: workers outlived run"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

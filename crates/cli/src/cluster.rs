@@ -309,29 +309,42 @@ pub fn start_local(
     let exe = std::env::current_exe()?;
     let mut children = Children(Vec::new());
     for i in 0..workers {
-        let child = std::process::Command::new(&exe)
-            .args([
-                "worker",
-                "--listen",
-                "127.0.0.1:0",
-                "--quic-listen",
-                "127.0.0.1:0",
-                "--coordinator",
-                &addr.to_string(),
-            ])
-            .args([
-                "--name",
-                &format!("worker-{i}"),
-                "--backend",
-                model.backend.name(),
-                "--memory-gib",
-                "1",
-            ])
-            .env("TESSERA_TOKEN", &token)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .context("starting a worker process")?;
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args([
+            "worker",
+            "--listen",
+            "127.0.0.1:0",
+            "--quic-listen",
+            "127.0.0.1:0",
+            "--coordinator",
+            &addr.to_string(),
+        ])
+        .args([
+            "--name",
+            &format!("worker-{i}"),
+            "--backend",
+            model.backend.name(),
+            "--memory-gib",
+            "1",
+        ])
+        .env("TESSERA_TOKEN", &token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+        // The workers die with this process, even when it is killed outright.
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd.spawn().context("starting a worker process")?;
         children.0.push(child);
     }
     eprintln!("coordinator on {addr}: started {workers} worker process(es)");
@@ -380,7 +393,15 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             if a.token.is_none() {
                 eprintln!("token for clients: {token}");
             }
-            local.rt.block_on(tokio::signal::ctrl_c())?;
+            // Ctrl-C, or SIGTERM from a service manager: either way the workers go too.
+            local.rt.block_on(async {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                tokio::select! {
+                    r = tokio::signal::ctrl_c() => r,
+                    _ = term.recv() => Ok(()),
+                }
+            })?;
             Ok(())
         }
     }
