@@ -96,6 +96,11 @@ struct Cluster {
 
 impl Cluster {
     fn start(model: &Path, n: usize) -> Cluster {
+        Cluster::start_with(model, n, &[])
+    }
+
+    /// With extra coordinator flags.
+    fn start_with(model: &Path, n: usize, extra: &[&str]) -> Cluster {
         let addr = format!("127.0.0.1:{}", free_port());
         let token = format!("test-token-{}", std::process::id());
         let coordinator = tessera()
@@ -108,6 +113,7 @@ impl Cluster {
                 "--listen",
                 &addr,
             ])
+            .args(extra)
             .env("TESSERA_TOKEN", &token)
             .stderr(Stdio::null())
             .spawn()
@@ -484,4 +490,35 @@ fn tessera_run_takes_its_workers_down_when_stopped_or_killed() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+#[test]
+fn with_grow_a_joining_worker_is_sharded_in() {
+    let r = reference("tiny-llama");
+    let case = &r.cases[0];
+    let mut c = Cluster::start_with(&fixtures().join("tiny-llama"), 2, &["--grow"]);
+    let ready = |c: &Cluster| {
+        c.status()
+            .lines()
+            .filter(|l| l.trim_start().starts_with('#') && l.contains(" ready "))
+            .count()
+    };
+    assert_eq!(ready(&c), 2, "{}", c.status());
+    let third = c.worker(2, &c.token.clone());
+    c.workers.push(Some(third));
+    let t = Instant::now();
+    while !(ready(&c) == 3 && c.status().starts_with("cluster: ready")) {
+        assert!(t.elapsed() < Duration::from_secs(60), "{}", c.status());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(c.status().contains("rank 2"), "{}", c.status());
+    let o = c
+        .generate(&case.prompt, case.greedy_ids.len())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        ids(&case.greedy_ids)
+    );
 }

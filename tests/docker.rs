@@ -286,8 +286,9 @@ fn interrupted_stream(p: &Project, cut: impl FnOnce()) -> (Duration, String) {
 }
 
 #[test]
-fn compose_cluster_serves_survives_a_crash_an_intruder_and_a_network_cut() {
-    if no_docker("compose_cluster_serves_survives_a_crash_an_intruder_and_a_network_cut") {
+fn compose_cluster_serves_survives_a_crash_an_intruder_and_a_network_cut_and_grows() {
+    if no_docker("compose_cluster_serves_survives_a_crash_an_intruder_and_a_network_cut_and_grows")
+    {
         return;
     }
     let r = reference("smollm2-135m-q4_1");
@@ -403,6 +404,30 @@ fn compose_cluster_serves_survives_a_crash_an_intruder_and_a_network_cut() {
     assert_eq!(status, 503, "a cluster missing a worker answered: {v}");
     run(&mut docker(&["network", "connect", &net, &cut]));
     p.wait_healthy("after reconnecting");
+    let (status, v) = completion(&p, &case.prompt, case.greedy_ids.len());
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], want);
+
+    // Growing: a fourth worker container joins and the coordinator reshards over all four.
+    run(&mut p.compose(&["up", "-d", "--scale", "worker=4"]));
+    let t = Instant::now();
+    loop {
+        let c = get(&p.http, "/v1/cluster").json();
+        let ready = c["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["state"] == "ready")
+            .count();
+        if ready == 4 && c["ready"] == true {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "did not grow: {c:#}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     let (status, v) = completion(&p, &case.prompt, case.greedy_ids.len());
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["choices"][0]["text"], want);

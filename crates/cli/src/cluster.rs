@@ -128,6 +128,10 @@ pub struct CoordinatorArgs {
     /// How many workers to wait for
     #[arg(long)]
     workers: usize,
+    /// When more workers register, reshard over all of them (at an idle moment); without it
+    /// extra workers stand by to replace a failed one
+    #[arg(long)]
+    grow: bool,
     #[command(flatten)]
     token: TokenArg,
     /// Serve the OpenAI-compatible HTTP API on this address (for example 0.0.0.0:8080)
@@ -228,6 +232,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         model,
         model_name: crate::model_name(&a.model),
         workers: a.workers,
+        grow: a.grow,
         token: a.token.token,
     })?;
     runtime()?.block_on(async move {
@@ -297,6 +302,7 @@ pub fn start_local(
         model: path,
         model_name: crate::model_name(&model.model),
         workers,
+        grow: false,
         token: token.clone(),
     })?;
     let rt = runtime()?;

@@ -41,6 +41,9 @@ pub struct CoordinatorConfig {
     /// The model's name in the HTTP API (`"model"` in requests).
     pub model_name: String,
     pub workers: usize,
+    /// Reshard over every registered worker when more than `workers` are there (at an idle
+    /// moment), instead of keeping the extra ones as stand-bys.
+    pub grow: bool,
     pub token: String,
     pub scheduler: SchedulerConfig,
 }
@@ -71,6 +74,8 @@ struct Inner {
     mesh_id: u64,
     /// A loaded mesh is serving (or loading one is under way).
     loaded: bool,
+    /// Workers in that mesh.
+    mesh_size: usize,
     state: &'static str,
 }
 
@@ -83,6 +88,7 @@ pub struct CoordinatorState {
     pub started: Instant,
     model_sha256: String,
     n: usize,
+    grow: bool,
     token: String,
     ca: ClusterCa,
     inner: Mutex<Inner>,
@@ -119,6 +125,7 @@ impl CoordinatorState {
                 started: Instant::now(),
                 model_sha256,
                 n: cfg.workers,
+                grow: cfg.grow,
                 token: cfg.token.clone(),
                 ca,
                 inner: Mutex::new(Inner {
@@ -126,6 +133,7 @@ impl CoordinatorState {
                     next_id: 1,
                     mesh_id: 0,
                     loaded: false,
+                    mesh_size: 0,
                     state: "waiting for workers",
                 }),
                 changed: Notify::new(),
@@ -196,8 +204,24 @@ impl CoordinatorState {
                     .filter(|w| w.state != WState::Down)
                     .map(|w| w.id)
                     .collect();
-                if !g.loaded && live.len() >= self.n {
+                // With --grow, every live worker the plan can use; else exactly n.
+                let want = if self.grow {
+                    self.usable_shards(live.len())
+                } else {
+                    self.n
+                };
+                let (queued, active, _) = self.scheduler.load();
+                let grow_now = self.grow
+                    && g.loaded
+                    && g.state == "ready"
+                    && want > g.mesh_size
+                    && queued == 0
+                    && active == 0;
+                if (!g.loaded && live.len() >= self.n) || grow_now {
+                    let k = want.max(self.n).min(live.len());
+                    let before = g.mesh_size;
                     g.loaded = true;
+                    g.mesh_size = k;
                     g.mesh_id += 1;
                     g.state = "loading";
                     // Until the new mesh is up none of them is ready (the health check would
@@ -209,12 +233,20 @@ impl CoordinatorState {
                             w.shard = None;
                         }
                     }
-                    Some((live[live.len() - self.n..].to_vec(), g.mesh_id))
+                    if grow_now {
+                        tracing::info!(from = before, to = k, "more workers: resharding");
+                        eprintln!("{} workers registered: resharding over {k}", live.len());
+                    }
+                    Some((live[live.len() - k..].to_vec(), g.mesh_id, grow_now))
                 } else {
                     None
                 }
             };
-            if let Some((ids, mesh)) = todo {
+            if let Some((ids, mesh, growing)) = todo {
+                if growing {
+                    // The old mesh stops serving (the scheduler is idle) while the new loads.
+                    self.scheduler.withdraw("loading");
+                }
                 match self.clone().load_all(&ids, mesh).await {
                     Ok(()) => {}
                     Err((id, e)) => {
@@ -232,8 +264,21 @@ impl CoordinatorState {
                 }
                 continue;
             }
-            self.changed.notified().await;
+            if self.grow {
+                // Growth waits for an idle moment: look again now and then.
+                let _ = tokio::time::timeout(Duration::from_secs(2), self.changed.notified()).await;
+            } else {
+                self.changed.notified().await;
+            }
         }
+    }
+
+    /// The most shards, at most `k`, that the model can be split into.
+    fn usable_shards(&self, k: usize) -> usize {
+        (1..=k)
+            .rev()
+            .find(|&m| ShardPlan::new(&self.files.cfg, m).is_ok())
+            .unwrap_or(1)
     }
 
     async fn load_all(
