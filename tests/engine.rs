@@ -217,3 +217,51 @@ fn batched_steps_match_reference_on_1_and_3_shards() {
         check_batched(&smollm2(), &smol, shards, 12);
     }
 }
+
+#[test]
+fn streamed_text_equals_the_whole_decode_for_every_tokenizer() {
+    use tessera_model::TextStream;
+    for (path, fixture) in [
+        (fixtures().join("tiny-llama"), "tiny-llama"),
+        (fixtures().join("tiny-qwen2"), "tiny-qwen2"),
+        (smollm2(), "smollm2-135m-q4_1"),
+    ] {
+        let files = ModelFiles::open(&path).expect("model opens");
+        let tok = &files.tokenizer;
+        for case in reference(fixture).cases {
+            // The prompt and its continuation, streamed token by token.
+            let ids: Vec<u32> = case
+                .input_ids
+                .iter()
+                .chain(&case.greedy_ids)
+                .copied()
+                .collect();
+            let mut s = TextStream::default();
+            let mut text = String::new();
+            for &id in &ids {
+                text += &s.push(tok, id).unwrap();
+            }
+            text += &s.finish(tok).unwrap();
+            assert_eq!(
+                text,
+                tok.decode(&ids).unwrap(),
+                "{fixture}: {:?}",
+                case.prompt
+            );
+        }
+        // Characters that byte-level tokens split: no piece may carry half of one.
+        let ids = tok.encode("naïve café 🙂 日本語, ok").unwrap();
+        let mut s = TextStream::default();
+        let mut text = String::new();
+        for &id in &ids {
+            let piece = s.push(tok, id).unwrap();
+            assert!(
+                !piece.contains('\u{FFFD}'),
+                "{fixture}: a split character in {piece:?}"
+            );
+            text += &piece;
+        }
+        text += &s.finish(tok).unwrap();
+        assert_eq!(text, tok.decode(&ids).unwrap(), "{fixture}");
+    }
+}

@@ -171,32 +171,42 @@ impl Tokenizer {
 
 /// Turns a growing list of token ids into text pieces to print, holding back a piece while it
 /// ends in an incomplete UTF-8 sequence (a byte-level token can carry half a character).
+///
+/// Incremental, as text-generation servers do it: only the last few tokens are decoded each
+/// time (from `prefix`, one token of context before the unsent ones, so that tokenizers that
+/// treat a leading space specially decode the same as in the whole text).
 #[derive(Default)]
 pub struct TextStream {
     ids: Vec<u32>,
-    emitted: usize,
+    /// Start of the decoding window.
+    prefix: usize,
+    /// Tokens up to here have been sent.
+    read: usize,
 }
 
 impl TextStream {
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let text = tok.decode(&self.ids)?;
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let text = tok.decode(&self.ids[self.prefix..])?;
         if text.ends_with('\u{FFFD}')
-            || text.len() < self.emitted
-            || !text.is_char_boundary(self.emitted)
+            || text.len() <= before.len()
+            || !text.is_char_boundary(before.len())
         {
             return Ok(String::new());
         }
-        let piece = text[self.emitted..].to_string();
-        self.emitted = text.len();
+        let piece = text[before.len()..].to_string();
+        self.prefix = self.read;
+        self.read = self.ids.len();
         Ok(piece)
     }
 
     /// Whatever is still held back (an incomplete character at the very end).
     pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
-        let text = tok.decode(&self.ids)?;
-        let piece = text.get(self.emitted..).unwrap_or("").to_string();
-        self.emitted = text.len();
-        Ok(piece)
+        let before = tok.decode(&self.ids[self.prefix..self.read])?;
+        let text = tok.decode(&self.ids[self.prefix..])?;
+        self.prefix = self.read;
+        self.read = self.ids.len();
+        Ok(text.get(before.len()..).unwrap_or("").to_string())
     }
 }
