@@ -69,6 +69,9 @@ pub struct ShardModel {
     embed: Option<Tensor<2>>,
     /// For each local query head, the local KV head it reads.
     kv_index: Option<Tensor<1, Int>>,
+    /// When every local KV head serves the same number of consecutive local query heads, that
+    /// number: attention then groups the query heads instead of copying K and V per head.
+    group: Option<usize>,
     inv_freq: Vec<f32>,
     caches: HashMap<u64, Vec<Option<KvCache>>>,
     weight_bytes: u64,
@@ -307,6 +310,12 @@ impl ShardModel {
         let final_norm = vector(W::FinalNorm, h)?;
 
         let identity = (0..spec.n_q()).all(|j| spec.kv_index_for_local_q(cfg, j) == j);
+        let g = spec.n_q() / spec.n_kv().max(1);
+        let group = (!identity
+            && g > 1
+            && spec.n_q() == g * spec.n_kv()
+            && (0..spec.n_q()).all(|j| spec.kv_index_for_local_q(cfg, j) == j / g))
+        .then_some(g);
         let kv_index = (!identity).then(|| {
             let idx: Vec<i64> = (0..spec.n_q())
                 .map(|j| spec.kv_index_for_local_q(cfg, j) as i64)
@@ -322,6 +331,7 @@ impl ShardModel {
             head,
             embed,
             kv_index,
+            group,
             inv_freq: inv_freq(cfg),
             caches: HashMap::new(),
             weight_bytes,
@@ -463,20 +473,37 @@ impl ShardModel {
             k: k.clone(),
             v: v.clone(),
         });
-        let (k, v) = match &self.kv_index {
-            Some(idx) => (k.select(0, idx.clone()), v.select(0, idx.clone())),
-            None => (k, v),
-        };
         let scale = 1.0 / (self.cfg.head_dim as f64).sqrt();
-        let mut scores = q.matmul(k.swap_dims(1, 2)) * scale;
-        if t > 1 {
-            let s = pos + t;
+        let s = pos + t;
+        // The causal mask of the new tokens: t x s values, in the given shape.
+        let mask = |shape: Vec<usize>| {
             let m: Vec<f32> = (0..t)
                 .flat_map(|i| {
                     (0..s).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
                 })
                 .collect();
-            scores = scores + Tensor::<3>::from_data(TensorData::new(m, [1, t, s]), &self.device);
+            TensorData::new(m, shape)
+        };
+        if let Some(g) = self.group {
+            // Query heads of one KV head as rows of one product, [nkv, g*t, hd] x [nkv, hd, L],
+            // instead of copying K and V once per query head.
+            let [nq, _, hd] = q.dims();
+            let nkv = nq / g;
+            let q = q.reshape([nkv, g * t, hd]);
+            let mut scores = q.matmul(k.swap_dims(1, 2)) * scale;
+            if t > 1 {
+                let m = Tensor::<4>::from_data(mask(vec![1, 1, t, s]), &self.device);
+                scores = (scores.reshape([nkv, g, t, s]) + m).reshape([nkv, g * t, s]);
+            }
+            return softmax(scores, 2).matmul(v).reshape([nq, t, hd]);
+        }
+        let (k, v) = match &self.kv_index {
+            Some(idx) => (k.select(0, idx.clone()), v.select(0, idx.clone())),
+            None => (k, v),
+        };
+        let mut scores = q.matmul(k.swap_dims(1, 2)) * scale;
+        if t > 1 {
+            scores = scores + Tensor::<3>::from_data(mask(vec![1, t, s]), &self.device);
         }
         softmax(scores, 2).matmul(v)
     }
