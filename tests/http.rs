@@ -476,8 +476,12 @@ fn sixteen_concurrent_streams_each_get_their_own_greedy_text() {
                 "mountains",
                 "the moon",
             ];
+            // Long enough (about 60 tokens each) that the joining prompts fill 512-token
+            // prefill steps, whose all-reduces are megabyte bursts over QUIC.
             format!(
-                "Question {i}: write one sentence about {}.",
+                "You are a careful writer. Every answer is short, concrete and friendly, and it \
+                 never repeats the question. Think of a detail that a reader would not expect. \
+                 Question {i}: write one sentence about {}.",
                 topics[i % topics.len()]
             )
         })

@@ -172,7 +172,24 @@ pub struct QuicNode {
 impl QuicNode {
     /// Binds a UDP socket. `proof` is derived from the cluster token (see `token_proof`).
     pub fn bind(addr: SocketAddr, proof: [u8; 32]) -> std::io::Result<QuicNode> {
-        let endpoint = Endpoint::client(addr)?;
+        // A prefill all-reduce arrives as a burst of hundreds of datagrams while the receiving
+        // process is busy computing; with the default 208 KiB socket buffer the kernel drops
+        // them, and QUIC's loss recovery backs off for seconds. Ask for 8 MiB (the kernel caps
+        // it at net.core.rmem_max / wmem_max).
+        use socket2::{Domain, Protocol, Socket, Type};
+        let sock = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+        let _ = sock.set_recv_buffer_size(8 << 20);
+        let _ = sock.set_send_buffer_size(8 << 20);
+        if addr.is_ipv6() {
+            let _ = sock.set_only_v6(false);
+        }
+        sock.bind(&addr.into())?;
+        let endpoint = Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            sock.into(),
+            Arc::new(quinn::TokioRuntime),
+        )?;
         Ok(QuicNode {
             endpoint,
             client: Mutex::new(None),
