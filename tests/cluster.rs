@@ -175,6 +175,19 @@ impl Cluster {
         }
     }
 
+    /// Generates the case's reference continuation and checks the ids.
+    fn expect_reference(&self, case: &common::Case) {
+        let o = self
+            .generate(&case.prompt, case.greedy_ids.len())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            ids(&case.greedy_ids)
+        );
+    }
+
     fn generate(&self, prompt: &str, n: usize) -> Command {
         let mut c = tessera();
         c.args([
@@ -230,15 +243,7 @@ fn workers_without_the_cluster_token_are_refused_and_the_cluster_keeps_serving()
         "the intruder is listed: {}",
         c.status()
     );
-    let o = c
-        .generate(&case.prompt, case.greedy_ids.len())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout).trim(),
-        ids(&case.greedy_ids)
-    );
+    c.expect_reference(case);
     // A client with the wrong token is refused too.
     let o = c
         .generate("hi", 4)
@@ -306,15 +311,7 @@ fn a_killed_worker_fails_the_request_and_a_restarted_one_rejoins() {
     let back = c.worker(1, &c.token.clone());
     c.workers[1] = Some(back);
     c.wait_ready();
-    let o = c
-        .generate(&case.prompt, case.greedy_ids.len())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout).trim(),
-        ids(&case.greedy_ids)
-    );
+    c.expect_reference(case);
 }
 
 #[test]
@@ -365,15 +362,7 @@ fn a_worker_with_the_same_model_file_reads_its_slice_locally() {
     c.wait_ready();
     let r = reference("smollm2-135m-q4_1");
     let case = &r.cases[2];
-    let o = c
-        .generate(&case.prompt, case.greedy_ids.len())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout).trim(),
-        ids(&case.greedy_ids)
-    );
+    c.expect_reference(case);
     let _ = c.coordinator.kill();
     let mut log = String::new();
     c.coordinator
@@ -512,13 +501,5 @@ fn with_grow_a_joining_worker_is_sharded_in() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(c.status().contains("rank 2"), "{}", c.status());
-    let o = c
-        .generate(&case.prompt, case.greedy_ids.len())
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(
-        String::from_utf8_lossy(&o.stdout).trim(),
-        ids(&case.greedy_ids)
-    );
+    c.expect_reference(case);
 }
