@@ -206,7 +206,13 @@ fn run_generate(g: GenerateArgs) -> anyhow::Result<()> {
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    let mut stream = StopText::new(a.stop.clone());
+    // The end-of-sequence token that stops generation is not part of the answer's text.
+    let end_ids = if a.ignore_eos {
+        vec![]
+    } else {
+        files.cfg.eos_token_ids.clone()
+    };
+    let mut stream = StopText::new(a.stop.clone(), end_ids);
     let mut ids = Vec::new();
     let mut failure: Option<anyhow::Error> = None;
     let stats = tessera_model::generate(
@@ -217,8 +223,7 @@ fn run_generate(g: GenerateArgs) -> anyhow::Result<()> {
         &files.cfg.eos_token_ids,
         &mut |tok| {
             ids.push(tok);
-            // The end-of-sequence token that stops generation is not part of the answer's text.
-            if a.ids || (!a.ignore_eos && files.cfg.eos_token_ids.contains(&tok)) {
+            if a.ids {
                 return true;
             }
             let piece = stream.push(&files.tokenizer, tok);

@@ -659,8 +659,6 @@ async fn chat_completions(
 /// The streaming state of one request: the text so far and the token count.
 struct Progress {
     text: StopText,
-    stop_ids: Vec<u32>,
-    ignore_eos: bool,
     completion_tokens: usize,
 }
 
@@ -676,9 +674,6 @@ impl Progress {
         match ev {
             Some(Event::Token(id)) => {
                 self.completion_tokens += 1;
-                if !self.ignore_eos && self.stop_ids.contains(&id) {
-                    return Step::Text(String::new());
-                }
                 let piece = self.text.push(tok, id);
                 if self.text.stopped {
                     Step::Finished("stop", piece)
@@ -726,9 +721,15 @@ async fn run(app: Shared, p: Plan) -> Result<Response, ApiError> {
     let created = now_secs();
     let model = st.model_name.clone();
     let mut prog = Progress {
-        text: StopText::new(p.stops),
-        stop_ids,
-        ignore_eos: p.params.ignore_eos,
+        // The end token that stopped generation is not answer text.
+        text: StopText::new(
+            p.stops,
+            if p.params.ignore_eos {
+                vec![]
+            } else {
+                stop_ids
+            },
+        ),
         completion_tokens: 0,
     };
     let usage = move |c: usize| {

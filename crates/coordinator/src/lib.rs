@@ -804,7 +804,13 @@ impl Coordinator for CoordinatorService {
         let (tx, rx) = mpsc::channel::<Result<GenerateEvent, Status>>(64);
         tokio::spawn(async move {
             let files = st.files.clone();
-            let mut text = StopText::new(r.stop.clone());
+            // The end token that stopped generation is not answer text.
+            let end_ids = if params.ignore_eos {
+                vec![]
+            } else {
+                stop_ids.clone()
+            };
+            let mut text = StopText::new(r.stop.clone(), end_ids);
             let started = Instant::now();
             let mut first: Option<Instant> = None;
             let mut generated = 0u32;
@@ -821,12 +827,7 @@ impl Coordinator for CoordinatorService {
                     Some(Event::Token(id)) => {
                         first.get_or_insert_with(Instant::now);
                         generated += 1;
-                        // An end-of-sequence token that stops generation is not answer text.
-                        let piece = if !params.ignore_eos && stop_ids.contains(&id) {
-                            String::new()
-                        } else {
-                            text.push(&files.tokenizer, id)
-                        };
+                        let piece = text.push(&files.tokenizer, id);
                         if tx.send(Ok(token(id, piece))).await.is_err() {
                             return;
                         }
