@@ -1,0 +1,268 @@
+//! Matrix products against weights kept in their GGML blocks: `y = x · Wᵀ` for `n` activation
+//! rows. Output rows are spread over threads (rayon, sharing Burn's CPU pool); within a thread,
+//! a tile of weight rows is decoded once for several activation rows, so a batch reads each
+//! weight block once. Every output value is accumulated in the same order whatever the batch
+//! size, tile or thread split, so a sequence's result does not depend on its batch.
+
+use crate::act::QActs;
+use crate::format::GgmlType;
+use half::{bf16, f16};
+use rayon::prelude::*;
+use std::cell::RefCell;
+use std::sync::OnceLock;
+
+/// A matrix of `rows` x `cols` values stored as GGML rows (each row whole blocks, row-major).
+#[derive(Debug, Clone, Copy)]
+pub struct QMatrix<'a> {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+impl<'a> QMatrix<'a> {
+    /// Checks the byte length against the shape and type.
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, String> {
+        let rb = ty.row_bytes(cols).ok_or_else(|| {
+            format!(
+                "a row of {cols} values is not a whole number of {}-value {} blocks",
+                ty.block_values(),
+                ty.name()
+            )
+        })?;
+        let want = rb.checked_mul(rows).ok_or("matrix size overflows")?;
+        if data.len() != want {
+            return Err(format!(
+                "{rows}x{cols} {} needs {want} bytes, found {}",
+                ty.name(),
+                data.len()
+            ));
+        }
+        Ok(QMatrix {
+            ty,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    pub fn row_bytes(&self) -> usize {
+        self.data.len() / self.rows.max(1)
+    }
+}
+
+/// How activations meet quantized weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// Activations quantized to 8 bits per 32-value block, integer dot products (llama.cpp's
+    /// way). Only for quantized weights: dense (F32/F16/BF16) weights always use f32.
+    Fast,
+    /// f32 activations against weights dequantized inside the kernel.
+    Exact,
+}
+
+/// The instruction set a kernel uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    /// AVX2 + FMA + F16C (x86-64 since 2013).
+    Avx2,
+    /// AVX2 kernels with AVX-512 VNNI dot products on 256-bit vectors.
+    Avx512Vnni,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+            Isa::Avx512Vnni => "avx512-vnni",
+        }
+    }
+
+    /// Every instruction set this machine can run, scalar first.
+    pub fn available() -> Vec<Isa> {
+        let mut v = vec![Isa::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::x86::has_avx2() {
+                v.push(Isa::Avx2);
+            }
+            if crate::x86::has_vnni() {
+                v.push(Isa::Avx512Vnni);
+            }
+        }
+        v
+    }
+
+    /// The fastest available, unless `TESSERA_ISA` names another (scalar, avx2, avx512-vnni).
+    pub fn best() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            let avail = Isa::available();
+            if let Ok(want) = std::env::var("TESSERA_ISA")
+                && let Some(i) = avail.iter().find(|i| i.name() == want)
+            {
+                return *i;
+            }
+            *avail.last().expect("scalar is always available")
+        })
+    }
+}
+
+/// A raw view of one output matrix `[n, cols]` written by several threads at disjoint columns.
+pub(crate) struct Out {
+    ptr: *mut f32,
+    stride: usize,
+    len: usize,
+}
+// SAFETY: threads write disjoint elements (distinct output rows of the weight matrix).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    fn new(y: &mut [f32], stride: usize) -> Out {
+        Out {
+            ptr: y.as_mut_ptr(),
+            stride,
+            len: y.len(),
+        }
+    }
+    #[inline(always)]
+    pub(crate) fn set(&self, b: usize, r: usize, v: f32) {
+        let i = b * self.stride + r;
+        assert!(i < self.len && r < self.stride);
+        // SAFETY: in bounds (checked), and no two threads write the same (b, r).
+        unsafe { *self.ptr.add(i) = v }
+    }
+}
+
+/// Values `k0..k0+len` of a dense row (F32, F16 or BF16) as f32.
+pub(crate) fn dense_chunk(ty: GgmlType, row: &[u8], k0: usize, len: usize, out: &mut [f32]) {
+    match ty {
+        GgmlType::F32 => {
+            for (i, o) in out[..len].iter_mut().enumerate() {
+                let at = 4 * (k0 + i);
+                *o = f32::from_le_bytes(row[at..at + 4].try_into().unwrap());
+            }
+        }
+        GgmlType::F16 => {
+            for (i, o) in out[..len].iter_mut().enumerate() {
+                let at = 2 * (k0 + i);
+                *o = f16::from_le_bytes([row[at], row[at + 1]]).to_f32();
+            }
+        }
+        GgmlType::BF16 => {
+            for (i, o) in out[..len].iter_mut().enumerate() {
+                let at = 2 * (k0 + i);
+                *o = bf16::from_le_bytes([row[at], row[at + 1]]).to_f32();
+            }
+        }
+        _ => unreachable!("not a dense type"),
+    }
+}
+
+thread_local! {
+    static ACTS: RefCell<QActs> = RefCell::new(QActs::default());
+}
+
+/// `y = x · Wᵀ`: `x` is `n` rows of `w.cols`, `y` is `n` rows of `w.rows`.
+pub fn matmul(w: &QMatrix, x: &[f32], n: usize, y: &mut [f32], prec: Precision) {
+    matmul_group(&[*w], x, n, &mut [y], prec, Isa::best());
+}
+
+/// Several matrices that read the same input (Q, K and V; gate and up) in one pass over the
+/// threads: the input is quantized once, and every matrix's rows are shared out together.
+/// `ys[i]` receives `n` rows of `ws[i].rows`.
+pub fn matmul_group(
+    ws: &[QMatrix],
+    x: &[f32],
+    n: usize,
+    ys: &mut [&mut [f32]],
+    prec: Precision,
+    isa: Isa,
+) {
+    assert_eq!(ws.len(), ys.len());
+    if n == 0 || ws.is_empty() {
+        return;
+    }
+    let cols = ws[0].cols;
+    assert!(
+        ws.iter().all(|w| w.cols == cols),
+        "a group shares its input"
+    );
+    assert_eq!(x.len(), n * cols, "input is n x cols");
+    for (w, y) in ws.iter().zip(ys.iter()) {
+        assert_eq!(y.len(), n * w.rows, "output is n x rows");
+    }
+    let fast = prec == Precision::Fast && ws.iter().any(|w| !w.ty.is_dense());
+    let outs: Vec<Out> = ys
+        .iter_mut()
+        .zip(ws)
+        .map(|(y, w)| Out::new(y, w.rows))
+        .collect();
+    let run = |acts: Option<&QActs>| {
+        // Work items: row ranges of every matrix, about 4 per thread for balance.
+        let threads = rayon::current_num_threads().max(1);
+        let total_rows: usize = ws.iter().map(|w| w.rows).sum();
+        let macs = total_rows * cols * n;
+        let parts = if macs < 1 << 16 { 1 } else { threads * 4 };
+        let step = total_rows.div_ceil(parts).next_multiple_of(4).max(4);
+        let mut items = Vec::new();
+        for (i, w) in ws.iter().enumerate() {
+            let mut r = 0;
+            while r < w.rows {
+                let e = (r + step).min(w.rows);
+                items.push((i, r..e));
+                r = e;
+            }
+        }
+        let work = |(i, rows): &(usize, std::ops::Range<usize>)| {
+            let w = &ws[*i];
+            match (acts, w.ty.is_dense()) {
+                (Some(a), false) => rows_fast(isa, w.ty, w.data, rows.clone(), a, &outs[*i]),
+                _ => rows_exact(isa, w.ty, w.data, rows.clone(), x, n, cols, &outs[*i]),
+            }
+        };
+        if items.len() == 1 || threads == 1 {
+            items.iter().for_each(work);
+        } else {
+            items.par_iter().for_each(work);
+        }
+    };
+    if fast {
+        ACTS.with(|a| {
+            let mut a = a.borrow_mut();
+            a.requantize(x, n, cols);
+            run(Some(&a));
+        });
+    } else {
+        run(None);
+    }
+}
+
+fn rows_fast(isa: Isa, ty: GgmlType, w: &[u8], rows: std::ops::Range<usize>, a: &QActs, out: &Out) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => crate::x86::rows_fast(isa, ty, w, rows, a, out),
+        _ => crate::scalar::rows_fast(ty, w, rows, a, out),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rows_exact(
+    isa: Isa,
+    ty: GgmlType,
+    w: &[u8],
+    rows: std::ops::Range<usize>,
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    out: &Out,
+) {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512Vnni => crate::x86::rows_exact(isa, ty, w, rows, x, n, cols, out),
+        _ => crate::scalar::rows_exact(ty, w, rows, x, n, cols, out),
+    }
+}

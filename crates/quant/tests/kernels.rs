@@ -1,0 +1,215 @@
+//! Every format x every instruction set this machine has (scalar included) x both precisions,
+//! against dequantize-then-f64 products, on random blocks, odd row counts and batches of 1..17.
+
+use half::{bf16, f16};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use tessera_quant::*;
+
+/// Byte offsets of the f16 scale fields of one block (random bytes elsewhere are valid).
+fn f16_fields(ty: GgmlType) -> &'static [usize] {
+    use GgmlType::*;
+    match ty {
+        Q4_0 | Q5_0 | Q8_0 | IQ4_NL | IQ4_XS => &[0],
+        Q4_1 | Q5_1 | Q4_K | Q5_K => &[0, 2],
+        Q2_K => &[80, 82],
+        Q3_K => &[108],
+        Q6_K => &[208],
+        F32 | F16 | BF16 => &[],
+    }
+}
+
+/// A random `rows x cols` matrix of `ty` with finite, modest scales.
+fn random_matrix(ty: GgmlType, rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
+    let n = ty.row_bytes(cols).unwrap() * rows;
+    let mut data: Vec<u8> = (0..n).map(|_| rng.random()).collect();
+    match ty {
+        GgmlType::F32 => {
+            for c in data.chunks_exact_mut(4) {
+                c.copy_from_slice(&rng.random_range(-1.0f32..1.0).to_le_bytes());
+            }
+        }
+        GgmlType::F16 => {
+            for c in data.chunks_exact_mut(2) {
+                c.copy_from_slice(&f16::from_f32(rng.random_range(-1.0..1.0)).to_le_bytes());
+            }
+        }
+        GgmlType::BF16 => {
+            for c in data.chunks_exact_mut(2) {
+                c.copy_from_slice(&bf16::from_f32(rng.random_range(-1.0..1.0)).to_le_bytes());
+            }
+        }
+        _ => {
+            for blk in data.chunks_exact_mut(ty.block_bytes()) {
+                for &at in f16_fields(ty) {
+                    let v = f16::from_f32(rng.random_range(-0.05..0.05));
+                    blk[at..at + 2].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+    }
+    data
+}
+
+fn dequant_matrix(ty: GgmlType, data: &[u8], rows: usize, cols: usize) -> Vec<f32> {
+    let mut w = vec![0f32; rows * cols];
+    dequantize(ty, data, &mut w);
+    w
+}
+
+/// `x · Wᵀ` in f64.
+fn reference(w: &[f32], x: &[f32], rows: usize, cols: usize, n: usize) -> Vec<f64> {
+    let mut y = vec![0f64; n * rows];
+    for b in 0..n {
+        for r in 0..rows {
+            y[b * rows + r] = (0..cols)
+                .map(|k| w[r * cols + k] as f64 * x[b * cols + k] as f64)
+                .sum();
+        }
+    }
+    y
+}
+
+/// The activations the fast path really multiplies: each row quantized and dequantized.
+fn quantized_inputs(x: &[f32], n: usize, cols: usize) -> Vec<f32> {
+    let a = QActs::quantize(x, n, cols);
+    (0..n * cols).map(|i| a.q[i] as f32 * a.d[i / 32]).collect()
+}
+
+fn check(ty: GgmlType, rows: usize, cols: usize, n: usize, seed: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let data = random_matrix(ty, rows, cols, &mut rng);
+    let w = dequant_matrix(ty, &data, rows, cols);
+    let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+    let exact = reference(&w, &x, rows, cols, n);
+    let fast_ref = if ty.is_dense() {
+        exact.clone()
+    } else {
+        reference(&w, &quantized_inputs(&x, n, cols), rows, cols, n)
+    };
+    let m = QMatrix::new(ty, rows, cols, &data).unwrap();
+    let scale: f64 = exact.iter().map(|v| v.abs()).fold(1e-3, f64::max);
+    for isa in Isa::available() {
+        for prec in [Precision::Exact, Precision::Fast] {
+            let mut y = vec![f32::NAN; n * rows];
+            matmul_group(&[m], &x, n, &mut [&mut y], prec, isa);
+            let want = if prec == Precision::Fast && !ty.is_dense() {
+                &fast_ref
+            } else {
+                &exact
+            };
+            for (i, (got, want)) in y.iter().zip(want).enumerate() {
+                let err = (*got as f64 - want).abs();
+                assert!(
+                    err <= 1e-5 * scale + 1e-5 * want.abs(),
+                    "{} {} {prec:?}: {rows}x{cols}, batch {n}: y[{}][{}] = {got}, want {want} (err {err})",
+                    ty.name(),
+                    isa.name(),
+                    i / rows,
+                    i % rows
+                );
+            }
+            // The fast path stays close to the true product too (activation rounding only).
+            if prec == Precision::Fast {
+                for (got, want) in y.iter().zip(&exact) {
+                    assert!(
+                        (*got as f64 - want).abs() <= 0.02 * scale,
+                        "{} {}: fast path far from the exact product",
+                        ty.name(),
+                        isa.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_format_every_isa_every_batch() {
+    for (i, ty) in ALL_TYPES.iter().enumerate() {
+        let cols = if ty.block_values() == 256 { 512 } else { 96 };
+        for n in 1..=17 {
+            check(*ty, 7, cols, n, 1000 * i as u64 + n as u64);
+        }
+        // Rows that fill whole tiles, and a wide row.
+        check(*ty, 16, cols * 2, 5, 77 + i as u64);
+    }
+}
+
+#[test]
+fn dense_rows_of_any_length() {
+    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+        for cols in [1, 31, 33, 64, 100] {
+            check(ty, 5, cols, 3, cols as u64);
+        }
+    }
+}
+
+/// A sequence's outputs do not depend on what else is in its batch: row b of a batch equals
+/// the same row computed alone, bit for bit, on every instruction set and both precisions.
+#[test]
+fn batch_invariance() {
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for ty in ALL_TYPES {
+        let (rows, cols) = (13, if ty.block_values() == 256 { 256 } else { 64 });
+        let data = random_matrix(ty, rows, cols, &mut rng);
+        let m = QMatrix::new(ty, rows, cols, &data).unwrap();
+        let n = 11;
+        let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+        for isa in Isa::available() {
+            for prec in [Precision::Exact, Precision::Fast] {
+                let mut all = vec![0f32; n * rows];
+                matmul_group(&[m], &x, n, &mut [&mut all], prec, isa);
+                for b in 0..n {
+                    let mut one = vec![0f32; rows];
+                    let xb = &x[b * cols..(b + 1) * cols];
+                    matmul_group(&[m], xb, 1, &mut [&mut one], prec, isa);
+                    assert_eq!(
+                        one,
+                        all[b * rows..(b + 1) * rows],
+                        "{} {} {prec:?}: row {b} differs alone and in a batch",
+                        ty.name(),
+                        isa.name()
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A group of matrices with one input equals each matrix alone.
+#[test]
+fn groups_equal_single_matrices() {
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let cols = 256;
+    let types = [GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q8_0];
+    let datas: Vec<Vec<u8>> = types
+        .iter()
+        .map(|t| random_matrix(*t, 9, cols, &mut rng))
+        .collect();
+    let ms: Vec<QMatrix> = types
+        .iter()
+        .zip(&datas)
+        .map(|(t, d)| QMatrix::new(*t, 9, cols, d).unwrap())
+        .collect();
+    let x: Vec<f32> = (0..3 * cols).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let isa = Isa::best();
+    let mut ys = vec![vec![0f32; 27]; 3];
+    {
+        let mut refs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
+        matmul_group(&ms, &x, 3, &mut refs, Precision::Fast, isa);
+    }
+    for (m, y) in ms.iter().zip(&ys) {
+        let mut one = vec![0f32; 27];
+        matmul_group(&[*m], &x, 3, &mut [&mut one], Precision::Fast, isa);
+        assert_eq!(&one, y);
+    }
+}
+
+#[test]
+fn shapes_are_checked() {
+    assert!(QMatrix::new(GgmlType::Q4_0, 2, 31, &[0; 36]).is_err());
+    assert!(QMatrix::new(GgmlType::Q4_0, 2, 32, &[0; 35]).is_err());
+    assert!(QMatrix::new(GgmlType::Q4_0, 2, 32, &[0; 36]).is_ok());
+    assert!(QMatrix::new(GgmlType::Q6_K, usize::MAX / 2, 256, &[]).is_err());
+}
