@@ -24,6 +24,7 @@ fn run_cluster(model: &Path, workers: usize, prompt: &str, n: usize) -> Output {
             "run",
             "--model",
             model.to_str().unwrap(),
+            "--exact",
             "--workers",
             &workers.to_string(),
         ])
@@ -108,6 +109,7 @@ impl Cluster {
                 "coordinator",
                 "--model",
                 model.to_str().unwrap(),
+                "--exact",
                 "--workers",
                 &n.to_string(),
                 "--listen",
@@ -324,6 +326,7 @@ fn a_worker_with_the_same_model_file_reads_its_slice_locally() {
             "coordinator",
             "--model",
             model.to_str().unwrap(),
+            "--exact",
             "--workers",
             "2",
             "--listen",

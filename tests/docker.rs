@@ -172,7 +172,12 @@ impl Project {
         let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("docker");
         let env_file = tmp.join(format!("tessera-{}.env", std::process::id()));
         let token = format!("compose-test-{}", std::process::id());
-        std::fs::write(&env_file, format!("TESSERA_TOKEN={token}\n")).unwrap();
+        // The exact path: the answers are compared with transformers' reference text.
+        std::fs::write(
+            &env_file,
+            format!("TESSERA_TOKEN={token}\nTESSERA_EXACT=true\n"),
+        )
+        .unwrap();
         let port = common::free_port();
         let p = Project {
             name: format!("tesseratest{}", std::process::id()),

@@ -3,9 +3,11 @@
 
 mod common;
 
-use common::{Reference, fixtures, reference, smollm2};
+use common::{Reference, fixtures, reference, reference_file, smollm2};
 use std::path::Path;
-use tessera_model::{Backend, GenerateParams, LocalCluster, ModelFiles, Runner, generate};
+use tessera_model::{
+    Backend, GenerateParams, LocalCluster, ModelFiles, Precision, Runner, generate,
+};
 
 fn greedy(cluster: &mut LocalCluster, prompt: &[u32], n: usize) -> Vec<u32> {
     let params = GenerateParams {
@@ -25,7 +27,8 @@ fn greedy(cluster: &mut LocalCluster, prompt: &[u32], n: usize) -> Vec<u32> {
 /// Tokenizer ids, logits within tolerance and greedy ids, on one shard.
 fn check_fixture(path: &Path, r: &Reference, backend: Backend) {
     let files = ModelFiles::open(path).expect("model opens");
-    let mut cluster = LocalCluster::load(&files, 1, backend).expect("model loads");
+    let mut cluster =
+        LocalCluster::load(&files, 1, backend, Precision::Exact).expect("model loads");
     for (i, case) in r.cases.iter().enumerate() {
         let ids = files.tokenizer.encode(&case.prompt).expect("tokenizes");
         assert_eq!(
@@ -67,7 +70,8 @@ fn check_fixture(path: &Path, r: &Reference, backend: Backend) {
 fn check_shards(path: &Path, r: &Reference, cases: usize) {
     let files = ModelFiles::open(path).expect("model opens");
     for n in 2..=4 {
-        let mut cluster = LocalCluster::load(&files, n, Backend::Cpu).expect("sharded model loads");
+        let mut cluster = LocalCluster::load(&files, n, Backend::Cpu, Precision::Exact)
+            .expect("sharded model loads");
         for case in r.cases.iter().take(cases) {
             let got = greedy(&mut cluster, &case.input_ids, case.greedy_ids.len());
             assert_eq!(
@@ -124,6 +128,51 @@ fn smollm2_same_tokens_on_2_3_4_shards() {
     check_shards(&smollm2(), &reference("smollm2-135m-q4_1"), 2);
 }
 
+/// The GGUF formats of `tiny-llama-gguf/` (llama.cpp's own quantizer; `_M` files mix types).
+const GGUF_FORMATS: [&str; 12] = [
+    "F32", "Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_XS",
+    "IQ4_NL",
+];
+
+/// Every tiny-llama-gguf file, kept in its blocks, on 1, 2, 3 and 4 shards with f32
+/// activations: every logit within 1e-3 of transformers on the dequantized weights, and the
+/// same greedy ids. Hidden 256 = 4 heads of 64: on 2 and 3 shards the O projection's cut falls
+/// inside a 256-value super-block (the K-quant files), and FFN 768 = 3 super-blocks cannot
+/// give 4 shards one each, so the down projection straddles too.
+#[test]
+fn tiny_llama_gguf_every_format_on_1_to_4_shards() {
+    let dir = fixtures().join("tiny-llama-gguf");
+    for fmt in GGUF_FORMATS {
+        let r = reference_file(&dir.join(format!("reference.{fmt}.json")));
+        let files = ModelFiles::open(&dir.join(format!("model.{fmt}.gguf"))).expect("model opens");
+        for n in 1..=4 {
+            let mut cluster =
+                LocalCluster::load(&files, n, Backend::Cpu, Precision::Exact).expect("model loads");
+            for (i, case) in r.cases.iter().enumerate() {
+                let ids = files.tokenizer.encode(&case.prompt).expect("tokenizes");
+                assert_eq!(ids, case.input_ids, "{fmt}: tokenizer ids of case {i}");
+                let logits = cluster.forward(500 + i as u64, &ids, 0).expect("forward");
+                cluster.free(500 + i as u64);
+                let want = case.last_logits.as_ref().expect("full logits");
+                let worst = logits
+                    .iter()
+                    .zip(want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst <= r.logit_abs,
+                    "{fmt}, {n} shards, case {i}: logits differ by up to {worst}"
+                );
+                let got = greedy(&mut cluster, &ids, case.greedy_ids.len());
+                assert_eq!(
+                    got, case.greedy_ids,
+                    "{fmt}, {n} shards, case {i}: greedy ids"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn wgpu_tiny_llama_matches_reference() {
     if std::env::var_os("TESSERA_SKIP_WGPU").is_some() {
@@ -159,7 +208,8 @@ fn smollm2_chat_template_renders_like_transformers() {
 fn check_batched(path: &Path, r: &Reference, shards: usize, steps: usize) {
     use tessera_model::SeqStep;
     let files = ModelFiles::open(path).expect("model opens");
-    let mut cluster = LocalCluster::load(&files, shards, Backend::Cpu).expect("model loads");
+    let mut cluster =
+        LocalCluster::load(&files, shards, Backend::Cpu, Precision::Exact).expect("model loads");
     let mut batch: Vec<SeqStep> = r
         .cases
         .iter()

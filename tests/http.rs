@@ -66,7 +66,7 @@ impl Server {
     fn run(extra: &[&str]) -> Server {
         let grpc = format!("127.0.0.1:{}", free_port());
         let mut cmd = tessera();
-        cmd.args(["run", "--model", smollm2().to_str().unwrap()])
+        cmd.args(["run", "--model", smollm2().to_str().unwrap(), "--exact"])
             .args(["--workers", "2", "--listen", &grpc, "--http", "127.0.0.1:0"])
             .args(extra);
         Server::spawn(cmd, grpc, "http-test-token", true)

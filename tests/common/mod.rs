@@ -50,8 +50,11 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 pub fn reference(fixture: &str) -> Reference {
-    let path = fixtures().join(fixture).join("reference.json");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    reference_file(&fixtures().join(fixture).join("reference.json"))
+}
+
+pub fn reference_file(path: &std::path::Path) -> Reference {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let v: Value = serde_json::from_str(&text).expect("reference.json is JSON");
     let cases = v["cases"]
         .as_array()

@@ -31,6 +31,9 @@ pub struct BenchArgs {
     /// 1,4,16); each stream gets its own prompt, and the scheduler batches them
     #[arg(long, value_delimiter = ',', requires = "workers")]
     concurrency: Vec<usize>,
+    /// Also print the results as one JSON object, as the last line of stdout
+    #[arg(long)]
+    json: bool,
 }
 
 const TEXT: &str = "Tessera splits a large language model across several ordinary machines. \
@@ -63,10 +66,27 @@ pub fn memory_bandwidth(mib: usize) -> (f64, usize) {
 }
 
 pub fn run(a: BenchArgs) -> anyhow::Result<()> {
-    if let Some(n) = a.workers {
-        return run_cluster(&a, n);
+    let report = match a.workers {
+        Some(n) => run_cluster(&a, n)?,
+        None => run_local(&a)?,
+    };
+    if a.json {
+        println!("{report}");
     }
+    Ok(())
+}
+
+fn precision_name(a: &BenchArgs) -> &'static str {
+    if a.model.compute.exact {
+        "exact"
+    } else {
+        "fast"
+    }
+}
+
+fn run_local(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     let (files, mut cluster) = load(&a.model)?;
+    let threads = rayon::current_num_threads();
     let mut prompt = Vec::new();
     while prompt.len() < a.prompt_tokens {
         prompt.extend(files.tokenizer.encode(TEXT)?);
@@ -95,11 +115,12 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     let bytes = cluster.weight_bytes_per_token();
     let reached = bytes as f64 * best_decode;
     println!(
-        "model: {} ({}), {} shard(s) on {}",
+        "model: {} ({}), {} shard(s) on {}, {} path, {threads} thread(s)",
         a.model.model,
         files.format,
         a.model.shards,
-        a.model.backend.name()
+        a.model.backend.name(),
+        precision_name(a),
     );
     println!("load: {:.2} s", cluster.load_time.as_secs_f64());
     println!(
@@ -113,13 +134,40 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
         best_decode,
         1e3 / best_decode.max(1e-9)
     );
-    println!("weights read per token: {:.1} MB (f32)", bytes as f64 / 1e6);
-    report_bandwidth(a.bandwidth_mib, reached);
-    Ok(())
+    println!(
+        "weights read per token: {:.1} MB (in the file's formats)",
+        bytes as f64 / 1e6
+    );
+    let rss = tessera_core::mem::peak_rss_bytes().unwrap_or(0);
+    println!(
+        "weights held: {:.1} MB; peak resident memory: {:.1} MB",
+        cluster.weight_bytes_held() as f64 / 1e6,
+        rss as f64 / 1e6
+    );
+    let bw = report_bandwidth(a.bandwidth_mib, reached);
+    Ok(serde_json::json!({
+        "model": a.model.model,
+        "format": files.format,
+        "backend": a.model.backend.name(),
+        "precision": precision_name(a),
+        "shards": a.model.shards,
+        "threads": threads,
+        "prompt_tokens": prompt.len(),
+        "gen_tokens": a.gen_tokens,
+        "prefill_tok_s": best_prefill,
+        "decode_tok_s": best_decode,
+        "weight_bytes_per_token": bytes,
+        "weight_bytes_held": cluster.weight_bytes_held(),
+        "rss_bytes": rss,
+        "decode_gb_s": reached / 1e9,
+        "memory_bandwidth_gb_s": bw / 1e9,
+        "bandwidth_fraction": reached / bw,
+    }))
 }
 
-/// Measures the machine's bandwidth and says what share of it decode (`reached` bytes/s) used.
-fn report_bandwidth(mib: usize, reached: f64) {
+/// Measures the machine's bandwidth and says what share of it decode (`reached` bytes/s) used;
+/// returns the bandwidth in bytes/s.
+fn report_bandwidth(mib: usize, reached: f64) -> f64 {
     let (bw, threads) = memory_bandwidth(mib);
     println!(
         "memory bandwidth: {:.2} GB/s (streaming read of {mib} MiB, {threads} threads)",
@@ -130,16 +178,34 @@ fn report_bandwidth(mib: usize, reached: f64) {
         reached / 1e9,
         100.0 * reached / bw
     );
+    bw
 }
 
 /// The same measurement through a local cluster of worker processes: also reports the mean
 /// all-reduce latency and the share of decode time spent in communication.
-fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<()> {
+fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
     let serve = crate::cluster::ServeArgs::default();
     let local =
         crate::cluster::start_local(&a.model, n, "127.0.0.1:0".parse()?, None, None, &serve)?;
+    let workers = local.state.workers();
+    let worker_rss: Vec<u64> = workers.iter().map(|w| w.rss_bytes).collect();
+    let held: Vec<u64> = workers.iter().map(|w| w.weight_bytes_held).collect();
+    let vocab = local.state.files.cfg.vocab as u64;
     if !a.concurrency.is_empty() {
-        return run_concurrency(a, n, &local);
+        let levels = run_concurrency(a, n, &local)?;
+        return Ok(serde_json::json!({
+            "model": a.model.model,
+            "backend": a.model.backend.name(),
+            "precision": precision_name(a),
+            "workers": n,
+            "threads": a.model.compute.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |t| t.get())),
+            "prompt_tokens": a.prompt_tokens,
+            "gen_tokens": a.gen_tokens,
+            "concurrency": levels,
+            "worker_rss_bytes": worker_rss,
+            "rss_bytes": worker_rss.iter().sum::<u64>(),
+            "weight_bytes_held": held,
+        }));
     }
     let load = local.state.load_seconds.lock().unwrap().unwrap_or(0.0);
     let prompt = TEXT.repeat(a.prompt_tokens / 40 + 1);
@@ -185,11 +251,43 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<()> {
         100.0 * d.comm_fraction
     );
     println!(
-        "weights read per token: {:.1} MB (f32, all workers)",
+        "weights read per token: {:.1} MB (in the file's formats, all workers)",
         d.weight_bytes_per_token as f64 / 1e6
     );
-    report_bandwidth(a.bandwidth_mib, reached);
-    Ok(())
+    println!(
+        "workers hold {} MB of weights; their resident memory after loading: {} MB",
+        held.iter()
+            .map(|b| format!("{:.1}", *b as f64 / 1e6))
+            .collect::<Vec<_>>()
+            .join(" + "),
+        worker_rss
+            .iter()
+            .map(|b| format!("{:.1}", *b as f64 / 1e6))
+            .collect::<Vec<_>>()
+            .join(" + "),
+    );
+    let bw = report_bandwidth(a.bandwidth_mib, reached);
+    Ok(serde_json::json!({
+        "model": a.model.model,
+        "backend": a.model.backend.name(),
+        "precision": precision_name(a),
+        "workers": n,
+        "threads": a.model.compute.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |t| t.get())),
+        "prompt_tokens": d.prompt_tokens,
+        "gen_tokens": d.decode_steps + 1,
+        "prefill_tok_s": d.prompt_tokens as f64 / d.prefill_seconds.max(1e-9),
+        "decode_tok_s": decode,
+        "weight_bytes_per_token": d.weight_bytes_per_token,
+        "weight_bytes_held": held,
+        "worker_rss_bytes": worker_rss,
+        "rss_bytes": worker_rss.iter().sum::<u64>(),
+        "comm_share": d.comm_fraction,
+        "allreduce_mean_us": d.allreduce_mean_us,
+        "logits_bytes_per_step": vocab * 4,
+        "decode_gb_s": reached / 1e9,
+        "memory_bandwidth_gb_s": bw / 1e9,
+        "bandwidth_fraction": reached / bw,
+    }))
 }
 
 /// Greedy, past end-of-sequence, token ids: the same work on every run.
@@ -209,7 +307,11 @@ fn bench_options(max_tokens: usize) -> crate::GenOptions {
 
 /// Aggregate throughput with several streams at once: each level starts `c` requests together
 /// (distinct prompts, `gen_tokens` each) and waits for all of them.
-fn run_concurrency(a: &BenchArgs, n: usize, local: &crate::cluster::Local) -> anyhow::Result<()> {
+fn run_concurrency(
+    a: &BenchArgs,
+    n: usize,
+    local: &crate::cluster::Local,
+) -> anyhow::Result<Vec<serde_json::Value>> {
     let addr = local.addr.to_string();
     let opts = bench_options(a.gen_tokens);
     println!(
@@ -232,6 +334,7 @@ fn run_concurrency(a: &BenchArgs, n: usize, local: &crate::cluster::Local) -> an
         &bench_options(4),
         false,
     ))?;
+    let mut levels = Vec::new();
     for &c in &a.concurrency {
         let started = Instant::now();
         let results = local.rt.block_on(async {
@@ -266,6 +369,13 @@ fn run_concurrency(a: &BenchArgs, n: usize, local: &crate::cluster::Local) -> an
             per_stream,
             generated as f64 / wall,
         );
+        levels.push(serde_json::json!({
+            "streams": c,
+            "aggregate_decode_tok_s": per_stream * c as f64,
+            "decode_tok_s_per_stream": per_stream,
+            "all_tokens_per_wall_s": generated as f64 / wall,
+            "wall_s": wall,
+        }));
     }
-    Ok(())
+    Ok(levels)
 }

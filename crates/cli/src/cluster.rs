@@ -51,6 +51,9 @@ pub struct WorkerArgs {
     /// Serve GET /health over plain HTTP on this address (for container and Kubernetes probes)
     #[arg(long)]
     health_listen: Option<SocketAddr>,
+    /// Threads for the CPU kernels (default: the cores this process may use)
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 /// How the coordinator serves requests: the HTTP API and the batching scheduler.
@@ -139,6 +142,10 @@ pub struct CoordinatorArgs {
     http: Option<SocketAddr>,
     #[command(flatten)]
     serve: ServeArgs,
+    /// Workers compute with f32 activations against the weight blocks (the exact path, which
+    /// reproduces transformers' outputs); default: quantized activations, as llama.cpp does
+    #[arg(long, env = "TESSERA_EXACT")]
+    exact: bool,
 }
 
 #[derive(Args)]
@@ -182,6 +189,7 @@ fn machine_memory() -> u64 {
 }
 
 pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
+    crate::init_threads(a.threads)?;
     let name = a.name.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_string())
@@ -234,6 +242,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         workers: a.workers,
         grow: a.grow,
         token: a.token.token,
+        exact: a.exact,
     })?;
     runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(a.listen)
@@ -304,6 +313,7 @@ pub fn start_local(
         workers,
         grow: false,
         token: token.clone(),
+        exact: model.compute.exact,
     })?;
     let rt = runtime()?;
     let listener = rt
@@ -334,6 +344,13 @@ pub fn start_local(
             "1",
         ])
         .env("TESSERA_TOKEN", &token)
+        .args(
+            model
+                .compute
+                .threads
+                .map(|t| vec!["--threads".to_string(), t.to_string()])
+                .unwrap_or_default(),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null());
         // The workers die with this process, even when it is killed outright.

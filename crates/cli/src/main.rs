@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tessera_coordinator::text::StopText;
 use tessera_model::{
-    Backend, GenerateParams, LocalCluster, ModelError, ModelFiles, Runner, SamplingParams,
+    Backend, GenerateParams, LocalCluster, ModelError, ModelFiles, Precision, Runner,
+    SamplingParams,
 };
 
 #[derive(Parser)]
@@ -69,6 +70,50 @@ pub struct ModelArgs {
     /// Where the tensors live: cpu (Burn flex) or wgpu (Vulkan/Metal/DX12 GPU)
     #[arg(long, default_value = "cpu")]
     pub backend: Backend,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
+}
+
+/// How the kernels compute.
+#[derive(Args, Clone, Default)]
+pub struct ComputeArgs {
+    /// Compute with f32 activations against the weight blocks (dequantized inside the kernel):
+    /// the exact path, which reproduces transformers' outputs. Default: activations quantized
+    /// to 8 bits for quantized weights, as llama.cpp does (faster)
+    #[arg(long, env = "TESSERA_EXACT")]
+    pub exact: bool,
+    /// Threads for the CPU kernels (default: the cores this process may use)
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+impl ComputeArgs {
+    pub fn precision(&self) -> Precision {
+        if self.exact {
+            Precision::Exact
+        } else {
+            Precision::Fast
+        }
+    }
+
+    /// Sizes the kernels' thread pool (Burn's CPU backend shares it); returns its size.
+    pub fn init_threads(&self) -> anyhow::Result<usize> {
+        init_threads(self.threads)
+    }
+}
+
+/// Sizes the global thread pool once (later calls keep the first size); returns its size.
+pub fn init_threads(threads: Option<usize>) -> anyhow::Result<usize> {
+    if let Some(n) = threads {
+        if n == 0 {
+            anyhow::bail!("--threads must be at least 1");
+        }
+        // An error means the pool was already built (by an earlier call): keep it.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
+    }
+    Ok(rayon::current_num_threads())
 }
 
 #[derive(Args)]
@@ -82,6 +127,8 @@ struct GenerateArgs {
     /// Where the tensors live: cpu (Burn flex) or wgpu (Vulkan/Metal/DX12 GPU)
     #[arg(long, default_value = "cpu")]
     backend: Backend,
+    #[command(flatten)]
+    compute: ComputeArgs,
     /// Submit to a running cluster's coordinator (HOST:PORT) instead of loading the model here
     #[arg(long, conflicts_with = "model")]
     coordinator: Option<String>,
@@ -163,9 +210,10 @@ pub fn resolve_model(arg: &str) -> anyhow::Result<PathBuf> {
 }
 
 pub fn load(args: &ModelArgs) -> anyhow::Result<(ModelFiles, LocalCluster)> {
+    args.compute.init_threads()?;
     let path = resolve_model(&args.model)?;
     let files = ModelFiles::open(&path)?;
-    let cluster = LocalCluster::load(&files, args.shards, args.backend)?;
+    let cluster = LocalCluster::load(&files, args.shards, args.backend, args.compute.precision())?;
     tracing::info!(
         model = %path.display(), format = %files.format, shards = args.shards,
         backend = args.backend.name(), secs = cluster.load_time.as_secs_f64(), "loaded"
@@ -181,6 +229,7 @@ fn run_generate(g: GenerateArgs) -> anyhow::Result<()> {
         model: g.model.clone().unwrap_or_default(),
         shards: g.shards,
         backend: g.backend,
+        compute: g.compute.clone(),
     };
     let a = &g.options;
     let (files, mut cluster) = load(&margs)?;

@@ -1,7 +1,7 @@
 //! `tessera plan`: what each worker would hold, before anything is loaded.
 
 use clap::Args;
-use tessera_core::{ShardPlan, allreduce_bytes_per_token};
+use tessera_core::allreduce_bytes_per_token;
 use tessera_model::ModelFiles;
 
 #[derive(Args)]
@@ -34,9 +34,9 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         n => anyhow::bail!("--memory has {n} values for {} workers", a.workers),
     };
     let plan = if memory.is_empty() {
-        ShardPlan::new(cfg, a.workers)?
+        files.plan(&vec![1.0; a.workers])?
     } else {
-        ShardPlan::weighted(cfg, &memory)?
+        files.plan(&memory)?
     };
     let ctx = a.context.unwrap_or(cfg.max_context);
     println!(
@@ -51,7 +51,10 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         cfg.intermediate,
         cfg.vocab
     );
-    println!("weights are held as f32; the KV cache is f32");
+    println!(
+        "weights are held in the file's formats ({}); the KV cache is f32",
+        files.format
+    );
     println!(
         "all-reduce per token: {} bytes per worker ({} all-reduces of {} values)",
         allreduce_bytes_per_token(cfg, 4),
@@ -61,7 +64,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     let mut all_fit = true;
     for s in &plan.shards {
         let c = s.cost(cfg, 4);
-        let weights = c.params * 4;
+        let weights = files.shard_bytes(s)?;
         let kv_full = c.kv_bytes_per_token * ctx as u64;
         let need = (weights + kv_full) as f64;
         let fit = memory.get(s.rank).map(|m| need <= m * GIB);

@@ -11,7 +11,6 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tessera_collective::ClusterCa;
-use tessera_core::ShardPlan;
 use tessera_model::chat::Message;
 use tessera_model::{GenerateParams, ModelError, ModelFiles, SamplingParams, shard_reads};
 use tessera_proto::coordinator_server::{Coordinator, CoordinatorServer};
@@ -46,6 +45,8 @@ pub struct CoordinatorConfig {
     pub grow: bool,
     pub token: String,
     pub scheduler: SchedulerConfig,
+    /// Workers compute with f32 activations against the weight blocks (see `Precision`).
+    pub exact: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +67,9 @@ struct WorkerEntry {
     state: WState,
     rank: Option<usize>,
     shard: Option<tessera_core::ShardSpec>,
+    /// From its last load: bytes of weights held, and the process's resident memory.
+    weight_bytes_held: u64,
+    rss_bytes: u64,
 }
 
 struct Inner {
@@ -89,6 +93,7 @@ pub struct CoordinatorState {
     model_sha256: String,
     n: usize,
     grow: bool,
+    exact: bool,
     token: String,
     ca: ClusterCa,
     inner: Mutex<Inner>,
@@ -99,7 +104,7 @@ pub struct CoordinatorState {
 impl CoordinatorState {
     pub fn new(cfg: &CoordinatorConfig) -> anyhow::Result<Arc<CoordinatorState>> {
         let files = ModelFiles::open(&cfg.model)?;
-        ShardPlan::new(&files.cfg, cfg.workers)?;
+        files.plan(&vec![1.0; cfg.workers])?;
         let model_sha256 = if cfg.model.is_file() {
             tessera_worker::sha256_file(&cfg.model)?
         } else {
@@ -126,6 +131,7 @@ impl CoordinatorState {
                 model_sha256,
                 n: cfg.workers,
                 grow: cfg.grow,
+                exact: cfg.exact,
                 token: cfg.token.clone(),
                 ca,
                 inner: Mutex::new(Inner {
@@ -277,7 +283,7 @@ impl CoordinatorState {
     fn usable_shards(&self, k: usize) -> usize {
         (1..=k)
             .rev()
-            .find(|&m| ShardPlan::new(&self.files.cfg, m).is_ok())
+            .find(|&m| self.files.plan(&vec![1.0; m]).is_ok())
             .unwrap_or(1)
     }
 
@@ -309,8 +315,10 @@ impl CoordinatorState {
                 .iter()
                 .map(|id| (g.workers[id].memory.max(1)) as f64)
                 .collect();
-            let plan = ShardPlan::weighted(&self.files.cfg, &weights)
-                .or_else(|_| ShardPlan::new(&self.files.cfg, ids.len()))
+            let plan = self
+                .files
+                .plan(&weights)
+                .or_else(|_| self.files.plan(&vec![1.0; ids.len()]))
                 .map_err(|e| (None, e.into()))?;
             (plan, members)
         };
@@ -344,8 +352,12 @@ impl CoordinatorState {
         for t in tasks {
             let (id, r) = t.await.map_err(|e| (None, e.into()))?;
             match r {
-                Ok((b, c)) => {
-                    bytes += b;
+                Ok((reply, c)) => {
+                    bytes += reply.weight_bytes_per_token;
+                    if let Some(w) = self.inner.lock().unwrap().workers.get_mut(&id) {
+                        w.weight_bytes_held = reply.weight_bytes_held;
+                        w.rss_bytes = reply.rss_bytes;
+                    }
                     clients.push((id, c));
                 }
                 Err(e) => {
@@ -409,52 +421,62 @@ impl CoordinatorState {
         peers: Vec<Peer>,
         mesh_id: u64,
         local: bool,
-    ) -> anyhow::Result<(u64, WorkerClient<Channel>)> {
+    ) -> anyhow::Result<(LoadReply, WorkerClient<Channel>)> {
         let mut client = WorkerClient::connect(format!("http://{addr}"))
             .await
             .with_context(|| format!("connecting to worker {addr}"))?
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
-        let files = self.files.clone();
-        let spec2 = spec.clone();
-        // Read and cut the blocks off the async runtime; hash them as they go.
-        let blocks = if local {
-            Vec::new()
+        // Two passes over the shard's slices, off the async runtime: one to hash them (for the
+        // assignment), one to stream them; whole rows are views of the memory map, so neither
+        // holds the shard in memory.
+        let (total, sha) = if local {
+            (0, String::new())
         } else {
-            tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<TensorBlock>> {
-                let mut out = Vec::new();
+            let files = self.files.clone();
+            let spec2 = spec.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<(u64, String)> {
+                let mut h = sha2::Sha256::new();
+                let mut total = 0u64;
                 for (t, rows, cols) in shard_reads(&files.cfg, &spec2, &files.weights) {
-                    let data = files.weights.read(t, rows.clone(), cols.clone())?;
-                    let shape: Vec<u64> = files
-                        .weights
-                        .shape(t)
-                        .unwrap_or_default()
-                        .iter()
-                        .map(|&d| d as u64)
-                        .collect();
-                    let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
-                    for (i, c) in bytes.chunks(CHUNK).enumerate() {
-                        out.push(TensorBlock {
+                    let raw = files.weights.raw(t, rows, cols)?;
+                    h.update(raw.data.as_slice());
+                    total += raw.data.len() as u64;
+                }
+                Ok((total, format!("{:x}", h.finalize())))
+            })
+            .await??
+        };
+        let (block_tx, block_rx) = mpsc::channel::<TensorBlock>(4);
+        if !local {
+            let files = self.files.clone();
+            let spec2 = spec.clone();
+            tokio::task::spawn_blocking(move || {
+                for (t, rows, cols) in shard_reads(&files.cfg, &spec2, &files.weights) {
+                    let Ok(raw) = files.weights.raw(t, rows, cols.clone()) else {
+                        return;
+                    };
+                    let shape: Vec<u64> = raw.shape.iter().map(|&d| d as u64).collect();
+                    for (i, c) in raw.data.as_slice().chunks(CHUNK).enumerate() {
+                        let b = TensorBlock {
                             name: t.key(),
                             shape: shape.clone(),
-                            row_start: rows.start as u64,
-                            row_end: rows.end as u64,
+                            row_start: raw.rows.start as u64,
+                            row_end: raw.rows.end as u64,
                             col_start: cols.start as u64,
                             col_end: cols.end as u64,
                             offset: (i * CHUNK) as u64,
                             data: c.to_vec(),
-                        });
+                            ggml_type: raw.ty.id(),
+                            stored_col_start: raw.cols.start as u64,
+                            stored_col_end: raw.cols.end as u64,
+                        };
+                        if block_tx.blocking_send(b).is_err() {
+                            return;
+                        }
                     }
                 }
-                Ok(out)
-            })
-            .await??
-        };
-        let mut h = sha2::Sha256::new();
-        let mut total = 0u64;
-        for b in &blocks {
-            h.update(&b.data);
-            total += b.data.len() as u64;
+            });
         }
         let assignment = Assignment {
             config_json: serde_json::to_string(&self.files.cfg)?,
@@ -463,7 +485,8 @@ impl CoordinatorState {
             mesh_id,
             use_local_model: local,
             total_bytes: total,
-            sha256: format!("{:x}", h.finalize()),
+            sha256: sha,
+            exact: self.exact,
         };
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
@@ -476,14 +499,15 @@ impl CoordinatorState {
             chunk: Some(load_chunk::Chunk::Assignment(assignment)),
         };
         let bar2 = bar.clone();
-        let stream = tokio_stream::iter(std::iter::once(first).chain(blocks.into_iter().map(
-            move |b| {
+        use tokio_stream::StreamExt;
+        let stream = tokio_stream::iter(std::iter::once(first)).chain(
+            tokio_stream::wrappers::ReceiverStream::new(block_rx).map(move |b| {
                 bar2.inc(b.data.len() as u64);
                 LoadChunk {
                     chunk: Some(load_chunk::Chunk::Block(b)),
                 }
-            },
-        )));
+            }),
+        );
         let reply = client
             .load(with_token(&self.token, stream))
             .await
@@ -505,7 +529,7 @@ impl CoordinatorState {
                 reply.seconds
             );
         }
-        Ok((reply.weight_bytes_per_token, client))
+        Ok((reply, client))
     }
 
     /// Checks every worker each second, all at once: a silent ready one degrades the
@@ -601,6 +625,10 @@ pub struct WorkerView {
     /// KV caches it held after the last step: sequences, and positions over all of them.
     pub kv_cached_sequences: u32,
     pub kv_cached_positions: u64,
+    /// Bytes of weights it holds (its shard, in the file's formats) and its resident memory
+    /// when it finished loading.
+    pub weight_bytes_held: u64,
+    pub rss_bytes: u64,
 }
 
 impl CoordinatorState {
@@ -627,6 +655,8 @@ impl CoordinatorState {
                     backend: w.backend.clone(),
                     kv_cached_sequences: if w.state == WState::Ready { seqs } else { 0 },
                     kv_cached_positions: if w.state == WState::Ready { pos } else { 0 },
+                    weight_bytes_held: w.weight_bytes_held,
+                    rss_bytes: w.rss_bytes,
                 }
             })
             .collect()
@@ -712,6 +742,8 @@ impl CoordinatorService {
                 state: WState::Registered,
                 rank: None,
                 shard: None,
+                weight_bytes_held: 0,
+                rss_bytes: 0,
             },
         );
         drop(g);

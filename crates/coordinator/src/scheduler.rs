@@ -568,6 +568,7 @@ mod tests {
             rope_theta: 1e4,
             rope_scaling: None,
             rope_precision: Default::default(),
+            rope_interleaved: false,
             tie_word_embeddings: true,
             qkv_bias: false,
             o_bias: false,

@@ -65,6 +65,10 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     pub rope_scaling: Option<RopeScaling>,
     pub rope_precision: RopePrecision,
+    /// RoPE rotates adjacent pairs (2i, 2i+1) instead of halves (i, i + d/2): GGUF's Llama
+    /// files store Q and K permuted for it, so they are used as stored.
+    #[serde(default)]
+    pub rope_interleaved: bool,
     pub tie_word_embeddings: bool,
     /// Q, K and V projections carry a bias (Qwen2, or Llama with `attention_bias`).
     pub qkv_bias: bool,
@@ -209,6 +213,7 @@ impl ModelConfig {
                 Some("float16") => RopePrecision::F16,
                 _ => RopePrecision::F32,
             },
+            rope_interleaved: false,
             tie_word_embeddings: v
                 .get("tie_word_embeddings")
                 .and_then(Value::as_bool)

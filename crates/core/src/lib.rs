@@ -4,6 +4,7 @@
 //! by unit tests and by `tessera plan` before a single weight is loaded.
 
 pub mod config;
+pub mod mem;
 pub mod plan;
 
 pub use config::{Arch, ConfigError, ModelConfig, RopePrecision, RopeScaling};

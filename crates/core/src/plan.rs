@@ -92,6 +92,18 @@ impl ShardPlan {
 
     /// A plan whose shard sizes follow `weights` (one per shard).
     pub fn weighted(cfg: &ModelConfig, weights: &[f64]) -> Result<ShardPlan, PlanError> {
+        Self::weighted_blocks(cfg, weights, QUANT_BLOCK)
+    }
+
+    /// Like [`ShardPlan::weighted`], cutting the FFN on multiples of `ffn_block` (the block
+    /// width of the `down` weights, e.g. 256 for K-quant super-blocks) when every shard can get
+    /// a whole one; else on 32-value blocks (a row-parallel slice then straddles a super-block,
+    /// which stays exact: see the model crate's weights).
+    pub fn weighted_blocks(
+        cfg: &ModelConfig,
+        weights: &[f64],
+        ffn_block: usize,
+    ) -> Result<ShardPlan, PlanError> {
         let n = weights.len();
         if n == 0 {
             return Err(PlanError::NoShards);
@@ -120,13 +132,12 @@ impl ShardPlan {
                 })
                 .unzip()
         };
-        let ffn_gran = if cfg.intermediate.is_multiple_of(QUANT_BLOCK)
-            && cfg.intermediate / QUANT_BLOCK >= n
-        {
-            QUANT_BLOCK
-        } else {
-            1
-        };
+        let fits =
+            |g: usize| g > 0 && cfg.intermediate.is_multiple_of(g) && cfg.intermediate / g >= n;
+        let ffn_gran = [ffn_block, QUANT_BLOCK, 1]
+            .into_iter()
+            .find(|&g| fits(g))
+            .unwrap_or(1);
         let ffn = split_nonempty(cfg.intermediate, weights, ffn_gran);
         let vocab = split_nonempty(cfg.vocab, weights, 1);
         let shards = (0..n)
@@ -232,6 +243,7 @@ mod tests {
             rope_theta: 1e4,
             rope_scaling: None,
             rope_precision: Default::default(),
+            rope_interleaved: false,
             tie_word_embeddings: true,
             qkv_bias: false,
             o_bias: false,
@@ -346,6 +358,23 @@ mod tests {
         assert_eq!(p.shards[0].kv_heads, 0..6);
         assert_eq!(p.shards[0].ffn, 0..3072);
         assert_eq!(p.shards[1].vocab, 24000..32000);
+    }
+
+    #[test]
+    fn ffn_splits_on_super_blocks_when_each_shard_gets_one() {
+        let c = cfg(9, 3, 1536, 49152);
+        let p = ShardPlan::weighted_blocks(&c, &[1.0; 4], 256).unwrap();
+        // 6 super-blocks over 4 shards: 2, 2, 1, 1.
+        let f: Vec<_> = p.shards.iter().map(|s| s.ffn.clone()).collect();
+        assert_eq!(f, vec![0..512, 512..1024, 1024..1280, 1280..1536]);
+        // 768 = 3 super-blocks cannot feed 4 shards: 32-value blocks instead.
+        let c = cfg(4, 2, 768, 384);
+        let p = ShardPlan::weighted_blocks(&c, &[1.0; 4], 256).unwrap();
+        assert!(
+            p.shards
+                .iter()
+                .all(|s| s.ffn.start % 32 == 0 && s.ffn.len() == 192)
+        );
     }
 
     #[test]

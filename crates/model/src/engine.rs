@@ -7,7 +7,7 @@
 use crate::error::{ModelError, Result};
 use crate::loader::ModelFiles;
 use crate::sampling::{Sampler, SamplingParams};
-use crate::shard::{SeqStep, ShardModel};
+use crate::shard::{Precision, SeqStep, ShardModel};
 use burn::tensor::Device;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -195,14 +195,29 @@ pub struct LocalCluster {
     pub plan: ShardPlan,
     shards: Vec<ShardThread>,
     weight_bytes: u64,
+    held_bytes: u64,
     pub load_time: Duration,
 }
 
 impl LocalCluster {
-    pub fn load(files: &ModelFiles, n: usize, backend: Backend) -> Result<LocalCluster> {
+    /// Bytes of weights all shards hold, in their stored formats.
+    pub fn weight_bytes_held(&self) -> u64 {
+        self.held_bytes
+    }
+}
+
+impl LocalCluster {
+    /// Loads `n` shards of the model onto `backend`; `precision` says how activations meet
+    /// quantized weights (see [`Precision`]).
+    pub fn load(
+        files: &ModelFiles,
+        n: usize,
+        backend: Backend,
+        precision: Precision,
+    ) -> Result<LocalCluster> {
         let started = Instant::now();
         let cfg = files.cfg.clone();
-        let plan = ShardPlan::new(&cfg, n)?;
+        let plan = files.plan(&vec![1.0; n])?;
         let device = backend.device()?;
         let mut transports: Vec<Option<InProcessTransport>> = if n > 1 {
             InProcessTransport::group(n).into_iter().map(Some).collect()
@@ -214,7 +229,7 @@ impl LocalCluster {
         for spec in plan.shards.iter().cloned() {
             let (cmd_tx, cmd_rx) = channel::<Cmd>();
             let (out_tx, out_rx) = channel::<Result<Vec<f32>>>();
-            let (ready_tx, ready_rx) = channel::<Result<u64>>();
+            let (ready_tx, ready_rx) = channel::<Result<(u64, u64)>>();
             let weights = files.weights.clone();
             let cfg = cfg.clone();
             let device = device.clone();
@@ -226,16 +241,18 @@ impl LocalCluster {
                         Some(t) => Box::new(Mesh::new(t)),
                         None => Box::new(Single),
                     };
-                    let mut model = match ShardModel::load(&weights, &cfg, &spec, &device) {
-                        Ok(m) => {
-                            let _ = ready_tx.send(Ok(m.weight_bytes_per_token()));
-                            m
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e));
-                            return;
-                        }
-                    };
+                    let mut model =
+                        match ShardModel::load(&weights, &cfg, &spec, &device, precision) {
+                            Ok(m) => {
+                                let _ = ready_tx
+                                    .send(Ok((m.weight_bytes_per_token(), m.weight_bytes_held())));
+                                m
+                            }
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e));
+                                return;
+                            }
+                        };
                     drop(weights);
                     while let Ok(Cmd::Step { steps, free }) = cmd_rx.recv() {
                         for &seq in free.iter() {
@@ -255,18 +272,21 @@ impl LocalCluster {
             });
             ready.push(ready_rx);
         }
-        let mut weight_bytes = 0;
+        let (mut weight_bytes, mut held_bytes) = (0, 0);
         for (rank, r) in ready.into_iter().enumerate() {
-            weight_bytes += r.recv().map_err(|_| ModelError::Shard {
+            let (per_token, held) = r.recv().map_err(|_| ModelError::Shard {
                 rank,
                 msg: "died while loading".into(),
             })??;
+            weight_bytes += per_token;
+            held_bytes += held;
         }
         Ok(LocalCluster {
             cfg,
             plan,
             shards,
             weight_bytes,
+            held_bytes,
             load_time: started.elapsed(),
         })
     }

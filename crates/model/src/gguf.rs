@@ -1,12 +1,15 @@
-//! GGUF v2/v3 reader: metadata, tensor directory, and dequantization of F32, F16, BF16, Q8_0,
-//! Q4_0 and Q4_1 rows. The file is memory-mapped and every offset is checked against its
-//! length, so a truncated or corrupt file is an error naming what is wrong, never a panic.
+//! GGUF v2/v3 reader: metadata and the tensor directory, for every GGML type in
+//! [`tessera_quant::GgmlType`]. The file is memory-mapped and every offset is checked against
+//! its length, so a truncated or corrupt file is an error naming what is wrong, never a panic.
+//! Tensors are read in their stored blocks ([`GgufFile::raw`], without a copy when the slice is
+//! contiguous) or dequantized to f32 ([`GgufFile::read_f32`]).
 
 use crate::error::{ModelError, Result};
-use half::{bf16, f16};
+use crate::weights::{Bytes, RawTensor};
 use memmap2::Mmap;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -66,50 +69,7 @@ impl Value {
     }
 }
 
-/// GGML tensor types Tessera reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GgmlType {
-    F32,
-    F16,
-    BF16,
-    Q4_0,
-    Q4_1,
-    Q8_0,
-}
-
-impl GgmlType {
-    fn from_id(id: u32) -> Option<GgmlType> {
-        Some(match id {
-            0 => GgmlType::F32,
-            1 => GgmlType::F16,
-            2 => GgmlType::Q4_0,
-            3 => GgmlType::Q4_1,
-            8 => GgmlType::Q8_0,
-            30 => GgmlType::BF16,
-            _ => return None,
-        })
-    }
-    /// (elements per block, bytes per block)
-    pub fn block(self) -> (usize, usize) {
-        match self {
-            GgmlType::F32 => (1, 4),
-            GgmlType::F16 | GgmlType::BF16 => (1, 2),
-            GgmlType::Q4_0 => (32, 18),
-            GgmlType::Q4_1 => (32, 20),
-            GgmlType::Q8_0 => (32, 34),
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            GgmlType::F32 => "F32",
-            GgmlType::F16 => "F16",
-            GgmlType::BF16 => "BF16",
-            GgmlType::Q4_0 => "Q4_0",
-            GgmlType::Q4_1 => "Q4_1",
-            GgmlType::Q8_0 => "Q8_0",
-        }
-    }
-}
+pub use tessera_quant::GgmlType;
 
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
@@ -133,6 +93,10 @@ impl TensorInfo {
         let (per, bytes) = self.ty.block();
         self.dims[0] / per * bytes
     }
+    /// Bytes of the whole tensor in the file.
+    pub fn bytes(&self) -> usize {
+        self.size
+    }
 }
 
 pub struct GgufFile {
@@ -140,7 +104,7 @@ pub struct GgufFile {
     pub version: u32,
     pub metadata: HashMap<String, Value>,
     pub tensors: HashMap<String, TensorInfo>,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
 }
 
 struct Reader<'a> {
@@ -287,7 +251,10 @@ impl GgufFile {
             let ty = GgmlType::from_id(ty_id).ok_or_else(|| ModelError::Dtype {
                 path: path.into(),
                 name: name.clone(),
-                dtype: format!("GGML type {ty_id} (supported: F32, F16, BF16, Q4_0, Q4_1, Q8_0)"),
+                dtype: format!(
+                    "GGML type {ty_id} (supported: {})",
+                    tessera_quant::ALL_TYPES.map(|t| t.name()).join(", ")
+                ),
             })?;
             infos.push((name, dims, ty, offset));
         }
@@ -305,6 +272,12 @@ impl GgufFile {
         let mut tensors = HashMap::new();
         for (name, dims, ty, rel) in infos {
             let (per, bytes) = ty.block();
+            if dims.contains(&0) {
+                return Err(ModelError::format(
+                    path,
+                    format!("tensor {name:?} has an empty dimension: {dims:?}"),
+                ));
+            }
             if dims[0] % per != 0 {
                 return Err(ModelError::format(
                     path,
@@ -351,7 +324,7 @@ impl GgufFile {
             version,
             metadata,
             tensors,
-            mmap,
+            mmap: Arc::new(mmap),
         })
     }
 
@@ -368,6 +341,62 @@ impl GgufFile {
             })
     }
 
+    fn check_slice(
+        &self,
+        t: &TensorInfo,
+        rows: &std::ops::Range<usize>,
+        cols: &std::ops::Range<usize>,
+    ) -> Result<()> {
+        let (nrows, ncols) = t.rows_cols();
+        if rows.start > rows.end || cols.start > cols.end || rows.end > nrows || cols.end > ncols {
+            return Err(ModelError::format(
+                &self.path,
+                format!(
+                    "tensor {:?}: slice rows {rows:?} cols {cols:?} is outside {nrows}x{ncols}",
+                    t.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Rows `rows` of a tensor in its stored blocks, covering columns `cols` (widened to whole
+    /// blocks; [`RawTensor::valid`] says which columns were asked for). Whole rows are a view of
+    /// the memory map, not a copy.
+    pub fn raw(
+        &self,
+        t: &TensorInfo,
+        rows: std::ops::Range<usize>,
+        cols: std::ops::Range<usize>,
+    ) -> Result<RawTensor> {
+        self.check_slice(t, &rows, &cols)?;
+        let (_, ncols) = t.rows_cols();
+        let (per, bytes) = t.ty.block();
+        let row_bytes = t.row_bytes();
+        let b0 = cols.start / per;
+        let b1 = cols.end.div_ceil(per);
+        let stored = b0 * per..(b1 * per).min(ncols);
+        let data = if stored == (0..ncols) {
+            let start = t.offset + rows.start * row_bytes;
+            Bytes::mapped(self.mmap.clone(), start..start + rows.len() * row_bytes)
+        } else {
+            let mut v = Vec::with_capacity(rows.len() * (b1 - b0) * bytes);
+            for r in rows.clone() {
+                let start = t.offset + r * row_bytes + b0 * bytes;
+                v.extend_from_slice(&self.mmap[start..start + (b1 - b0) * bytes]);
+            }
+            Bytes::from_vec(v)
+        };
+        Ok(RawTensor {
+            ty: t.ty,
+            shape: t.dims.iter().rev().copied().collect(),
+            rows,
+            cols: stored.clone(),
+            valid: cols.start - stored.start..cols.end - stored.start,
+            data,
+        })
+    }
+
     /// Dequantizes rows `rows` and columns `cols` (in elements of the innermost dimension) of a
     /// tensor to f32, row-major. Only the touched bytes of the map are read.
     pub fn read_f32(
@@ -376,110 +405,6 @@ impl GgufFile {
         rows: std::ops::Range<usize>,
         cols: std::ops::Range<usize>,
     ) -> Result<Vec<f32>> {
-        let (nrows, ncols) = t.rows_cols();
-        let (per, bytes) = t.ty.block();
-        if rows.end > nrows || cols.end > ncols || !cols.start.is_multiple_of(per) {
-            return Err(ModelError::format(
-                &self.path,
-                format!(
-                    "tensor {:?}: slice rows {rows:?} cols {cols:?} is outside {nrows}x{ncols} or cuts a block",
-                    t.name
-                ),
-            ));
-        }
-        let row_bytes = t.row_bytes();
-        let b0 = cols.start / per;
-        let b1 = cols.end.div_ceil(per);
-        let mut out = Vec::with_capacity(rows.len() * cols.len());
-        let mut tmp = vec![0f32; (b1 - b0) * per];
-        for r in rows {
-            let start = t.offset + r * row_bytes + b0 * bytes;
-            let src = &self.mmap[start..start + (b1 - b0) * bytes];
-            dequantize(t.ty, src, &mut tmp);
-            let skip = cols.start - b0 * per;
-            out.extend_from_slice(&tmp[skip..skip + cols.len()]);
-        }
-        Ok(out)
-    }
-}
-
-/// Dequantizes whole blocks from `src` into `dst` (`dst.len()` elements).
-pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
-    match ty {
-        GgmlType::F32 => {
-            for (d, s) in dst.iter_mut().zip(src.chunks_exact(4)) {
-                *d = f32::from_le_bytes(s.try_into().unwrap());
-            }
-        }
-        GgmlType::F16 => {
-            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *d = f16::from_le_bytes([s[0], s[1]]).to_f32();
-            }
-        }
-        GgmlType::BF16 => {
-            for (d, s) in dst.iter_mut().zip(src.chunks_exact(2)) {
-                *d = bf16::from_le_bytes([s[0], s[1]]).to_f32();
-            }
-        }
-        GgmlType::Q8_0 => {
-            for (d, b) in dst.chunks_exact_mut(32).zip(src.chunks_exact(34)) {
-                let scale = f16::from_le_bytes([b[0], b[1]]).to_f32();
-                for (x, q) in d.iter_mut().zip(&b[2..34]) {
-                    *x = (*q as i8) as f32 * scale;
-                }
-            }
-        }
-        GgmlType::Q4_0 => {
-            for (d, b) in dst.chunks_exact_mut(32).zip(src.chunks_exact(18)) {
-                let scale = f16::from_le_bytes([b[0], b[1]]).to_f32();
-                for j in 0..16 {
-                    let q = b[2 + j];
-                    d[j] = ((q & 0x0F) as i32 - 8) as f32 * scale;
-                    d[j + 16] = ((q >> 4) as i32 - 8) as f32 * scale;
-                }
-            }
-        }
-        GgmlType::Q4_1 => {
-            for (d, b) in dst.chunks_exact_mut(32).zip(src.chunks_exact(20)) {
-                let scale = f16::from_le_bytes([b[0], b[1]]).to_f32();
-                let min = f16::from_le_bytes([b[2], b[3]]).to_f32();
-                for j in 0..16 {
-                    let q = b[4 + j];
-                    d[j] = (q & 0x0F) as f32 * scale + min;
-                    d[j + 16] = (q >> 4) as f32 * scale + min;
-                }
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn q4_1_and_q8_0_blocks_decode() {
-        let mut b = vec![0u8; 20];
-        b[0..2].copy_from_slice(&f16::from_f32(0.5).to_le_bytes());
-        b[2..4].copy_from_slice(&f16::from_f32(-1.0).to_le_bytes());
-        b[4] = 0x3A; // low nibble 10 -> elem 0, high nibble 3 -> elem 16
-        let mut out = [0f32; 32];
-        dequantize(GgmlType::Q4_1, &b, &mut out);
-        assert_eq!(out[0], 10.0 * 0.5 - 1.0);
-        assert_eq!(out[16], 3.0 * 0.5 - 1.0);
-        assert_eq!(out[1], -1.0);
-        let mut b = vec![0u8; 34];
-        b[0..2].copy_from_slice(&f16::from_f32(0.25).to_le_bytes());
-        b[2] = (-8i8) as u8;
-        b[33] = 4;
-        dequantize(GgmlType::Q8_0, &b, &mut out);
-        assert_eq!(out[0], -2.0);
-        assert_eq!(out[31], 1.0);
-        let mut b = vec![0u8; 18];
-        b[0..2].copy_from_slice(&f16::from_f32(2.0).to_le_bytes());
-        b[2] = 0xF0;
-        dequantize(GgmlType::Q4_0, &b, &mut out);
-        assert_eq!(out[0], -16.0);
-        assert_eq!(out[16], 14.0);
+        self.raw(t, rows, cols)?.to_f32()
     }
 }

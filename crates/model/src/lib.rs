@@ -2,10 +2,15 @@
 //! shard's slice of every layer on Burn, sampling, and generation.
 
 pub mod chat;
+pub mod cpu;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+#[cfg(feature = "wgpu")]
+mod gpu;
+pub mod linear;
 pub mod loader;
+pub mod ops;
 pub mod sampling;
 pub mod shard;
 pub mod tokenizer;
@@ -18,5 +23,5 @@ pub use engine::{
 pub use error::{ModelError, Result};
 pub use loader::ModelFiles;
 pub use sampling::{Sampler, SamplingParams};
-pub use shard::{SeqStep, ShardModel, shard_reads};
+pub use shard::{Precision, SeqStep, ShardModel, shard_reads};
 pub use tokenizer::{TextStream, Tokenizer};

@@ -7,7 +7,7 @@ use crate::tokenizer::Tokenizer;
 use crate::weights::{Tensor as W, Weights};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tessera_core::{Arch, ConfigError, ModelConfig};
+use tessera_core::{Arch, ConfigError, ModelConfig, PlanError, ShardPlan};
 
 pub struct ModelFiles {
     pub path: PathBuf,
@@ -103,9 +103,7 @@ impl ModelFiles {
         types.sort();
         types.dedup();
         let format = format!("GGUF v{} ({})", g.version, types.join(", "));
-        // llama.cpp's converter permutes Q/K rows for its interleaved RoPE on llama-arch files.
-        let unpermute = cfg.arch == Arch::Llama || cfg.arch == Arch::Mistral;
-        let weights = Weights::gguf(Arc::new(g), unpermute, cfg.heads, cfg.kv_heads);
+        let weights = Weights::gguf(Arc::new(g));
         let files = ModelFiles {
             path: path.into(),
             cfg,
@@ -116,6 +114,41 @@ impl ModelFiles {
         };
         files.check_tensors()?;
         Ok(files)
+    }
+
+    /// Width of the FFN's `down` blocks (the widest over the layers): where its rows can be
+    /// cut without straddling a block.
+    pub fn ffn_block(&self) -> usize {
+        (0..self.cfg.layers)
+            .filter_map(|l| self.weights.ty(W::Down(l)))
+            .map(|t| t.block_values())
+            .max()
+            .unwrap_or(1)
+    }
+
+    /// The shard plan for shards weighted by `weights` (e.g. each worker's memory), cutting the
+    /// FFN on whole blocks of this model's weights where it can.
+    pub fn plan(&self, weights: &[f64]) -> std::result::Result<ShardPlan, PlanError> {
+        ShardPlan::weighted_blocks(&self.cfg, weights, self.ffn_block())
+    }
+
+    /// Bytes of weights shard `spec` holds, in their stored formats (straddling blocks of
+    /// row-parallel slices included).
+    pub fn shard_bytes(&self, spec: &tessera_core::ShardSpec) -> Result<u64> {
+        let mut total = 0;
+        for (t, rows, cols) in crate::shard_reads(&self.cfg, spec, &self.weights) {
+            let ty = self
+                .weights
+                .ty(t)
+                .ok_or_else(|| ModelError::MissingTensor {
+                    path: self.path.clone(),
+                    name: t.key(),
+                })?;
+            let (per, bytes) = ty.block();
+            let stored = cols.end.div_ceil(per) - cols.start / per;
+            total += (rows.len() * stored * bytes) as u64;
+        }
+        Ok(total)
     }
 
     /// Tokens that end generation: the model's end-of-sequence tokens and, for chat, the
@@ -227,6 +260,8 @@ fn gguf_config(g: &GgufFile) -> Result<ModelConfig, ConfigError> {
         rope_theta: f("rope.freq_base").unwrap_or(10000.0),
         rope_scaling: None,
         rope_precision: Default::default(),
+        // llama.cpp's converter permutes Q/K rows of Llama-arch files for interleaved RoPE.
+        rope_interleaved: arch == Arch::Llama || arch == Arch::Mistral,
         tie_word_embeddings: !g.tensors.contains_key("output.weight"),
         qkv_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
         o_bias: g.tensors.contains_key("blk.0.attn_output.bias"),

@@ -6,90 +6,51 @@
 //! all-reduce #1 -> residual; RMSNorm -> gate/up for the shard's FFN columns -> SiLU(gate)*up ->
 //! down over the same rows -> all-reduce #2 -> residual. The LM head holds the shard's
 //! vocabulary rows, and the embedding is looked up in those same rows and all-reduced.
+//!
+//! Weights stay in their stored format behind [`Linear`]; every other operation is a call into
+//! `ops.rs`, which picks the implementation for the device.
 
 use crate::error::{ModelError, Result};
+use crate::linear::Linear;
+use crate::ops::{self, Heads, Kv, Norm, Rope};
 use crate::weights::{Tensor as W, Weights};
-use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::collections::HashMap;
 use std::ops::Range;
 use tessera_collective::Collective;
 use tessera_core::{ModelConfig, RopePrecision, ShardSpec};
-
-/// The weight seam: every matrix product of the model goes through this type, so a quantized
-/// kernel can replace it later without touching the layers.
-pub struct Linear {
-    /// `[in, out]`, so that `x @ w` maps `[tokens, in]` to `[tokens, out]`.
-    w: Tensor<2>,
-    b: Option<Tensor<2>>,
-}
-
-impl Linear {
-    pub fn forward(&self, x: Tensor<2>) -> Tensor<2> {
-        let y = x.matmul(self.w.clone());
-        match &self.b {
-            Some(b) => y + b.clone(),
-            None => y,
-        }
-    }
-    pub fn bytes(&self) -> u64 {
-        let [i, o] = self.w.dims();
-        (i * o * 4) as u64
-    }
-}
+pub use tessera_quant::Precision;
 
 struct Layer {
-    attn_norm: Tensor<2>,
+    attn_norm: Norm,
     q: Linear,
     k: Linear,
     v: Linear,
     o: Linear,
     o_bias: Option<Tensor<2>>,
-    ffn_norm: Tensor<2>,
+    ffn_norm: Norm,
     gate: Linear,
     up: Linear,
     down: Linear,
     down_bias: Option<Tensor<2>>,
 }
 
-struct KvCache {
-    k: Tensor<3>,
-    v: Tensor<3>,
-}
-
 pub struct ShardModel {
     pub cfg: ModelConfig,
     pub spec: ShardSpec,
     device: Device,
+    precision: Precision,
     layers: Vec<Layer>,
-    final_norm: Tensor<2>,
-    /// LM head rows for the shard's vocabulary slice, stored `[hidden, vocab_slice]`.
-    head: Tensor<2>,
-    /// Embedding rows for the same slice, `[hidden, vocab_slice]`; None when tied to the head.
-    embed: Option<Tensor<2>>,
-    /// For each local query head, the local KV head it reads.
-    kv_index: Option<Tensor<1, Int>>,
-    /// When every local KV head serves the same number of consecutive local query heads, that
-    /// number: attention then groups the query heads instead of copying K and V per head.
-    group: Option<usize>,
+    final_norm: Norm,
+    /// LM head rows for the shard's vocabulary slice.
+    head: Linear,
+    /// Embedding rows for the same slice; None when tied to the head.
+    embed: Option<Linear>,
+    heads: Heads,
     inv_freq: Vec<f32>,
-    caches: HashMap<u64, Vec<Option<KvCache>>>,
+    caches: HashMap<u64, Vec<Kv>>,
     weight_bytes: u64,
-}
-
-fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; data.len()];
-    const B: usize = 32;
-    for r0 in (0..rows).step_by(B) {
-        for c0 in (0..cols).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                for c in c0..(c0 + B).min(cols) {
-                    out[c * rows + r] = data[r * cols + c];
-                }
-            }
-        }
-    }
-    out
+    held_bytes: u64,
 }
 
 /// Rotary inverse frequencies as Hugging Face computes them, with Llama 3 scaling if set.
@@ -183,177 +144,184 @@ fn head_source(cfg: &ModelConfig, weights: &Weights) -> W {
 }
 
 impl ShardModel {
-    /// Reads this shard's slice of every tensor from `weights` onto `device`.
+    /// Reads this shard's slice of every tensor from `weights` onto `device`. The weights stay
+    /// in their stored format; `precision` says how activations meet quantized ones.
     pub fn load(
         weights: &Weights,
         cfg: &ModelConfig,
         spec: &ShardSpec,
         device: &Device,
+        precision: Precision,
     ) -> Result<ShardModel> {
         let (h, hd) = (cfg.hidden, cfg.head_dim);
         let q_rows = spec.q_heads.start * hd..spec.q_heads.end * hd;
         let kv_rows = spec.kv_heads.start * hd..spec.kv_heads.end * hd;
-        let mut weight_bytes = 0u64;
         let dev = device.clone();
-        // A column-parallel matrix: rows `rows` of a `[out, in]` tensor, stored `[in, rows]`.
-        let col_par =
-            |t: W, out: usize, rows: std::ops::Range<usize>, bias: Option<W>| -> Result<Linear> {
-                weights.expect_shape(t, &[out, h])?;
-                let n = rows.len();
-                let data = transpose(&weights.read(t, rows.clone(), 0..h)?, n, h);
-                let w = Tensor::<2>::from_data(TensorData::new(data, [h, n]), &dev);
-                let b = match bias {
-                    Some(bt) => {
-                        weights.expect_shape(bt, &[out])?;
-                        let v = weights.read(bt, 0..1, rows)?;
-                        Some(Tensor::<2>::from_data(TensorData::new(v, [1, n]), &dev))
-                    }
-                    None => None,
-                };
-                Ok(Linear { w, b })
+        // A column-parallel matrix: rows `rows` of a `[out, h]` tensor.
+        let col_par = |t: W, out: usize, rows: Range<usize>, bias: Option<W>| -> Result<Linear> {
+            weights.expect_shape(t, &[out, h])?;
+            let raw = weights.raw(t, rows.clone(), 0..h)?;
+            let b = match bias {
+                Some(bt) => {
+                    weights.expect_shape(bt, &[out])?;
+                    Some(weights.read(bt, 0..1, rows)?)
+                }
+                None => None,
             };
-        // A row-parallel matrix: columns `cols` of a `[h, in]` tensor, stored `[cols, h]`.
-        let row_par = |t: W, inp: usize, cols: std::ops::Range<usize>| -> Result<Linear> {
-            weights.expect_shape(t, &[h, inp])?;
-            let n = cols.len();
-            let data = transpose(&weights.read(t, 0..h, cols)?, h, n);
-            Ok(Linear {
-                w: Tensor::<2>::from_data(TensorData::new(data, [n, h]), &dev),
-                b: None,
-            })
+            Linear::new(raw, b, &dev)
         };
-        let vector = |t: W, len: usize| -> Result<Tensor<2>> {
-            weights.expect_shape(t, &[len])?;
-            let v = weights.read(t, 0..1, 0..len)?;
-            Ok(Tensor::<2>::from_data(TensorData::new(v, [1, len]), &dev))
-        };
-        let opt_bias = |t: W, on: bool| if on { Some(t) } else { None };
-
         let mut layers = Vec::with_capacity(cfg.layers);
         for l in 0..cfg.layers {
             let _span = tracing::debug_span!("load_layer", layer = l, rank = spec.rank).entered();
             let q_out = cfg.heads * hd;
             let kv_out = cfg.kv_heads * hd;
-            let layer = Layer {
-                attn_norm: vector(W::AttnNorm(l), h)?,
-                q: col_par(
-                    W::Q(l),
-                    q_out,
-                    q_rows.clone(),
-                    opt_bias(W::QBias(l), cfg.qkv_bias),
-                )?,
-                k: col_par(
-                    W::K(l),
-                    kv_out,
-                    kv_rows.clone(),
-                    opt_bias(W::KBias(l), cfg.qkv_bias),
-                )?,
-                v: col_par(
-                    W::V(l),
-                    kv_out,
-                    kv_rows.clone(),
-                    opt_bias(W::VBias(l), cfg.qkv_bias),
-                )?,
-                o: row_par(W::O(l), q_out, q_rows.clone())?,
-                o_bias: if cfg.o_bias {
-                    Some(vector(W::OBias(l), h)?)
-                } else {
-                    None
-                },
-                ffn_norm: vector(W::FfnNorm(l), h)?,
-                gate: col_par(
-                    W::Gate(l),
-                    cfg.intermediate,
-                    spec.ffn.clone(),
-                    opt_bias(W::GateBias(l), cfg.mlp_bias),
-                )?,
-                up: col_par(
-                    W::Up(l),
-                    cfg.intermediate,
-                    spec.ffn.clone(),
-                    opt_bias(W::UpBias(l), cfg.mlp_bias),
-                )?,
-                down: row_par(W::Down(l), cfg.intermediate, spec.ffn.clone())?,
-                down_bias: if cfg.mlp_bias {
-                    Some(vector(W::DownBias(l), h)?)
-                } else {
-                    None
-                },
+            let opt = |t: W, on: bool| on.then_some(t);
+            let q = col_par(
+                W::Q(l),
+                q_out,
+                q_rows.clone(),
+                opt(W::QBias(l), cfg.qkv_bias),
+            )?;
+            let k = col_par(
+                W::K(l),
+                kv_out,
+                kv_rows.clone(),
+                opt(W::KBias(l), cfg.qkv_bias),
+            )?;
+            let v = col_par(
+                W::V(l),
+                kv_out,
+                kv_rows.clone(),
+                opt(W::VBias(l), cfg.qkv_bias),
+            )?;
+            let gate = col_par(
+                W::Gate(l),
+                cfg.intermediate,
+                spec.ffn.clone(),
+                opt(W::GateBias(l), cfg.mlp_bias),
+            )?;
+            let up = col_par(
+                W::Up(l),
+                cfg.intermediate,
+                spec.ffn.clone(),
+                opt(W::UpBias(l), cfg.mlp_bias),
+            )?;
+            // Row-parallel matrices: all `h` output rows, the shard's input columns.
+            weights.expect_shape(W::O(l), &[h, q_out])?;
+            weights.expect_shape(W::Down(l), &[h, cfg.intermediate])?;
+            let o_raw = weights.raw(W::O(l), 0..h, q_rows.clone())?;
+            let down_raw = weights.raw(W::Down(l), 0..h, spec.ffn.clone())?;
+            let vector = |t: W| -> Result<Vec<f32>> {
+                weights.expect_shape(t, &[h])?;
+                weights.read(t, 0..1, 0..h)
             };
-            for lin in [
-                &layer.q,
-                &layer.k,
-                &layer.v,
-                &layer.o,
-                &layer.gate,
-                &layer.up,
-                &layer.down,
-            ] {
-                weight_bytes += lin.bytes();
-            }
-            weight_bytes += 2 * h as u64 * 4;
-            layers.push(layer);
+            layers.push(Layer {
+                attn_norm: Norm::new(vector(W::AttnNorm(l))?, device),
+                q,
+                k,
+                v,
+                o: Linear::new(o_raw, None, device)?,
+                o_bias: cfg
+                    .o_bias
+                    .then(|| vector(W::OBias(l)))
+                    .transpose()?
+                    .map(|b| Tensor::<2>::from_data(TensorData::new(b, [1, h]), device)),
+                ffn_norm: Norm::new(vector(W::FfnNorm(l))?, device),
+                gate,
+                up,
+                down: Linear::new(down_raw, None, device)?,
+                down_bias: cfg
+                    .mlp_bias
+                    .then(|| vector(W::DownBias(l)))
+                    .transpose()?
+                    .map(|b| Tensor::<2>::from_data(TensorData::new(b, [1, h]), device)),
+            });
         }
-        let vocab_rows = spec.vocab.clone();
-        let head_src = if cfg.tie_word_embeddings || !weights.has(W::LmHead) {
-            W::Embed
-        } else {
-            W::LmHead
-        };
-        let head = col_par(head_src, cfg.vocab, vocab_rows.clone(), None)?.w;
+        let head_src = head_source(cfg, weights);
+        let head = col_par(head_src, cfg.vocab, spec.vocab.clone(), None)?;
         let embed = if head_src == W::Embed {
             None
         } else {
-            Some(col_par(W::Embed, cfg.vocab, vocab_rows.clone(), None)?.w)
+            Some(col_par(W::Embed, cfg.vocab, spec.vocab.clone(), None)?)
         };
-        weight_bytes += (vocab_rows.len() * h * 4 + h * 4) as u64;
-        let final_norm = vector(W::FinalNorm, h)?;
+        weights.expect_shape(W::FinalNorm, &[h])?;
+        let final_norm = Norm::new(weights.read(W::FinalNorm, 0..1, 0..h)?, device);
 
-        let identity = (0..spec.n_q()).all(|j| spec.kv_index_for_local_q(cfg, j) == j);
+        let mut weight_bytes = head.bytes() + 4 * h as u64;
+        for l in &layers {
+            for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
+                weight_bytes += lin.bytes();
+            }
+            weight_bytes += 2 * 4 * h as u64;
+        }
+        let kv_of: Vec<usize> = (0..spec.n_q())
+            .map(|j| spec.kv_index_for_local_q(cfg, j))
+            .collect();
+        let identity = kv_of.iter().enumerate().all(|(j, &k)| j == k);
         let g = spec.n_q() / spec.n_kv().max(1);
         let group = (!identity
             && g > 1
             && spec.n_q() == g * spec.n_kv()
-            && (0..spec.n_q()).all(|j| spec.kv_index_for_local_q(cfg, j) == j / g))
+            && kv_of.iter().enumerate().all(|(j, &k)| k == j / g))
         .then_some(g);
-        let kv_index = (!identity).then(|| {
-            let idx: Vec<i64> = (0..spec.n_q())
-                .map(|j| spec.kv_index_for_local_q(cfg, j) as i64)
-                .collect();
-            Tensor::<1, Int>::from_data(TensorData::new(idx, [spec.n_q()]), &dev)
+        let kv_index = (!identity && group.is_none() && !ops::is_host(device)).then(|| {
+            let idx: Vec<i64> = kv_of.iter().map(|&k| k as i64).collect();
+            Tensor::<1, Int>::from_data(TensorData::new(idx, [spec.n_q()]), device)
         });
+        let embed_bytes = embed.as_ref().map_or(0, |e| e.bytes());
         Ok(ShardModel {
             cfg: cfg.clone(),
             spec: spec.clone(),
             device: device.clone(),
+            precision,
             layers,
             final_norm,
             head,
             embed,
-            kv_index,
-            group,
+            heads: Heads {
+                nq: spec.n_q(),
+                nkv: spec.n_kv(),
+                hd,
+                kv_of,
+                group,
+                kv_index,
+            },
             inv_freq: inv_freq(cfg),
             caches: HashMap::new(),
             weight_bytes,
+            held_bytes: weight_bytes + embed_bytes,
         })
     }
 
-    /// Bytes of weights read per decoded token by this shard (f32 after dequantization).
+    /// Bytes of weights read per decoded token by this shard, in their stored format.
     pub fn weight_bytes_per_token(&self) -> u64 {
         self.weight_bytes
+    }
+
+    /// Bytes of weights this shard holds (its whole slice, the embedding table included).
+    pub fn weight_bytes_held(&self) -> u64 {
+        self.held_bytes
+    }
+
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     pub fn free(&mut self, seq: u64) {
         self.caches.remove(&seq);
     }
 
+    fn kv_width(&self) -> usize {
+        self.heads.nkv * self.heads.hd
+    }
+
     /// Cached positions of a sequence (0 if unknown).
     pub fn cached_len(&self, seq: u64) -> usize {
+        let w = self.kv_width();
         self.caches
             .get(&seq)
             .and_then(|c| c.first())
-            .and_then(|c| c.as_ref())
-            .map_or(0, |c| c.k.dims()[1])
+            .map_or(0, |c| c.len(w))
     }
 
     fn all_reduce(&self, x: Tensor<2>, coll: &mut dyn Collective) -> Result<Tensor<2>> {
@@ -370,31 +338,6 @@ impl ShardModel {
             TensorData::new(v, shape),
             &self.device,
         ))
-    }
-
-    fn rms_norm(&self, x: Tensor<2>, w: &Tensor<2>) -> Tensor<2> {
-        let var = x.clone().square().mean_dim(1);
-        x * (var + self.cfg.rms_eps).sqrt().recip() * w.clone()
-    }
-
-    /// cos and sin tables `[1, tokens, head_dim]` for the given positions, one row each.
-    fn rope_tables(&self, positions: &[usize]) -> (Tensor<3>, Tensor<3>) {
-        let hd = self.cfg.head_dim;
-        let t = positions.len();
-        let mut cos = Vec::with_capacity(t * hd);
-        let mut sin = Vec::with_capacity(t * hd);
-        for &p in positions {
-            // f32 product, like transformers' `inv_freq @ position_ids` in float32.
-            let row: Vec<f32> = self.inv_freq.iter().map(|f| *f * p as f32).collect();
-            for _ in 0..2 {
-                cos.extend(row.iter().map(|a| a.cos()));
-                sin.extend(row.iter().map(|a| a.sin()));
-            }
-        }
-        (
-            Tensor::<3>::from_data(TensorData::new(cos, [1, t, hd]), &self.device),
-            Tensor::<3>::from_data(TensorData::new(sin, [1, t, hd]), &self.device),
-        )
     }
 
     /// Checks a batch before touching any cache, so a refused batch changes nothing.
@@ -454,60 +397,6 @@ impl ShardModel {
         self.forward_batch(std::slice::from_ref(&step), coll)
     }
 
-    /// Attention of one sequence's new tokens: `q` `[nq, t, hd]`, `k`/`v` `[nkv, t, hd]`
-    /// appended to its cache. Returns `[nq, t, hd]`.
-    fn attend(
-        &self,
-        q: Tensor<3>,
-        k: Tensor<3>,
-        v: Tensor<3>,
-        cache: &mut Option<KvCache>,
-        pos: usize,
-    ) -> Tensor<3> {
-        let t = q.dims()[1];
-        let (k, v) = match cache.take() {
-            Some(c) => (Tensor::cat(vec![c.k, k], 1), Tensor::cat(vec![c.v, v], 1)),
-            None => (k, v),
-        };
-        *cache = Some(KvCache {
-            k: k.clone(),
-            v: v.clone(),
-        });
-        let scale = 1.0 / (self.cfg.head_dim as f64).sqrt();
-        let s = pos + t;
-        // The causal mask of the new tokens: t x s values, in the given shape.
-        let mask = |shape: Vec<usize>| {
-            let m: Vec<f32> = (0..t)
-                .flat_map(|i| {
-                    (0..s).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 })
-                })
-                .collect();
-            TensorData::new(m, shape)
-        };
-        if let Some(g) = self.group {
-            // Query heads of one KV head as rows of one product, [nkv, g*t, hd] x [nkv, hd, L],
-            // instead of copying K and V once per query head.
-            let [nq, _, hd] = q.dims();
-            let nkv = nq / g;
-            let q = q.reshape([nkv, g * t, hd]);
-            let mut scores = q.matmul(k.swap_dims(1, 2)) * scale;
-            if t > 1 {
-                let m = Tensor::<4>::from_data(mask(vec![1, 1, t, s]), &self.device);
-                scores = (scores.reshape([nkv, g, t, s]) + m).reshape([nkv, g * t, s]);
-            }
-            return softmax(scores, 2).matmul(v).reshape([nq, t, hd]);
-        }
-        let (k, v) = match &self.kv_index {
-            Some(idx) => (k.select(0, idx.clone()), v.select(0, idx.clone())),
-            None => (k, v),
-        };
-        let mut scores = q.matmul(k.swap_dims(1, 2)) * scale;
-        if t > 1 {
-            scores = scores + Tensor::<3>::from_data(mask(vec![1, t, s]), &self.device);
-        }
-        softmax(scores, 2).matmul(v)
-    }
-
     /// One step for several sequences at once: their new tokens go through every matrix
     /// product together (the weights are read once for the whole batch), each attends to its
     /// own KV cache, and the two all-reduces per layer carry all of the batch's rows. Returns
@@ -529,108 +418,69 @@ impl ShardModel {
         }
         self.check_batch(steps)?;
         let cfg = &self.cfg;
-        let (h, hd) = (cfg.hidden, cfg.head_dim);
+        let (h, prec) = (cfg.hidden, self.precision);
         let ids: Vec<u32> = steps.iter().flat_map(|s| s.ids.iter().copied()).collect();
         let positions: Vec<usize> = steps
             .iter()
             .flat_map(|s| s.pos..s.pos + s.ids.len())
             .collect();
-        let t = ids.len();
 
         // Embedding: look up the ids that fall in this shard's vocabulary slice; the others
         // contribute zero rows, and the all-reduce assembles the full rows.
         let vr = self.spec.vocab.clone();
-        let local: Vec<i64> = ids
+        let local: Vec<Option<usize>> = ids
             .iter()
-            .map(|&id| {
-                if vr.contains(&(id as usize)) {
-                    (id as usize - vr.start) as i64
-                } else {
-                    0
-                }
-            })
+            .map(|&id| vr.contains(&(id as usize)).then(|| id as usize - vr.start))
             .collect();
         let table = self.embed.as_ref().unwrap_or(&self.head);
-        let idx = Tensor::<1, Int>::from_data(TensorData::new(local, [t]), &self.device);
-        let mut x = table.clone().select(1, idx).transpose(); // [t, h]
-        if ids.iter().any(|&id| !vr.contains(&(id as usize))) {
-            let mask: Vec<f32> = ids
-                .iter()
-                .map(|&id| f32::from(u8::from(vr.contains(&(id as usize)))))
-                .collect();
-            x = x * Tensor::<2>::from_data(TensorData::new(mask, [t, 1]), &self.device);
-        }
+        let x = table.rows(&local, &self.device);
         let mut x = self.all_reduce(x, coll)?;
 
-        let (cos, sin) = self.rope_tables(&positions);
-        let (nq, nkv) = (self.spec.n_q(), self.spec.n_kv());
+        let rope = Rope::new(
+            positions,
+            &self.inv_freq,
+            cfg.rope_interleaved,
+            &self.device,
+        );
+        let (nq, nkv) = (self.heads.nq, self.heads.nkv);
         let n_layers = cfg.layers;
-        let mut caches: Vec<Vec<Option<KvCache>>> = steps
+        let device = self.device.clone();
+        let mut caches: Vec<Vec<Kv>> = steps
             .iter()
             .map(|s| {
                 self.caches
                     .remove(&s.seq)
-                    .unwrap_or_else(|| (0..n_layers).map(|_| None).collect())
+                    .unwrap_or_else(|| (0..n_layers).map(|_| Kv::new(&device)).collect())
             })
             .collect();
-        let rope = |x: Tensor<3>, n: usize| -> Tensor<3> {
-            let x1 = x.clone().slice([0..n, 0..t, 0..hd / 2]);
-            let x2 = x.clone().slice([0..n, 0..t, hd / 2..hd]);
-            let rotated = Tensor::cat(vec![x2.neg(), x1], 2);
-            x * cos.clone() + rotated * sin.clone()
-        };
         let result = (|| -> Result<Tensor<2>> {
             for (l, layer) in self.layers.iter().enumerate() {
                 // Attention.
-                let hn = self.rms_norm(x.clone(), &layer.attn_norm);
-                let q = layer
-                    .q
-                    .forward(hn.clone())
-                    .reshape([t, nq, hd])
-                    .swap_dims(0, 1);
-                let k = layer
-                    .k
-                    .forward(hn.clone())
-                    .reshape([t, nkv, hd])
-                    .swap_dims(0, 1);
-                let v = layer.v.forward(hn).reshape([t, nkv, hd]).swap_dims(0, 1);
-                let q = rope(q, nq);
-                let k = rope(k, nkv);
-                let attn = if steps.len() == 1 {
-                    self.attend(q, k, v, &mut caches[0][l], steps[0].pos)
-                } else {
-                    let mut parts = Vec::with_capacity(steps.len());
-                    let mut o = 0;
-                    for (s, cache) in steps.iter().zip(caches.iter_mut()) {
-                        let r = o..o + s.ids.len();
-                        o = r.end;
-                        parts.push(self.attend(
-                            q.clone().slice([0..nq, r.clone(), 0..hd]),
-                            k.clone().slice([0..nkv, r.clone(), 0..hd]),
-                            v.clone().slice([0..nkv, r, 0..hd]),
-                            &mut cache[l],
-                            s.pos,
-                        ));
-                    }
-                    Tensor::cat(parts, 1)
-                };
-                let attn = attn.swap_dims(0, 1).reshape([t, nq * hd]);
-                let partial = layer.o.forward(attn);
+                let hn = ops::rms_norm(x.clone(), &layer.attn_norm, cfg.rms_eps);
+                let mut qkv = Linear::forward_group(&[&layer.q, &layer.k, &layer.v], hn, prec);
+                let v = qkv.pop().expect("v");
+                let k = rope.apply(qkv.pop().expect("k"), nkv, &self.inv_freq);
+                let q = rope.apply(qkv.pop().expect("q"), nq, &self.inv_freq);
+                let mut layer_caches: Vec<&mut Kv> = caches.iter_mut().map(|c| &mut c[l]).collect();
+                let attn = ops::attention(q, k, v, steps, &mut layer_caches, &self.heads);
+                let partial = layer.o.forward(attn, prec);
                 let mut out = self.all_reduce(partial, coll)?;
                 if let Some(b) = &layer.o_bias {
                     out = out + b.clone();
                 }
-                x = x + out;
+                x = ops::add(x, out);
 
                 // MLP.
-                let hn = self.rms_norm(x.clone(), &layer.ffn_norm);
-                let act = silu(layer.gate.forward(hn.clone())) * layer.up.forward(hn);
-                let partial = layer.down.forward(act);
+                let hn = ops::rms_norm(x.clone(), &layer.ffn_norm, cfg.rms_eps);
+                let mut gu = Linear::forward_group(&[&layer.gate, &layer.up], hn, prec);
+                let up = gu.pop().expect("up");
+                let act = ops::swiglu(gu.pop().expect("gate"), up);
+                let partial = layer.down.forward(act, prec);
                 let mut out = self.all_reduce(partial, coll)?;
                 if let Some(b) = &layer.down_bias {
                     out = out + b.clone();
                 }
-                x = x + out;
+                x = ops::add(x, out);
             }
             Ok(x)
         })();
@@ -652,8 +502,8 @@ impl ShardModel {
             Tensor::<1, Int>::from_data(TensorData::new(last, [b]), &self.device),
         );
         debug_assert_eq!(last.dims(), [b, h]);
-        let last = self.rms_norm(last, &self.final_norm);
-        let logits = last.matmul(self.head.clone());
+        let last = ops::rms_norm(last, &self.final_norm, cfg.rms_eps);
+        let logits = self.head.forward(last, prec);
         logits
             .into_data()
             .try_into_vec::<f32>()

@@ -1,11 +1,11 @@
 //! One view over the two on-disk formats: a Hugging Face folder (`model.safetensors` or a
 //! sharded index) and a GGUF file. A shard asks for a row range and a column range of a
-//! tensor in PyTorch's logical layout (`[out, in]`) and gets f32 back; only those bytes of the
-//! memory map are touched, so a worker's resident weight memory is about its share.
+//! tensor in PyTorch's logical layout (`[out, in]`) and gets it in its stored format (GGUF
+//! blocks, or F32/F16/BF16), as a view of the memory map where the rows are whole; only those
+//! bytes of the map are touched, so a worker's resident weight memory is about its share.
 
 use crate::error::{ModelError, Result};
-use crate::gguf::GgufFile;
-use half::{bf16, f16};
+use crate::gguf::{GgmlType, GgufFile};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors, tensor::Metadata};
 use std::collections::HashMap;
@@ -98,36 +98,144 @@ impl Tensor {
 
 pub struct StFile {
     path: PathBuf,
-    mmap: Mmap,
+    mmap: Arc<Mmap>,
     header: usize,
     meta: Metadata,
 }
 
-/// A block of a tensor already cut out for one shard (what a coordinator ships a worker).
+/// Bytes of weights, shared by whoever holds them: a view of a memory-mapped model file, or
+/// a buffer of their own (a slice cut out of rows, or a shard received over the network).
+#[derive(Clone)]
+pub struct Bytes {
+    owner: Owner,
+    range: Range<usize>,
+}
+
+#[derive(Clone)]
+enum Owner {
+    Vec(Arc<Vec<u8>>),
+    Map(Arc<Mmap>),
+}
+
+impl Bytes {
+    pub fn from_vec(v: Vec<u8>) -> Bytes {
+        let len = v.len();
+        Bytes {
+            owner: Owner::Vec(Arc::new(v)),
+            range: 0..len,
+        }
+    }
+    pub(crate) fn mapped(map: Arc<Mmap>, range: Range<usize>) -> Bytes {
+        assert!(range.end <= map.len());
+        Bytes {
+            owner: Owner::Map(map),
+            range,
+        }
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        match &self.owner {
+            Owner::Vec(v) => &v[self.range.clone()],
+            Owner::Map(m) => &m[self.range.clone()],
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.range.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.range.is_empty()
+    }
+    /// Whether these bytes are a view of a memory-mapped file (else a buffer of their own).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.owner, Owner::Map(_))
+    }
+    /// A sub-range, sharing the same storage.
+    pub fn slice(&self, r: Range<usize>) -> Bytes {
+        assert!(r.end <= self.range.len());
+        Bytes {
+            owner: self.owner.clone(),
+            range: self.range.start + r.start..self.range.start + r.end,
+        }
+    }
+}
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Bytes({} bytes, {})",
+            self.len(),
+            if self.is_mapped() { "mapped" } else { "owned" }
+        )
+    }
+}
+
+/// Rows of a weight tensor in their stored format: `rows` of the whole tensor, each holding
+/// columns `cols` in whole blocks, of which `valid` (relative to `cols.start`) were asked for;
+/// the other columns of the straddling blocks belong to another shard, which multiplies them
+/// by zero.
 #[derive(Debug, Clone)]
-pub struct Block {
-    /// The whole tensor's logical shape.
+pub struct RawTensor {
+    pub ty: GgmlType,
+    /// The whole tensor's logical shape, PyTorch order (`[out, in]`, or `[n]` for a vector).
     pub shape: Vec<usize>,
     pub rows: Range<usize>,
     pub cols: Range<usize>,
-    /// `rows.len() x cols.len()` values, row-major.
-    pub data: Vec<f32>,
+    pub valid: Range<usize>,
+    pub data: Bytes,
 }
 
-/// Either format, or pre-cut blocks, behind one `read` call.
+impl RawTensor {
+    pub fn row_bytes(&self) -> usize {
+        self.data.len() / self.rows.len().max(1)
+    }
+
+    /// The stored rows as a kernel matrix.
+    pub fn matrix(&self) -> tessera_quant::QMatrix<'_> {
+        tessera_quant::QMatrix {
+            ty: self.ty,
+            rows: self.rows.len(),
+            cols: self.cols.len(),
+            data: self.data.as_slice(),
+        }
+    }
+
+    /// Rows `r` (relative to `self.rows.start`), sharing the storage.
+    pub fn sub_rows(&self, r: Range<usize>) -> RawTensor {
+        let rb = self.row_bytes();
+        RawTensor {
+            rows: self.rows.start + r.start..self.rows.start + r.end,
+            data: self.data.slice(r.start * rb..r.end * rb),
+            ..self.clone()
+        }
+    }
+
+    /// The valid columns of every row, dequantized, row-major.
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        let (n, w) = (self.rows.len(), self.cols.len());
+        let mut all = vec![0f32; n * w];
+        tessera_quant::dequantize(self.ty, self.data.as_slice(), &mut all);
+        if self.valid == (0..w) {
+            return Ok(all);
+        }
+        let mut out = Vec::with_capacity(n * self.valid.len());
+        for r in 0..n {
+            out.extend_from_slice(&all[r * w + self.valid.start..r * w + self.valid.end]);
+        }
+        Ok(out)
+    }
+}
+
+/// Either format, or pre-cut blocks, behind one `raw` / `read` call.
 #[derive(Clone)]
 pub enum Weights {
-    /// Blocks keyed by [`Tensor::key`], with Q/K already in rotate-half order.
-    Blocks(Arc<HashMap<String, Block>>),
+    /// Slices shipped by a coordinator, keyed by [`Tensor::key`], in their stored format.
+    Blocks(Arc<HashMap<String, RawTensor>>),
     Safetensors {
         files: Arc<Vec<StFile>>,
         by_name: Arc<HashMap<String, usize>>,
     },
     Gguf {
         file: Arc<GgufFile>,
-        unpermute_qk: bool,
-        heads: usize,
-        kv_heads: usize,
     },
 }
 
@@ -162,7 +270,7 @@ impl Weights {
         let mut files = Vec::new();
         let mut by_name = HashMap::new();
         for path in names {
-            let mmap = map_file(&path)?;
+            let mmap = Arc::new(map_file(&path)?);
             let (header, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
                 let hint = match e {
                     safetensors::SafeTensorError::MetadataIncompleteBuffer
@@ -187,13 +295,8 @@ impl Weights {
         })
     }
 
-    pub fn gguf(file: Arc<GgufFile>, unpermute_qk: bool, heads: usize, kv_heads: usize) -> Weights {
-        Weights::Gguf {
-            file,
-            unpermute_qk,
-            heads,
-            kv_heads,
-        }
+    pub fn gguf(file: Arc<GgufFile>) -> Weights {
+        Weights::Gguf { file }
     }
 
     fn path(&self) -> PathBuf {
@@ -251,41 +354,30 @@ impl Weights {
         Ok(())
     }
 
-    /// Reads `rows` x `cols` of a 2-D tensor (a 1-D tensor is one row) as row-major f32.
-    pub fn read(&self, t: Tensor, rows: Range<usize>, cols: Range<usize>) -> Result<Vec<f32>> {
+    /// Rows `rows` of a tensor (a 1-D tensor is one row) covering columns `cols`, in the
+    /// stored format: see [`RawTensor`].
+    pub fn raw(&self, t: Tensor, rows: Range<usize>, cols: Range<usize>) -> Result<RawTensor> {
         let name = self.name(t);
-        let out = match self {
+        let missing = || ModelError::MissingTensor {
+            path: self.path(),
+            name: name.clone(),
+        };
+        match self {
             Weights::Blocks(blocks) => {
-                let b = blocks.get(&name).ok_or_else(|| ModelError::MissingTensor {
-                    path: self.path(),
-                    name: name.clone(),
-                })?;
-                if rows.start < b.rows.start
-                    || rows.end > b.rows.end
-                    || cols.start < b.cols.start
-                    || cols.end > b.cols.end
-                {
+                let b = blocks.get(&name).ok_or_else(missing)?;
+                let want = b.cols.start + b.valid.start..b.cols.start + b.valid.end;
+                if rows.start < b.rows.start || rows.end > b.rows.end || cols != want {
                     return Err(ModelError::format(
                         self.path(),
                         format!(
-                            "{name}: slice {rows:?} x {cols:?} was not shipped (have {:?} x {:?})",
-                            b.rows, b.cols
+                            "{name}: slice {rows:?} x {cols:?} was not shipped (have {:?} x {want:?})",
+                            b.rows
                         ),
                     ));
                 }
-                let w = b.cols.len();
-                let mut out = Vec::with_capacity(rows.len() * cols.len());
-                for r in rows.clone() {
-                    let s = (r - b.rows.start) * w + (cols.start - b.cols.start);
-                    out.extend_from_slice(&b.data[s..s + cols.len()]);
-                }
-                out
+                Ok(b.sub_rows(rows.start - b.rows.start..rows.end - b.rows.start))
             }
             Weights::Safetensors { files, by_name } => {
-                let missing = || ModelError::MissingTensor {
-                    path: self.path(),
-                    name: name.clone(),
-                };
                 let f = &files[*by_name.get(&name).ok_or_else(missing)?];
                 let info = f.meta.info(&name).ok_or_else(missing)?;
                 let (nrows, ncols) = match info.shape.as_slice() {
@@ -298,7 +390,11 @@ impl Weights {
                         ));
                     }
                 };
-                if rows.end > nrows || cols.end > ncols {
+                if rows.start > rows.end
+                    || cols.start > cols.end
+                    || rows.end > nrows
+                    || cols.end > ncols
+                {
                     return Err(ModelError::format(
                         &f.path,
                         format!(
@@ -306,9 +402,10 @@ impl Weights {
                         ),
                     ));
                 }
-                let esize = match info.dtype {
-                    Dtype::F32 => 4,
-                    Dtype::F16 | Dtype::BF16 => 2,
+                let ty = match info.dtype {
+                    Dtype::F32 => GgmlType::F32,
+                    Dtype::F16 => GgmlType::F16,
+                    Dtype::BF16 => GgmlType::BF16,
                     other => {
                         return Err(ModelError::Dtype {
                             path: f.path.clone(),
@@ -317,93 +414,61 @@ impl Weights {
                         });
                     }
                 };
+                let esize = ty.block_bytes();
                 let base = 8 + f.header + info.data_offsets.0;
-                let mut out = Vec::with_capacity(rows.len() * cols.len());
-                for r in rows.clone() {
-                    let s = base + (r * ncols + cols.start) * esize;
-                    let bytes = &f.mmap[s..s + cols.len() * esize];
-                    match info.dtype {
-                        Dtype::F32 => out.extend(
-                            bytes
-                                .chunks_exact(4)
-                                .map(|b| f32::from_le_bytes(b.try_into().unwrap())),
-                        ),
-                        Dtype::F16 => out.extend(
-                            bytes
-                                .chunks_exact(2)
-                                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
-                        ),
-                        _ => out.extend(
-                            bytes
-                                .chunks_exact(2)
-                                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-                        ),
-                    }
+                let end = 8 + f.header + info.data_offsets.1;
+                if end > f.mmap.len()
+                    || info.data_offsets.1 - info.data_offsets.0 != nrows * ncols * esize
+                {
+                    return Err(ModelError::format(
+                        &f.path,
+                        format!("tensor {name:?}: its data does not fit the file (truncated?)"),
+                    ));
                 }
-                out
-            }
-            Weights::Gguf {
-                file,
-                unpermute_qk,
-                heads,
-                kv_heads,
-            } => {
-                let info = file.info(&name)?;
-                let mut out = file.read_f32(info, rows.clone(), cols.clone())?;
-                let n_heads = match t {
-                    Tensor::Q(_) | Tensor::QBias(_) => Some(*heads),
-                    Tensor::K(_) | Tensor::KBias(_) => Some(*kv_heads),
-                    _ => None,
+                let data = if cols == (0..ncols) {
+                    let s = base + rows.start * ncols * esize;
+                    Bytes::mapped(f.mmap.clone(), s..s + rows.len() * ncols * esize)
+                } else {
+                    let mut v = Vec::with_capacity(rows.len() * cols.len() * esize);
+                    for r in rows.clone() {
+                        let s = base + (r * ncols + cols.start) * esize;
+                        v.extend_from_slice(&f.mmap[s..s + cols.len() * esize]);
+                    }
+                    Bytes::from_vec(v)
                 };
-                if let (true, Some(n)) = (*unpermute_qk, n_heads) {
-                    let (total_rows, _) = info.rows_cols();
-                    let hd = total_rows / n;
-                    // For a bias (1-D) the "rows" of the permutation are its columns.
-                    let (r, width) = if info.dims.len() == 1 {
-                        (cols.clone(), 1)
-                    } else {
-                        (rows.clone(), cols.len())
-                    };
-                    if r.start % hd != 0 || r.end % hd != 0 {
-                        return Err(ModelError::format(
-                            &file.path,
-                            format!("{name:?}: slice {r:?} cuts a head of {hd}"),
-                        ));
-                    }
-                    unpermute_rows(&mut out, r.len() / hd, hd, width);
-                }
-                out
+                Ok(RawTensor {
+                    ty,
+                    shape: info.shape.clone(),
+                    rows,
+                    valid: 0..cols.len(),
+                    cols,
+                    data,
+                })
             }
-        };
-        Ok(out)
+            Weights::Gguf { file } => file.raw(file.info(&name)?, rows, cols),
+        }
     }
-}
 
-/// GGUF stores Q and K rows of each head interleaved for pairwise RoPE: GGUF row `2i + j` of a
-/// head is Hugging Face row `j * hd/2 + i`. This puts them back in rotate-half order.
-fn unpermute_rows(data: &mut [f32], heads: usize, hd: usize, width: usize) {
-    let half = hd / 2;
-    let mut tmp = vec![0f32; hd * width];
-    for h in 0..heads {
-        let block = &mut data[h * hd * width..(h + 1) * hd * width];
-        for i in 0..half {
-            for j in 0..2 {
-                let src = (2 * i + j) * width;
-                let dst = (j * half + i) * width;
-                tmp[dst..dst + width].copy_from_slice(&block[src..src + width]);
+    /// Reads `rows` x `cols` of a 2-D tensor (a 1-D tensor is one row) as row-major f32.
+    pub fn read(&self, t: Tensor, rows: Range<usize>, cols: Range<usize>) -> Result<Vec<f32>> {
+        self.raw(t, rows, cols)?.to_f32()
+    }
+
+    /// The stored type of a tensor.
+    pub fn ty(&self, t: Tensor) -> Option<GgmlType> {
+        let name = self.name(t);
+        match self {
+            Weights::Blocks(b) => b.get(&name).map(|b| b.ty),
+            Weights::Gguf { file } => file.tensors.get(&name).map(|i| i.ty),
+            Weights::Safetensors { files, by_name } => {
+                let info = files[*by_name.get(&name)?].meta.info(&name)?;
+                match info.dtype {
+                    Dtype::F32 => Some(GgmlType::F32),
+                    Dtype::F16 => Some(GgmlType::F16),
+                    Dtype::BF16 => Some(GgmlType::BF16),
+                    _ => None,
+                }
             }
         }
-        block.copy_from_slice(&tmp);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn unpermute_inverts_the_gguf_permutation() {
-        // One head of 4 rows, width 1: HF rows [a0, a1, b0, b1] are stored as [a0, b0, a1, b1].
-        let mut d = vec![0.0, 2.0, 1.0, 3.0];
-        super::unpermute_rows(&mut d, 1, 4, 1);
-        assert_eq!(d, vec![0.0, 1.0, 2.0, 3.0]);
     }
 }

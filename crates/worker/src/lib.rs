@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use tessera_collective::quic::{Identity, QuicNode, generate_key, token_proof};
 use tessera_collective::{Collective, Mesh, Single};
 use tessera_core::{ModelConfig, ShardSpec};
-use tessera_model::weights::{Block, Weights};
-use tessera_model::{Backend, ModelFiles, SeqStep, ShardModel};
+use tessera_model::gguf::GgmlType;
+use tessera_model::weights::{Bytes, RawTensor, Weights};
+use tessera_model::{Backend, ModelFiles, Precision, SeqStep, ShardModel};
 use tessera_proto::coordinator_client::CoordinatorClient;
 use tessera_proto::worker_server::{Worker, WorkerServer};
 use tessera_proto::*;
@@ -172,7 +173,7 @@ impl Worker for WorkerService {
                 .map_err(|e| Status::failed_precondition(e.to_string()))?
                 .weights
         } else {
-            let mut blocks: HashMap<String, Block> = HashMap::new();
+            let mut blocks: HashMap<String, (RawTensor, Vec<u8>, usize)> = HashMap::new();
             let mut hasher = sha2::Sha256::new();
             let mut received = 0u64;
             while let Some(chunk) = stream.message().await? {
@@ -183,29 +184,26 @@ impl Worker for WorkerService {
                 };
                 hasher.update(&b.data);
                 received += b.data.len() as u64;
-                let rows = b.row_start as usize..b.row_end as usize;
-                let cols = b.col_start as usize..b.col_end as usize;
-                let len = rows.len() * cols.len();
-                let entry = blocks.entry(b.name.clone()).or_insert_with(|| Block {
-                    shape: b.shape.iter().map(|&d| d as usize).collect(),
-                    rows,
-                    cols,
-                    data: Vec::with_capacity(len),
-                });
-                if b.offset as usize != entry.data.len() * 4
-                    || b.data.len() % 4 != 0
-                    || entry.data.len() * 4 + b.data.len() > len * 4
-                {
+                if received > a.total_bytes {
+                    return Err(Status::invalid_argument(format!(
+                        "more shard data than the {} bytes announced",
+                        a.total_bytes
+                    )));
+                }
+                if !blocks.contains_key(&b.name) {
+                    let raw = block_header(&b)
+                        .map_err(|e| Status::invalid_argument(format!("block {}: {e}", b.name)))?;
+                    let expected = raw.0;
+                    blocks.insert(b.name.clone(), (raw.1, Vec::new(), expected));
+                }
+                let (_, data, expected) = blocks.get_mut(&b.name).expect("inserted");
+                if b.offset as usize != data.len() || data.len() + b.data.len() > *expected {
                     return Err(Status::invalid_argument(format!(
                         "block {} arrived out of order or oversized",
                         b.name
                     )));
                 }
-                entry.data.extend(
-                    b.data
-                        .chunks_exact(4)
-                        .map(|x| f32::from_le_bytes(x.try_into().unwrap())),
-                );
+                data.extend_from_slice(&b.data);
             }
             let sum = format!("{:x}", hasher.finalize());
             if received != a.total_bytes || sum != a.sha256 {
@@ -214,7 +212,18 @@ impl Worker for WorkerService {
                     a.total_bytes, a.sha256
                 )));
             }
-            Weights::Blocks(Arc::new(blocks))
+            let mut done = HashMap::new();
+            for (name, (mut raw, data, expected)) in blocks {
+                if data.len() != expected {
+                    return Err(Status::data_loss(format!(
+                        "block {name}: {} of {expected} bytes arrived",
+                        data.len()
+                    )));
+                }
+                raw.data = Bytes::from_vec(data);
+                done.insert(name, raw);
+            }
+            Weights::Blocks(Arc::new(done))
         };
         let peers: Vec<SocketAddr> = a
             .peers
@@ -227,15 +236,20 @@ impl Worker for WorkerService {
         let node = self.state.node.clone();
         let backend = self.state.backend;
         let mesh_id = a.mesh_id;
+        let precision = if a.exact {
+            Precision::Exact
+        } else {
+            Precision::Fast
+        };
         std::thread::Builder::new()
             .name(format!("shard-{}", spec.rank))
             .spawn(move || {
                 shard_thread(
-                    cfg, spec, weights, backend, node, mesh_id, peers, rx, ready_tx,
+                    cfg, spec, weights, backend, precision, node, mesh_id, peers, rx, ready_tx,
                 )
             })
             .map_err(|e| Status::internal(e.to_string()))?;
-        let bytes = ready_rx
+        let (bytes, held) = ready_rx
             .await
             .map_err(|_| Status::internal("shard thread died"))?
             .map_err(Status::failed_precondition)?;
@@ -248,6 +262,8 @@ impl Worker for WorkerService {
         Ok(Response::new(LoadReply {
             weight_bytes_per_token: bytes,
             seconds: started.elapsed().as_secs_f64(),
+            weight_bytes_held: held,
+            rss_bytes: tessera_core::mem::rss_bytes().unwrap_or(0),
         }))
     }
 
@@ -319,15 +335,17 @@ fn shard_thread(
     spec: ShardSpec,
     weights: Weights,
     backend: Backend,
+    precision: Precision,
     node: Arc<QuicNode>,
     mesh_id: u64,
     peers: Vec<SocketAddr>,
     rx: std::sync::mpsc::Receiver<ShardCmd>,
-    ready: oneshot::Sender<Result<u64, String>>,
+    ready: oneshot::Sender<Result<(u64, u64), String>>,
 ) {
     let setup = || -> Result<(ShardModel, Box<dyn Collective>), String> {
         let device = backend.device().map_err(|e| e.to_string())?;
-        let model = ShardModel::load(&weights, &cfg, &spec, &device).map_err(|e| e.to_string())?;
+        let model = ShardModel::load(&weights, &cfg, &spec, &device, precision)
+            .map_err(|e| e.to_string())?;
         let coll: Box<dyn Collective> = if spec.world == 1 {
             Box::new(Single)
         } else {
@@ -349,7 +367,7 @@ fn shard_thread(
     };
     let (mut model, mut coll) = match setup() {
         Ok(x) => {
-            let _ = ready.send(Ok(x.0.weight_bytes_per_token()));
+            let _ = ready.send(Ok((x.0.weight_bytes_per_token(), x.0.weight_bytes_held())));
             x
         }
         Err(e) => {
@@ -393,6 +411,50 @@ fn shard_thread(
             return;
         }
     }
+}
+
+/// The tensor slice a block's first chunk describes, and the bytes it must carry in all.
+fn block_header(b: &TensorBlock) -> Result<(usize, RawTensor), String> {
+    let ty = GgmlType::from_id(b.ggml_type)
+        .ok_or_else(|| format!("unknown GGML type {}", b.ggml_type))?;
+    let u = |v: u64| usize::try_from(v).map_err(|_| "a field is out of range".to_string());
+    let rows = u(b.row_start)?..u(b.row_end)?;
+    let stored = u(b.stored_col_start)?..u(b.stored_col_end)?;
+    let valid = u(b.col_start)?..u(b.col_end)?;
+    if rows.start > rows.end
+        || stored.start > stored.end
+        || valid.start < stored.start
+        || valid.end > stored.end
+        || valid.start > valid.end
+    {
+        return Err("inconsistent ranges".into());
+    }
+    let row_bytes = ty.row_bytes(stored.len()).ok_or_else(|| {
+        format!(
+            "{} columns are not whole {} blocks",
+            stored.len(),
+            ty.name()
+        )
+    })?;
+    let expected = row_bytes
+        .checked_mul(rows.len())
+        .ok_or("the slice size overflows")?;
+    let shape = b
+        .shape
+        .iter()
+        .map(|&d| u(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((
+        expected,
+        RawTensor {
+            ty,
+            shape,
+            rows,
+            valid: valid.start - stored.start..valid.end - stored.start,
+            cols: stored,
+            data: Bytes::from_vec(Vec::new()),
+        },
+    ))
 }
 
 /// The local address this machine uses to reach `coordinator` (HOST:PORT or a URL).

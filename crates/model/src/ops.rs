@@ -1,0 +1,391 @@
+//! The layer's operations, each with an implementation per device behind one call: on the CPU
+//! (Burn's Flex backend) they run on the tensors' storage directly (`cpu.rs`), on other devices
+//! they are Burn tensor operations. The layer code in `shard.rs` calls these and nothing else,
+//! so every device runs the same layer path.
+
+use crate::cpu::{self, HostKv};
+use crate::shard::SeqStep;
+use burn::backend::flex::FlexTensor;
+use burn::backend::{DispatchDevice, Flex};
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+/// Whether tensors on `device` live in host memory (Burn's Flex backend).
+pub fn is_host(device: &Device) -> bool {
+    matches!(device.as_dispatch(), DispatchDevice::Flex(_))
+}
+
+/// The Flex tensor behind `x`, contiguous, when `x` lives on the CPU.
+pub fn host<const D: usize>(x: &Tensor<D>) -> Option<FlexTensor> {
+    if !is_host(&x.device()) {
+        return None;
+    }
+    let t = x.clone().try_into_primitive::<Flex>().ok()?;
+    Some(if t.is_contiguous() && t.layout().start_offset() == 0 {
+        t
+    } else {
+        t.to_contiguous()
+    })
+}
+
+fn to_vec<const D: usize>(x: Tensor<D>) -> Vec<f32> {
+    x.into_data()
+        .try_into_vec::<f32>()
+        .expect("activations are f32")
+}
+
+fn from_vec<const D: usize>(v: Vec<f32>, shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::<D>::from_data(TensorData::new(v, shape), device)
+}
+
+/// A norm's weights, on the device and as host values.
+pub struct Norm {
+    pub dev: Tensor<2>,
+    pub host: Vec<f32>,
+}
+
+impl Norm {
+    pub fn new(w: Vec<f32>, device: &Device) -> Norm {
+        let n = w.len();
+        Norm {
+            dev: from_vec(w.clone(), [1, n], device),
+            host: w,
+        }
+    }
+}
+
+pub fn rms_norm(x: Tensor<2>, w: &Norm, eps: f64) -> Tensor<2> {
+    let device = x.device();
+    if is_host(&device) {
+        let [t, h] = x.dims();
+        let mut v = to_vec(x);
+        cpu::rms_norm(&mut v, &w.host, h, eps as f32);
+        return from_vec(v, [t, h], &device);
+    }
+    let var = x.clone().square().mean_dim(1);
+    x * (var + eps).sqrt().recip() * w.dev.clone()
+}
+
+/// `silu(gate) * up`.
+pub fn swiglu(gate: Tensor<2>, up: Tensor<2>) -> Tensor<2> {
+    let device = gate.device();
+    if is_host(&device) {
+        let shape = gate.dims();
+        let mut g = to_vec(gate);
+        let u = host(&up).expect("host tensor");
+        cpu::swiglu(&mut g, u.as_slice::<f32>().expect("f32"));
+        return from_vec(g, shape, &device);
+    }
+    silu(gate) * up
+}
+
+/// `x + y`.
+pub fn add(x: Tensor<2>, y: Tensor<2>) -> Tensor<2> {
+    let device = x.device();
+    if is_host(&device) {
+        let shape = x.dims();
+        let mut a = to_vec(x);
+        let b = host(&y).expect("host tensor");
+        for (a, b) in a.iter_mut().zip(b.as_slice::<f32>().expect("f32")) {
+            *a += b;
+        }
+        return from_vec(a, shape, &device);
+    }
+    x + y
+}
+
+/// Rotary embedding tables for one step's positions.
+pub struct Rope {
+    positions: Vec<usize>,
+    /// `[1, tokens, head_dim]` cos and sin, on devices other than the CPU.
+    dev: Option<(Tensor<3>, Tensor<3>)>,
+    interleaved: bool,
+}
+
+impl Rope {
+    pub fn new(
+        positions: Vec<usize>,
+        inv_freq: &[f32],
+        interleaved: bool,
+        device: &Device,
+    ) -> Rope {
+        let dev = (!is_host(device)).then(|| {
+            let hd = inv_freq.len() * 2;
+            let t = positions.len();
+            let (mut cos, mut sin) = (Vec::with_capacity(t * hd), Vec::with_capacity(t * hd));
+            for &p in &positions {
+                let row: Vec<f32> = inv_freq.iter().map(|f| *f * p as f32).collect();
+                if interleaved {
+                    for a in &row {
+                        cos.extend([a.cos(); 2]);
+                        sin.extend([a.sin(); 2]);
+                    }
+                } else {
+                    for _ in 0..2 {
+                        cos.extend(row.iter().map(|a| a.cos()));
+                        sin.extend(row.iter().map(|a| a.sin()));
+                    }
+                }
+            }
+            (
+                from_vec(cos, [1, t, hd], device),
+                from_vec(sin, [1, t, hd], device),
+            )
+        });
+        Rope {
+            positions,
+            dev,
+            interleaved,
+        }
+    }
+
+    /// Rotates `x` (`[tokens, heads * head_dim]`).
+    pub fn apply(&self, x: Tensor<2>, heads: usize, inv_freq: &[f32]) -> Tensor<2> {
+        let device = x.device();
+        let [t, w] = x.dims();
+        let hd = w / heads;
+        if is_host(&device) {
+            let mut v = to_vec(x);
+            cpu::rope(
+                &mut v,
+                &self.positions,
+                heads,
+                hd,
+                inv_freq,
+                self.interleaved,
+            );
+            return from_vec(v, [t, w], &device);
+        }
+        let (cos, sin) = self.dev.as_ref().expect("device tables");
+        let x = x.reshape([t, heads, hd]).swap_dims(0, 1); // [heads, t, hd]
+        let rotated = if self.interleaved {
+            let p = x.clone().reshape([heads, t, hd / 2, 2]);
+            let x1 = p.clone().slice([0..heads, 0..t, 0..hd / 2, 0..1]);
+            let x2 = p.slice([0..heads, 0..t, 0..hd / 2, 1..2]);
+            Tensor::cat(vec![x2.neg(), x1], 3).reshape([heads, t, hd])
+        } else {
+            let x1 = x.clone().slice([0..heads, 0..t, 0..hd / 2]);
+            let x2 = x.clone().slice([0..heads, 0..t, hd / 2..hd]);
+            Tensor::cat(vec![x2.neg(), x1], 2)
+        };
+        let y = x * cos.clone() + rotated * sin.clone();
+        y.swap_dims(0, 1).reshape([t, w])
+    }
+}
+
+/// One sequence's KV cache for one layer, written in place as tokens arrive.
+// One per layer and sequence: the size difference costs nothing worth an indirection.
+#[allow(clippy::large_enum_variant)]
+pub enum Kv {
+    Host(HostKv),
+    /// `[kv_heads, capacity, head_dim]` K and V, of which `len` positions are filled.
+    Dev {
+        k: Tensor<3>,
+        v: Tensor<3>,
+        len: usize,
+    },
+}
+
+impl Kv {
+    pub fn new(device: &Device) -> Kv {
+        if is_host(device) {
+            Kv::Host(HostKv::default())
+        } else {
+            let z = Tensor::<3>::zeros([1, 0, 1], device);
+            Kv::Dev {
+                k: z.clone(),
+                v: z,
+                len: 0,
+            }
+        }
+    }
+
+    pub fn len(&self, kv_width: usize) -> usize {
+        match self {
+            Kv::Host(h) => h.len(kv_width),
+            Kv::Dev { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self, kv_width: usize) -> bool {
+        self.len(kv_width) == 0
+    }
+}
+
+/// How a shard's query heads read its KV heads.
+pub struct Heads {
+    pub nq: usize,
+    pub nkv: usize,
+    pub hd: usize,
+    /// For each local query head, the local KV head it reads.
+    pub kv_of: Vec<usize>,
+    /// When every local KV head serves the same number of consecutive query heads: that number.
+    pub group: Option<usize>,
+    /// `kv_of` on the device, when it is not the identity and not grouped.
+    pub kv_index: Option<Tensor<1, Int>>,
+}
+
+/// Appends each sequence's new K and V (`[tokens, nkv * hd]`, sequences in step order) to its
+/// cache for this layer and computes causal attention of its queries (`[tokens, nq * hd]`).
+pub fn attention(
+    q: Tensor<2>,
+    k: Tensor<2>,
+    v: Tensor<2>,
+    steps: &[SeqStep],
+    caches: &mut [&mut Kv],
+    heads: &Heads,
+) -> Tensor<2> {
+    let device = q.device();
+    let (nq, nkv, hd) = (heads.nq, heads.nkv, heads.hd);
+    let t_all = q.dims()[0];
+    if is_host(&device) {
+        let (qh, kh, vh) = (
+            host(&q).expect("host"),
+            host(&k).expect("host"),
+            host(&v).expect("host"),
+        );
+        let (qs, ks, vs) = (
+            qh.as_slice::<f32>().expect("f32"),
+            kh.as_slice::<f32>().expect("f32"),
+            vh.as_slice::<f32>().expect("f32"),
+        );
+        let mut out = vec![0f32; t_all * nq * hd];
+        let mut o = 0;
+        for (s, cache) in steps.iter().zip(caches.iter_mut()) {
+            let t = s.ids.len();
+            let Kv::Host(c) = &mut **cache else {
+                unreachable!("host cache")
+            };
+            let kvw = nkv * hd;
+            c.append(&ks[o * kvw..(o + t) * kvw], &vs[o * kvw..(o + t) * kvw]);
+            let qw = nq * hd;
+            cpu::attention(
+                &qs[o * qw..(o + t) * qw],
+                c,
+                &mut out[o * qw..(o + t) * qw],
+                t,
+                s.pos,
+                nq,
+                nkv,
+                hd,
+                &heads.kv_of,
+            );
+            o += t;
+        }
+        return from_vec(out, [t_all, nq * hd], &device);
+    }
+    let mut parts = Vec::with_capacity(steps.len());
+    let mut o = 0;
+    for (s, cache) in steps.iter().zip(caches.iter_mut()) {
+        let t = s.ids.len();
+        let r = o..o + t;
+        o += t;
+        let qs = q
+            .clone()
+            .slice([r.clone(), 0..nq * hd])
+            .reshape([t, nq, hd])
+            .swap_dims(0, 1);
+        let ks = k
+            .clone()
+            .slice([r.clone(), 0..nkv * hd])
+            .reshape([t, nkv, hd])
+            .swap_dims(0, 1);
+        let vs = v
+            .clone()
+            .slice([r, 0..nkv * hd])
+            .reshape([t, nkv, hd])
+            .swap_dims(0, 1);
+        let (kc, vc) = dev_append(cache, ks, vs, nkv, hd, &device);
+        parts.push(dev_attend(qs, kc, vc, s.pos, heads, &device));
+    }
+    let attn = if parts.len() == 1 {
+        parts.pop().expect("one")
+    } else {
+        Tensor::cat(parts, 1)
+    };
+    attn.swap_dims(0, 1).reshape([t_all, nq * hd])
+}
+
+/// Writes `k`, `v` (`[nkv, t, hd]`) at the end of a device cache, growing its capacity by
+/// doubling; returns views of the filled part.
+fn dev_append(
+    cache: &mut Kv,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    nkv: usize,
+    hd: usize,
+    device: &Device,
+) -> (Tensor<3>, Tensor<3>) {
+    let Kv::Dev { k: ck, v: cv, len } = cache else {
+        unreachable!("device cache")
+    };
+    let t = k.dims()[1];
+    let need = *len + t;
+    let cap = ck.dims()[1];
+    if need > cap || ck.dims()[0] != nkv {
+        let new_cap = need.max(2 * cap).max(256);
+        let grow = |old: &Tensor<3>| {
+            let z = Tensor::<3>::zeros([nkv, new_cap, hd], device);
+            if *len == 0 {
+                z
+            } else {
+                z.slice_assign(
+                    [0..nkv, 0..*len, 0..hd],
+                    old.clone().slice([0..nkv, 0..*len, 0..hd]),
+                )
+            }
+        };
+        *ck = grow(ck);
+        *cv = grow(cv);
+    }
+    let placeholder = || Tensor::<3>::zeros([1, 0, 1], device);
+    let kk = std::mem::replace(ck, placeholder()).slice_assign([0..nkv, *len..need, 0..hd], k);
+    let vv = std::mem::replace(cv, placeholder()).slice_assign([0..nkv, *len..need, 0..hd], v);
+    *ck = kk;
+    *cv = vv;
+    *len = need;
+    (
+        ck.clone().slice([0..nkv, 0..need, 0..hd]),
+        cv.clone().slice([0..nkv, 0..need, 0..hd]),
+    )
+}
+
+/// Attention of `q` (`[nq, t, hd]`, first position `pos`) over `k`, `v` (`[nkv, pos + t, hd]`).
+fn dev_attend(
+    q: Tensor<3>,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    pos: usize,
+    heads: &Heads,
+    device: &Device,
+) -> Tensor<3> {
+    let [nq, t, hd] = q.dims();
+    let scale = 1.0 / (hd as f64).sqrt();
+    let s = pos + t;
+    let mask = |shape: Vec<usize>| {
+        let m: Vec<f32> = (0..t)
+            .flat_map(|i| (0..s).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        TensorData::new(m, shape)
+    };
+    if let Some(g) = heads.group {
+        // Query heads of one KV head as rows of one product, [nkv, g*t, hd] x [nkv, hd, s].
+        let nkv = nq / g;
+        let q = q.reshape([nkv, g * t, hd]);
+        let mut scores = q.matmul(k.swap_dims(1, 2)) * scale;
+        if t > 1 {
+            let m = Tensor::<4>::from_data(mask(vec![1, 1, t, s]), device);
+            scores = (scores.reshape([nkv, g, t, s]) + m).reshape([nkv, g * t, s]);
+        }
+        return softmax(scores, 2).matmul(v).reshape([nq, t, hd]);
+    }
+    let (k, v) = match &heads.kv_index {
+        Some(idx) => (k.select(0, idx.clone()), v.select(0, idx.clone())),
+        None => (k, v),
+    };
+    let mut scores = q.matmul(k.swap_dims(1, 2)) * scale;
+    if t > 1 {
+        scores = scores + Tensor::<3>::from_data(mask(vec![1, t, s]), device);
+    }
+    softmax(scores, 2).matmul(v)
+}
