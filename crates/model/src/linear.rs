@@ -96,10 +96,8 @@ impl Linear {
             }
             #[cfg(feature = "wgpu")]
             Store::Gpu(g) => {
-                let idx: Vec<i64> = ids.iter().map(|i| i.unwrap_or(0) as i64).collect();
-                let idx =
-                    Tensor::<1, burn::tensor::Int>::from_data(TensorData::new(idx, [t]), device);
-                let mut x = g.rows(idx);
+                let idx: Vec<u32> = ids.iter().map(|i| i.unwrap_or(0) as u32).collect();
+                let mut x = g.rows(&idx, device);
                 if ids.iter().any(|i| i.is_none()) {
                     let m: Vec<f32> = ids
                         .iter()
