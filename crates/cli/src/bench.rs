@@ -17,6 +17,10 @@ pub struct BenchArgs {
     /// Tokens to decode
     #[arg(long, default_value_t = 64)]
     gen_tokens: usize,
+    /// Use this text as the prompt (as it tokenizes) instead of --prompt-tokens of the built-in
+    /// text: to time the same prompt as another program
+    #[arg(long)]
+    prompt: Option<String>,
     /// Measured runs (the best is reported); one warm-up run comes first
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -86,16 +90,21 @@ fn precision_name(a: &BenchArgs) -> &'static str {
 
 fn run_local(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     let (files, mut cluster) = load(&a.model)?;
-    let threads = rayon::current_num_threads();
+    let threads = tessera_quant::threads();
     let mut prompt = Vec::new();
-    while prompt.len() < a.prompt_tokens {
-        prompt.extend(files.tokenizer.encode(TEXT)?);
+    match &a.prompt {
+        Some(text) => prompt = files.tokenizer.encode(text)?,
+        None => {
+            while prompt.len() < a.prompt_tokens {
+                prompt.extend(files.tokenizer.encode(TEXT)?);
+            }
+            prompt.truncate(
+                a.prompt_tokens
+                    .min(files.cfg.max_context.saturating_sub(a.gen_tokens))
+                    .max(1),
+            );
+        }
     }
-    prompt.truncate(
-        a.prompt_tokens
-            .min(files.cfg.max_context.saturating_sub(a.gen_tokens))
-            .max(1),
-    );
     let params = GenerateParams {
         max_tokens: a.gen_tokens,
         ignore_eos: true,
@@ -208,7 +217,10 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
         }));
     }
     let load = local.state.load_seconds.lock().unwrap().unwrap_or(0.0);
-    let prompt = TEXT.repeat(a.prompt_tokens / 40 + 1);
+    let prompt = a
+        .prompt
+        .clone()
+        .unwrap_or_else(|| TEXT.repeat(a.prompt_tokens / 40 + 1));
     let opts = bench_options(a.gen_tokens);
     let addr = local.addr.to_string();
     let mut best: Option<tessera_proto::Done> = None;

@@ -96,24 +96,21 @@ impl ComputeArgs {
         }
     }
 
-    /// Sizes the kernels' thread pool (Burn's CPU backend shares it); returns its size.
+    /// Sizes the kernels' thread pool; returns its size.
     pub fn init_threads(&self) -> anyhow::Result<usize> {
         init_threads(self.threads)
     }
 }
 
-/// Sizes the global thread pool once (later calls keep the first size); returns its size.
+/// Sizes the kernels' thread pool (before its first use); returns its size.
 pub fn init_threads(threads: Option<usize>) -> anyhow::Result<usize> {
     if let Some(n) = threads {
         if n == 0 {
             anyhow::bail!("--threads must be at least 1");
         }
-        // An error means the pool was already built (by an earlier call): keep it.
-        let _ = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global();
+        tessera_quant::set_threads(n);
     }
-    Ok(rayon::current_num_threads())
+    Ok(tessera_quant::threads())
 }
 
 #[derive(Args)]

@@ -4,11 +4,12 @@
 //! result never depends on the rest of its batch.
 
 use rayon::prelude::*;
+use tessera_quant::vecops::{dot, scores, weighted_sum};
 
 /// `x * w / sqrt(mean(x²) + eps)` per row of `h` values, in place.
 pub fn rms_norm(x: &mut [f32], w: &[f32], h: usize, eps: f32) {
     for row in x.chunks_exact_mut(h) {
-        let ss: f32 = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+        let ss = dot(row, row) / h as f32;
         let inv = 1.0 / (ss + eps).sqrt();
         for (v, w) in row.iter_mut().zip(w) {
             *v = *v * inv * w;
@@ -102,27 +103,18 @@ pub fn attention(
         let qh = &q[i * nq * hd + h * hd..][..hd];
         let g = kv_of[h];
         let len = pos + i + 1;
-        let mut scores: Vec<f32> = (0..len)
-            .map(|p| {
-                let k = &cache.k[p * kvw + g * hd..][..hd];
-                qh.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale
-            })
-            .collect();
-        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+        let mut sc = vec![0f32; len];
+        scores(qh, &cache.k[g * hd..], kvw, scale, &mut sc);
+        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         let mut sum = 0f32;
-        for s in scores.iter_mut() {
+        for s in sc.iter_mut() {
             *s = (*s - max).exp();
             sum += *s;
         }
         let inv = 1.0 / sum;
+        sc.iter_mut().for_each(|s| *s *= inv);
         o.iter_mut().for_each(|v| *v = 0.0);
-        for (p, s) in scores.iter().enumerate() {
-            let v = &cache.v[p * kvw + g * hd..][..hd];
-            let w = s * inv;
-            for (o, v) in o.iter_mut().zip(v) {
-                *o += w * v;
-            }
-        }
+        weighted_sum(&sc, &cache.v[g * hd..], kvw, o);
     };
     let work = t * nq * (pos + t) * hd;
     if work < 1 << 16 {
@@ -130,8 +122,10 @@ pub fn attention(
             .enumerate()
             .for_each(|(j, o)| one((j / nq, j % nq, o)));
     } else {
-        out.par_chunks_exact_mut(hd)
-            .enumerate()
-            .for_each(|(j, o)| one((j / nq, j % nq, o)));
+        tessera_quant::in_pool(|| {
+            out.par_chunks_exact_mut(hd)
+                .enumerate()
+                .for_each(|(j, o)| one((j / nq, j % nq, o)))
+        });
     }
 }

@@ -258,7 +258,14 @@ impl LocalCluster {
                         for &seq in free.iter() {
                             model.free(seq);
                         }
-                        let r = model.forward_batch(&steps, coll.as_mut());
+                        // One shard steps inside the kernels' pool (its parallel loops then
+                        // start without a hand-off); several must not, since each blocks in
+                        // the all-reduce until the others arrive.
+                        let r = if n == 1 {
+                            tessera_quant::install(|| model.forward_batch(&steps, coll.as_mut()))
+                        } else {
+                            model.forward_batch(&steps, coll.as_mut())
+                        };
                         if out_tx.send(r).is_err() {
                             return;
                         }

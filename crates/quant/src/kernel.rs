@@ -67,8 +67,10 @@ pub enum Isa {
     Scalar,
     /// AVX2 + FMA + F16C (x86-64 since 2013).
     Avx2,
-    /// AVX2 kernels with AVX-512 VNNI dot products on 256-bit vectors.
-    Avx512Vnni,
+    /// AVX2 with AVX-VNNI dot products (`vpdpbusd` on 256-bit vectors; Alder Lake, Zen 5).
+    AvxVnni,
+    /// AVX-512 with VNNI: two 32-value chunks per 512-bit vector (Ice Lake and later, Zen 4).
+    Avx512,
 }
 
 impl Isa {
@@ -76,7 +78,8 @@ impl Isa {
         match self {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
-            Isa::Avx512Vnni => "avx512-vnni",
+            Isa::AvxVnni => "avx-vnni",
+            Isa::Avx512 => "avx512",
         }
     }
 
@@ -88,14 +91,18 @@ impl Isa {
             if crate::x86::has_avx2() {
                 v.push(Isa::Avx2);
             }
-            if crate::x86::has_vnni() {
-                v.push(Isa::Avx512Vnni);
+            if crate::x86::has_avx_vnni() {
+                v.push(Isa::AvxVnni);
+            }
+            if crate::x86::has_avx512() {
+                v.push(Isa::Avx512);
             }
         }
         v
     }
 
-    /// The fastest available, unless `TESSERA_ISA` names another (scalar, avx2, avx512-vnni).
+    /// The fastest available, unless `TESSERA_ISA` names another (scalar, avx2, avx-vnni,
+    /// avx512).
     pub fn best() -> Isa {
         static BEST: OnceLock<Isa> = OnceLock::new();
         *BEST.get_or_init(|| {
@@ -203,7 +210,7 @@ pub fn matmul_group(
         .collect();
     let run = |acts: Option<&QActs>| {
         // Work items: row ranges of every matrix, about 4 per thread for balance.
-        let threads = rayon::current_num_threads().max(1);
+        let threads = crate::pool::threads();
         let total_rows: usize = ws.iter().map(|w| w.rows).sum();
         let macs = total_rows * cols * n;
         let parts = if macs < 1 << 16 { 1 } else { threads * 4 };
@@ -227,7 +234,7 @@ pub fn matmul_group(
         if items.len() == 1 || threads == 1 {
             items.iter().for_each(work);
         } else {
-            items.par_iter().for_each(work);
+            crate::pool::in_pool(|| items.par_iter().for_each(work));
         }
     };
     if fast {
@@ -244,7 +251,7 @@ pub fn matmul_group(
 fn rows_fast(isa: Isa, ty: GgmlType, w: &[u8], rows: std::ops::Range<usize>, a: &QActs, out: &Out) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni => crate::x86::rows_fast(isa, ty, w, rows, a, out),
+        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => crate::x86::rows_fast(isa, ty, w, rows, a, out),
         _ => crate::scalar::rows_fast(ty, w, rows, a, out),
     }
 }
@@ -262,7 +269,9 @@ fn rows_exact(
 ) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512Vnni => crate::x86::rows_exact(isa, ty, w, rows, x, n, cols, out),
+        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => {
+            crate::x86::rows_exact(ty, w, rows, x, n, cols, out)
+        }
         _ => crate::scalar::rows_exact(ty, w, rows, x, n, cols, out),
     }
 }

@@ -12,10 +12,13 @@
 pub mod act;
 pub mod format;
 pub mod kernel;
+pub mod pool;
 mod scalar;
+pub mod vecops;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
 pub use act::QActs;
 pub use format::{ALL_TYPES, Chunk, GgmlType, decode_chunk, dequantize};
 pub use kernel::{Isa, Precision, QMatrix, matmul, matmul_group};
+pub use pool::{in_pool, install, set_threads, threads};

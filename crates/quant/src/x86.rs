@@ -1,7 +1,12 @@
 //! x86-64 kernels: every format's 32-value chunk unpacked into one 256-bit vector of small
-//! integers, then either integer dot products with quantized activations (AVX2 `maddubs`, or
-//! AVX-512 VNNI `vpdpbusd`) or f32 FMAs against f32 activations (the exact path). The
-//! instruction set is picked at run time; both variants are compiled from the same source.
+//! integers (two chunks into one 512-bit vector on AVX-512), then either integer dot products
+//! with quantized activations (AVX2 `maddubs`, AVX-VNNI or AVX-512 VNNI `vpdpbusd`) or f32 FMAs
+//! against f32 activations (the exact path, one AVX2 compilation for every instruction set).
+//! The instruction set is picked at run time. Super-block formats decode their scales once per
+//! block on AVX-512; weights are prefetched ahead of the row being read.
+
+// The kernels index several small arrays (rows x activation rows of a tile) by position.
+#![allow(clippy::needless_range_loop)]
 
 use crate::act::QActs;
 use crate::format::{GgmlType, IQ4_VALUES, iq4xs_scale, q3k_scales, scale_min_k4};
@@ -15,12 +20,62 @@ pub(crate) fn has_avx2() -> bool {
         && is_x86_feature_detected!("f16c")
 }
 
-pub(crate) fn has_vnni() -> bool {
+pub(crate) fn has_avx_vnni() -> bool {
+    has_avx2() && is_x86_feature_detected!("avxvnni")
+}
+
+pub(crate) fn has_avx512() -> bool {
     has_avx2()
         && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512dq")
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512vnni")
+}
+
+/// [`crate::act::QActs`] quantization of whole 32-value blocks: the same operations as the
+/// portable `quantize_block` (max |x|, scale = max / 127, round to nearest even), 8 at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn quantize_rows(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i16]) {
+    assert!(q.len() == x.len() && d.len() * 32 == x.len() && sums.len() * 16 == x.len());
+    let sign = _mm256_set1_ps(-0.0);
+    for (blk, ((dst, dv), sv)) in q
+        .chunks_exact_mut(32)
+        .zip(d.iter_mut())
+        .zip(sums.chunks_exact_mut(2))
+        .enumerate()
+    {
+        let p = unsafe { x.as_ptr().add(32 * blk) };
+        let v: [__m256; 4] = std::array::from_fn(|g| unsafe { _mm256_loadu_ps(p.add(8 * g)) });
+        let mut m = _mm256_andnot_ps(sign, v[0]);
+        for vg in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vg));
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+        let scale = amax / 127.0;
+        let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
+        *dv = scale;
+        let iv = _mm256_set1_ps(inv);
+        let qi: [__m256i; 4] = std::array::from_fn(|g| _mm256_cvtps_epi32(_mm256_mul_ps(v[g], iv)));
+        // i32 -> i16 -> i8, undoing the lane interleave of the packs.
+        let w01 = _mm256_packs_epi32(qi[0], qi[1]);
+        let w23 = _mm256_packs_epi32(qi[2], qi[3]);
+        let b = _mm256_packs_epi16(w01, w23);
+        let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        unsafe { _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, b) };
+        let s01 = _mm256_add_epi32(qi[0], qi[1]);
+        let s23 = _mm256_add_epi32(qi[2], qi[3]);
+        let h = |s: __m256i| {
+            let t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+            let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
+            let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01));
+            _mm_cvtsi128_si32(t) as i16
+        };
+        sv[0] = h(s01);
+        sv[1] = h(s23);
+    }
 }
 
 /// Per-16-value scale and min of a chunk: value = s * (q - OFF) + m.
@@ -43,6 +98,158 @@ trait Fmt {
     const CORR: bool;
     /// Chunk `c` of the block at `b`: 32 values and their scales.
     unsafe fn unpack(b: *const u8, c: usize) -> (__m256i, Sc);
+
+    /// Chunks `c` and `c + 1` (for 32-value blocks: the block at `b` and the next) as 64 values
+    /// in order, with the scales and mins of their four 16-value halves.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+    #[inline]
+    unsafe fn unpack2(b: *const u8, c: usize) -> (__m512i, Sc2) {
+        unsafe { pair::<Self>(b, c) }
+    }
+
+    /// For super-block formats: the scale and min of each of the block's sixteen 16-value
+    /// halves, decoded once for the whole block.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+    #[inline]
+    unsafe fn block_scales(b: *const u8) -> (__m512, __m512) {
+        let (mut s, mut m) = ([0f32; 16], [0f32; 16]);
+        for c in 0..Self::PER / 32 {
+            // SAFETY: chunk c of the caller's block; only its scales are used.
+            let (_, sc) = unsafe { Self::unpack(b, c) };
+            s[2 * c..2 * c + 2].copy_from_slice(&sc.s);
+            m[2 * c..2 * c + 2].copy_from_slice(&sc.m);
+        }
+        // SAFETY: 16 floats each.
+        unsafe { (_mm512_loadu_ps(s.as_ptr()), _mm512_loadu_ps(m.as_ptr())) }
+    }
+}
+
+/// Q4_K / Q5_K: the 8 six-bit scales and mins of the super-block at `b`, as the scale and min
+/// of each 16-value half (`d * sc`, `-(dmin * m)`, as the chunk decoder computes them).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn k4_scales(b: *const u8) -> (__m512, __m512) {
+    unsafe {
+        let (d, dmin) = (h2f(b), h2f(b.add(2)));
+        let q = b.add(4);
+        let w = |i: usize| (q.add(4 * i) as *const u32).read_unaligned();
+        let (k1, k2, k3) = (0x3f3f_3f3fu32, 0x0f0f_0f0fu32, 0x0303_0303u32);
+        let (w0, w1, w2) = (w(0), w(1), w(2));
+        // Scales 0..4 and 4..8, then mins 0..4 and 4..8, one byte each.
+        let sc_lo = w0 & k1;
+        let sc_hi = (w2 & k2) | (((w0 >> 6) & k3) << 4);
+        let m_lo = w1 & k1;
+        let m_hi = ((w2 >> 4) & k2) | (((w1 >> 6) & k3) << 4);
+        let bytes = _mm_setr_epi32(sc_lo as i32, sc_hi as i32, m_lo as i32, m_hi as i32);
+        let all = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)); // 8 scales, then 8 mins
+        // Each chunk's scale for both of its halves.
+        let twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        let mins = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+        let s = _mm512_mul_ps(_mm512_set1_ps(d), _mm512_permutexvar_ps(twice, all));
+        let m = _mm512_mul_ps(_mm512_set1_ps(dmin), _mm512_permutexvar_ps(mins, all));
+        (s, _mm512_xor_ps(m, _mm512_set1_ps(-0.0)))
+    }
+}
+
+/// Q3_K: the 16 six-bit scales of the super-block at `b` (minus 32), times `d`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn q3k_block_scales(b: *const u8) -> (__m512, __m512) {
+    unsafe {
+        let sc = q3k_scales(std::slice::from_raw_parts(b.add(96), 12));
+        let v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+            sc.as_ptr() as *const __m128i
+        )));
+        (
+            _mm512_mul_ps(_mm512_set1_ps(h2f(b.add(108))), v),
+            _mm512_set1_ps(-0.0),
+        )
+    }
+}
+
+/// Q6_K: the 16 signed 8-bit scales of the super-block at `b`, times `d`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn q6k_scales(b: *const u8) -> (__m512, __m512) {
+    unsafe {
+        let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+            b.add(192) as *const __m128i
+        )));
+        (
+            _mm512_mul_ps(_mm512_set1_ps(h2f(b.add(208))), sc),
+            _mm512_set1_ps(-0.0),
+        )
+    }
+}
+
+/// [`Fmt::unpack2`] from two [`Fmt::unpack`]s.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn pair<F: Fmt + ?Sized>(b: *const u8, c: usize) -> (__m512i, Sc2) {
+    unsafe {
+        let (v0, s0) = F::unpack(b, c);
+        let (v1, s1) = if F::PER == 32 {
+            F::unpack(b.add(F::BYTES), 0)
+        } else {
+            F::unpack(b, c + 1)
+        };
+        (
+            _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1),
+            Sc2 {
+                s: _mm_setr_ps(s0.s[0], s0.s[1], s1.s[0], s1.s[1]),
+                m: _mm_setr_ps(s0.m[0], s0.m[1], s1.m[0], s1.m[1]),
+            },
+        )
+    }
+}
+
+/// Two halves `[lo, hi]` of 32 nibble bytes at `p` (as 16-byte rows `p`, `p + stride`):
+/// `[A.lo, A.hi, B.lo, B.hi]` for A at `p`, B at `p + stride`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn nibbles2(p: *const u8, stride: usize) -> __m512i {
+    unsafe {
+        let a = _mm_loadu_si128(p as *const __m128i);
+        let b = _mm_loadu_si128(p.add(stride) as *const __m128i);
+        let ab = _mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1);
+        let z = _mm512_inserti64x4(_mm512_castsi256_si512(ab), _mm256_srli_epi16(ab, 4), 1);
+        let z = _mm512_and_si512(z, _mm512_set1_epi8(0x0F));
+        // [A.lo, B.lo, A.hi, B.hi] -> [A.lo, A.hi, B.lo, B.hi]
+        _mm512_shuffle_i64x2(z, z, 0b11_01_10_00)
+    }
+}
+
+/// The f16 pairs (d, m) at `p` and `p + stride` as `([d0, d0, d1, d1], [m0, m0, m1, m1])`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn dm2(p: *const u8, stride: usize) -> (__m128, __m128) {
+    unsafe {
+        let a = (p as *const i32).read_unaligned();
+        let b = (p.add(stride) as *const i32).read_unaligned();
+        let f = _mm_cvtph_ps(_mm_setr_epi32(a, b, 0, 0)); // [d0, m0, d1, m1]
+        (
+            _mm_shuffle_ps(f, f, 0b10_10_00_00),
+            _mm_shuffle_ps(f, f, 0b11_11_01_01),
+        )
+    }
+}
+
+/// Two f16 at `p` and `p + stride` as `[a, a, b, b]` f32.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+unsafe fn halves2(p: *const u8, stride: usize) -> __m128 {
+    unsafe {
+        let a = (p as *const u16).read_unaligned() as i32;
+        let b = (p.add(stride) as *const u16).read_unaligned() as i32;
+        _mm_cvtph_ps(_mm_setr_epi32(a | (a << 16), b | (b << 16), 0, 0))
+    }
+}
+
+/// Scales and mins of the four 16-value halves of two chunks, as `[c.0, c.1, c+1.0, c+1.1]`.
+#[derive(Clone, Copy)]
+struct Sc2 {
+    s: __m128,
+    m: __m128,
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -116,7 +323,7 @@ fn shr_mask(v: __m256i, shift: u32, mask: i8) -> __m256i {
 
 macro_rules! fmt {
     ($name:ident, $per:expr, $bytes:expr, $signed:expr, $off:expr, $uniform:expr, $corr:expr,
-     |$b:ident, $c:ident| $body:block) => {
+     |$b:ident, $c:ident| $body:block $(, pair = $pair:path)? $(, scales = $scales:path)?) => {
         struct $name;
         impl Fmt for $name {
             const PER: usize = $per;
@@ -131,72 +338,238 @@ macro_rules! fmt {
             unsafe fn unpack($b: *const u8, $c: usize) -> (__m256i, Sc) {
                 unsafe { $body }
             }
+            $(
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+            #[inline]
+            unsafe fn unpack2(b: *const u8, c: usize) -> (__m512i, Sc2) {
+                unsafe { $pair(b, c) }
+            }
+            )?
+            $(
+            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+            #[inline]
+            unsafe fn block_scales(b: *const u8) -> (__m512, __m512) {
+                unsafe { $scales(b) }
+            }
+            )?
         }
     };
 }
 
-fmt!(Q40, 32, 18, false, 8, true, true, |b, c| {
-    let d = h2f(b);
-    (
-        nibbles(b.add(2)),
-        Sc {
-            s: [d; 2],
-            m: [0.0; 2],
-        },
-    )
-});
-fmt!(Q41, 32, 20, false, 0, true, true, |b, c| {
-    let (d, m) = (h2f(b), h2f(b.add(2)));
-    (
-        nibbles(b.add(4)),
-        Sc {
-            s: [d; 2],
-            m: [m; 2],
-        },
-    )
-});
-fmt!(Q50, 32, 22, false, 16, true, true, |b, c| {
-    let d = h2f(b);
-    let hi = _mm256_and_si256(bits32(b.add(2)), _mm256_set1_epi8(0x10));
-    (
-        _mm256_or_si256(nibbles(b.add(6)), hi),
-        Sc {
-            s: [d; 2],
-            m: [0.0; 2],
-        },
-    )
-});
-fmt!(Q51, 32, 24, false, 0, true, true, |b, c| {
-    let (d, m) = (h2f(b), h2f(b.add(2)));
-    let hi = _mm256_and_si256(bits32(b.add(4)), _mm256_set1_epi8(0x10));
-    (
-        _mm256_or_si256(nibbles(b.add(8)), hi),
-        Sc {
-            s: [d; 2],
-            m: [m; 2],
-        },
-    )
-});
-fmt!(Q80, 32, 34, true, 0, true, false, |b, c| {
-    let d = h2f(b);
-    (
-        load256(b.add(2)),
-        Sc {
-            s: [d; 2],
-            m: [0.0; 2],
-        },
-    )
-});
-fmt!(IQ4NL, 32, 18, true, 0, true, false, |b, c| {
-    let d = h2f(b);
-    (
-        iq4(b.add(2)),
-        Sc {
-            s: [d; 2],
-            m: [0.0; 2],
-        },
-    )
-});
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+#[allow(unused_variables)]
+unsafe fn q40_pair(b: *const u8, c: usize) -> (__m512i, Sc2) {
+    unsafe {
+        (
+            nibbles2(b.add(2), 18),
+            Sc2 {
+                s: halves2(b, 18),
+                m: _mm_setzero_ps(),
+            },
+        )
+    }
+}
+
+fmt!(
+    Q40,
+    32,
+    18,
+    false,
+    8,
+    true,
+    true,
+    |b, c| {
+        let d = h2f(b);
+        (
+            nibbles(b.add(2)),
+            Sc {
+                s: [d; 2],
+                m: [0.0; 2],
+            },
+        )
+    },
+    pair = q40_pair
+);
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+#[allow(unused_variables)]
+unsafe fn q41_pair(b: *const u8, c: usize) -> (__m512i, Sc2) {
+    unsafe {
+        let (s, m) = dm2(b, 20);
+        (nibbles2(b.add(4), 20), Sc2 { s, m })
+    }
+}
+
+fmt!(
+    Q41,
+    32,
+    20,
+    false,
+    0,
+    true,
+    true,
+    |b, c| {
+        let (d, m) = (h2f(b), h2f(b.add(2)));
+        (
+            nibbles(b.add(4)),
+            Sc {
+                s: [d; 2],
+                m: [m; 2],
+            },
+        )
+    },
+    pair = q41_pair
+);
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+#[allow(unused_variables)]
+unsafe fn q50_pair(b: *const u8, c: usize) -> (__m512i, Sc2) {
+    unsafe {
+        let qa = (b.add(2) as *const u32).read_unaligned() as u64;
+        let qb = (b.add(24) as *const u32).read_unaligned() as u64;
+        let hi = _mm512_maskz_mov_epi8(qa | (qb << 32), _mm512_set1_epi8(0x10));
+        (
+            _mm512_or_si512(nibbles2(b.add(6), 22), hi),
+            Sc2 {
+                s: halves2(b, 22),
+                m: _mm_setzero_ps(),
+            },
+        )
+    }
+}
+
+fmt!(
+    Q50,
+    32,
+    22,
+    false,
+    16,
+    true,
+    true,
+    |b, c| {
+        let d = h2f(b);
+        let hi = _mm256_and_si256(bits32(b.add(2)), _mm256_set1_epi8(0x10));
+        (
+            _mm256_or_si256(nibbles(b.add(6)), hi),
+            Sc {
+                s: [d; 2],
+                m: [0.0; 2],
+            },
+        )
+    },
+    pair = q50_pair
+);
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+#[allow(unused_variables)]
+unsafe fn q51_pair(b: *const u8, c: usize) -> (__m512i, Sc2) {
+    unsafe {
+        let qa = (b.add(4) as *const u32).read_unaligned() as u64;
+        let qb = (b.add(28) as *const u32).read_unaligned() as u64;
+        let hi = _mm512_maskz_mov_epi8(qa | (qb << 32), _mm512_set1_epi8(0x10));
+        let (s, m) = dm2(b, 24);
+        (_mm512_or_si512(nibbles2(b.add(8), 24), hi), Sc2 { s, m })
+    }
+}
+
+fmt!(
+    Q51,
+    32,
+    24,
+    false,
+    0,
+    true,
+    true,
+    |b, c| {
+        let (d, m) = (h2f(b), h2f(b.add(2)));
+        let hi = _mm256_and_si256(bits32(b.add(4)), _mm256_set1_epi8(0x10));
+        (
+            _mm256_or_si256(nibbles(b.add(8)), hi),
+            Sc {
+                s: [d; 2],
+                m: [m; 2],
+            },
+        )
+    },
+    pair = q51_pair
+);
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+#[allow(unused_variables)]
+unsafe fn q80_pair(b: *const u8, c: usize) -> (__m512i, Sc2) {
+    unsafe {
+        let v = _mm512_inserti64x4(
+            _mm512_castsi256_si512(load256(b.add(2))),
+            load256(b.add(36)),
+            1,
+        );
+        (
+            v,
+            Sc2 {
+                s: halves2(b, 34),
+                m: _mm_setzero_ps(),
+            },
+        )
+    }
+}
+
+fmt!(
+    Q80,
+    32,
+    34,
+    true,
+    0,
+    true,
+    false,
+    |b, c| {
+        let d = h2f(b);
+        (
+            load256(b.add(2)),
+            Sc {
+                s: [d; 2],
+                m: [0.0; 2],
+            },
+        )
+    },
+    pair = q80_pair
+);
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+#[allow(unused_variables)]
+unsafe fn iq4nl_pair(b: *const u8, c: usize) -> (__m512i, Sc2) {
+    unsafe {
+        let table = _mm512_broadcast_i32x4(_mm_loadu_si128(IQ4_VALUES.as_ptr() as *const __m128i));
+        (
+            _mm512_shuffle_epi8(table, nibbles2(b.add(2), 18)),
+            Sc2 {
+                s: halves2(b, 18),
+                m: _mm_setzero_ps(),
+            },
+        )
+    }
+}
+
+fmt!(
+    IQ4NL,
+    32,
+    18,
+    true,
+    0,
+    true,
+    false,
+    |b, c| {
+        let d = h2f(b);
+        (
+            iq4(b.add(2)),
+            Sc {
+                s: [d; 2],
+                m: [0.0; 2],
+            },
+        )
+    },
+    pair = iq4nl_pair
+);
 fmt!(Q2K, 256, 84, false, 0, false, true, |b, c| {
     let (d, dmin) = (h2f(b.add(80)), h2f(b.add(82)));
     let (half, j) = (c / 4, c % 4);
@@ -208,58 +581,159 @@ fmt!(Q2K, 256, 84, false, 0, false, true, |b, c| {
     };
     (v, sc)
 });
-fmt!(Q3K, 256, 110, false, 4, false, true, |b, c| {
-    let d = h2f(b.add(108));
-    let sc = q3k_scales(std::slice::from_raw_parts(b.add(96), 12));
-    let (half, j) = (c / 4, c % 4);
-    let low = shr_mask(load256(b.add(32 + 32 * half)), 2 * j as u32, 3);
-    let high = bit_of(load256(b), (4 * half + j) as u32, 4);
-    let s = [d * sc[2 * c] as f32, d * sc[2 * c + 1] as f32];
-    (_mm256_or_si256(low, high), Sc { s, m: [0.0; 2] })
-});
-fmt!(Q4K, 256, 144, false, 0, true, true, |b, c| {
-    let (d, dmin) = (h2f(b), h2f(b.add(2)));
-    let (sc, m) = scale_min_k4(c, std::slice::from_raw_parts(b.add(4), 12));
-    let v = shr_mask(load256(b.add(16 + 32 * (c / 2))), 4 * (c % 2) as u32, 0x0F);
-    let (s, m) = (d * sc as f32, -(dmin * m as f32));
-    (
-        v,
-        Sc {
-            s: [s; 2],
-            m: [m; 2],
-        },
-    )
-});
-fmt!(Q5K, 256, 176, false, 0, true, true, |b, c| {
-    let (d, dmin) = (h2f(b), h2f(b.add(2)));
-    let (sc, m) = scale_min_k4(c, std::slice::from_raw_parts(b.add(4), 12));
-    let low = shr_mask(load256(b.add(48 + 32 * (c / 2))), 4 * (c % 2) as u32, 0x0F);
-    let high = bit_of(load256(b.add(16)), c as u32, 16);
-    let (s, m) = (d * sc as f32, -(dmin * m as f32));
-    (
-        _mm256_or_si256(low, high),
-        Sc {
-            s: [s; 2],
-            m: [m; 2],
-        },
-    )
-});
-fmt!(Q6K, 256, 210, false, 32, false, true, |b, c| {
-    let d = h2f(b.add(208));
-    let (half, quarter) = (c / 4, c % 4);
-    let ql = load256(b.add(64 * half + 32 * (quarter & 1)));
-    let low = shr_mask(ql, 4 * (quarter / 2) as u32, 0x0F);
-    let qh = shr_mask(load256(b.add(128 + 32 * half)), 2 * quarter as u32, 3);
-    let v = _mm256_or_si256(low, _mm256_slli_epi16(qh, 4));
-    let (s0, s1) = (*b.add(192 + 2 * c) as i8, *b.add(193 + 2 * c) as i8);
-    (
-        v,
-        Sc {
-            s: [d * s0 as f32, d * s1 as f32],
-            m: [0.0; 2],
-        },
-    )
-});
+fmt!(
+    Q3K,
+    256,
+    110,
+    false,
+    4,
+    false,
+    true,
+    |b, c| {
+        let d = h2f(b.add(108));
+        let sc = q3k_scales(std::slice::from_raw_parts(b.add(96), 12));
+        let (half, j) = (c / 4, c % 4);
+        let low = shr_mask(load256(b.add(32 + 32 * half)), 2 * j as u32, 3);
+        let high = bit_of(load256(b), (4 * half + j) as u32, 4);
+        let s = [d * sc[2 * c] as f32, d * sc[2 * c + 1] as f32];
+        (_mm256_or_si256(low, high), Sc { s, m: [0.0; 2] })
+    },
+    scales = q3k_block_scales
+);
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+#[allow(unused_variables)]
+unsafe fn q4k_pair(b: *const u8, c: usize) -> (__m512i, Sc2) {
+    unsafe {
+        let s = std::slice::from_raw_parts(b.add(4), 12);
+        let (sc0, m0) = scale_min_k4(c, s);
+        let (sc1, m1) = scale_min_k4(c + 1, s);
+        let q = load256(b.add(16 + 16 * c));
+        let z = _mm512_inserti64x4(_mm512_castsi256_si512(q), _mm256_srli_epi16(q, 4), 1);
+        let v = _mm512_and_si512(z, _mm512_set1_epi8(0x0F));
+        let (d, dmin) = (_mm_set1_ps(h2f(b)), _mm_set1_ps(h2f(b.add(2))));
+        let sc = _mm_cvtepi32_ps(_mm_setr_epi32(
+            sc0 as i32, sc0 as i32, sc1 as i32, sc1 as i32,
+        ));
+        let m = _mm_cvtepi32_ps(_mm_setr_epi32(m0 as i32, m0 as i32, m1 as i32, m1 as i32));
+        let neg = _mm_set1_ps(-0.0);
+        (
+            v,
+            Sc2 {
+                s: _mm_mul_ps(d, sc),
+                m: _mm_xor_ps(_mm_mul_ps(dmin, m), neg),
+            },
+        )
+    }
+}
+
+fmt!(
+    Q4K,
+    256,
+    144,
+    false,
+    0,
+    true,
+    true,
+    |b, c| {
+        let (d, dmin) = (h2f(b), h2f(b.add(2)));
+        let (sc, m) = scale_min_k4(c, std::slice::from_raw_parts(b.add(4), 12));
+        let v = shr_mask(load256(b.add(16 + 32 * (c / 2))), 4 * (c % 2) as u32, 0x0F);
+        let (s, m) = (d * sc as f32, -(dmin * m as f32));
+        (
+            v,
+            Sc {
+                s: [s; 2],
+                m: [m; 2],
+            },
+        )
+    },
+    pair = q4k_pair,
+    scales = k4_scales
+);
+fmt!(
+    Q5K,
+    256,
+    176,
+    false,
+    0,
+    true,
+    true,
+    |b, c| {
+        let (d, dmin) = (h2f(b), h2f(b.add(2)));
+        let (sc, m) = scale_min_k4(c, std::slice::from_raw_parts(b.add(4), 12));
+        let low = shr_mask(load256(b.add(48 + 32 * (c / 2))), 4 * (c % 2) as u32, 0x0F);
+        let high = bit_of(load256(b.add(16)), c as u32, 16);
+        let (s, m) = (d * sc as f32, -(dmin * m as f32));
+        (
+            _mm256_or_si256(low, high),
+            Sc {
+                s: [s; 2],
+                m: [m; 2],
+            },
+        )
+    },
+    scales = k4_scales
+);
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+#[allow(unused_variables)]
+unsafe fn q6k_pair(b: *const u8, c: usize) -> (__m512i, Sc2) {
+    unsafe {
+        let (half, quarter) = (c / 4, c % 4);
+        let ql = _mm512_loadu_si512(b.add(64 * half) as *const __m512i);
+        let lo = _mm512_and_si512(
+            _mm512_srl_epi16(ql, _mm_cvtsi32_si128(4 * (quarter / 2) as i32)),
+            _mm512_set1_epi8(0x0F),
+        );
+        let qh = load256(b.add(128 + 32 * half));
+        let h0 = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * quarter as i32));
+        let h1 = _mm256_srli_epi16(h0, 2);
+        let h = _mm512_and_si512(
+            _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1),
+            _mm512_set1_epi8(3),
+        );
+        let v = _mm512_or_si512(lo, _mm512_slli_epi16(h, 4));
+        let sc = _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(
+            (b.add(192 + 2 * c) as *const i32).read_unaligned(),
+        )));
+        (
+            v,
+            Sc2 {
+                s: _mm_mul_ps(_mm_set1_ps(h2f(b.add(208))), sc),
+                m: _mm_setzero_ps(),
+            },
+        )
+    }
+}
+
+fmt!(
+    Q6K,
+    256,
+    210,
+    false,
+    32,
+    false,
+    true,
+    |b, c| {
+        let d = h2f(b.add(208));
+        let (half, quarter) = (c / 4, c % 4);
+        let ql = load256(b.add(64 * half + 32 * (quarter & 1)));
+        let low = shr_mask(ql, 4 * (quarter / 2) as u32, 0x0F);
+        let qh = shr_mask(load256(b.add(128 + 32 * half)), 2 * quarter as u32, 3);
+        let v = _mm256_or_si256(low, _mm256_slli_epi16(qh, 4));
+        let (s0, s1) = (*b.add(192 + 2 * c) as i8, *b.add(193 + 2 * c) as i8);
+        (
+            v,
+            Sc {
+                s: [d * s0 as f32, d * s1 as f32],
+                m: [0.0; 2],
+            },
+        )
+    },
+    pair = q6k_pair,
+    scales = q6k_scales
+);
 fmt!(IQ4XS, 256, 136, true, 0, true, false, |b, c| {
     let d = h2f(b);
     let dl = d * iq4xs_scale(std::slice::from_raw_parts(b, 8), c) as f32;
@@ -338,7 +812,7 @@ macro_rules! isa_kernels {
             fn dot(v: __m256i, x: __m256i) -> __m256i {
                 if $vnni {
                     // SAFETY: only reached in the VNNI instantiation, whose features include it.
-                    unsafe { _mm256_dpbusd_epi32(_mm256_setzero_si256(), v, x) }
+                    unsafe { _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), v, x) }
                 } else {
                     _mm256_madd_epi16(_mm256_maddubs_epi16(v, x), _mm256_set1_epi16(1))
                 }
@@ -378,6 +852,15 @@ macro_rules! isa_kernels {
                             ];
                         }
                     }
+                    if c == 0 {
+                        // The next tile's rows, while this one computes: row-interleaved reads
+                        // defeat the hardware prefetchers once the weights are out of L2.
+                        for ri in 0..R {
+                            let p = w.wrapping_add((r0 + R + ri) * row_bytes + blk);
+                            _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64) as *const i8);
+                        }
+                    }
                     for ri in 0..R {
                         // SAFETY: the caller checked the weight rows exist.
                         let (v, sc) = unsafe { F::unpack(w.add((r0 + ri) * row_bytes + blk), c) };
@@ -414,88 +897,334 @@ macro_rules! isa_kernels {
                     }
                 }
             }
+        }
+    };
+}
 
-            /// Row `r` against f32 activation rows `b0..b0+B`, weights dequantized in registers.
-            #[target_feature(enable = $feat)]
-            pub(super) unsafe fn exact<F: Fmt, const B: usize>(
-                w: *const u8,
-                row_bytes: usize,
-                r: usize,
-                x: *const f32,
-                cols: usize,
-                b0: usize,
-                out: &Out,
-            ) {
-                let cpb = F::PER / 32;
-                let mut acc = [[_mm256_setzero_ps(); 4]; B];
-                for k in 0..cols / 32 {
-                    // SAFETY: the caller checked the weight row and activation rows exist.
-                    unsafe {
-                        let (v, sc) =
-                            F::unpack(w.add(r * row_bytes + (k / cpb) * F::BYTES), k % cpb);
-                        let wf = to_f32::<F>(v, sc);
-                        for bi in 0..B {
-                            let xp = x.add((b0 + bi) * cols + 32 * k);
-                            for g in 0..4 {
-                                let xv = _mm256_loadu_ps(xp.add(8 * g));
-                                acc[bi][g] = _mm256_fmadd_ps(wf[g], xv, acc[bi][g]);
-                            }
-                        }
-                    }
-                }
-                for bi in 0..B {
-                    let a = &acc[bi];
-                    let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
-                    out.set(b0 + bi, r, hsum(s));
-                }
-            }
+/// The 512-bit kernel: two chunks per vector, with the activations' scales and sums already
+/// laid out per pair by [`QActs`] (so the float work per pair is one permute, one multiply and
+/// two FMAs).
+mod avx512 {
+    use super::*;
 
-            /// A dense (F32/F16/BF16) row against f32 activation rows; any column count.
-            #[target_feature(enable = $feat)]
-            #[allow(clippy::too_many_arguments)]
-            pub(super) unsafe fn exact_dense<const B: usize>(
-                ty: GgmlType,
-                w: *const u8,
-                row_bytes: usize,
-                r: usize,
-                x: *const f32,
-                cols: usize,
-                b0: usize,
-                out: &Out,
-            ) {
-                let esize = row_bytes / cols.max(1);
-                // SAFETY: the caller checked the weight row and activation rows exist.
-                let row = unsafe { std::slice::from_raw_parts(w.add(r * row_bytes), row_bytes) };
-                let mut acc = [[_mm256_setzero_ps(); 4]; B];
-                let whole = cols / 32 * 32;
-                for k0 in (0..whole).step_by(32) {
+    /// How far ahead of the current block the weights are prefetched, in bytes: past the
+    /// hardware streamer's reach when the rows come from L3 or memory.
+    const PREFETCH: usize = 2048;
+
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    pub(super) unsafe fn fast<F: Fmt, const R: usize, const B: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        r0: usize,
+        a: &QActs,
+        b0: usize,
+        out: &Out,
+    ) {
+        let cols = a.cols;
+        let chunks = cols / 32;
+        let pairs = a.pairs();
+        let mut acc = [[_mm512_setzero_ps(); B]; R];
+        let mut cacc = [[_mm_setzero_ps(); B]; R];
+        if F::PER == 256 {
+            // Super-blocks: their scales decoded once per block, four pairs each.
+            for blk in 0..chunks / 8 {
+                let mut sc = [(_mm512_setzero_ps(), _mm512_setzero_ps()); R];
+                for (ri, s) in sc.iter_mut().enumerate() {
+                    // SAFETY: the caller checked the rows exist.
+                    *s = unsafe { F::block_scales(w.add((r0 + ri) * row_bytes + blk * F::BYTES)) };
+                }
+                for p in 0..4 {
                     // SAFETY: as above.
                     unsafe {
-                        let wf = dense32(ty, row.as_ptr().add(k0 * esize));
-                        for bi in 0..B {
-                            let xp = x.add((b0 + bi) * cols + k0);
-                            for g in 0..4 {
-                                let xv = _mm256_loadu_ps(xp.add(8 * g));
-                                acc[bi][g] = _mm256_fmadd_ps(wf[g], xv, acc[bi][g]);
-                            }
-                        }
-                    }
+                        step_k::<F, R, B>(
+                            w,
+                            row_bytes,
+                            r0,
+                            a,
+                            b0,
+                            4 * blk + p,
+                            pairs,
+                            &sc,
+                            &mut acc,
+                            &mut cacc,
+                        )
+                    };
                 }
-                let mut tail = [0f32; 32];
-                crate::kernel::dense_chunk(ty, row, whole, cols - whole, &mut tail);
-                for bi in 0..B {
-                    let a = &acc[bi];
-                    let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
-                    let mut t = hsum(s);
-                    for (i, wv) in tail[..cols - whole].iter().enumerate() {
-                        // SAFETY: as above.
-                        t += wv * unsafe { *x.add((b0 + bi) * cols + whole + i) };
-                    }
-                    out.set(b0 + bi, r, t);
+            }
+        } else {
+            for j in 0..chunks / 2 {
+                // SAFETY: the caller checked the rows, and whole pairs lie inside them.
+                unsafe {
+                    step::<F, R, B, true>(w, row_bytes, r0, a, b0, j, pairs, &mut acc, &mut cacc)
+                };
+            }
+            if chunks % 2 == 1 {
+                // SAFETY: as above; the last half pair reads only its own chunk.
+                unsafe {
+                    step::<F, R, B, false>(
+                        w,
+                        row_bytes,
+                        r0,
+                        a,
+                        b0,
+                        chunks / 2,
+                        pairs,
+                        &mut acc,
+                        &mut cacc,
+                    )
+                };
+            }
+        }
+        for ri in 0..R {
+            for bi in 0..B {
+                let c = cacc[ri][bi];
+                let c = _mm_add_ps(c, _mm_movehl_ps(c, c));
+                let c = _mm_add_ss(c, _mm_movehdup_ps(c));
+                let v = _mm512_reduce_add_ps(acc[ri][bi]) + _mm_cvtss_f32(c);
+                out.set(b0 + bi, r0 + ri, v);
+            }
+        }
+    }
+
+    /// Pair `j` of a super-block format, with each row's block scales decoded.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn step_k<F: Fmt, const R: usize, const B: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        r0: usize,
+        a: &QActs,
+        b0: usize,
+        j: usize,
+        pairs: usize,
+        sc: &[(__m512, __m512); R],
+        acc: &mut [[__m512; B]; R],
+        cacc: &mut [[__m128; B]; R],
+    ) {
+        let cols = a.cols;
+        let k = 2 * j;
+        let blk = (k / 8) * F::BYTES;
+        let c = k % 8;
+        // Halves 2c..2c+4 of the block: lanes 4h..4h+4 of a product hold half 2c + h.
+        let first = _mm512_set1_epi32(2 * c as i32);
+        let spread = _mm512_add_epi32(
+            first,
+            _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+        );
+        let four = _mm512_add_epi32(
+            first,
+            _mm512_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+        );
+        let mut xs = [_mm512_setzero_si512(); B];
+        let mut dxv = [_mm512_setzero_ps(); B];
+        let mut ds = [_mm_setzero_ps(); B];
+        for bi in 0..B {
+            let b = b0 + bi;
+            // SAFETY: the caller checked the activation rows exist.
+            unsafe {
+                xs[bi] = _mm512_loadu_si512(a.q.as_ptr().add(b * cols + 32 * k) as *const __m512i);
+                dxv[bi] = _mm512_loadu_ps(a.dxv.as_ptr().add((b * pairs + j) * 16));
+                ds[bi] = _mm_loadu_ps(a.ds16.as_ptr().add((b * pairs + j) * 4));
+            }
+        }
+        for ri in 0..R {
+            let row = w.wrapping_add((r0 + ri) * row_bytes + blk);
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(PREFETCH + 64 * (c / 2)) as *const i8);
+            // SAFETY: the caller checked the weight rows exist.
+            let (v, _) = unsafe { F::unpack2(row, c) };
+            let (s16, m16) = sc[ri];
+            let svw = _mm512_permutexvar_ps(spread, s16);
+            let s4 = _mm512_castps512_ps128(_mm512_permutexvar_ps(four, s16));
+            let m4 = _mm512_castps512_ps128(_mm512_permutexvar_ps(four, m16));
+            let corr = if F::OFF == 0 {
+                m4
+            } else {
+                _mm_sub_ps(m4, _mm_mul_ps(_mm_set1_ps(F::OFF as f32), s4))
+            };
+            let vu = if F::SIGNED { _mm512_abs_epi8(v) } else { v };
+            let neg = _mm512_movepi8_mask(v);
+            for bi in 0..B {
+                let xx = if F::SIGNED {
+                    _mm512_mask_sub_epi8(xs[bi], neg, _mm512_setzero_si512(), xs[bi])
+                } else {
+                    xs[bi]
+                };
+                let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), vu, xx));
+                acc[ri][bi] = _mm512_fmadd_ps(_mm512_mul_ps(svw, dxv[bi]), p, acc[ri][bi]);
+                if F::CORR {
+                    cacc[ri][bi] = _mm_fmadd_ps(corr, ds[bi], cacc[ri][bi]);
                 }
             }
         }
-    };
+    }
+
+    /// Pair `j` (chunks `2j`, `2j + 1`, or only `2j` when not `WHOLE`) of rows `r0..r0+R`
+    /// against activation rows `b0..b0+B`.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn step<F: Fmt, const R: usize, const B: usize, const WHOLE: bool>(
+        w: *const u8,
+        row_bytes: usize,
+        r0: usize,
+        a: &QActs,
+        b0: usize,
+        j: usize,
+        pairs: usize,
+        acc: &mut [[__m512; B]; R],
+        cacc: &mut [[__m128; B]; R],
+    ) {
+        let cols = a.cols;
+        let k = 2 * j;
+        let cpb = F::PER / 32;
+        let blk = (k / cpb) * F::BYTES;
+        let c = k % cpb;
+        // Lanes 4h..4h+4 of a product hold 16-value half h: its scale is s[h].
+        let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+        let mut xs = [_mm512_setzero_si512(); B];
+        let mut dxv = [_mm512_setzero_ps(); B];
+        let mut ds = [_mm_setzero_ps(); B];
+        for bi in 0..B {
+            let b = b0 + bi;
+            // SAFETY: the caller checked the activation rows exist; a row's last half pair
+            // reads only its own 32 bytes.
+            unsafe {
+                let xq = a.q.as_ptr().add(b * cols + 32 * k) as *const u8;
+                xs[bi] = if WHOLE {
+                    _mm512_loadu_si512(xq as *const __m512i)
+                } else {
+                    _mm512_zextsi256_si512(load256(xq))
+                };
+                dxv[bi] = _mm512_loadu_ps(a.dxv.as_ptr().add((b * pairs + j) * 16));
+                ds[bi] = _mm_loadu_ps(a.ds16.as_ptr().add((b * pairs + j) * 4));
+            }
+        }
+        for ri in 0..R {
+            let row = w.wrapping_add((r0 + ri) * row_bytes + blk);
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(PREFETCH) as *const i8);
+            // SAFETY: the caller checked the weight rows exist.
+            let (v, sc) = unsafe {
+                if WHOLE {
+                    F::unpack2(row, c)
+                } else {
+                    let (v, s) = F::unpack(row, c);
+                    (
+                        _mm512_zextsi256_si512(v),
+                        Sc2 {
+                            s: _mm_setr_ps(s.s[0], s.s[1], 0.0, 0.0),
+                            m: _mm_setr_ps(s.m[0], s.m[1], 0.0, 0.0),
+                        },
+                    )
+                }
+            };
+            let svw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sc.s));
+            let corr = if F::OFF == 0 {
+                sc.m
+            } else {
+                _mm_sub_ps(sc.m, _mm_mul_ps(_mm_set1_ps(F::OFF as f32), sc.s))
+            };
+            let vu = if F::SIGNED { _mm512_abs_epi8(v) } else { v };
+            let neg = _mm512_movepi8_mask(v);
+            for bi in 0..B {
+                let xx = if F::SIGNED {
+                    _mm512_mask_sub_epi8(xs[bi], neg, _mm512_setzero_si512(), xs[bi])
+                } else {
+                    xs[bi]
+                };
+                let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), vu, xx));
+                acc[ri][bi] = _mm512_fmadd_ps(_mm512_mul_ps(svw, dxv[bi]), p, acc[ri][bi]);
+                if F::CORR {
+                    cacc[ri][bi] = _mm_fmadd_ps(corr, ds[bi], cacc[ri][bi]);
+                }
+            }
+        }
+    }
+}
+
+/// The exact path (f32 activations against weights dequantized in registers): one AVX2
+/// compilation serves every x86 instruction set, so its results are the same on all of them.
+mod exact_avx2 {
+    use super::*;
+
+    /// Row `r` against f32 activation rows `b0..b0+B`, weights dequantized in registers.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn exact<F: Fmt, const B: usize>(
+        w: *const u8,
+        row_bytes: usize,
+        r: usize,
+        x: *const f32,
+        cols: usize,
+        b0: usize,
+        out: &Out,
+    ) {
+        let cpb = F::PER / 32;
+        let mut acc = [[_mm256_setzero_ps(); 4]; B];
+        for k in 0..cols / 32 {
+            // SAFETY: the caller checked the weight row and activation rows exist.
+            unsafe {
+                let (v, sc) = F::unpack(w.add(r * row_bytes + (k / cpb) * F::BYTES), k % cpb);
+                let wf = to_f32::<F>(v, sc);
+                for bi in 0..B {
+                    let xp = x.add((b0 + bi) * cols + 32 * k);
+                    for g in 0..4 {
+                        let xv = _mm256_loadu_ps(xp.add(8 * g));
+                        acc[bi][g] = _mm256_fmadd_ps(wf[g], xv, acc[bi][g]);
+                    }
+                }
+            }
+        }
+        for bi in 0..B {
+            let a = &acc[bi];
+            let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            out.set(b0 + bi, r, hsum(s));
+        }
+    }
+
+    /// A dense (F32/F16/BF16) row against f32 activation rows; any column count.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn exact_dense<const B: usize>(
+        ty: GgmlType,
+        w: *const u8,
+        row_bytes: usize,
+        r: usize,
+        x: *const f32,
+        cols: usize,
+        b0: usize,
+        out: &Out,
+    ) {
+        let esize = row_bytes / cols.max(1);
+        // SAFETY: the caller checked the weight row and activation rows exist.
+        let row = unsafe { std::slice::from_raw_parts(w.add(r * row_bytes), row_bytes) };
+        let mut acc = [[_mm256_setzero_ps(); 4]; B];
+        let whole = cols / 32 * 32;
+        for k0 in (0..whole).step_by(32) {
+            // SAFETY: as above.
+            unsafe {
+                let wf = dense32(ty, row.as_ptr().add(k0 * esize));
+                for bi in 0..B {
+                    let xp = x.add((b0 + bi) * cols + k0);
+                    for g in 0..4 {
+                        let xv = _mm256_loadu_ps(xp.add(8 * g));
+                        acc[bi][g] = _mm256_fmadd_ps(wf[g], xv, acc[bi][g]);
+                    }
+                }
+            }
+        }
+        let mut tail = [0f32; 32];
+        crate::kernel::dense_chunk(ty, row, whole, cols - whole, &mut tail);
+        for bi in 0..B {
+            let a = &acc[bi];
+            let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+            let mut t = hsum(s);
+            for (i, wv) in tail[..cols - whole].iter().enumerate() {
+                // SAFETY: as above.
+                t += wv * unsafe { *x.add((b0 + bi) * cols + whole + i) };
+            }
+            out.set(b0 + bi, r, t);
+        }
+    }
 }
 
 isa_kernels!(avx2, "avx2,fma,f16c", false);
@@ -521,7 +1250,8 @@ fn go_fast<F: Fmt>(isa: Isa, w: &[u8], rows: Range<usize>, a: &QActs, out: &Out)
             // and the instruction set was detected at run time.
             unsafe {
                 match isa {
-                    Isa::Avx512Vnni => vnni::fast::<F, $r, $b>(p, row_bytes, $r0, a, $b0, out),
+                    Isa::Avx512 => avx512::fast::<F, $r, $b>(p, row_bytes, $r0, a, $b0, out),
+                    Isa::AvxVnni => vnni::fast::<F, $r, $b>(p, row_bytes, $r0, a, $b0, out),
                     _ => avx2::fast::<F, $r, $b>(p, row_bytes, $r0, a, $b0, out),
                 }
             }
@@ -529,12 +1259,9 @@ fn go_fast<F: Fmt>(isa: Isa, w: &[u8], rows: Range<usize>, a: &QActs, out: &Out)
     }
     let mut r = rows.start;
     if n < 4 {
-        while r + 4 <= rows.end {
-            for b in 0..n {
-                call!(4, 1, r, b);
-            }
-            r += 4;
-        }
+        // One row at a time: each row is a sequential stream, which the hardware prefetchers
+        // follow (reading several rows interleaved runs at two thirds of the speed once the
+        // weights come from L3 or memory).
         while r < rows.end {
             for b in 0..n {
                 call!(1, 1, r, b);
@@ -566,15 +1293,7 @@ fn go_fast<F: Fmt>(isa: Isa, w: &[u8], rows: Range<usize>, a: &QActs, out: &Out)
     }
 }
 
-fn go_exact<F: Fmt>(
-    isa: Isa,
-    w: &[u8],
-    rows: Range<usize>,
-    x: &[f32],
-    n: usize,
-    cols: usize,
-    out: &Out,
-) {
+fn go_exact<F: Fmt>(w: &[u8], rows: Range<usize>, x: &[f32], n: usize, cols: usize, out: &Out) {
     let row_bytes = cols / F::PER * F::BYTES;
     assert!(w.len() >= rows.end * row_bytes && x.len() >= n * cols);
     assert!(cols.is_multiple_of(F::PER));
@@ -584,17 +1303,11 @@ fn go_exact<F: Fmt>(
         // SAFETY: bounded by the asserts above; the instruction set was detected at run time.
         unsafe {
             while b + 4 <= n {
-                match isa {
-                    Isa::Avx512Vnni => vnni::exact::<F, 4>(p, row_bytes, r, xp, cols, b, out),
-                    _ => avx2::exact::<F, 4>(p, row_bytes, r, xp, cols, b, out),
-                }
+                exact_avx2::exact::<F, 4>(p, row_bytes, r, xp, cols, b, out);
                 b += 4;
             }
             while b < n {
-                match isa {
-                    Isa::Avx512Vnni => vnni::exact::<F, 1>(p, row_bytes, r, xp, cols, b, out),
-                    _ => avx2::exact::<F, 1>(p, row_bytes, r, xp, cols, b, out),
-                }
+                exact_avx2::exact::<F, 1>(p, row_bytes, r, xp, cols, b, out);
                 b += 1;
             }
         }
@@ -603,7 +1316,6 @@ fn go_exact<F: Fmt>(
 
 #[allow(clippy::too_many_arguments)]
 fn go_dense(
-    isa: Isa,
     ty: GgmlType,
     w: &[u8],
     rows: Range<usize>,
@@ -620,21 +1332,11 @@ fn go_dense(
         // SAFETY: bounded by the assert above; the instruction set was detected at run time.
         unsafe {
             while b + 4 <= n {
-                match isa {
-                    Isa::Avx512Vnni => {
-                        vnni::exact_dense::<4>(ty, p, row_bytes, r, xp, cols, b, out)
-                    }
-                    _ => avx2::exact_dense::<4>(ty, p, row_bytes, r, xp, cols, b, out),
-                }
+                exact_avx2::exact_dense::<4>(ty, p, row_bytes, r, xp, cols, b, out);
                 b += 4;
             }
             while b < n {
-                match isa {
-                    Isa::Avx512Vnni => {
-                        vnni::exact_dense::<1>(ty, p, row_bytes, r, xp, cols, b, out)
-                    }
-                    _ => avx2::exact_dense::<1>(ty, p, row_bytes, r, xp, cols, b, out),
-                }
+                exact_avx2::exact_dense::<1>(ty, p, row_bytes, r, xp, cols, b, out);
                 b += 1;
             }
         }
@@ -674,7 +1376,6 @@ pub(crate) fn rows_fast(
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn rows_exact(
-    isa: Isa,
     ty: GgmlType,
     w: &[u8],
     rows: Range<usize>,
@@ -684,7 +1385,7 @@ pub(crate) fn rows_exact(
     out: &Out,
 ) {
     if ty.is_dense() {
-        return go_dense(isa, ty, w, rows, x, n, cols, out);
+        return go_dense(ty, w, rows, x, n, cols, out);
     }
-    by_type!(ty, go_exact, isa, w, rows, x, n, cols, out)
+    by_type!(ty, go_exact, w, rows, x, n, cols, out)
 }

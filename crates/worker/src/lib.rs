@@ -393,7 +393,7 @@ fn shard_thread(
             .collect();
         // A collective error means the mesh is broken: this shard is of no use until reloaded.
         let mut mesh_broken = false;
-        match model.forward_batch(&steps, coll.as_mut()) {
+        match tessera_quant::install(|| model.forward_batch(&steps, coll.as_mut())) {
             Ok(l) => out.logits = l,
             Err(e) => {
                 mesh_broken = matches!(e, tessera_model::ModelError::Collective(_));
