@@ -176,16 +176,10 @@ pub struct RunArgs {
     serve: ServeArgs,
 }
 
+/// Memory a worker offers by default: what this machine has available, or its cgroup's limit
+/// where lower (a container's memory limit, say).
 fn machine_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemAvailable:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(8 << 30, |kb| kb * 1024)
+    tessera_core::mem::available_bytes().unwrap_or(8 << 30)
 }
 
 pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
@@ -323,6 +317,11 @@ pub fn start_local(
     let http = rt.block_on(bind_http(http, serve))?;
     rt.spawn(tessera_coordinator::serve(state.clone(), listener, http));
     let exe = std::env::current_exe()?;
+    // The workers share this machine: each offers an equal part of its memory.
+    let share_gib = format!(
+        "{:.3}",
+        machine_memory() as f64 / workers.max(1) as f64 / (1u64 << 30) as f64
+    );
     let mut children = Children(Vec::new());
     for i in 0..workers {
         let mut cmd = std::process::Command::new(&exe);
@@ -341,7 +340,7 @@ pub fn start_local(
             "--backend",
             model.backend.name(),
             "--memory-gib",
-            "1",
+            &share_gib,
         ])
         .env("TESSERA_TOKEN", &token)
         .args(

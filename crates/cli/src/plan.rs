@@ -1,7 +1,7 @@
 //! `tessera plan`: what each worker would hold, before anything is loaded.
 
 use clap::Args;
-use tessera_core::allreduce_bytes_per_token;
+use tessera_core::{WorkerNeed, allreduce_bytes_per_token};
 use tessera_model::ModelFiles;
 
 #[derive(Args)]
@@ -16,9 +16,13 @@ pub struct PlanArgs {
     /// the plan weights shard sizes by it
     #[arg(long, value_delimiter = ',')]
     memory: Vec<f64>,
-    /// Context length to size the KV cache for (default: the model's)
+    /// Size the KV cache for one sequence of this many tokens (default: the positions the
+    /// coordinator's --kv-cache-gib lets all sequences reserve)
     #[arg(long)]
     context: Option<usize>,
+    /// The coordinator's KV cache budget over the cluster, in GiB (as `coordinator --kv-cache-gib`)
+    #[arg(long, default_value_t = 2.0)]
+    kv_cache_gib: f64,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -38,9 +42,13 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     } else {
         files.plan(&memory)?
     };
-    let ctx = a.context.unwrap_or(cfg.max_context);
+    // The same positions the coordinator's scheduler lets sequences reserve.
+    let per_position = (2 * cfg.layers * cfg.kv_heads * cfg.head_dim * 4) as f64;
+    let ctx = a
+        .context
+        .unwrap_or((a.kv_cache_gib * GIB / per_position) as usize);
     println!(
-        "model: {} ({}), {} layers, hidden {}, {} heads / {} KV heads of {}, FFN {}, vocab {}, context {ctx}",
+        "model: {} ({}), {} layers, hidden {}, {} heads / {} KV heads of {}, FFN {}, vocab {}, KV cache sized for {ctx} positions",
         path.display(),
         files.format,
         cfg.layers,
@@ -66,11 +74,12 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         let c = s.cost(cfg, 4);
         let weights = files.shard_bytes(s)?;
         let kv_full = c.kv_bytes_per_token * ctx as u64;
-        let need = (weights + kv_full) as f64;
-        let fit = memory.get(s.rank).map(|m| need <= m * GIB);
+        let need = WorkerNeed::new(weights, c.kv_bytes_per_token, ctx as u64);
+        let offered = memory.get(s.rank).map(|m| (m * GIB) as u64);
+        let fit = offered.map(|o| need.shortfall(o).is_none());
         all_fit &= fit.unwrap_or(true);
         println!(
-            "worker {}: q heads {:?}, KV heads {:?}, FFN columns {:?}, vocab rows {:?}\n  weights {:.1} MiB, KV cache {} B/token = {:.1} MiB at {ctx} tokens, total {:.1} MiB{}",
+            "worker {}: q heads {:?}, KV heads {:?}, FFN columns {:?}, vocab rows {:?}\n  weights {:.1} MiB, KV cache {} B/token = {:.1} MiB at {ctx} tokens, process {:.1} MiB: needs {:.1} MiB{}",
             s.rank,
             s.q_heads,
             s.kv_heads,
@@ -79,11 +88,16 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
             weights as f64 / (1 << 20) as f64,
             c.kv_bytes_per_token,
             kv_full as f64 / (1 << 20) as f64,
-            need / (1 << 20) as f64,
-            match fit {
-                Some(true) => format!(", fits in {:.1} GiB", memory[s.rank]),
-                Some(false) => format!(", DOES NOT FIT in {:.1} GiB", memory[s.rank]),
-                None => String::new(),
+            need.process as f64 / (1 << 20) as f64,
+            need.total() as f64 / (1 << 20) as f64,
+            match (fit, offered) {
+                (Some(true), _) => format!(", fits in {:.2} GiB", memory[s.rank]),
+                (Some(false), Some(o)) => format!(
+                    ", DOES NOT FIT in {:.2} GiB: {:.1} MiB short",
+                    memory[s.rank],
+                    need.shortfall(o).unwrap_or(0) as f64 / (1 << 20) as f64
+                ),
+                _ => String::new(),
             }
         );
     }

@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tessera_collective::ClusterCa;
+use tessera_core::WorkerNeed;
 use tessera_model::chat::Message;
 use tessera_model::{GenerateParams, ModelError, ModelFiles, SamplingParams, shard_reads};
 use tessera_proto::coordinator_server::{Coordinator, CoordinatorServer};
@@ -34,6 +35,18 @@ pub use scheduler::{Event, Job, Scheduler, SchedulerConfig, SubmitError};
 use text::StopText;
 
 const CHUNK: usize = 2 << 20;
+
+/// A plan refused before loading: some worker would be short of memory.
+#[derive(Debug)]
+struct DoesNotFit(String);
+
+impl std::fmt::Display for DoesNotFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DoesNotFit {}
 
 pub struct CoordinatorConfig {
     pub model: std::path::PathBuf,
@@ -81,6 +94,8 @@ struct Inner {
     /// Workers in that mesh.
     mesh_size: usize,
     state: &'static str,
+    /// Why the last plan was refused (a worker short of memory), until one is accepted.
+    refusal: Option<String>,
 }
 
 pub struct CoordinatorState {
@@ -141,6 +156,7 @@ impl CoordinatorState {
                     loaded: false,
                     mesh_size: 0,
                     state: "waiting for workers",
+                    refusal: None,
                 }),
                 changed: Notify::new(),
                 load_seconds: Mutex::new(None),
@@ -153,7 +169,11 @@ impl CoordinatorState {
     }
 
     pub fn state(&self) -> String {
-        self.inner.lock().unwrap().state.to_string()
+        let g = self.inner.lock().unwrap();
+        match &g.refusal {
+            Some(why) => format!("{}: {why}", g.state),
+            None => g.state.to_string(),
+        }
     }
 
     /// Marks a worker down and the cluster degraded.
@@ -255,6 +275,19 @@ impl CoordinatorState {
                 }
                 match self.clone().load_all(&ids, mesh).await {
                     Ok(()) => {}
+                    Err((_, e)) if e.is::<DoesNotFit>() => {
+                        // Nothing was loaded: wait for another worker (or a returning one).
+                        let why = e.to_string();
+                        tracing::info!("{why}");
+                        eprintln!("{why}");
+                        {
+                            let mut g = self.inner.lock().unwrap();
+                            g.state = "plan does not fit";
+                            g.refusal = Some(why);
+                            g.loaded = false;
+                        }
+                        self.changed.notified().await;
+                    }
                     Err((id, e)) => {
                         tracing::error!("loading the shards failed: {e:#}");
                         eprintln!("loading the shards failed: {e:#}");
@@ -320,6 +353,37 @@ impl CoordinatorState {
                 .plan(&weights)
                 .or_else(|_| self.files.plan(&vec![1.0; ids.len()]))
                 .map_err(|e| (None, e.into()))?;
+            // Before anything is shipped: does every worker's share fit what it offers?
+            let cfg = &self.files.cfg;
+            let positions = self.scheduler.config().kv_budget as u64;
+            let mut short = Vec::new();
+            for (rank, id) in ids.iter().enumerate() {
+                let spec = &plan.shards[rank];
+                let w = &g.workers[id];
+                let bytes = self.files.shard_bytes(spec).map_err(|e| (None, e.into()))?;
+                let need = WorkerNeed::new(bytes, spec.cost(cfg, 4).kv_bytes_per_token, positions);
+                if let Some(s) = need.shortfall(w.memory) {
+                    short.push(format!(
+                        "worker {} (rank {rank}) offers {:.1} MiB but its shard needs {}: {:.1} MiB short",
+                        w.name,
+                        w.memory as f64 / (1u64 << 20) as f64,
+                        need.describe(),
+                        s as f64 / (1u64 << 20) as f64
+                    ));
+                }
+            }
+            if !short.is_empty() {
+                return Err((
+                    None,
+                    DoesNotFit(format!(
+                        "the plan does not fit over {} worker(s): {}; add workers or memory \
+                         (or lower --kv-cache-gib)",
+                        ids.len(),
+                        short.join("; ")
+                    ))
+                    .into(),
+                ));
+            }
             (plan, members)
         };
         let peers: Vec<Peer> = members
@@ -404,6 +468,7 @@ impl CoordinatorState {
             }
         }
         g.state = "ready";
+        g.refusal = None;
         drop(g);
         self.scheduler.set_runner(Box::new(runner));
         tracing::info!(mesh = mesh_id, secs, "cluster ready");
@@ -539,12 +604,17 @@ impl CoordinatorState {
     pub async fn health_loop(self: Arc<Self>) {
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let watch: Vec<(u64, String, WState)> = {
+            // The mesh the checks are about: a reply that arrives after a reload started (a
+            // worker then answers "idle" while it takes its new shard) says nothing of the
+            // new mesh, even if the worker is "ready" in it again by then.
+            let (watch, mesh): (Vec<(u64, String, WState)>, u64) = {
                 let g = self.inner.lock().unwrap();
-                g.workers
+                let watch = g
+                    .workers
                     .values()
                     .map(|w| (w.id, w.grpc_addr.clone(), w.state))
-                    .collect()
+                    .collect();
+                (watch, g.mesh_id)
             };
             let mut checks = Vec::new();
             for (id, addr, was) in watch {
@@ -566,6 +636,9 @@ impl CoordinatorState {
                     continue;
                 };
                 let mut g = self.inner.lock().unwrap();
+                if g.mesh_id != mesh {
+                    continue;
+                }
                 let Some(w) = g.workers.get_mut(&id) else {
                     continue;
                 };

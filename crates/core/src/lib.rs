@@ -9,6 +9,6 @@ pub mod plan;
 
 pub use config::{Arch, ConfigError, ModelConfig, RopePrecision, RopeScaling};
 pub use plan::{
-    PlanError, ShardCost, ShardPlan, ShardSpec, allreduce_bytes_per_token, split_even,
-    split_weighted,
+    PlanError, ShardCost, ShardPlan, ShardSpec, WORKER_OVERHEAD_BYTES, WorkerNeed,
+    allreduce_bytes_per_token, split_even, split_weighted,
 };

@@ -217,6 +217,51 @@ impl ShardSpec {
     }
 }
 
+/// Memory a worker process takes besides its weights and KV cache (code, runtime, buffers):
+/// measured, a worker holding a shard of SmolLM2 is 31 MB above its weights; with margin for
+/// the load's transient buffers.
+pub const WORKER_OVERHEAD_BYTES: u64 = 48 << 20;
+
+/// What one worker must hold: its weights, its KV cache for the positions the cluster may
+/// reserve, and the process itself. `tessera plan` and the coordinator use the same arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerNeed {
+    pub weights: u64,
+    pub kv_cache: u64,
+    pub process: u64,
+}
+
+impl WorkerNeed {
+    pub fn new(weight_bytes: u64, kv_bytes_per_token: u64, kv_positions: u64) -> WorkerNeed {
+        WorkerNeed {
+            weights: weight_bytes,
+            kv_cache: kv_bytes_per_token.saturating_mul(kv_positions),
+            process: WORKER_OVERHEAD_BYTES,
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.weights + self.kv_cache + self.process
+    }
+
+    /// How much more than `offered` it needs, if it does not fit.
+    pub fn shortfall(&self, offered: u64) -> Option<u64> {
+        self.total().checked_sub(offered).filter(|&s| s > 0)
+    }
+
+    /// "N MiB (weights A + KV cache B + process C)".
+    pub fn describe(&self) -> String {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        format!(
+            "{:.1} MiB (weights {:.1} + KV cache {:.1} + process {:.1})",
+            mib(self.total()),
+            mib(self.weights),
+            mib(self.kv_cache),
+            mib(self.process)
+        )
+    }
+}
+
 /// Bytes one shard sends into all-reduces per token: two hidden-size vectors per layer plus the
 /// embedding lookup, of `elem_bytes` each.
 pub fn allreduce_bytes_per_token(cfg: &ModelConfig, elem_bytes: u64) -> u64 {

@@ -194,7 +194,11 @@ impl Worker for WorkerService {
                     let raw = block_header(&b)
                         .map_err(|e| Status::invalid_argument(format!("block {}: {e}", b.name)))?;
                     let expected = raw.0;
-                    blocks.insert(b.name.clone(), (raw.1, Vec::new(), expected));
+                    // Room for the whole slice at once (no regrowth, no spare capacity), but
+                    // never more than the bytes still announced.
+                    let left = (a.total_bytes - (received - b.data.len() as u64)) as usize;
+                    let data = Vec::with_capacity(expected.min(left));
+                    blocks.insert(b.name.clone(), (raw.1, data, expected));
                 }
                 let (_, data, expected) = blocks.get_mut(&b.name).expect("inserted");
                 if b.offset as usize != data.len() || data.len() + b.data.len() > *expected {
