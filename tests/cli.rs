@@ -129,6 +129,53 @@ fn truncated_gguf_is_a_clear_error() {
     assert_clear_error(&o, &["truncated or corrupt GGUF"]);
 }
 
+/// Where the type id of tensor `name` sits in a GGUF's tensor directory (after the name come
+/// the dimension count, the dimensions and the type).
+fn tensor_type_at(bytes: &[u8], name: &str) -> (usize, usize) {
+    let pat = name.as_bytes();
+    let at = bytes
+        .windows(pat.len() + 1)
+        .position(|w| &w[..pat.len()] == pat && w[pat.len()] < 8)
+        .expect("tensor in directory")
+        + pat.len();
+    let nd = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    (at + 4, at + 4 + 8 * nd)
+}
+
+/// Quantized tensors that do not add up: an unknown GGML type, a row that is not a whole
+/// number of blocks, and a file cut inside a K-quant tensor's blocks. Each is exit 2 with a
+/// message naming the tensor, not a panic.
+#[test]
+fn malformed_quantized_tensors_are_clear_errors() {
+    let d = scratch("quant");
+    let model = fixtures().join("tiny-llama-gguf/model.Q4_K_M.gguf");
+    let bytes = std::fs::read(&model).unwrap();
+    let name = "blk.1.ffn_down.weight";
+    let (dims, ty) = tensor_type_at(&bytes, name);
+    let run = |b: &[u8], file: &str| {
+        let p = d.join(file);
+        std::fs::write(&p, b).unwrap();
+        tessera(&["generate", "--model", p.to_str().unwrap(), "--prompt", "hi"])
+    };
+    // An unknown type id.
+    let mut b = bytes.clone();
+    b[ty..ty + 4].copy_from_slice(&77u32.to_le_bytes());
+    assert_clear_error(
+        &run(&b, "unknown.gguf"),
+        &[name, "GGML type 77", "supported"],
+    );
+    // Q6_K (256-value blocks) over a row of 768 + 1 values.
+    let mut b = bytes.clone();
+    let cols = u64::from_le_bytes(b[dims..dims + 8].try_into().unwrap());
+    b[dims..dims + 8].copy_from_slice(&(cols + 1).to_le_bytes());
+    assert_clear_error(&run(&b, "row.gguf"), &[name, "not a multiple"]);
+    // Cut inside the last tensor's blocks.
+    assert_clear_error(
+        &run(&bytes[..bytes.len() - 100], "cut.gguf"),
+        &["truncated GGUF"],
+    );
+}
+
 #[test]
 fn truncated_safetensors_is_a_clear_error() {
     let d = scratch("st");
@@ -242,7 +289,7 @@ fn plan_prints_each_workers_share_and_exits_1_when_it_does_not_fit() {
         out.contains(&format!("KV cache {} B/token", 2 * 30 * 2 * 64 * 4)),
         "{out}"
     );
-    assert!(out.contains("fits in 4.0 GiB"), "{out}");
+    assert!(out.contains("fits in 4.00 GiB"), "{out}");
     let o = tessera(&[
         "plan",
         "--model",
