@@ -257,9 +257,10 @@ fn smollm2_fast_path_agrees_with_the_reference_at_least_as_far_as_llama_cpp() {
     }
 }
 
-/// The fast path against the exact one on every tiny-llama-gguf format: random weights make
+/// The fast path against the exact one on every tiny-llama-gguf format. Random weights make
 /// 8-bit activations err far more than on a trained model (llama.cpp's logits are up to ~1.0
-/// off here), so this bounds the error rather than asking for the same tokens.
+/// off here; one 8-bit plane gave up to 0.6); the fast path's two planes stay within 2e-3 of the
+/// logits' range (0.0023 at worst measured, on logits up to ~9).
 #[test]
 fn tiny_llama_gguf_fast_path_stays_near_the_exact_one() {
     let dir = fixtures().join("tiny-llama-gguf");
@@ -281,7 +282,7 @@ fn tiny_llama_gguf_fast_path_stays_near_the_exact_one() {
             let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
             eprintln!("{fmt} case {i}: fast path within {worst} of exact (logits up to {scale})");
             assert!(
-                worst <= 0.1 * scale,
+                worst <= 2e-3 * scale,
                 "{fmt}, case {i}: fast path {worst} from the exact one (logits up to {scale})"
             );
         }

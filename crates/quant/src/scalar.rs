@@ -5,7 +5,8 @@ use crate::act::QActs;
 use crate::format::{Chunk, GgmlType, decode_chunk};
 use crate::kernel::{Out, dense_chunk};
 
-/// Quantized activations: `y[b][r] = Σ_chunks dx * (scale_h * Σ q·qx + min_h * Σ qx)`.
+/// Quantized activations: `y[b][r] = Σ_halves e * (scale_h * Σ q·x + min_h * Σ x)`, with each
+/// activation `x = 256 * hi + lo` in units of its scale `e`.
 pub(crate) fn rows_fast(
     ty: GgmlType,
     w: &[u8],
@@ -26,16 +27,18 @@ pub(crate) fn rows_fast(
             decode_chunk(ty, blk, k % (per / 32), &mut ch);
             for (b, acc) in acc.iter_mut().enumerate() {
                 let xq = &a.row_q(b)[k * 32..k * 32 + 32];
+                let xq2 = &a.row_q2(b)[k * 32..k * 32 + 32];
                 let s = &a.row_sums(b)[2 * k..2 * k + 2];
-                let dx = a.row_d(b)[k];
-                let mut t = 0f32;
+                let dx = &a.row_d(b)[2 * k..2 * k + 2];
                 for h in 0..2 {
                     let dot: i32 = (0..16)
-                        .map(|i| ch.q[16 * h + i] as i32 * xq[16 * h + i] as i32)
+                        .map(|i| {
+                            let x = 256 * xq[16 * h + i] as i32 + xq2[16 * h + i] as i32;
+                            ch.q[16 * h + i] as i32 * x
+                        })
                         .sum();
-                    t += ch.scale[h] * dot as f32 + ch.min[h] * s[h] as f32;
+                    *acc += dx[h] * (ch.scale[h] * dot as f32 + ch.min[h] * s[h] as f32);
                 }
-                *acc += dx * t;
             }
         }
         for (b, v) in acc.iter().enumerate() {

@@ -33,48 +33,67 @@ pub(crate) fn has_avx512() -> bool {
         && is_x86_feature_detected!("avx512vnni")
 }
 
-/// [`crate::act::QActs`] quantization of whole 32-value blocks: the same operations as the
-/// portable `quantize_block` (max |x|, scale = max / 127, round to nearest even), 8 at a time.
+/// [`crate::act::QActs`] quantization of 16-value blocks: the same operations as the portable
+/// `quantize_block` (max |x|, step = max / 127, both planes rounded to nearest even), 8 at a time.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) unsafe fn quantize_rows(x: &[f32], q: &mut [i8], d: &mut [f32], sums: &mut [i16]) {
-    assert!(q.len() == x.len() && d.len() * 32 == x.len() && sums.len() * 16 == x.len());
+pub(crate) unsafe fn quantize_rows(
+    x: &[f32],
+    q: &mut [i8],
+    q2: &mut [i8],
+    d: &mut [f32],
+    sums: &mut [i32],
+) {
+    let n = x.len();
+    assert!(q.len() == n && q2.len() == n && d.len() * 16 == n && sums.len() * 16 == n);
     let sign = _mm256_set1_ps(-0.0);
-    for (blk, ((dst, dv), sv)) in q
-        .chunks_exact_mut(32)
-        .zip(d.iter_mut())
-        .zip(sums.chunks_exact_mut(2))
-        .enumerate()
-    {
-        let p = unsafe { x.as_ptr().add(32 * blk) };
-        let v: [__m256; 4] = std::array::from_fn(|g| unsafe { _mm256_loadu_ps(p.add(8 * g)) });
-        let mut m = _mm256_andnot_ps(sign, v[0]);
-        for vg in &v[1..] {
-            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vg));
-        }
+    let (lim_hi, lim_lo) = (_mm256_set1_epi32(127), _mm256_set1_epi32(-127));
+    // i32 -> i8, 16 of them: [0..4, 8..12 | 4..8, 12..16] after the i16 pack, then in order.
+    let pack = |a: __m256i, b: __m256i| {
+        let w = _mm256_packs_epi32(a, b);
+        let w = _mm256_permute4x64_epi64(w, 0b11_01_10_00);
+        _mm_packs_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1))
+    };
+    for blk in 0..n / 16 {
+        let p = unsafe { x.as_ptr().add(16 * blk) };
+        let v: [__m256; 2] = std::array::from_fn(|g| unsafe { _mm256_loadu_ps(p.add(8 * g)) });
+        let m = _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1]));
         let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
         let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
-        let scale = amax / 127.0;
-        let inv = if scale != 0.0 { 1.0 / scale } else { 0.0 };
-        *dv = scale;
-        let iv = _mm256_set1_ps(inv);
-        let qi: [__m256i; 4] = std::array::from_fn(|g| _mm256_cvtps_epi32(_mm256_mul_ps(v[g], iv)));
-        // i32 -> i16 -> i8, undoing the lane interleave of the packs.
-        let w01 = _mm256_packs_epi32(qi[0], qi[1]);
-        let w23 = _mm256_packs_epi32(qi[2], qi[3]);
-        let b = _mm256_packs_epi16(w01, w23);
-        let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        unsafe { _mm256_storeu_si256(dst.as_mut_ptr() as *mut __m256i, b) };
-        let s01 = _mm256_add_epi32(qi[0], qi[1]);
-        let s23 = _mm256_add_epi32(qi[2], qi[3]);
-        let h = |s: __m256i| {
-            let t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-            let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
-            let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01));
-            _mm_cvtsi128_si32(t) as i16
-        };
-        sv[0] = h(s01);
-        sv[1] = h(s23);
+        let step = amax / 127.0;
+        let inv = if step != 0.0 { 1.0 / step } else { 0.0 };
+        let inv2 = if step != 0.0 { 256.0 / step } else { 0.0 };
+        d[blk] = step / 256.0;
+        let (iv, iv2, sv) = (
+            _mm256_set1_ps(inv),
+            _mm256_set1_ps(inv2),
+            _mm256_set1_ps(step),
+        );
+        let clamp = |i: __m256i| _mm256_max_epi32(_mm256_min_epi32(i, lim_hi), lim_lo);
+        let hi: [__m256i; 2] =
+            std::array::from_fn(|g| clamp(_mm256_cvtps_epi32(_mm256_mul_ps(v[g], iv))));
+        let lo: [__m256i; 2] = std::array::from_fn(|g| {
+            let err = _mm256_sub_ps(v[g], _mm256_mul_ps(sv, _mm256_cvtepi32_ps(hi[g])));
+            clamp(_mm256_cvtps_epi32(_mm256_mul_ps(err, iv2)))
+        });
+        unsafe {
+            _mm_storeu_si128(
+                q.as_mut_ptr().add(16 * blk) as *mut __m128i,
+                pack(hi[0], hi[1]),
+            );
+            _mm_storeu_si128(
+                q2.as_mut_ptr().add(16 * blk) as *mut __m128i,
+                pack(lo[0], lo[1]),
+            );
+        }
+        let s = _mm256_add_epi32(
+            _mm256_slli_epi32(_mm256_add_epi32(hi[0], hi[1]), 8),
+            _mm256_add_epi32(lo[0], lo[1]),
+        );
+        let t = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b01_00_11_10));
+        let t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0b10_11_00_01));
+        sums[blk] = _mm_cvtsi128_si32(t);
     }
 }
 
@@ -92,8 +111,6 @@ trait Fmt {
     /// Values are signed bytes (else unsigned, minus `OFF`).
     const SIGNED: bool;
     const OFF: i32;
-    /// Both halves of every chunk share scale and min.
-    const UNIFORM: bool;
     /// Whether `m - OFF * s` can be non-zero (a correction from the activation sums).
     const CORR: bool;
     /// Chunk `c` of the block at `b`: 32 values and their scales.
@@ -322,7 +339,7 @@ fn shr_mask(v: __m256i, shift: u32, mask: i8) -> __m256i {
 }
 
 macro_rules! fmt {
-    ($name:ident, $per:expr, $bytes:expr, $signed:expr, $off:expr, $uniform:expr, $corr:expr,
+    ($name:ident, $per:expr, $bytes:expr, $signed:expr, $off:expr, $corr:expr,
      |$b:ident, $c:ident| $body:block $(, pair = $pair:path)? $(, scales = $scales:path)?) => {
         struct $name;
         impl Fmt for $name {
@@ -330,7 +347,6 @@ macro_rules! fmt {
             const BYTES: usize = $bytes;
             const SIGNED: bool = $signed;
             const OFF: i32 = $off;
-            const UNIFORM: bool = $uniform;
             const CORR: bool = $corr;
             #[target_feature(enable = "avx2,fma,f16c")]
             #[inline]
@@ -378,7 +394,6 @@ fmt!(
     false,
     8,
     true,
-    true,
     |b, c| {
         let d = h2f(b);
         (
@@ -407,7 +422,6 @@ fmt!(
     20,
     false,
     0,
-    true,
     true,
     |b, c| {
         let (d, m) = (h2f(b), h2f(b.add(2)));
@@ -446,7 +460,6 @@ fmt!(
     false,
     16,
     true,
-    true,
     |b, c| {
         let d = h2f(b);
         let hi = _mm256_and_si256(bits32(b.add(2)), _mm256_set1_epi8(0x10));
@@ -479,7 +492,6 @@ fmt!(
     24,
     false,
     0,
-    true,
     true,
     |b, c| {
         let (d, m) = (h2f(b), h2f(b.add(2)));
@@ -520,7 +532,6 @@ fmt!(
     34,
     true,
     0,
-    true,
     false,
     |b, c| {
         let d = h2f(b);
@@ -556,7 +567,6 @@ fmt!(
     18,
     true,
     0,
-    true,
     false,
     |b, c| {
         let d = h2f(b);
@@ -570,7 +580,7 @@ fmt!(
     },
     pair = iq4nl_pair
 );
-fmt!(Q2K, 256, 84, false, 0, false, true, |b, c| {
+fmt!(Q2K, 256, 84, false, 0, true, |b, c| {
     let (d, dmin) = (h2f(b.add(80)), h2f(b.add(82)));
     let (half, j) = (c / 4, c % 4);
     let v = shr_mask(load256(b.add(16 + 32 * half)), 2 * j as u32, 3);
@@ -587,7 +597,6 @@ fmt!(
     110,
     false,
     4,
-    false,
     true,
     |b, c| {
         let d = h2f(b.add(108));
@@ -634,7 +643,6 @@ fmt!(
     false,
     0,
     true,
-    true,
     |b, c| {
         let (d, dmin) = (h2f(b), h2f(b.add(2)));
         let (sc, m) = scale_min_k4(c, std::slice::from_raw_parts(b.add(4), 12));
@@ -657,7 +665,6 @@ fmt!(
     176,
     false,
     0,
-    true,
     true,
     |b, c| {
         let (d, dmin) = (h2f(b), h2f(b.add(2)));
@@ -713,7 +720,6 @@ fmt!(
     210,
     false,
     32,
-    false,
     true,
     |b, c| {
         let d = h2f(b.add(208));
@@ -734,7 +740,7 @@ fmt!(
     pair = q6k_pair,
     scales = q6k_scales
 );
-fmt!(IQ4XS, 256, 136, true, 0, true, false, |b, c| {
+fmt!(IQ4XS, 256, 136, true, 0, false, |b, c| {
     let d = h2f(b);
     let dl = d * iq4xs_scale(std::slice::from_raw_parts(b, 8), c) as f32;
     (
@@ -833,23 +839,24 @@ macro_rules! isa_kernels {
                 let cpb = F::PER / 32;
                 let mut acc = [[_mm256_setzero_ps(); B]; R];
                 let mut sacc = [[0f32; B]; R];
-                let (qp, dp, sp) = (a.q.as_ptr(), a.d.as_ptr(), a.sums.as_ptr());
+                let (qp, q2p, dp, sp) =
+                    (a.q.as_ptr(), a.q2.as_ptr(), a.d.as_ptr(), a.sums.as_ptr());
                 for k in 0..chunks {
                     let blk = (k / cpb) * F::BYTES;
                     let c = k % cpb;
                     let mut xs = [_mm256_setzero_si256(); B];
-                    let mut dx = [0f32; B];
+                    let mut xs2 = [_mm256_setzero_si256(); B];
+                    let mut dx = [[0f32; 2]; B];
                     let mut s = [[0f32; 2]; B];
                     for bi in 0..B {
                         let b = b0 + bi;
                         // SAFETY: the caller checked the activation rows exist.
                         unsafe {
                             xs[bi] = load256(qp.add(b * cols + 32 * k) as *const u8);
-                            dx[bi] = *dp.add(b * chunks + k);
-                            s[bi] = [
-                                *sp.add(b * 2 * chunks + 2 * k) as f32,
-                                *sp.add(b * 2 * chunks + 2 * k + 1) as f32,
-                            ];
+                            xs2[bi] = load256(q2p.add(b * cols + 32 * k) as *const u8);
+                            let at = b * 2 * chunks + 2 * k;
+                            dx[bi] = [*dp.add(at), *dp.add(at + 1)];
+                            s[bi] = [*sp.add(at) as f32, *sp.add(at + 1) as f32];
                         }
                     }
                     if c == 0 {
@@ -870,23 +877,23 @@ macro_rules! isa_kernels {
                         ];
                         let vu = if F::SIGNED { _mm256_sign_epi8(v, v) } else { v };
                         for bi in 0..B {
-                            let xx = if F::SIGNED {
-                                _mm256_sign_epi8(xs[bi], v)
+                            let (xx, xx2) = if F::SIGNED {
+                                (_mm256_sign_epi8(xs[bi], v), _mm256_sign_epi8(xs2[bi], v))
                             } else {
-                                xs[bi]
+                                (xs[bi], xs2[bi])
                             };
-                            let p = _mm256_cvtepi32_ps(dot(vu, xx));
-                            let sv = if F::UNIFORM {
-                                _mm256_set1_ps(sc.s[0] * dx[bi])
-                            } else {
-                                _mm256_set_m128(
-                                    _mm_set1_ps(sc.s[1] * dx[bi]),
-                                    _mm_set1_ps(sc.s[0] * dx[bi]),
-                                )
-                            };
+                            // 256 * Σ w·hi + Σ w·lo, exact in 32 bits.
+                            let p =
+                                _mm256_add_epi32(_mm256_slli_epi32(dot(vu, xx), 8), dot(vu, xx2));
+                            let p = _mm256_cvtepi32_ps(p);
+                            let sv = _mm256_set_m128(
+                                _mm_set1_ps(sc.s[1] * dx[bi][1]),
+                                _mm_set1_ps(sc.s[0] * dx[bi][0]),
+                            );
                             acc[ri][bi] = _mm256_fmadd_ps(sv, p, acc[ri][bi]);
                             if F::CORR {
-                                sacc[ri][bi] += dx[bi] * (corr[0] * s[bi][0] + corr[1] * s[bi][1]);
+                                sacc[ri][bi] += corr[0] * (dx[bi][0] * s[bi][0])
+                                    + corr[1] * (dx[bi][1] * s[bi][1]);
                             }
                         }
                     }
@@ -1017,6 +1024,7 @@ mod avx512 {
             _mm512_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
         );
         let mut xs = [_mm512_setzero_si512(); B];
+        let mut xs2 = [_mm512_setzero_si512(); B];
         let mut dxv = [_mm512_setzero_ps(); B];
         let mut ds = [_mm_setzero_ps(); B];
         for bi in 0..B {
@@ -1024,6 +1032,8 @@ mod avx512 {
             // SAFETY: the caller checked the activation rows exist.
             unsafe {
                 xs[bi] = _mm512_loadu_si512(a.q.as_ptr().add(b * cols + 32 * k) as *const __m512i);
+                xs2[bi] =
+                    _mm512_loadu_si512(a.q2.as_ptr().add(b * cols + 32 * k) as *const __m512i);
                 dxv[bi] = _mm512_loadu_ps(a.dxv.as_ptr().add((b * pairs + j) * 16));
                 ds[bi] = _mm_loadu_ps(a.ds16.as_ptr().add((b * pairs + j) * 4));
             }
@@ -1050,7 +1060,15 @@ mod avx512 {
                 } else {
                     xs[bi]
                 };
-                let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), vu, xx));
+                let xx2 = if F::SIGNED {
+                    _mm512_mask_sub_epi8(xs2[bi], neg, _mm512_setzero_si512(), xs2[bi])
+                } else {
+                    xs2[bi]
+                };
+                // 256 * Σ w·hi + Σ w·lo, exact in 32 bits.
+                let hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), vu, xx);
+                let p = _mm512_dpbusd_epi32(_mm512_slli_epi32(hi, 8), vu, xx2);
+                let p = _mm512_cvtepi32_ps(p);
                 acc[ri][bi] = _mm512_fmadd_ps(_mm512_mul_ps(svw, dxv[bi]), p, acc[ri][bi]);
                 if F::CORR {
                     cacc[ri][bi] = _mm_fmadd_ps(corr, ds[bi], cacc[ri][bi]);
@@ -1083,6 +1101,7 @@ mod avx512 {
         // Lanes 4h..4h+4 of a product hold 16-value half h: its scale is s[h].
         let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
         let mut xs = [_mm512_setzero_si512(); B];
+        let mut xs2 = [_mm512_setzero_si512(); B];
         let mut dxv = [_mm512_setzero_ps(); B];
         let mut ds = [_mm_setzero_ps(); B];
         for bi in 0..B {
@@ -1091,10 +1110,16 @@ mod avx512 {
             // reads only its own 32 bytes.
             unsafe {
                 let xq = a.q.as_ptr().add(b * cols + 32 * k) as *const u8;
+                let xq2 = a.q2.as_ptr().add(b * cols + 32 * k) as *const u8;
                 xs[bi] = if WHOLE {
                     _mm512_loadu_si512(xq as *const __m512i)
                 } else {
                     _mm512_zextsi256_si512(load256(xq))
+                };
+                xs2[bi] = if WHOLE {
+                    _mm512_loadu_si512(xq2 as *const __m512i)
+                } else {
+                    _mm512_zextsi256_si512(load256(xq2))
                 };
                 dxv[bi] = _mm512_loadu_ps(a.dxv.as_ptr().add((b * pairs + j) * 16));
                 ds[bi] = _mm_loadu_ps(a.ds16.as_ptr().add((b * pairs + j) * 4));
@@ -1132,7 +1157,15 @@ mod avx512 {
                 } else {
                     xs[bi]
                 };
-                let p = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_setzero_si512(), vu, xx));
+                let xx2 = if F::SIGNED {
+                    _mm512_mask_sub_epi8(xs2[bi], neg, _mm512_setzero_si512(), xs2[bi])
+                } else {
+                    xs2[bi]
+                };
+                // 256 * Σ w·hi + Σ w·lo, exact in 32 bits.
+                let hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), vu, xx);
+                let p = _mm512_dpbusd_epi32(_mm512_slli_epi32(hi, 8), vu, xx2);
+                let p = _mm512_cvtepi32_ps(p);
                 acc[ri][bi] = _mm512_fmadd_ps(_mm512_mul_ps(svw, dxv[bi]), p, acc[ri][bi]);
                 if F::CORR {
                     cacc[ri][bi] = _mm_fmadd_ps(corr, ds[bi], cacc[ri][bi]);

@@ -73,7 +73,7 @@ fn reference(w: &[f32], x: &[f32], rows: usize, cols: usize, n: usize) -> Vec<f6
 /// The activations the fast path really multiplies: each row quantized and dequantized.
 fn quantized_inputs(x: &[f32], n: usize, cols: usize) -> Vec<f32> {
     let a = QActs::quantize(x, n, cols);
-    (0..n * cols).map(|i| a.q[i] as f32 * a.d[i / 32]).collect()
+    (0..n * cols).map(|i| a.value(i)).collect()
 }
 
 fn check(ty: GgmlType, rows: usize, cols: usize, n: usize, seed: u64) {
