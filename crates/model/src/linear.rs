@@ -9,7 +9,7 @@ use crate::error::{ModelError, Result};
 use crate::ops::host;
 use crate::weights::RawTensor;
 use burn::tensor::{Device, Tensor, TensorData};
-use tessera_quant::{Isa, Precision, QMatrix, matmul_group};
+use tessera_quant::{Isa, Precision, QMatrix, matmul_rows};
 
 // One per weight matrix: the size difference costs nothing worth an indirection.
 #[allow(clippy::large_enum_variant)]
@@ -110,15 +110,21 @@ impl Linear {
         }
     }
 
-    pub fn forward(&self, x: Tensor<2>, prec: Precision) -> Tensor<2> {
-        Self::forward_group(&[self], x, prec)
+    pub fn forward(&self, x: Tensor<2>, prec: Precision, prompt: &[bool]) -> Tensor<2> {
+        Self::forward_group(&[self], x, prec, prompt)
             .pop()
             .expect("one output")
     }
 
     /// Several matrices that read the same input (Q, K, V; gate, up): on the CPU, one pass of
-    /// the threads over all their rows, with the input quantized once.
-    pub fn forward_group(ls: &[&Linear], x: Tensor<2>, prec: Precision) -> Vec<Tensor<2>> {
+    /// the threads over all their rows, with the input quantized once. `prompt[b]` marks the
+    /// rows of prompts (steps of several tokens): on the CPU they take the f32 GEMM.
+    pub fn forward_group(
+        ls: &[&Linear],
+        x: Tensor<2>,
+        prec: Precision,
+        prompt: &[bool],
+    ) -> Vec<Tensor<2>> {
         let [n, width] = x.dims();
         let device = x.device();
         let outs: Vec<Tensor<2>> = if let Some(xh) = host(&x) {
@@ -147,7 +153,7 @@ impl Linear {
             let mut ys: Vec<Vec<f32>> = ls.iter().map(|l| vec![0f32; n * l.out]).collect();
             {
                 let mut refs: Vec<&mut [f32]> = ys.iter_mut().map(|y| y.as_mut_slice()).collect();
-                matmul_group(&ms, input, n, &mut refs, prec, Isa::best());
+                matmul_rows(&ms, input, n, &mut refs, prec, Isa::best(), prompt);
             }
             ys.into_iter()
                 .zip(ls)

@@ -436,6 +436,13 @@ impl ShardModel {
         let x = table.rows(&local, &self.device);
         let mut x = self.all_reduce(x, coll)?;
 
+        // Rows of prompts (steps of several tokens) take the CPU's f32 GEMM; a sequence's rows
+        // take the same kernels whatever else is in the batch.
+        let prompt: Vec<bool> = steps
+            .iter()
+            .flat_map(|s| std::iter::repeat_n(s.ids.len() > 1, s.ids.len()))
+            .collect();
+        let prompt_last: Vec<bool> = steps.iter().map(|s| s.ids.len() > 1).collect();
         let rope = Rope::new(
             positions,
             &self.inv_freq,
@@ -457,13 +464,14 @@ impl ShardModel {
             for (l, layer) in self.layers.iter().enumerate() {
                 // Attention.
                 let hn = ops::rms_norm(x.clone(), &layer.attn_norm, cfg.rms_eps);
-                let mut qkv = Linear::forward_group(&[&layer.q, &layer.k, &layer.v], hn, prec);
+                let mut qkv =
+                    Linear::forward_group(&[&layer.q, &layer.k, &layer.v], hn, prec, &prompt);
                 let v = qkv.pop().expect("v");
                 let k = rope.apply(qkv.pop().expect("k"), nkv, &self.inv_freq);
                 let q = rope.apply(qkv.pop().expect("q"), nq, &self.inv_freq);
                 let mut layer_caches: Vec<&mut Kv> = caches.iter_mut().map(|c| &mut c[l]).collect();
                 let attn = ops::attention(q, k, v, steps, &mut layer_caches, &self.heads);
-                let partial = layer.o.forward(attn, prec);
+                let partial = layer.o.forward(attn, prec, &prompt);
                 let mut out = self.all_reduce(partial, coll)?;
                 if let Some(b) = &layer.o_bias {
                     out = out + b.clone();
@@ -472,10 +480,10 @@ impl ShardModel {
 
                 // MLP.
                 let hn = ops::rms_norm(x.clone(), &layer.ffn_norm, cfg.rms_eps);
-                let mut gu = Linear::forward_group(&[&layer.gate, &layer.up], hn, prec);
+                let mut gu = Linear::forward_group(&[&layer.gate, &layer.up], hn, prec, &prompt);
                 let up = gu.pop().expect("up");
                 let act = ops::swiglu(gu.pop().expect("gate"), up);
-                let partial = layer.down.forward(act, prec);
+                let partial = layer.down.forward(act, prec, &prompt);
                 let mut out = self.all_reduce(partial, coll)?;
                 if let Some(b) = &layer.down_bias {
                     out = out + b.clone();
@@ -503,7 +511,7 @@ impl ShardModel {
         );
         debug_assert_eq!(last.dims(), [b, h]);
         let last = ops::rms_norm(last, &self.final_norm, cfg.rms_eps);
-        let logits = self.head.forward(last, prec);
+        let logits = self.head.forward(last, prec, &prompt_last);
         logits
             .into_data()
             .try_into_vec::<f32>()

@@ -117,26 +117,47 @@ impl Isa {
     }
 }
 
-/// A raw view of one output matrix `[n, cols]` written by several threads at disjoint columns.
+/// A raw view of one output matrix `[n, cols]` written by several threads at disjoint columns;
+/// with a row map, row `b` of a kernel's input is row `map[b]` of the output.
 pub(crate) struct Out {
     ptr: *mut f32,
     stride: usize,
     len: usize,
+    map: Option<Vec<usize>>,
 }
 // SAFETY: threads write disjoint elements (distinct output rows of the weight matrix).
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 impl Out {
-    fn new(y: &mut [f32], stride: usize) -> Out {
+    fn new(y: &mut [f32], stride: usize, map: Option<Vec<usize>>) -> Out {
         Out {
             ptr: y.as_mut_ptr(),
             stride,
             len: y.len(),
+            map,
         }
     }
+    /// Writes `vals` at row `b`, columns `r..r + vals.len()`.
+    pub(crate) fn set_run(&self, b: usize, r: usize, vals: &[f32]) {
+        let b = match &self.map {
+            Some(m) => m[b],
+            None => b,
+        };
+        let i = b * self.stride + r;
+        assert!(i + vals.len() <= self.len && r + vals.len() <= self.stride);
+        for (o, v) in vals.iter().enumerate() {
+            // SAFETY: in bounds (checked), and no two threads write the same (b, r).
+            unsafe { *self.ptr.add(i + o) = *v }
+        }
+    }
+
     #[inline(always)]
     pub(crate) fn set(&self, b: usize, r: usize, v: f32) {
+        let b = match &self.map {
+            Some(m) => m[b],
+            None => b,
+        };
         let i = b * self.stride + r;
         assert!(i < self.len && r < self.stride);
         // SAFETY: in bounds (checked), and no two threads write the same (b, r).
@@ -189,6 +210,25 @@ pub fn matmul_group(
     prec: Precision,
     isa: Isa,
 ) {
+    matmul_rows(ws, x, n, ys, prec, isa, &[])
+}
+
+/// A work item: a range of one matrix's rows (or row tiles).
+type Item = (usize, std::ops::Range<usize>);
+
+/// [`matmul_group`], with the rows of prompts marked (`prompt[b]`, or none): those go through
+/// the f32 GEMM (exact, and the fastest for many rows), the others through `prec`'s kernel.
+/// Which kernel a row takes depends on that row alone, so its result does not depend on the
+/// rest of the batch.
+pub fn matmul_rows(
+    ws: &[QMatrix],
+    x: &[f32],
+    n: usize,
+    ys: &mut [&mut [f32]],
+    prec: Precision,
+    isa: Isa,
+    prompt: &[bool],
+) {
     assert_eq!(ws.len(), ys.len());
     if n == 0 || ws.is_empty() {
         return;
@@ -199,52 +239,97 @@ pub fn matmul_group(
         "a group shares its input"
     );
     assert_eq!(x.len(), n * cols, "input is n x cols");
+    assert!(prompt.is_empty() || prompt.len() == n, "one mark per row");
     for (w, y) in ws.iter().zip(ys.iter()) {
         assert_eq!(y.len(), n * w.rows, "output is n x rows");
     }
-    let fast = prec == Precision::Fast && ws.iter().any(|w| !w.ty.is_dense());
-    let outs: Vec<Out> = ys
-        .iter_mut()
-        .zip(ws)
-        .map(|(y, w)| Out::new(y, w.rows))
-        .collect();
-    let run = |acts: Option<&QActs>| {
-        // Work items: row ranges of every matrix, about 4 per thread for balance.
-        let threads = crate::pool::threads();
-        let total_rows: usize = ws.iter().map(|w| w.rows).sum();
-        let macs = total_rows * cols * n;
-        let parts = if macs < 1 << 16 { 1 } else { threads * 4 };
-        let step = total_rows.div_ceil(parts).next_multiple_of(4).max(4);
-        let mut items = Vec::new();
-        for (i, w) in ws.iter().enumerate() {
-            let mut r = 0;
-            while r < w.rows {
-                let e = (r + step).min(w.rows);
-                items.push((i, r..e));
-                r = e;
-            }
-        }
-        let work = |(i, rows): &(usize, std::ops::Range<usize>)| {
-            let w = &ws[*i];
-            match (acts, w.ty.is_dense()) {
-                (Some(a), false) => rows_fast(isa, w.ty, w.data, rows.clone(), a, &outs[*i]),
-                _ => rows_exact(isa, w.ty, w.data, rows.clone(), x, n, cols, &outs[*i]),
-            }
-        };
+    let gemm: Vec<usize> = (0..n).filter(|&b| prompt.get(b) == Some(&true)).collect();
+    let rest: Vec<usize> = (0..n).filter(|&b| prompt.get(b) != Some(&true)).collect();
+    let threads = crate::pool::threads();
+    let run = |items: &[Item], work: &(dyn Fn(&Item) + Sync)| {
         if items.len() == 1 || threads == 1 {
             items.iter().for_each(work);
         } else {
             crate::pool::in_pool(|| items.par_iter().for_each(work));
         }
     };
+    // Work items: ranges of each matrix's rows (or tiles), about 4 per thread for balance.
+    let items = |unit: usize, macs: usize| {
+        let total: usize = ws.iter().map(|w| w.rows.div_ceil(unit)).sum();
+        let parts = if macs < 1 << 16 { 1 } else { threads * 4 };
+        let step = total.div_ceil(parts).max(1);
+        let mut v = Vec::new();
+        for (i, w) in ws.iter().enumerate() {
+            let units = w.rows.div_ceil(unit);
+            let mut u = 0;
+            while u < units {
+                let e = (u + step).min(units);
+                v.push((i, u..e));
+                u = e;
+            }
+        }
+        v
+    };
+    let total_rows: usize = ws.iter().map(|w| w.rows).sum();
+    if !gemm.is_empty() {
+        let width = match isa {
+            Isa::Avx512 => gemm.len().next_multiple_of(32),
+            Isa::Avx2 | Isa::AvxVnni => gemm.len().next_multiple_of(16),
+            Isa::Scalar => gemm.len(),
+        };
+        let xt = crate::gemm::transpose(x, cols, &gemm, width);
+        let outs: Vec<Out> = ys
+            .iter_mut()
+            .zip(ws)
+            .map(|(y, w)| Out::new(y, w.rows, Some(gemm.clone())))
+            .collect();
+        let its = items(crate::gemm::TILE_ROWS, total_rows * cols * gemm.len());
+        let m = gemm.len();
+        run(&its, &|(i, tiles)| {
+            crate::gemm::gemm_tiles(isa, &ws[*i], tiles.clone(), &xt, width, m, &outs[*i])
+        });
+    }
+    if rest.is_empty() {
+        return;
+    }
+    // The other rows, compacted when the batch mixes them with prompt rows.
+    let compact;
+    let (xr, nr, map) = if gemm.is_empty() {
+        (x, n, None)
+    } else {
+        compact = rest
+            .iter()
+            .flat_map(|&b| x[b * cols..(b + 1) * cols].iter().copied())
+            .collect::<Vec<f32>>();
+        (&compact[..], rest.len(), Some(rest.clone()))
+    };
+    let fast = prec == Precision::Fast && ws.iter().any(|w| !w.ty.is_dense());
+    let outs: Vec<Out> = ys
+        .iter_mut()
+        .zip(ws)
+        .map(|(y, w)| Out::new(y, w.rows, map.clone()))
+        .collect();
+    let its: Vec<Item> = items(4, total_rows * cols * nr)
+        .into_iter()
+        .map(|(i, u)| (i, 4 * u.start..(4 * u.end).min(ws[i].rows)))
+        .collect();
+    let go = |acts: Option<&QActs>| {
+        run(&its, &|(i, rows)| {
+            let w = &ws[*i];
+            match (acts, w.ty.is_dense()) {
+                (Some(a), false) => rows_fast(isa, w.ty, w.data, rows.clone(), a, &outs[*i]),
+                _ => rows_exact(isa, w.ty, w.data, rows.clone(), xr, nr, cols, &outs[*i]),
+            }
+        })
+    };
     if fast {
         ACTS.with(|a| {
             let mut a = a.borrow_mut();
-            a.requantize(x, n, cols);
-            run(Some(&a));
+            a.requantize(xr, nr, cols);
+            go(Some(&a));
         });
     } else {
-        run(None);
+        go(None);
     }
 }
 

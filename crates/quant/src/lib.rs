@@ -11,6 +11,7 @@
 
 pub mod act;
 pub mod format;
+mod gemm;
 pub mod kernel;
 pub mod pool;
 mod scalar;
@@ -20,5 +21,5 @@ mod x86;
 
 pub use act::QActs;
 pub use format::{ALL_TYPES, Chunk, GgmlType, decode_chunk, dequantize};
-pub use kernel::{Isa, Precision, QMatrix, matmul, matmul_group};
+pub use kernel::{Isa, Precision, QMatrix, matmul, matmul_group, matmul_rows};
 pub use pool::{in_pool, install, set_threads, threads};

@@ -1396,6 +1396,93 @@ macro_rules! by_type {
     };
 }
 
+/// One row dequantized to f32, 32 values at a time (the GEMM's weight tiles).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dequant_row_f<F: Fmt>(row: &[u8], out: &mut [f32]) {
+    let cpb = F::PER / 32;
+    assert!(out.len().is_multiple_of(32) && row.len() >= out.len() / F::PER * F::BYTES);
+    for (k, o) in out.chunks_exact_mut(32).enumerate() {
+        // SAFETY: AVX2 was detected by the caller's ISA; the block lies inside `row` (above).
+        unsafe {
+            let (v, sc) = F::unpack(row.as_ptr().add((k / cpb) * F::BYTES), k % cpb);
+            let f = to_f32::<F>(v, sc);
+            for (g, fg) in f.iter().enumerate() {
+                _mm256_storeu_ps(o.as_mut_ptr().add(8 * g), *fg);
+            }
+        }
+    }
+}
+
+pub(crate) fn dequant_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
+    if ty.is_dense() {
+        let n = out.len();
+        crate::kernel::dense_chunk(ty, row, 0, n, out);
+        return;
+    }
+    // SAFETY: the caller's ISA (AVX2 or better) was detected at run time.
+    unsafe { by_type!(ty, dequant_row_f, row, out) }
+}
+
+/// `c[r][j] = Σ_k w[r][k] · xt[k][j]` for the 6 rows of a weight tile.
+pub(crate) fn gemm_tile(isa: Isa, w: &[f32], k: usize, xt: &[f32], width: usize, c: &mut [f32]) {
+    use crate::gemm::TILE_ROWS;
+    assert!(w.len() >= TILE_ROWS * k && xt.len() >= k * width && c.len() >= TILE_ROWS * width);
+    // SAFETY: bounds checked above; the ISA was detected at run time.
+    unsafe {
+        if isa == Isa::Avx512 {
+            assert!(width.is_multiple_of(32));
+            for j in (0..width).step_by(32) {
+                gemm6x32(w.as_ptr(), k, xt.as_ptr(), width, j, c.as_mut_ptr());
+            }
+        } else {
+            assert!(width.is_multiple_of(16));
+            for j in (0..width).step_by(16) {
+                gemm6x16(w.as_ptr(), k, xt.as_ptr(), width, j, c.as_mut_ptr());
+            }
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+unsafe fn gemm6x32(w: *const f32, k: usize, xt: *const f32, width: usize, j: usize, c: *mut f32) {
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; 6];
+        for kk in 0..k {
+            let x0 = _mm512_loadu_ps(xt.add(kk * width + j));
+            let x1 = _mm512_loadu_ps(xt.add(kk * width + j + 16));
+            for r in 0..6 {
+                let wv = _mm512_set1_ps(*w.add(r * k + kk));
+                acc[r][0] = _mm512_fmadd_ps(wv, x0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(wv, x1, acc[r][1]);
+            }
+        }
+        for r in 0..6 {
+            _mm512_storeu_ps(c.add(r * width + j), acc[r][0]);
+            _mm512_storeu_ps(c.add(r * width + j + 16), acc[r][1]);
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn gemm6x16(w: *const f32, k: usize, xt: *const f32, width: usize, j: usize, c: *mut f32) {
+    unsafe {
+        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+        for kk in 0..k {
+            let x0 = _mm256_loadu_ps(xt.add(kk * width + j));
+            let x1 = _mm256_loadu_ps(xt.add(kk * width + j + 8));
+            for r in 0..6 {
+                let wv = _mm256_set1_ps(*w.add(r * k + kk));
+                acc[r][0] = _mm256_fmadd_ps(wv, x0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(wv, x1, acc[r][1]);
+            }
+        }
+        for r in 0..6 {
+            _mm256_storeu_ps(c.add(r * width + j), acc[r][0]);
+            _mm256_storeu_ps(c.add(r * width + j + 8), acc[r][1]);
+        }
+    }
+}
+
 pub(crate) fn rows_fast(
     isa: Isa,
     ty: GgmlType,

@@ -136,6 +136,99 @@ fn every_format_every_isa_every_batch() {
     }
 }
 
+/// Prompt rows take the f32 GEMM: within f32 rounding of the exact product, for every format and
+/// instruction set, batches of 1..40 rows (tiles of 6 weight rows and 16/32 activation rows with
+/// their edges), mixed with rows that take the precision's kernel.
+#[test]
+fn prompt_rows_take_the_f32_gemm() {
+    for (i, ty) in ALL_TYPES.iter().enumerate() {
+        let (rows, cols) = (13, if ty.block_values() == 256 { 256 } else { 96 });
+        let mut rng = ChaCha8Rng::seed_from_u64(300 + i as u64);
+        let data = random_matrix(*ty, rows, cols, &mut rng);
+        let w = dequant_matrix(*ty, &data, rows, cols);
+        let m = QMatrix::new(*ty, rows, cols, &data).unwrap();
+        for n in [1, 5, 17, 33, 40] {
+            let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let exact = reference(&w, &x, rows, cols, n);
+            let scale: f64 = exact.iter().map(|v| v.abs()).fold(1e-3, f64::max);
+            // Every third row is not a prompt's.
+            let prompt: Vec<bool> = (0..n).map(|b| b % 3 != 2).collect();
+            for isa in Isa::available() {
+                let mut y = vec![f32::NAN; n * rows];
+                matmul_rows(&[m], &x, n, &mut [&mut y], Precision::Exact, isa, &prompt);
+                for (j, (got, want)) in y.iter().zip(&exact).enumerate() {
+                    assert!(
+                        (*got as f64 - want).abs() <= 1e-5 * scale,
+                        "{} {} batch {n}: y[{}][{}] = {got}, want {want}",
+                        ty.name(),
+                        isa.name(),
+                        j / rows,
+                        j % rows
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A prompt row's result does not depend on the other rows (how many, which kind), and the GEMM
+/// gives the same bits on every instruction set (one FMA chain per output, in the same order).
+#[test]
+fn prompt_rows_are_independent_of_their_batch() {
+    let mut rng = ChaCha8Rng::seed_from_u64(41);
+    for ty in [GgmlType::Q4_1, GgmlType::Q4_K, GgmlType::F16] {
+        let (rows, cols) = (20, 256);
+        let data = random_matrix(ty, rows, cols, &mut rng);
+        let m = QMatrix::new(ty, rows, cols, &data).unwrap();
+        let x: Vec<f32> = (0..37 * cols)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        let mut first: Option<Vec<f32>> = None;
+        for isa in Isa::available() {
+            let all_prompt = vec![true; 37];
+            let mut all = vec![0f32; 37 * rows];
+            matmul_rows(
+                &[m],
+                &x,
+                37,
+                &mut [&mut all],
+                Precision::Fast,
+                isa,
+                &all_prompt,
+            );
+            for b in [0, 17, 36] {
+                let mut one = vec![0f32; rows];
+                matmul_rows(
+                    &[m],
+                    &x[b * cols..(b + 1) * cols],
+                    1,
+                    &mut [&mut one],
+                    Precision::Fast,
+                    isa,
+                    &[true],
+                );
+                assert_eq!(
+                    one,
+                    all[b * rows..(b + 1) * rows],
+                    "{} {}: row {b}",
+                    ty.name(),
+                    isa.name()
+                );
+            }
+            match &first {
+                Some(f) => assert_eq!(
+                    f,
+                    &all,
+                    "{} {}: the GEMM differs across ISAs",
+                    ty.name(),
+                    isa.name()
+                ),
+                None => first = Some(all),
+            }
+        }
+    }
+}
+
 #[test]
 fn dense_rows_of_any_length() {
     for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {

@@ -1,0 +1,113 @@
+//! Prefill: f32 activations against weights dequantized a tile at a time, as a register-blocked
+//! f32 GEMM. A prompt's rows are many, so each weight row is dequantized once for all of them
+//! and the FMAs run at the core's f32 peak, faster than the integer kernels (whose weight
+//! unpacking is paid per tile of 4 rows) and exact: prompts are read with f32 activations on
+//! either precision.
+//!
+//! `C[r][b] = Σ_k W[r][k] X[b][k]`, accumulated over k in order in one FMA chain per output,
+//! whatever the tile or thread split, so a row's result does not depend on the other rows.
+
+use crate::format::{Chunk, GgmlType, decode_chunk};
+use crate::kernel::{Isa, Out, QMatrix, dense_chunk};
+
+/// Weight rows per tile (the micro-kernels' register block).
+pub(crate) const TILE_ROWS: usize = 6;
+
+/// Dequantizes rows `r0..r0 + rows` of `w` into `out` (`rows * w.cols` f32).
+pub(crate) fn dequant_rows(isa: Isa, w: &QMatrix, r0: usize, rows: usize, out: &mut [f32]) {
+    let rb = w.row_bytes();
+    for (i, o) in out.chunks_exact_mut(w.cols).take(rows).enumerate() {
+        let row = &w.data[(r0 + i) * rb..(r0 + i + 1) * rb];
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => crate::x86::dequant_row(w.ty, row, o),
+            _ => dequant_row_scalar(w.ty, row, o),
+        }
+    }
+}
+
+fn dequant_row_scalar(ty: GgmlType, row: &[u8], out: &mut [f32]) {
+    if ty.is_dense() {
+        let n = out.len();
+        dense_chunk(ty, row, 0, n, out);
+        return;
+    }
+    let (per, bytes) = ty.block();
+    let mut ch = Chunk::default();
+    for (k, o) in out.chunks_exact_mut(32).enumerate() {
+        decode_chunk(ty, &row[(k * 32 / per) * bytes..], k % (per / 32), &mut ch);
+        for (i, v) in o.iter_mut().enumerate() {
+            *v = ch.value(i);
+        }
+    }
+}
+
+/// Activation rows `rows` of `x` (`cols` each) transposed: `xt[k * width + j] = x[rows[j]][k]`,
+/// zero beyond `rows.len()`. In 16 x 16 blocks, so reads and writes both stay in cache lines.
+pub(crate) fn transpose(x: &[f32], cols: usize, rows: &[usize], width: usize) -> Vec<f32> {
+    const T: usize = 16;
+    let mut xt = vec![0f32; cols * width];
+    for j0 in (0..rows.len()).step_by(T) {
+        let js = j0..(j0 + T).min(rows.len());
+        for k0 in (0..cols).step_by(T) {
+            let ks = k0..(k0 + T).min(cols);
+            for j in js.clone() {
+                let src = &x[rows[j] * cols..(rows[j] + 1) * cols];
+                for k in ks.clone() {
+                    xt[k * width + j] = src[k];
+                }
+            }
+        }
+    }
+    xt
+}
+
+/// Rows `tiles` (in units of [`TILE_ROWS`]) of `w` against the transposed activations `xt`
+/// (`w.cols x width`, of which the first `m` columns are rows): column `j` is `out`'s row `j`.
+pub(crate) fn gemm_tiles(
+    isa: Isa,
+    w: &QMatrix,
+    tiles: std::ops::Range<usize>,
+    xt: &[f32],
+    width: usize,
+    m: usize,
+    out: &Out,
+) {
+    let k = w.cols;
+    let mut wbuf = vec![0f32; TILE_ROWS * k];
+    let mut c = vec![0f32; TILE_ROWS * width];
+    for t in tiles {
+        let r0 = t * TILE_ROWS;
+        let nr = TILE_ROWS.min(w.rows - r0);
+        dequant_rows(isa, w, r0, nr, &mut wbuf);
+        // Rows past the matrix compute zeros and are not written.
+        wbuf[nr * k..].iter_mut().for_each(|v| *v = 0.0);
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => {
+                crate::x86::gemm_tile(isa, &wbuf, k, xt, width, &mut c)
+            }
+            _ => gemm_tile_scalar(&wbuf, k, xt, width, &mut c),
+        }
+        // The tile is [row][activation]; outputs are [activation][row]: 6 values a run.
+        let mut run = [0f32; TILE_ROWS];
+        for j in 0..m {
+            for (r, v) in run.iter_mut().enumerate().take(nr) {
+                *v = c[r * width + j];
+            }
+            out.set_run(j, r0, &run[..nr]);
+        }
+    }
+}
+
+fn gemm_tile_scalar(w: &[f32], k: usize, xt: &[f32], width: usize, c: &mut [f32]) {
+    for r in 0..TILE_ROWS {
+        for j in 0..width {
+            let mut acc = 0f32;
+            for kk in 0..k {
+                acc = w[r * k + kk].mul_add(xt[kk * width + j], acc);
+            }
+            c[r * width + j] = acc;
+        }
+    }
+}
