@@ -487,9 +487,14 @@ impl CoordinatorState {
         mesh_id: u64,
         local: bool,
     ) -> anyhow::Result<(LoadReply, WorkerClient<Channel>)> {
-        let mut client = WorkerClient::connect(format!("http://{addr}"))
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+            .initial_stream_window_size(tessera_worker::STREAM_WINDOW)
+            .initial_connection_window_size(tessera_worker::STREAM_WINDOW)
+            .tcp_nodelay(true)
+            .connect()
             .await
-            .with_context(|| format!("connecting to worker {addr}"))?
+            .with_context(|| format!("connecting to worker {addr}"))?;
+        let mut client = WorkerClient::new(channel)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
         // Two passes over the shard's slices, off the async runtime: one to hash them (for the
@@ -1053,7 +1058,9 @@ pub async fn serve(
     let svc = CoordinatorServer::new(CoordinatorService { state });
     tonic::transport::Server::builder()
         .add_service(svc)
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .serve_with_incoming(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        )
         .await?;
     Ok(())
 }

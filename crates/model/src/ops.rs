@@ -250,27 +250,31 @@ pub fn attention(
             vh.as_slice::<f32>().expect("f32"),
         );
         let mut out = vec![0f32; t_all * nq * hd];
+        let (kvw, qw) = (nkv * hd, nq * hd);
+        // Each sequence's new K and V into its cache, then every sequence's attention at
+        // once (each writes its own rows of `out`).
+        let mut jobs = Vec::with_capacity(steps.len());
+        let mut rest = &mut out[..];
         let mut o = 0;
         for (s, cache) in steps.iter().zip(caches.iter_mut()) {
             let t = s.ids.len();
             let Kv::Host(c) = &mut **cache else {
                 unreachable!("host cache")
             };
-            let kvw = nkv * hd;
             c.append(&ks[o * kvw..(o + t) * kvw], &vs[o * kvw..(o + t) * kvw]);
-            let qw = nq * hd;
-            cpu::attention(
-                &qs[o * qw..(o + t) * qw],
-                c,
-                &mut out[o * qw..(o + t) * qw],
-                t,
-                s.pos,
-                nq,
-                nkv,
-                hd,
-                &heads.kv_of,
-            );
+            let (mine, tail) = rest.split_at_mut(t * qw);
+            rest = tail;
+            jobs.push((&qs[o * qw..(o + t) * qw], &*c, mine, t, s.pos));
             o += t;
+        }
+        let one = |(q, c, o, t, pos): (&[f32], &HostKv, &mut [f32], usize, usize)| {
+            cpu::attention(q, c, o, t, pos, nq, nkv, hd, &heads.kv_of)
+        };
+        if jobs.len() == 1 {
+            jobs.into_iter().for_each(one);
+        } else {
+            use rayon::prelude::*;
+            tessera_quant::in_pool(|| jobs.into_par_iter().for_each(one));
         }
         return from_vec(out, [t_all, nq * hd], &device);
     }

@@ -519,8 +519,14 @@ pub async fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
     .max_encoding_message_size(64 << 20);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            // A step's logits (4 bytes x vocabulary slice x sequences) in one window, and no
+            // Nagle delay on the small frames that end each reply.
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(STREAM_WINDOW)
             .add_service(svc)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            ),
     );
     if let Some(addr) = cfg.health_listen {
         let l = tokio::net::TcpListener::bind(addr)
@@ -583,6 +589,9 @@ pub async fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// HTTP/2 flow-control window for the step stream (both directions).
+pub const STREAM_WINDOW: u32 = 16 << 20;
 
 /// The coordinator checks every worker each second; this much silence means it lost us.
 const REREGISTER_AFTER: Duration = Duration::from_secs(10);
