@@ -47,6 +47,8 @@ enum Command {
     Chat(cluster::ChatArgs),
     /// Show what each worker would hold and whether it fits, before loading anything
     Plan(plan::PlanArgs),
+    /// Rewrite a GGUF model with its weight matrices in another format (Q8_0, Q4_K_M, ...)
+    Quantize(QuantizeArgs),
     /// Exit 0 if an HTTP GET of URL answers 2xx (a health check for containers)
     Probe { url: String },
     /// Show a running cluster's state and workers
@@ -57,6 +59,42 @@ enum Command {
         #[arg(long, env = "TESSERA_TOKEN", hide_env_values = true)]
         token: String,
     },
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    /// The GGUF file to read (a path or a pulled model's name)
+    input: String,
+    /// The file to write
+    output: PathBuf,
+    /// F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M or Q6_K
+    #[arg(value_parser = |s: &str| s.parse::<tessera_model::requant::Target>())]
+    r#type: tessera_model::requant::Target,
+    /// Threads (default: the cores this process may use)
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
+    if let Some(n) = a.threads {
+        tessera_quant::set_threads(n);
+    }
+    let input = resolve_model(&a.input)?;
+    let t0 = std::time::Instant::now();
+    let s = tessera_model::requant::requantize(&input, &a.output, &a.r#type)?;
+    let types: Vec<String> = s.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    eprintln!(
+        "wrote {} as {}: {} tensors ({} re-encoded; {}), {:.1} MB -> {:.1} MB in {:.1} s",
+        a.output.display(),
+        a.r#type.name,
+        s.tensors,
+        s.converted,
+        types.join(", "),
+        s.in_bytes as f64 / 1e6,
+        s.out_bytes as f64 / 1e6,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 #[derive(Args, Clone)]
@@ -327,6 +365,7 @@ fn main() -> ExitCode {
         Command::Chat(a) => cluster::chat(a),
         Command::Probe { url } => cluster::probe(&url),
         Command::Plan(a) => plan::run(a),
+        Command::Quantize(a) => run_quantize(a),
         Command::Status { coordinator, token } => cluster::status(&coordinator, &token),
     };
     match result {

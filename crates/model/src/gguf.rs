@@ -104,6 +104,11 @@ pub struct GgufFile {
     pub version: u32,
     pub metadata: HashMap<String, Value>,
     pub tensors: HashMap<String, TensorInfo>,
+    /// Each metadata entry's key and its bytes in the file (key, type and value), in file
+    /// order: what a rewriter copies unchanged.
+    pub entries: Vec<(String, std::ops::Range<usize>)>,
+    /// The data section's alignment.
+    pub alignment: usize,
     mmap: Arc<Mmap>,
 }
 
@@ -226,10 +231,13 @@ impl GgufFile {
         let n_tensors = r.len("tensor count")?;
         let n_kv = r.len("metadata count")?;
         let mut metadata = HashMap::new();
+        let mut entries = Vec::with_capacity(n_kv.min(1 << 16));
         for _ in 0..n_kv {
+            let start = r.pos;
             let key = r.string("metadata key")?;
             let ty = r.u32()?;
             let v = r.value(ty, 0)?;
+            entries.push((key.clone(), start..r.pos));
             metadata.insert(key, v);
         }
         let mut infos = Vec::with_capacity(n_tensors.min(1 << 16));
@@ -324,8 +332,15 @@ impl GgufFile {
             version,
             metadata,
             tensors,
+            entries,
+            alignment: align,
             mmap: Arc::new(mmap),
         })
+    }
+
+    /// Bytes `range` of the file, as stored.
+    pub fn bytes(&self, range: std::ops::Range<usize>) -> &[u8] {
+        &self.mmap[range]
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {

@@ -11,6 +11,7 @@ mod gpu;
 pub mod linear;
 pub mod loader;
 pub mod ops;
+pub mod requant;
 pub mod sampling;
 pub mod shard;
 pub mod tokenizer;

@@ -6,6 +6,7 @@
 //! - [`kernel`]: `y = x · Wᵀ` for a batch of rows, on threads, in two precisions (quantized
 //!   activations, or f32 activations against weights dequantized in registers), with the
 //!   instruction set chosen at run time (scalar, AVX2, AVX-512 VNNI).
+//! - [`quantize`]: f32 rows into GGML blocks, for requantizing model files.
 //!
 //! No dependency on Burn: the model crate calls these kernels behind its `Linear` seam.
 
@@ -14,6 +15,7 @@ pub mod format;
 mod gemm;
 pub mod kernel;
 pub mod pool;
+pub mod quantize;
 mod scalar;
 pub mod vecops;
 #[cfg(target_arch = "x86_64")]
