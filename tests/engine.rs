@@ -221,7 +221,7 @@ fn common_prefix_chars(a: &str, b: &str) -> usize {
     a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count()
 }
 
-/// The fast path (activations quantized to 8 bits) on the demo model: the first generated
+/// The fast path (activations in two 8-bit planes) on the demo model: the first generated
 /// token of every reference case is the reference's, and the greedy text agrees with the
 /// reference at least as far as llama.cpp's does on the same file, on 1 and 2 shards.
 #[test]

@@ -54,8 +54,8 @@ impl<'a> QMatrix<'a> {
 /// How activations meet quantized weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
-    /// Activations quantized to 8 bits per 32-value block, integer dot products (llama.cpp's
-    /// way). Only for quantized weights: dense (F32/F16/BF16) weights always use f32.
+    /// Activations in two 8-bit planes per 16 values (see [`crate::act`]), integer dot
+    /// products. Only for quantized weights: dense (F32/F16/BF16) weights always use f32.
     Fast,
     /// f32 activations against weights dequantized inside the kernel.
     Exact,

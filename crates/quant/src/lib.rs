@@ -2,7 +2,8 @@
 //!
 //! - [`format`]: block layouts of F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K,
 //!   IQ4_NL and IQ4_XS, and dequantization bit-identical to ggml's.
-//! - [`act`]: activation rows quantized once (8-bit, 32-value blocks) for the integer kernels.
+//! - [`act`]: activation rows quantized once (two 8-bit planes per 16 values) for the integer
+//!   kernels.
 //! - [`kernel`]: `y = x · Wᵀ` for a batch of rows, on threads, in two precisions (quantized
 //!   activations, or f32 activations against weights dequantized in registers), with the
 //!   instruction set chosen at run time (scalar, AVX2, AVX-512 VNNI).
