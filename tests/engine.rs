@@ -3,26 +3,11 @@
 
 mod common;
 
-use common::{Reference, fixtures, reference, reference_file, smollm2};
-use std::path::Path;
-use tessera_model::{
-    Backend, GenerateParams, LocalCluster, ModelFiles, Precision, Runner, generate,
+use common::{
+    Reference, fixtures, greedy, max_abs_diff, reference, reference_file, skip_wgpu, smollm2,
 };
-
-fn greedy(cluster: &mut LocalCluster, prompt: &[u32], n: usize) -> Vec<u32> {
-    let params = GenerateParams {
-        max_tokens: n,
-        ignore_eos: true,
-        ..Default::default()
-    };
-    let mut out = Vec::new();
-    generate(cluster, 7, prompt, &params, &[], &mut |t| {
-        out.push(t);
-        true
-    })
-    .expect("generation");
-    out
-}
+use std::path::Path;
+use tessera_model::{Backend, LocalCluster, ModelFiles, Precision, Runner};
 
 /// Tokenizer ids, logits within tolerance and greedy ids, on one shard.
 fn check_fixture(path: &Path, r: &Reference, backend: Backend) {
@@ -154,11 +139,7 @@ fn tiny_llama_gguf_every_format_on_1_to_4_shards() {
                 let logits = cluster.forward(500 + i as u64, &ids, 0).expect("forward");
                 cluster.free(500 + i as u64);
                 let want = case.last_logits.as_ref().expect("full logits");
-                let worst = logits
-                    .iter()
-                    .zip(want)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let worst = max_abs_diff(&logits, want);
                 assert!(
                     worst <= r.logit_abs,
                     "{fmt}, {n} shards, case {i}: logits differ by up to {worst}"
@@ -178,8 +159,7 @@ fn tiny_llama_gguf_every_format_on_1_to_4_shards() {
 /// 1 and 2 shards (2 shards cut the K-quant O projections inside a super-block).
 #[test]
 fn wgpu_tiny_llama_gguf_every_format() {
-    if std::env::var_os("TESSERA_SKIP_WGPU").is_some() {
-        eprintln!("SKIPPED: TESSERA_SKIP_WGPU is set, the wgpu backend is not tested in this run");
+    if skip_wgpu() {
         return;
     }
     let dir = fixtures().join("tiny-llama-gguf");
@@ -193,11 +173,7 @@ fn wgpu_tiny_llama_gguf_every_format() {
             let logits = cluster.forward(9, &case.input_ids, 0).expect("forward");
             cluster.free(9);
             let want = case.last_logits.as_ref().expect("full logits");
-            let worst = logits
-                .iter()
-                .zip(want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
+            let worst = max_abs_diff(&logits, want);
             assert!(
                 worst <= r.logit_abs,
                 "{fmt}, {n} shards on wgpu: logits off by {worst}"
@@ -274,11 +250,7 @@ fn tiny_llama_gguf_fast_path_stays_near_the_exact_one() {
             let b = exact.forward(1, &case.input_ids, 0).unwrap();
             fast.free(1);
             exact.free(1);
-            let worst = a
-                .iter()
-                .zip(&b)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0f32, f32::max);
+            let worst = max_abs_diff(&a, &b);
             let scale = b.iter().fold(0f32, |m, v| m.max(v.abs()));
             eprintln!("{fmt} case {i}: fast path within {worst} of exact (logits up to {scale})");
             assert!(
@@ -291,8 +263,7 @@ fn tiny_llama_gguf_fast_path_stays_near_the_exact_one() {
 
 #[test]
 fn wgpu_tiny_llama_matches_reference() {
-    if std::env::var_os("TESSERA_SKIP_WGPU").is_some() {
-        eprintln!("SKIPPED: TESSERA_SKIP_WGPU is set, the wgpu backend is not tested in this run");
+    if skip_wgpu() {
         return;
     }
     check_fixture(

@@ -6,12 +6,12 @@
 
 mod common;
 
-use common::{fixtures, reference, reference_file, smollm2};
+use common::{fixtures, greedy, reference, reference_file, smollm2};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use tessera_model::gguf::GgufFile;
-use tessera_model::{Backend, GenerateParams, LocalCluster, ModelFiles, Precision, Runner};
+use tessera_model::{Backend, LocalCluster, ModelFiles, Precision, Runner};
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("tessera-quantize-{}-{name}", std::process::id()));
@@ -39,21 +39,6 @@ fn quantize_ok(input: &Path, output: &Path, ty: &str) {
         "tessera quantize {ty}: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-}
-
-fn greedy(cluster: &mut LocalCluster, prompt: &[u32], n: usize) -> Vec<u32> {
-    let params = GenerateParams {
-        max_tokens: n,
-        ignore_eos: true,
-        ..Default::default()
-    };
-    let mut out = Vec::new();
-    tessera_model::generate(cluster, 7, prompt, &params, &[], &mut |t| {
-        out.push(t);
-        true
-    })
-    .expect("generation");
-    out
 }
 
 fn weights(f: &GgufFile, name: &str) -> Vec<f32> {

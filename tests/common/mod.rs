@@ -106,4 +106,37 @@ pub fn smollm2() -> PathBuf {
     );
     p
 }
+/// The greedy continuation of `prompt` (`n` tokens, end of sequence ignored) on a local cluster.
+pub fn greedy(cluster: &mut tessera_model::LocalCluster, prompt: &[u32], n: usize) -> Vec<u32> {
+    let params = tessera_model::GenerateParams {
+        max_tokens: n,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    tessera_model::generate(cluster, 7, prompt, &params, &[], &mut |t| {
+        out.push(t);
+        true
+    })
+    .expect("generation");
+    out
+}
+
+/// The largest absolute difference between two vectors.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// Whether this run leaves the wgpu backend out (`TESSERA_SKIP_WGPU`), saying so.
+pub fn skip_wgpu() -> bool {
+    let skip = std::env::var_os("TESSERA_SKIP_WGPU").is_some();
+    if skip {
+        eprintln!("SKIPPED: TESSERA_SKIP_WGPU is set, the wgpu backend is not tested in this run");
+    }
+    skip
+}
+
 pub mod http;
