@@ -169,6 +169,28 @@ fn chat_and_completions_give_the_reference_text_streamed_or_not() {
     let health = get(&s.http, "/health");
     assert_eq!(health.status, 200, "{}", health.body);
 
+    // The workers hold the file's weights as stored, split: together the file's tensor bytes,
+    // plus the 256-value super-blocks a row-parallel cut falls inside (both sides hold those),
+    // and each one's resident memory is its share plus no more process overhead than the plan
+    // allows for (the weights are not widened anywhere).
+    let file = tessera_model::gguf::GgufFile::open(&smollm2()).unwrap();
+    let tensor_bytes: u64 = file.tensors.values().map(|t| t.bytes() as u64).sum();
+    let c = s.cluster();
+    let workers = c["workers"].as_array().unwrap();
+    let field = |w: &Value, k: &str| w[k].as_u64().unwrap_or_else(|| panic!("{k} in {w}"));
+    let held: u64 = workers.iter().map(|w| field(w, "weight_bytes_held")).sum();
+    assert!(
+        held >= tensor_bytes && held <= tensor_bytes + tensor_bytes / 20,
+        "workers hold {held} bytes of a file with {tensor_bytes} bytes of tensors: {c:#}"
+    );
+    for w in workers {
+        let (h, rss) = (field(w, "weight_bytes_held"), field(w, "rss_bytes"));
+        assert!(
+            rss <= h + tessera_core::WORKER_OVERHEAD_BYTES,
+            "a worker holding {h} bytes of weights is {rss} bytes resident: {w}"
+        );
+    }
+
     // Chat: the reference chat case, greedy. It ends with the end-of-turn token.
     let case = r.cases.iter().find(|c| c.messages.is_some()).unwrap();
     let want = case.greedy_text.as_deref().unwrap();
