@@ -143,6 +143,16 @@ fn run_local(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         best_decode,
         1e3 / best_decode.max(1e-9)
     );
+    let cfg = &files.cfg;
+    println!(
+        "parameters: {:.1} M in all, {:.1} M read per token{}",
+        cfg.param_count() as f64 / 1e6,
+        cfg.active_param_count() as f64 / 1e6,
+        match &cfg.opts.moe {
+            Some(m) => format!(" ({} of {} experts)", m.top_k, m.experts),
+            None => String::new(),
+        }
+    );
     println!(
         "weights read per token: {:.1} MB (in the file's formats)",
         bytes as f64 / 1e6
@@ -167,6 +177,8 @@ fn run_local(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         "decode_tok_s": best_decode,
         "weight_bytes_per_token": bytes,
         "weight_bytes_held": cluster.weight_bytes_held(),
+        "params_total": cfg.param_count(),
+        "params_active": cfg.active_param_count(),
         "rss_bytes": rss,
         "decode_gb_s": reached / 1e9,
         "memory_bandwidth_gb_s": bw / 1e9,

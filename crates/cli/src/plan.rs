@@ -59,6 +59,24 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         cfg.intermediate,
         cfg.vocab
     );
+    let (total, active) = (cfg.param_count(), cfg.active_param_count());
+    let mut held = 0;
+    let mut read = 0;
+    for s in &plan.shards {
+        held += files.shard_bytes(s)?;
+        read += files.shard_bytes_read(s)?;
+    }
+    println!(
+        "parameters: {:.1} M in all, {:.1} M read per token{}; weight bytes: {:.1} MiB held, {:.1} MiB read per token (all workers)",
+        total as f64 / 1e6,
+        active as f64 / 1e6,
+        match &cfg.opts.moe {
+            Some(m) => format!(" ({} of {} experts per token)", m.top_k, m.experts),
+            None => String::new(),
+        },
+        held as f64 / (1 << 20) as f64,
+        read as f64 / (1 << 20) as f64,
+    );
     println!(
         "weights are held in the file's formats ({}); the KV cache is f32",
         files.format

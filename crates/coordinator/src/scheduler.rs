@@ -575,6 +575,7 @@ mod tests {
             mlp_bias: false,
             bos_token_id: None,
             eos_token_ids: vec![],
+            opts: Default::default(),
         }
     }
 

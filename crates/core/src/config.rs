@@ -9,6 +9,10 @@ pub enum Arch {
     Llama,
     Qwen2,
     Mistral,
+    Qwen3,
+    Qwen3Moe,
+    Mixtral,
+    Gemma3,
 }
 
 impl Arch {
@@ -17,6 +21,11 @@ impl Arch {
             "llama" => Ok(Arch::Llama),
             "qwen2" => Ok(Arch::Qwen2),
             "mistral" => Ok(Arch::Mistral),
+            "qwen3" => Ok(Arch::Qwen3),
+            // transformers' `model_type`, and GGUF's `general.architecture`.
+            "qwen3_moe" | "qwen3moe" => Ok(Arch::Qwen3Moe),
+            "mixtral" => Ok(Arch::Mixtral),
+            "gemma3" | "gemma3_text" => Ok(Arch::Gemma3),
             other => Err(ConfigError::UnknownArchitecture(other.to_string())),
         }
     }
@@ -26,6 +35,10 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Mistral => "mistral",
+            Arch::Qwen3 => "qwen3",
+            Arch::Qwen3Moe => "qwen3moe",
+            Arch::Mixtral => "mixtral",
+            Arch::Gemma3 => "gemma3",
         }
     }
 }
@@ -48,6 +61,62 @@ pub enum RopePrecision {
     F32,
     Bf16,
     F16,
+}
+
+/// The FFN's activation: `act(gate) * up`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum Activation {
+    /// SiLU (SwiGLU): Llama, Qwen, Mistral.
+    #[default]
+    Silu,
+    /// GELU with the tanh approximation (GeGLU): Gemma.
+    GeluTanh,
+}
+
+/// A mixture-of-experts FFN (Mixtral, Qwen3-MoE): a replicated router picks `top_k` of
+/// `experts` per token; each expert is a gated FFN of width `expert_ffn`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MoeConfig {
+    pub experts: usize,
+    pub top_k: usize,
+    pub expert_ffn: usize,
+    /// Renormalize the top-k routing weights to sum to 1 (Mixtral always; Qwen3-MoE with
+    /// `norm_topk_prob`).
+    pub norm_topk: bool,
+    /// Layers whose FFN is dense instead (Qwen3-MoE's `mlp_only_layers` and
+    /// `decoder_sparse_step`).
+    pub dense_layers: Vec<usize>,
+}
+
+/// What varies between decoder families inside the one layer path. Every field's default is
+/// the Llama layer.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct LayerOptions {
+    /// Per-head RMSNorm on Q and K before RoPE (Qwen3, Gemma 3).
+    pub qk_norm: bool,
+    /// Added to every stored norm weight at load: Gemma's RMSNorm multiplies by `1 + w`
+    /// (its GGUF files store `1 + w` already, so 0 there).
+    pub norm_offset: f32,
+    /// A norm on the attention output and on the FFN output before each residual add
+    /// (Gemma's "sandwich" norms).
+    pub post_norms: bool,
+    pub activation: Activation,
+    /// The embedding is multiplied by √hidden (Gemma).
+    pub embed_scale: bool,
+    /// Attention scores are scaled by `query_pre_attn_scalar^-1/2` instead of `head_dim^-1/2`.
+    pub query_pre_attn_scalar: Option<f64>,
+    /// Sliding-window attention: each query sees this many positions (itself included).
+    pub sliding_window: Option<usize>,
+    /// Which layers use the sliding window (empty: all, when `sliding_window` is set).
+    pub sliding_layers: Vec<bool>,
+    /// RoPE base of the sliding-window layers, when it differs from `rope_theta` (Gemma 3).
+    pub rope_theta_local: Option<f64>,
+    /// Per-dimension RoPE frequency divisors (GGUF `rope_freqs.weight`, Llama 3.1+).
+    pub rope_freq_factors: Option<Vec<f32>>,
+    /// Linear RoPE scaling (positions divided by this) of the global layers (Gemma 3 4B+).
+    pub rope_linear_factor: Option<f64>,
+    pub moe: Option<MoeConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -78,11 +147,16 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// The family's optional parts of the one layer path.
+    #[serde(default)]
+    pub opts: LayerOptions,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("unknown model architecture {0:?} (supported: llama, qwen2, mistral)")]
+    #[error(
+        "unknown model architecture {0:?} (supported: llama, mistral, mixtral, qwen2, qwen3, qwen3moe, gemma3)"
+    )]
     UnknownArchitecture(String),
     #[error("config: missing field {0:?}")]
     Missing(&'static str),
@@ -134,12 +208,17 @@ fn token_ids(v: Option<&Value>) -> Vec<u32> {
 impl ModelConfig {
     /// Reads a Hugging Face `config.json` (llama, qwen2, mistral; both rope layouts).
     pub fn from_hf_json(text: &str) -> Result<ModelConfig, ConfigError> {
-        let v: Value = serde_json::from_str(text)?;
+        let mut v: Value = serde_json::from_str(text)?;
         let model_type = v
             .get("model_type")
             .and_then(Value::as_str)
-            .ok_or(ConfigError::Missing("model_type"))?;
-        let arch = Arch::parse(model_type)?;
+            .ok_or(ConfigError::Missing("model_type"))?
+            .to_string();
+        let arch = Arch::parse(&model_type)?;
+        // Gemma 3's multimodal checkpoints nest the decoder's settings.
+        if let Some(t) = v.get("text_config").filter(|t| t.is_object()) {
+            v = t.clone();
+        }
         let hidden = need_usize(&v, "hidden_size")?;
         let heads = need_usize(&v, "num_attention_heads")?;
         let kv_heads = get_usize(&v, "num_key_value_heads")?.unwrap_or(heads);
@@ -150,7 +229,18 @@ impl ModelConfig {
         };
         // transformers 5 moved rope settings into `rope_parameters`; older files keep
         // `rope_theta` and `rope_scaling` at the top level.
-        let rope = v.get("rope_parameters").filter(|r| r.is_object());
+        // Gemma 3 keys them by layer type: global layers' settings, and the local base.
+        let by_type = v
+            .get("rope_parameters")
+            .filter(|r| r.get("full_attention").is_some());
+        let rope = match by_type {
+            Some(r) => r.get("full_attention").filter(|r| r.is_object()),
+            None => v.get("rope_parameters").filter(|r| r.is_object()),
+        };
+        let rope_theta_local = match by_type.and_then(|r| r.get("sliding_attention")) {
+            Some(r) => get_f64(r, "rope_theta")?,
+            None => get_f64(&v, "rope_local_base_freq")?,
+        };
         let rope_theta = rope
             .map(|r| get_f64(r, "rope_theta"))
             .transpose()?
@@ -158,6 +248,7 @@ impl ModelConfig {
             .or(get_f64(&v, "rope_theta")?)
             .unwrap_or(10000.0);
         let scaling_obj = rope.or(v.get("rope_scaling").filter(|r| r.is_object()));
+        let mut rope_linear_factor = None;
         let rope_scaling = match scaling_obj {
             Some(s) => {
                 let kind = s
@@ -167,6 +258,11 @@ impl ModelConfig {
                     .unwrap_or("default");
                 match kind {
                     "default" => None,
+                    "linear" => {
+                        rope_linear_factor = get_f64(s, "factor")?
+                            .filter(|f| *f != 1.0 && f.is_finite() && *f > 0.0);
+                        None
+                    }
                     "llama3" => Some(RopeScaling {
                         factor: get_f64(s, "factor")?.ok_or(ConfigError::Missing("rope factor"))?,
                         low_freq_factor: get_f64(s, "low_freq_factor")?.unwrap_or(1.0),
@@ -180,7 +276,9 @@ impl ModelConfig {
                     other => {
                         return Err(ConfigError::Invalid {
                             field: "rope_scaling",
-                            why: format!("rope type {other:?} is not supported (default, llama3)"),
+                            why: format!(
+                                "rope type {other:?} is not supported (default, linear, llama3)"
+                            ),
                         });
                     }
                 }
@@ -191,11 +289,118 @@ impl ModelConfig {
             .get("attention_bias")
             .and_then(Value::as_bool)
             .unwrap_or(false);
+        let layers = need_usize(&v, "num_hidden_layers")?;
+        let gemma = arch == Arch::Gemma3;
+        let moe = match get_usize(&v, "num_local_experts")?.or(get_usize(&v, "num_experts")?) {
+            Some(experts) if experts > 0 => {
+                let step = get_usize(&v, "decoder_sparse_step")?.unwrap_or(1).max(1);
+                let mut dense_layers: Vec<usize> = v
+                    .get("mlp_only_layers")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_u64())
+                            .map(|x| x as usize)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                dense_layers.extend((0..layers).filter(|l| (l + 1) % step != 0));
+                dense_layers.sort();
+                dense_layers.dedup();
+                Some(MoeConfig {
+                    experts,
+                    top_k: need_usize(&v, "num_experts_per_tok")?,
+                    expert_ffn: match get_usize(&v, "moe_intermediate_size")? {
+                        Some(n) => n,
+                        None => need_usize(&v, "intermediate_size")?,
+                    },
+                    // Mixtral always renormalizes the top-k weights.
+                    norm_topk: arch == Arch::Mixtral
+                        || v.get("norm_topk_prob")
+                            .and_then(Value::as_bool)
+                            .unwrap_or(false),
+                    dense_layers,
+                })
+            }
+            _ => None,
+        };
+        // Sliding windows: Gemma 3 per layer type; Mistral and Mixtral on every layer when
+        // set; Qwen only with `use_sliding_window`, which Tessera does not run.
+        let window = get_usize(&v, "sliding_window")?;
+        let sliding_layers: Vec<bool> = match v.get("layer_types").and_then(Value::as_array) {
+            Some(types) if gemma => types
+                .iter()
+                .map(|t| t.as_str() == Some("sliding_attention"))
+                .collect(),
+            _ if gemma => {
+                let pattern = get_usize(&v, "sliding_window_pattern")?
+                    .or(get_usize(&v, "_sliding_window_pattern")?)
+                    .unwrap_or(6)
+                    .max(1);
+                (0..layers).map(|l| (l + 1) % pattern != 0).collect()
+            }
+            _ => Vec::new(),
+        };
+        if v.get("use_sliding_window").and_then(Value::as_bool) == Some(true) {
+            return Err(ConfigError::Invalid {
+                field: "use_sliding_window",
+                why: "Qwen's sliding-window layers are not supported".into(),
+            });
+        }
+        let sliding_window = match arch {
+            Arch::Gemma3 | Arch::Mistral | Arch::Mixtral => window,
+            _ => None,
+        };
+        for field in ["final_logit_softcapping", "attn_logit_softcapping"] {
+            if get_f64(&v, field)?.is_some() {
+                return Err(ConfigError::Invalid {
+                    field,
+                    why: "logit soft-capping (Gemma 2) is not supported".into(),
+                });
+            }
+        }
+        let opts = LayerOptions {
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3),
+            norm_offset: if gemma { 1.0 } else { 0.0 },
+            post_norms: gemma,
+            activation: match v
+                .get("hidden_activation")
+                .or(v.get("hidden_act"))
+                .and_then(Value::as_str)
+            {
+                None | Some("silu") | Some("swish") => Activation::Silu,
+                Some("gelu_pytorch_tanh") | Some("gelu_tanh") => Activation::GeluTanh,
+                Some(other) => {
+                    return Err(ConfigError::Invalid {
+                        field: "hidden_act",
+                        why: format!(
+                            "activation {other:?} is not supported (silu, gelu_pytorch_tanh)"
+                        ),
+                    });
+                }
+            },
+            embed_scale: gemma,
+            query_pre_attn_scalar: if gemma {
+                get_f64(&v, "query_pre_attn_scalar")?
+            } else {
+                None
+            },
+            sliding_window,
+            sliding_layers,
+            rope_theta_local: if gemma {
+                Some(rope_theta_local.unwrap_or(10000.0))
+            } else {
+                None
+            },
+            rope_freq_factors: None,
+            rope_linear_factor,
+            moe,
+        };
         let cfg = ModelConfig {
             arch,
             hidden,
             intermediate: need_usize(&v, "intermediate_size")?,
-            layers: need_usize(&v, "num_hidden_layers")?,
+            layers,
             heads,
             kv_heads,
             head_dim,
@@ -223,6 +428,7 @@ impl ModelConfig {
             mlp_bias: v.get("mlp_bias").and_then(Value::as_bool).unwrap_or(false),
             bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
             eos_token_ids: token_ids(v.get("eos_token_id")),
+            opts,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -264,7 +470,68 @@ impl ModelConfig {
         if self.rms_eps.is_nan() || self.rms_eps <= 0.0 {
             return bad("rms_norm_eps", format!("{} must be positive", self.rms_eps));
         }
+        let o = &self.opts;
+        if let Some(m) = &o.moe
+            && (m.experts == 0 || m.top_k == 0 || m.top_k > m.experts || m.expert_ffn == 0)
+        {
+            return bad(
+                "num_experts_per_tok",
+                format!(
+                    "{} experts per token of {} experts of width {} do not fit",
+                    m.top_k, m.experts, m.expert_ffn
+                ),
+            );
+        }
+        if !o.sliding_layers.is_empty() && o.sliding_layers.len() != self.layers {
+            return bad(
+                "layer_types",
+                format!(
+                    "{} entries for {} layers",
+                    o.sliding_layers.len(),
+                    self.layers
+                ),
+            );
+        }
+        if o.sliding_window == Some(0) {
+            return bad("sliding_window", "must be greater than zero".into());
+        }
+        if let Some(f) = &o.rope_freq_factors
+            && (f.len() != self.head_dim / 2 || f.iter().any(|x| !(x.is_finite() && *x > 0.0)))
+        {
+            return bad(
+                "rope_freqs",
+                format!(
+                    "{} factors for head_dim {} (need {} positive ones)",
+                    f.len(),
+                    self.head_dim,
+                    self.head_dim / 2
+                ),
+            );
+        }
         Ok(())
+    }
+
+    /// The mixture of experts of layer `l`, if its FFN is one.
+    pub fn moe_at(&self, l: usize) -> Option<&MoeConfig> {
+        self.opts
+            .moe
+            .as_ref()
+            .filter(|m| !m.dense_layers.contains(&l))
+    }
+
+    /// The attention window of layer `l` (positions a query sees, itself included), if limited.
+    pub fn window_at(&self, l: usize) -> Option<usize> {
+        let o = &self.opts;
+        let w = o.sliding_window?;
+        (o.sliding_layers.is_empty() || o.sliding_layers.get(l) == Some(&true)).then_some(w)
+    }
+
+    /// RoPE base of layer `l`: a sliding layer's own base where the family has one.
+    pub fn rope_theta_at(&self, l: usize) -> f64 {
+        match self.opts.rope_theta_local {
+            Some(local) if self.opts.sliding_layers.get(l) == Some(&true) => local,
+            _ => self.rope_theta,
+        }
     }
 
     /// Query heads that share one KV head.
@@ -274,17 +541,37 @@ impl ModelConfig {
 
     /// Number of parameters in the whole model.
     pub fn param_count(&self) -> u64 {
-        let (h, i, l, v) = (
-            self.hidden as u64,
-            self.intermediate as u64,
-            self.layers as u64,
-            self.vocab as u64,
-        );
+        self.params(false)
+    }
+
+    /// Parameters one token reads: a mixture of experts' active experts only, and the LM head
+    /// but not the rest of the embedding table.
+    pub fn active_param_count(&self) -> u64 {
+        self.params(true)
+    }
+
+    fn params(&self, active: bool) -> u64 {
+        let (h, v) = (self.hidden as u64, self.vocab as u64);
         let q = (self.heads * self.head_dim) as u64;
         let kv = (self.kv_heads * self.head_dim) as u64;
-        let per_layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
-        let head = if self.tie_word_embeddings { 0 } else { v * h };
-        l * per_layer + v * h + head + h
+        let mut total = 0;
+        for l in 0..self.layers {
+            total += h * q + 2 * h * kv + q * h + 2 * h;
+            total += match self.moe_at(l) {
+                Some(m) => {
+                    let n = if active { m.top_k } else { m.experts } as u64;
+                    n * 3 * h * m.expert_ffn as u64 + m.experts as u64 * h
+                }
+                None => 3 * h * self.intermediate as u64,
+            };
+        }
+        // The LM head is read whole per token; a separate embedding table only held.
+        let tables = if active || self.tie_word_embeddings {
+            v * h
+        } else {
+            2 * v * h
+        };
+        total + tables + h
     }
 }
 

@@ -7,7 +7,9 @@ pub mod config;
 pub mod mem;
 pub mod plan;
 
-pub use config::{Arch, ConfigError, ModelConfig, RopePrecision, RopeScaling};
+pub use config::{
+    Activation, Arch, ConfigError, LayerOptions, ModelConfig, MoeConfig, RopePrecision, RopeScaling,
+};
 pub use plan::{
     PlanError, ShardCost, ShardPlan, ShardSpec, WORKER_OVERHEAD_BYTES, WorkerNeed,
     allreduce_bytes_per_token, split_even, split_weighted,

@@ -21,6 +21,10 @@ pub struct ShardSpec {
     pub q_heads: Range<usize>,
     pub kv_heads: Range<usize>,
     pub ffn: Range<usize>,
+    /// The columns of every expert's FFN this shard owns (mixture-of-experts layers; each
+    /// expert is split like a dense FFN).
+    #[serde(default)]
+    pub expert_ffn: Range<usize>,
     pub vocab: Range<usize>,
 }
 
@@ -132,13 +136,19 @@ impl ShardPlan {
                 })
                 .unzip()
         };
-        let fits =
-            |g: usize| g > 0 && cfg.intermediate.is_multiple_of(g) && cfg.intermediate / g >= n;
-        let ffn_gran = [ffn_block, QUANT_BLOCK, 1]
-            .into_iter()
-            .find(|&g| fits(g))
-            .unwrap_or(1);
-        let ffn = split_nonempty(cfg.intermediate, weights, ffn_gran);
+        let ffn_split = |width: usize| {
+            let fits = |g: usize| g > 0 && width.is_multiple_of(g) && width / g >= n;
+            let gran = [ffn_block, QUANT_BLOCK, 1]
+                .into_iter()
+                .find(|&g| fits(g))
+                .unwrap_or(1);
+            split_nonempty(width, weights, gran)
+        };
+        let ffn = ffn_split(cfg.intermediate);
+        let expert_ffn = match &cfg.opts.moe {
+            Some(m) => ffn_split(m.expert_ffn),
+            None => vec![0..0; n],
+        };
         let vocab = split_nonempty(cfg.vocab, weights, 1);
         let shards = (0..n)
             .map(|rank| ShardSpec {
@@ -147,6 +157,7 @@ impl ShardPlan {
                 q_heads: q[rank].clone(),
                 kv_heads: kv[rank].clone(),
                 ffn: ffn[rank].clone(),
+                expert_ffn: expert_ffn[rank].clone(),
                 vocab: vocab[rank].clone(),
             })
             .collect();
@@ -195,23 +206,49 @@ impl ShardSpec {
         let q = self.n_q() as u64 * hd;
         let kv = self.n_kv() as u64 * hd;
         let f = self.ffn.len() as u64;
+        let ef = self.expert_ffn.len() as u64;
         let v = self.vocab.len() as u64;
-        let mut layer = h * q + 2 * h * kv + q * h + 3 * h * f + 2 * h;
+        let mut attn = h * q + 2 * h * kv + q * h + 2 * h;
         if cfg.qkv_bias {
-            layer += q + 2 * kv;
+            attn += q + 2 * kv;
         }
         if cfg.o_bias {
-            layer += h;
+            attn += h;
         }
-        if cfg.mlp_bias {
-            layer += 2 * f + h;
+        if cfg.opts.qk_norm {
+            attn += 2 * hd;
         }
-        let layers = cfg.layers as u64 * layer;
+        if cfg.opts.post_norms {
+            attn += 2 * h;
+        }
+        let (mut held, mut read) = (0, 0);
+        for l in 0..cfg.layers {
+            let (ffn_held, ffn_read) = match cfg.moe_at(l) {
+                // The router is replicated; a token reads its top-k experts' slices.
+                Some(m) => {
+                    let router = m.experts as u64 * h;
+                    let expert = 3 * h * ef;
+                    (
+                        router + m.experts as u64 * expert,
+                        router + m.top_k as u64 * expert,
+                    )
+                }
+                None => {
+                    let mut ffn = 3 * h * f;
+                    if cfg.mlp_bias {
+                        ffn += 2 * f + h;
+                    }
+                    (ffn, ffn)
+                }
+            };
+            held += attn + ffn_held;
+            read += attn + ffn_read;
+        }
         let head = v * h;
         let embed = if cfg.tie_word_embeddings { 0 } else { v * h };
         ShardCost {
-            params: layers + head + embed + h,
-            params_read_per_token: layers + head + h,
+            params: held + head + embed + h,
+            params_read_per_token: read + head + h,
             kv_bytes_per_token: 2 * cfg.layers as u64 * kv * cache_elem_bytes,
         }
     }
@@ -295,6 +332,7 @@ mod tests {
             mlp_bias: false,
             bos_token_id: None,
             eos_token_ids: vec![],
+            opts: Default::default(),
         }
     }
 

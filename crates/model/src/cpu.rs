@@ -57,6 +57,15 @@ pub fn swiglu(gate: &mut [f32], up: &[f32]) {
     }
 }
 
+/// `gelu_tanh(gate) * up`, into `gate` (PyTorch's `gelu(approximate="tanh")`).
+pub fn geglu(gate: &mut [f32], up: &[f32]) {
+    const C: f32 = 0.797_884_6; // sqrt(2/pi)
+    for (g, u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        *g = 0.5 * x * (1.0 + (C * (x + 0.044715 * x * x * x)).tanh()) * u;
+    }
+}
+
 /// One sequence's KV cache for one layer, position-major: position `p`'s K (and V) for every
 /// KV head of the shard is `kv_width` contiguous values at `p * kv_width`. New positions are
 /// written in place at the end; attention reads it where it lies.
@@ -84,7 +93,8 @@ impl HostKv {
 
 /// Causal attention of one sequence's `t` new queries (rows of `nq * hd` values, the first at
 /// position `pos`) over its cache (`pos + t` positions, the new ones already appended).
-/// `kv_of[h]` is the cache head query head `h` reads. Writes rows of `nq * hd` into `out`.
+/// `kv_of[h]` is the cache head query head `h` reads; a query sees the last `window`
+/// positions (itself included) when set, else all. Writes rows of `nq * hd` into `out`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
@@ -96,15 +106,19 @@ pub fn attention(
     nkv: usize,
     hd: usize,
     kv_of: &[usize],
+    scale: f32,
+    window: Option<usize>,
 ) {
     let kvw = nkv * hd;
-    let scale = 1.0 / (hd as f32).sqrt();
     let one = |(i, h, o): (usize, usize, &mut [f32])| {
         let qh = &q[i * nq * hd + h * hd..][..hd];
         let g = kv_of[h];
-        let len = pos + i + 1;
+        let end = pos + i + 1;
+        let lo = window.map_or(0, |w| end.saturating_sub(w));
+        let len = end - lo;
         let mut sc = vec![0f32; len];
-        scores(qh, &cache.k[g * hd..], kvw, scale, &mut sc);
+        let base = lo * kvw + g * hd;
+        scores(qh, &cache.k[base..], kvw, scale, &mut sc);
         let max = sc.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         let mut sum = 0f32;
         for s in sc.iter_mut() {
@@ -114,7 +128,7 @@ pub fn attention(
         let inv = 1.0 / sum;
         sc.iter_mut().for_each(|s| *s *= inv);
         o.iter_mut().for_each(|v| *v = 0.0);
-        weighted_sum(&sc, &cache.v[g * hd..], kvw, o);
+        weighted_sum(&sc, &cache.v[base..], kvw, o);
     };
     let work = t * nq * (pos + t) * hd;
     if work < 1 << 16 {

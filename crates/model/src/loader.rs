@@ -4,10 +4,12 @@
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, Value};
 use crate::tokenizer::Tokenizer;
-use crate::weights::{Tensor as W, Weights};
+use crate::weights::{HfNames, Tensor as W, Weights};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tessera_core::{Arch, ConfigError, ModelConfig, PlanError, ShardPlan};
+use tessera_core::{
+    Activation, Arch, ConfigError, LayerOptions, ModelConfig, MoeConfig, PlanError, ShardPlan,
+};
 
 pub struct ModelFiles {
     pub path: PathBuf,
@@ -61,7 +63,7 @@ impl ModelFiles {
                 };
             }
         }
-        let weights = Weights::open_safetensors(dir)?;
+        let weights = Weights::open_safetensors(dir, HfNames::of(cfg.arch))?;
         let tokenizer =
             Tokenizer::from_file(&dir.join("tokenizer.json"), cfg.eos_token_ids.clone())?;
         let chat_template = std::fs::read_to_string(dir.join("tokenizer_config.json"))
@@ -120,7 +122,10 @@ impl ModelFiles {
     /// cut without straddling a block.
     pub fn ffn_block(&self) -> usize {
         (0..self.cfg.layers)
-            .filter_map(|l| self.weights.ty(W::Down(l)))
+            .filter_map(|l| match self.cfg.moe_at(l) {
+                Some(_) => self.weights.ty(W::ExpDown(l, 0)),
+                None => self.weights.ty(W::Down(l)),
+            })
             .map(|t| t.block_values())
             .max()
             .unwrap_or(1)
@@ -135,8 +140,33 @@ impl ModelFiles {
     /// Bytes of weights shard `spec` holds, in their stored formats (straddling blocks of
     /// row-parallel slices included).
     pub fn shard_bytes(&self, spec: &tessera_core::ShardSpec) -> Result<u64> {
+        self.shard_bytes_as(spec, false)
+    }
+
+    /// Bytes of weights shard `spec` reads per decoded token: everything it holds but the
+    /// embedding table (unless tied to the LM head) and, in a mixture of experts, only the
+    /// top-k experts' share of each layer's experts.
+    pub fn shard_bytes_read(&self, spec: &tessera_core::ShardSpec) -> Result<u64> {
+        self.shard_bytes_as(spec, true)
+    }
+
+    fn shard_bytes_as(&self, spec: &tessera_core::ShardSpec, per_token: bool) -> Result<u64> {
         let mut total = 0;
         for (t, rows, cols) in crate::shard_reads(&self.cfg, spec, &self.weights) {
+            let share = match t {
+                W::ExpGate(l, _) | W::ExpUp(l, _) | W::ExpDown(l, _) if per_token => self
+                    .cfg
+                    .moe_at(l)
+                    .map_or(1.0, |m| m.top_k as f64 / m.experts as f64),
+                W::Embed
+                    if per_token
+                        && self.weights.has(W::LmHead)
+                        && !self.cfg.tie_word_embeddings =>
+                {
+                    0.0
+                }
+                _ => 1.0,
+            };
             let ty = self
                 .weights
                 .ty(t)
@@ -146,7 +176,7 @@ impl ModelFiles {
                 })?;
             let (per, bytes) = ty.block();
             let stored = cols.end.div_ceil(per) - cols.start / per;
-            total += (rows.len() * stored * bytes) as u64;
+            total += ((rows.len() * stored * bytes) as f64 * share).round() as u64;
         }
         Ok(total)
     }
@@ -175,10 +205,21 @@ impl ModelFiles {
 
     /// Renders a conversation with the model's own chat template, opening the assistant's turn.
     pub fn render_chat(&self, messages: &[crate::chat::Message]) -> Result<String> {
-        let template = self
-            .chat_template
-            .as_deref()
-            .ok_or_else(|| ModelError::format(&self.path, "the model has no chat template"))?;
+        let template = match (self.chat_template.as_deref(), self.cfg.arch) {
+            (Some(t), _) => t,
+            // Base models ship without a template; their family's turn format is known.
+            (None, Arch::Gemma3) => GEMMA_TURNS,
+            (None, arch) => {
+                return Err(ModelError::format(
+                    &self.path,
+                    format!(
+                        "the model has no chat template, and Tessera knows no turn format for \
+                         {} models: prompt it without --chat",
+                        arch.name()
+                    ),
+                ));
+            }
+        };
         let text = |id: Option<u32>| {
             id.and_then(|i| self.tokenizer.id_to_token(i))
                 .unwrap_or_default()
@@ -205,6 +246,23 @@ impl ModelFiles {
             w.expect_shape(W::V(l), &[kv, h])?;
             w.expect_shape(W::O(l), &[h, q])?;
             w.expect_shape(W::FfnNorm(l), &[h])?;
+            if c.opts.qk_norm {
+                w.expect_shape(W::QNorm(l), &[c.head_dim])?;
+                w.expect_shape(W::KNorm(l), &[c.head_dim])?;
+            }
+            if c.opts.post_norms {
+                w.expect_shape(W::PostAttnNorm(l), &[h])?;
+                w.expect_shape(W::PostFfnNorm(l), &[h])?;
+            }
+            if let Some(m) = c.moe_at(l) {
+                w.expect_shape(W::Router(l), &[m.experts, h])?;
+                for e in 0..m.experts {
+                    w.expect_shape(W::ExpGate(l, e), &[m.expert_ffn, h])?;
+                    w.expect_shape(W::ExpUp(l, e), &[m.expert_ffn, h])?;
+                    w.expect_shape(W::ExpDown(l, e), &[h, m.expert_ffn])?;
+                }
+                continue;
+            }
             w.expect_shape(W::Gate(l), &[c.intermediate, h])?;
             w.expect_shape(W::Up(l), &[c.intermediate, h])?;
             w.expect_shape(W::Down(l), &[h, c.intermediate])?;
@@ -217,6 +275,18 @@ impl ModelFiles {
         Ok(())
     }
 }
+
+/// Gemma's turn format (as in its instruction-tuned models' template): a system message is
+/// folded into the first user turn, the assistant is "model".
+const GEMMA_TURNS: &str = "{{ bos_token }}\
+{% if messages[0]['role'] == 'system' %}\
+{% set first = messages[0]['content'] + '\\n\\n' %}{% set rest = messages[1:] %}\
+{% else %}{% set first = '' %}{% set rest = messages %}{% endif %}\
+{% for m in rest %}\
+<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n\
+{{ (first if loop.first else '') + m['content'] | trim }}<end_of_turn>\n\
+{% endfor %}\
+{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}";
 
 fn gguf_config(g: &GgufFile) -> Result<ModelConfig, ConfigError> {
     let arch_name = g
@@ -246,11 +316,93 @@ fn gguf_config(g: &GgufFile) -> Result<ModelConfig, ConfigError> {
         })
         .ok_or(ConfigError::Missing("vocab size"))?;
     let f = |k: &str| g.get(&key(k)).and_then(Value::as_f64);
+    let layers = num("block_count")?;
+    let gemma = arch == Arch::Gemma3;
+    let has = |t: &str| g.tensors.contains_key(t);
+    let moe = match num("expert_count") {
+        Ok(experts) if experts > 0 => Some(MoeConfig {
+            experts,
+            top_k: num("expert_used_count")?,
+            expert_ffn: num("expert_feed_forward_length")
+                .or_else(|_| num("feed_forward_length"))?,
+            // llama.cpp renormalizes the top-k weights of Mixtral-style (llama) and Qwen3-MoE
+            // files unless the file says otherwise.
+            norm_topk: g
+                .get(&key("expert_weights_norm"))
+                .and_then(Value::as_bool)
+                .unwrap_or(true),
+            dense_layers: (0..layers)
+                .filter(|l| !has(&format!("blk.{l}.ffn_gate_inp.weight")))
+                .collect(),
+        }),
+        _ => None,
+    };
+    // Gemma 3 files omit the layer pattern and the local RoPE base: transformers and llama.cpp
+    // both default them (every 6th layer global, local base 10000).
+    let sliding_window = if gemma {
+        Some(num("attention.sliding_window").unwrap_or(512))
+    } else {
+        num("attention.sliding_window").ok()
+    };
+    let sliding_layers = if gemma {
+        (0..layers).map(|l| (l + 1) % 6 != 0).collect()
+    } else {
+        Vec::new()
+    };
+    let rope_freq_factors = match g.tensors.get("rope_freqs.weight") {
+        Some(t) => Some(
+            g.read_f32(t, 0..1, 0..t.dims[0])
+                .map_err(|e| ConfigError::Invalid {
+                    field: "rope_freqs.weight",
+                    why: e.to_string(),
+                })?,
+        ),
+        None => None,
+    };
+    let rope_linear_factor = match (
+        g.get(&key("rope.scaling.type")).and_then(Value::as_str),
+        f("rope.scaling.factor"),
+    ) {
+        (Some("linear"), Some(x)) if x != 1.0 => Some(x),
+        (None | Some("none"), _) => None,
+        (Some("linear"), _) => None,
+        (Some(other), _) => {
+            return Err(ConfigError::Invalid {
+                field: "rope.scaling.type",
+                why: format!("rope scaling {other:?} is not supported (linear, or rope_freqs)"),
+            });
+        }
+    };
+    let opts = LayerOptions {
+        qk_norm: has("blk.0.attn_q_norm.weight"),
+        norm_offset: 0.0,
+        post_norms: has("blk.0.post_attention_norm.weight"),
+        activation: if gemma {
+            Activation::GeluTanh
+        } else {
+            Activation::Silu
+        },
+        embed_scale: gemma,
+        // llama.cpp: Gemma 3 27B scales by hidden/heads, the others by head_dim.
+        query_pre_attn_scalar: gemma.then(|| {
+            if layers == 62 {
+                (hidden / heads.max(1)) as f64
+            } else {
+                head_dim as f64
+            }
+        }),
+        sliding_window,
+        sliding_layers,
+        rope_theta_local: gemma.then_some(10000.0),
+        rope_freq_factors,
+        rope_linear_factor,
+        moe,
+    };
     let cfg = ModelConfig {
         arch,
         hidden,
         intermediate: num("feed_forward_length")?,
-        layers: num("block_count")?,
+        layers,
         heads,
         kv_heads,
         head_dim,
@@ -268,13 +420,8 @@ fn gguf_config(g: &GgufFile) -> Result<ModelConfig, ConfigError> {
         mlp_bias: g.tensors.contains_key("blk.0.ffn_up.bias"),
         bos_token_id: None,
         eos_token_ids: vec![],
+        opts,
     };
-    if g.tensors.contains_key("rope_freqs.weight") {
-        return Err(ConfigError::Invalid {
-            field: "rope_freqs.weight",
-            why: "GGUF rope frequency factors (Llama 3.1 scaling) are not supported yet".into(),
-        });
-    }
     cfg.validate()?;
     Ok(cfg)
 }

@@ -8,7 +8,8 @@ use crate::shard::SeqStep;
 use burn::backend::flex::FlexTensor;
 use burn::backend::{DispatchDevice, Flex};
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
+use tessera_core::Activation;
 
 /// Whether tensors on `device` live in host memory (Burn's Flex backend).
 pub fn is_host(device: &Device) -> bool {
@@ -66,17 +67,98 @@ pub fn rms_norm(x: Tensor<2>, w: &Norm, eps: f64) -> Tensor<2> {
     x * (var + eps).sqrt().recip() * w.dev.clone()
 }
 
-/// `silu(gate) * up`.
-pub fn swiglu(gate: Tensor<2>, up: Tensor<2>) -> Tensor<2> {
+/// RMSNorm of every `w`-wide piece of each row: the per-head Q/K norms.
+pub fn rms_norm_heads(x: Tensor<2>, w: &Norm, eps: f64) -> Tensor<2> {
+    let [t, width] = x.dims();
+    let hd = w.host.len();
+    rms_norm(x.reshape([t * width / hd, hd]), w, eps).reshape([t, width])
+}
+
+/// `act(gate) * up`.
+pub fn glu(gate: Tensor<2>, up: Tensor<2>, act: Activation) -> Tensor<2> {
     let device = gate.device();
     if is_host(&device) {
         let shape = gate.dims();
         let mut g = to_vec(gate);
         let u = host(&up).expect("host tensor");
-        cpu::swiglu(&mut g, u.as_slice::<f32>().expect("f32"));
+        let u = u.as_slice::<f32>().expect("f32");
+        match act {
+            Activation::Silu => cpu::swiglu(&mut g, u),
+            Activation::GeluTanh => cpu::geglu(&mut g, u),
+        }
         return from_vec(g, shape, &device);
     }
-    silu(gate) * up
+    match act {
+        Activation::Silu => silu(gate) * up,
+        Activation::GeluTanh => {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let inner = (gate.clone() + gate.clone().powi_scalar(3) * 0.044715) * c;
+            gate * 0.5 * (inner.tanh() + 1.0) * up
+        }
+    }
+}
+
+/// `x * s`.
+pub fn scale(x: Tensor<2>, s: f32) -> Tensor<2> {
+    let device = x.device();
+    if is_host(&device) {
+        let shape = x.dims();
+        let mut v = to_vec(x);
+        v.iter_mut().for_each(|a| *a *= s);
+        return from_vec(v, shape, &device);
+    }
+    x * s
+}
+
+/// Rows `rows` of `x`, in that order.
+pub fn gather_rows(x: &Tensor<2>, rows: &[usize]) -> Tensor<2> {
+    let device = x.device();
+    let w = x.dims()[1];
+    if is_host(&device) {
+        let src = host(x).expect("host tensor");
+        let src = src.as_slice::<f32>().expect("f32");
+        let mut v = Vec::with_capacity(rows.len() * w);
+        for &r in rows {
+            v.extend_from_slice(&src[r * w..(r + 1) * w]);
+        }
+        return from_vec(v, [rows.len(), w], &device);
+    }
+    let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+    x.clone().select(
+        0,
+        Tensor::<1, Int>::from_data(TensorData::new(idx, [rows.len()]), &device),
+    )
+}
+
+/// `acc[rows[i]] += weights[i] * y[i]` for every row `i` of `y`.
+pub fn scatter_add_rows(
+    acc: Tensor<2>,
+    rows: &[usize],
+    y: Tensor<2>,
+    weights: &[f32],
+) -> Tensor<2> {
+    let device = acc.device();
+    let [n, w] = y.dims();
+    if is_host(&device) {
+        let shape = acc.dims();
+        let mut a = to_vec(acc);
+        let y = host(&y).expect("host tensor");
+        let y = y.as_slice::<f32>().expect("f32");
+        for ((&r, yr), &s) in rows.iter().zip(y.chunks_exact(w)).zip(weights) {
+            for (a, b) in a[r * w..(r + 1) * w].iter_mut().zip(yr) {
+                *a += b * s;
+            }
+        }
+        return from_vec(a, shape, &device);
+    }
+    let idx: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+    let ws = from_vec(weights.to_vec(), [n, 1], &device);
+    acc.select_assign(
+        0,
+        Tensor::<1, Int>::from_data(TensorData::new(idx, [n]), &device),
+        y * ws,
+        IndexingUpdateOp::Add,
+    )
 }
 
 /// `x + y`.
@@ -223,6 +305,8 @@ pub struct Heads {
     pub group: Option<usize>,
     /// `kv_of` on the device, when it is not the identity and not grouped.
     pub kv_index: Option<Tensor<1, Int>>,
+    /// Scores are `q·k * scale`.
+    pub scale: f32,
 }
 
 /// Appends each sequence's new K and V (`[tokens, nkv * hd]`, sequences in step order) to its
@@ -234,6 +318,7 @@ pub fn attention(
     steps: &[SeqStep],
     caches: &mut [&mut Kv],
     heads: &Heads,
+    window: Option<usize>,
 ) -> Tensor<2> {
     let device = q.device();
     let (nq, nkv, hd) = (heads.nq, heads.nkv, heads.hd);
@@ -268,7 +353,19 @@ pub fn attention(
             o += t;
         }
         let one = |(q, c, o, t, pos): (&[f32], &HostKv, &mut [f32], usize, usize)| {
-            cpu::attention(q, c, o, t, pos, nq, nkv, hd, &heads.kv_of)
+            cpu::attention(
+                q,
+                c,
+                o,
+                t,
+                pos,
+                nq,
+                nkv,
+                hd,
+                &heads.kv_of,
+                heads.scale,
+                window,
+            )
         };
         if jobs.len() == 1 {
             jobs.into_iter().for_each(one);
@@ -300,7 +397,7 @@ pub fn attention(
             .reshape([t, nkv, hd])
             .swap_dims(0, 1);
         let (kc, vc) = dev_append(cache, ks, vs, nkv, hd, &device);
-        parts.push(dev_attend(qs, kc, vc, s.pos, heads, &device));
+        parts.push(dev_attend(qs, kc, vc, s.pos, heads, window, &device));
     }
     let attn = if parts.len() == 1 {
         parts.pop().expect("one")
@@ -361,14 +458,18 @@ fn dev_attend(
     v: Tensor<3>,
     pos: usize,
     heads: &Heads,
+    window: Option<usize>,
     device: &Device,
 ) -> Tensor<3> {
     let [nq, t, hd] = q.dims();
-    let scale = 1.0 / (hd as f64).sqrt();
+    let scale = heads.scale as f64;
     let s = pos + t;
+    // Future positions, and those before the window, are masked.
+    let hidden = move |i: usize, j: usize| j > pos + i || window.is_some_and(|w| j + w <= pos + i);
+    let masked = (0..t).any(|i| (0..s).any(|j| hidden(i, j)));
     let mask = |shape: Vec<usize>| {
         let m: Vec<f32> = (0..t)
-            .flat_map(|i| (0..s).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+            .flat_map(|i| (0..s).map(move |j| if hidden(i, j) { f32::NEG_INFINITY } else { 0.0 }))
             .collect();
         TensorData::new(m, shape)
     };
@@ -377,7 +478,7 @@ fn dev_attend(
         let nkv = nq / g;
         let q = q.reshape([nkv, g * t, hd]);
         let mut scores = q.matmul(k.swap_dims(1, 2)) * scale;
-        if t > 1 {
+        if masked {
             let m = Tensor::<4>::from_data(mask(vec![1, 1, t, s]), device);
             scores = (scores.reshape([nkv, g, t, s]) + m).reshape([nkv, g * t, s]);
         }
@@ -388,7 +489,7 @@ fn dev_attend(
         None => (k, v),
     };
     let mut scores = q.matmul(k.swap_dims(1, 2)) * scale;
-    if t > 1 {
+    if masked {
         scores = scores + Tensor::<3>::from_data(mask(vec![1, t, s]), device);
     }
     softmax(scores, 2).matmul(v)

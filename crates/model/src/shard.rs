@@ -23,16 +23,42 @@ pub use tessera_quant::Precision;
 
 struct Layer {
     attn_norm: Norm,
+    /// Per-head norms of Q and K (Qwen3, Gemma 3).
+    qk_norm: Option<(Norm, Norm)>,
     q: Linear,
     k: Linear,
     v: Linear,
     o: Linear,
     o_bias: Option<Tensor<2>>,
+    /// Norms of the attention's and the FFN's outputs (Gemma).
+    post_attn_norm: Option<Norm>,
     ffn_norm: Norm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
-    down_bias: Option<Tensor<2>>,
+    ffn: Ffn,
+    post_ffn_norm: Option<Norm>,
+    /// Positions a query sees, when this layer's attention is a sliding window.
+    window: Option<usize>,
+    /// Which of the model's RoPE tables this layer rotates by.
+    rope: usize,
+}
+
+/// A layer's FFN: one gated FFN, or a mixture of experts each split across shards like one.
+// One per layer: the size difference costs nothing worth an indirection.
+#[allow(clippy::large_enum_variant)]
+enum Ffn {
+    Dense {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+        down_bias: Option<Tensor<2>>,
+    },
+    Moe {
+        /// Replicated on every shard: all shards route every token alike.
+        router: Linear,
+        /// Each expert's gate, up and down slices.
+        experts: Vec<[Linear; 3]>,
+        top_k: usize,
+        norm_topk: bool,
+    },
 }
 
 pub struct ShardModel {
@@ -47,19 +73,35 @@ pub struct ShardModel {
     /// Embedding rows for the same slice; None when tied to the head.
     embed: Option<Linear>,
     heads: Heads,
-    inv_freq: Vec<f32>,
+    /// RoPE frequencies: the global layers' and, where they differ, the sliding layers'.
+    inv_freqs: Vec<Vec<f32>>,
     caches: HashMap<u64, Vec<Kv>>,
     weight_bytes: u64,
     held_bytes: u64,
 }
 
-/// Rotary inverse frequencies as Hugging Face computes them, with Llama 3 scaling if set.
+/// Rotary inverse frequencies of the global layers, as Hugging Face computes them.
 pub fn inv_freq(cfg: &ModelConfig) -> Vec<f32> {
+    inv_freq_at(cfg, cfg.rope_theta, true)
+}
+
+/// Rotary inverse frequencies for base `theta`: with Llama 3 scaling, GGUF frequency factors
+/// or linear scaling if the model sets them (`global`: not a sliding layer of a family whose
+/// sliding layers rotate plainly).
+pub fn inv_freq_at(cfg: &ModelConfig, theta: f64, global: bool) -> Vec<f32> {
     let d = cfg.head_dim;
     (0..d / 2)
         .map(|i| {
-            let base = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64);
-            let f = match cfg.rope_scaling {
+            let mut base = 1.0 / theta.powf((2 * i) as f64 / d as f64);
+            if global {
+                if let Some(f) = &cfg.opts.rope_freq_factors {
+                    base /= f[i] as f64;
+                }
+                if let Some(f) = cfg.opts.rope_linear_factor {
+                    base /= f;
+                }
+            }
+            let f = match cfg.rope_scaling.filter(|_| global) {
                 None => base,
                 Some(s) => {
                     let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
@@ -101,8 +143,17 @@ pub fn shard_reads(
     let f = spec.ffn.clone();
     let one = 0..1;
     let mut v = Vec::new();
+    let ef = spec.expert_ffn.clone();
     for l in 0..cfg.layers {
         v.push((W::AttnNorm(l), one.clone(), 0..h));
+        if cfg.opts.qk_norm {
+            v.push((W::QNorm(l), one.clone(), 0..hd));
+            v.push((W::KNorm(l), one.clone(), 0..hd));
+        }
+        if cfg.opts.post_norms {
+            v.push((W::PostAttnNorm(l), one.clone(), 0..h));
+            v.push((W::PostFfnNorm(l), one.clone(), 0..h));
+        }
         v.push((W::Q(l), q.clone(), 0..h));
         v.push((W::K(l), kv.clone(), 0..h));
         v.push((W::V(l), kv.clone(), 0..h));
@@ -116,6 +167,15 @@ pub fn shard_reads(
             v.push((W::OBias(l), one.clone(), 0..h));
         }
         v.push((W::FfnNorm(l), one.clone(), 0..h));
+        if let Some(m) = cfg.moe_at(l) {
+            v.push((W::Router(l), 0..m.experts, 0..h));
+            for e in 0..m.experts {
+                v.push((W::ExpGate(l, e), ef.clone(), 0..h));
+                v.push((W::ExpUp(l, e), ef.clone(), 0..h));
+                v.push((W::ExpDown(l, e), 0..h, ef.clone()));
+            }
+            continue;
+        }
         v.push((W::Gate(l), f.clone(), 0..h));
         v.push((W::Up(l), f.clone(), 0..h));
         v.push((W::Down(l), 0..h, f.clone()));
@@ -170,8 +230,35 @@ impl ShardModel {
             };
             Linear::new(raw, b, &dev)
         };
+        let offset = cfg.opts.norm_offset;
+        let norm = |t: W, n: usize| -> Result<Norm> {
+            weights.expect_shape(t, &[n])?;
+            let mut w = weights.read(t, 0..1, 0..n)?;
+            w.iter_mut().for_each(|x| *x += offset);
+            Ok(Norm::new(w, device))
+        };
+        // RoPE tables: the global layers' first; a sliding layer with its own base gets the
+        // second.
+        let mut inv_freqs = vec![inv_freq(cfg)];
+        let layer_rope: Vec<usize> = (0..cfg.layers)
+            .map(|l| {
+                let theta = cfg.rope_theta_at(l);
+                if theta == cfg.rope_theta && cfg.window_at(l).is_none() {
+                    return 0;
+                }
+                let global = cfg.window_at(l).is_none() || cfg.opts.rope_theta_local.is_none();
+                let f = inv_freq_at(cfg, theta, global);
+                match inv_freqs.iter().position(|x| *x == f) {
+                    Some(i) => i,
+                    None => {
+                        inv_freqs.push(f);
+                        inv_freqs.len() - 1
+                    }
+                }
+            })
+            .collect();
         let mut layers = Vec::with_capacity(cfg.layers);
-        for l in 0..cfg.layers {
+        for (l, &rope) in layer_rope.iter().enumerate() {
             let _span = tracing::debug_span!("load_layer", layer = l, rank = spec.rank).entered();
             let q_out = cfg.heads * hd;
             let kv_out = cfg.kv_heads * hd;
@@ -194,47 +281,78 @@ impl ShardModel {
                 kv_rows.clone(),
                 opt(W::VBias(l), cfg.qkv_bias),
             )?;
-            let gate = col_par(
-                W::Gate(l),
-                cfg.intermediate,
-                spec.ffn.clone(),
-                opt(W::GateBias(l), cfg.mlp_bias),
-            )?;
-            let up = col_par(
-                W::Up(l),
-                cfg.intermediate,
-                spec.ffn.clone(),
-                opt(W::UpBias(l), cfg.mlp_bias),
-            )?;
             // Row-parallel matrices: all `h` output rows, the shard's input columns.
-            weights.expect_shape(W::O(l), &[h, q_out])?;
-            weights.expect_shape(W::Down(l), &[h, cfg.intermediate])?;
-            let o_raw = weights.raw(W::O(l), 0..h, q_rows.clone())?;
-            let down_raw = weights.raw(W::Down(l), 0..h, spec.ffn.clone())?;
+            let row_par = |t: W, width: usize, cols: Range<usize>| -> Result<Linear> {
+                weights.expect_shape(t, &[h, width])?;
+                Linear::new(weights.raw(t, 0..h, cols)?, None, device)
+            };
             let vector = |t: W| -> Result<Vec<f32>> {
                 weights.expect_shape(t, &[h])?;
                 weights.read(t, 0..1, 0..h)
             };
+            let ffn = match cfg.moe_at(l) {
+                Some(m) => {
+                    let ef = spec.expert_ffn.clone();
+                    let experts = (0..m.experts)
+                        .map(|e| -> Result<[Linear; 3]> {
+                            Ok([
+                                col_par(W::ExpGate(l, e), m.expert_ffn, ef.clone(), None)?,
+                                col_par(W::ExpUp(l, e), m.expert_ffn, ef.clone(), None)?,
+                                row_par(W::ExpDown(l, e), m.expert_ffn, ef.clone())?,
+                            ])
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Ffn::Moe {
+                        router: col_par(W::Router(l), m.experts, 0..m.experts, None)?,
+                        experts,
+                        top_k: m.top_k,
+                        norm_topk: m.norm_topk,
+                    }
+                }
+                None => Ffn::Dense {
+                    gate: col_par(
+                        W::Gate(l),
+                        cfg.intermediate,
+                        spec.ffn.clone(),
+                        opt(W::GateBias(l), cfg.mlp_bias),
+                    )?,
+                    up: col_par(
+                        W::Up(l),
+                        cfg.intermediate,
+                        spec.ffn.clone(),
+                        opt(W::UpBias(l), cfg.mlp_bias),
+                    )?,
+                    down: row_par(W::Down(l), cfg.intermediate, spec.ffn.clone())?,
+                    down_bias: cfg
+                        .mlp_bias
+                        .then(|| vector(W::DownBias(l)))
+                        .transpose()?
+                        .map(|b| Tensor::<2>::from_data(TensorData::new(b, [1, h]), device)),
+                },
+            };
+            let post = cfg.opts.post_norms;
             layers.push(Layer {
-                attn_norm: Norm::new(vector(W::AttnNorm(l))?, device),
+                attn_norm: norm(W::AttnNorm(l), h)?,
+                qk_norm: if cfg.opts.qk_norm {
+                    Some((norm(W::QNorm(l), hd)?, norm(W::KNorm(l), hd)?))
+                } else {
+                    None
+                },
                 q,
                 k,
                 v,
-                o: Linear::new(o_raw, None, device)?,
+                o: row_par(W::O(l), q_out, q_rows.clone())?,
                 o_bias: cfg
                     .o_bias
                     .then(|| vector(W::OBias(l)))
                     .transpose()?
                     .map(|b| Tensor::<2>::from_data(TensorData::new(b, [1, h]), device)),
-                ffn_norm: Norm::new(vector(W::FfnNorm(l))?, device),
-                gate,
-                up,
-                down: Linear::new(down_raw, None, device)?,
-                down_bias: cfg
-                    .mlp_bias
-                    .then(|| vector(W::DownBias(l)))
-                    .transpose()?
-                    .map(|b| Tensor::<2>::from_data(TensorData::new(b, [1, h]), device)),
+                post_attn_norm: post.then(|| norm(W::PostAttnNorm(l), h)).transpose()?,
+                ffn_norm: norm(W::FfnNorm(l), h)?,
+                ffn,
+                post_ffn_norm: post.then(|| norm(W::PostFfnNorm(l), h)).transpose()?,
+                window: cfg.window_at(l),
+                rope,
             });
         }
         let head_src = head_source(cfg, weights);
@@ -244,16 +362,37 @@ impl ShardModel {
         } else {
             Some(col_par(W::Embed, cfg.vocab, spec.vocab.clone(), None)?)
         };
-        weights.expect_shape(W::FinalNorm, &[h])?;
-        let final_norm = Norm::new(weights.read(W::FinalNorm, 0..1, 0..h)?, device);
+        let final_norm = norm(W::FinalNorm, h)?;
 
-        let mut weight_bytes = head.bytes() + 4 * h as u64;
+        // Bytes read per token: a mixture of experts reads its top-k experts of each layer.
+        let (mut weight_bytes, mut held_bytes) = (head.bytes() + 4 * h as u64, 0);
         for l in &layers {
-            for lin in [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down] {
-                weight_bytes += lin.bytes();
+            let mut b = 0;
+            for lin in [&l.q, &l.k, &l.v, &l.o] {
+                b += lin.bytes();
             }
-            weight_bytes += 2 * 4 * h as u64;
+            let norms = 2 + 2 * l.post_attn_norm.is_some() as u64;
+            b += norms * 4 * h as u64 + 2 * 4 * hd as u64 * l.qk_norm.is_some() as u64;
+            match &l.ffn {
+                Ffn::Dense { gate, up, down, .. } => {
+                    b += gate.bytes() + up.bytes() + down.bytes();
+                    weight_bytes += b;
+                    held_bytes += b;
+                }
+                Ffn::Moe {
+                    router,
+                    experts,
+                    top_k,
+                    ..
+                } => {
+                    let all: u64 = experts.iter().flatten().map(Linear::bytes).sum();
+                    b += router.bytes();
+                    weight_bytes += b + all * *top_k as u64 / experts.len() as u64;
+                    held_bytes += b + all;
+                }
+            }
         }
+        held_bytes += head.bytes() + 4 * h as u64;
         let kv_of: Vec<usize> = (0..spec.n_q())
             .map(|j| spec.kv_index_for_local_q(cfg, j))
             .collect();
@@ -285,11 +424,15 @@ impl ShardModel {
                 kv_of,
                 group,
                 kv_index,
+                scale: match cfg.opts.query_pre_attn_scalar {
+                    Some(s) => (1.0 / s.sqrt()) as f32,
+                    None => 1.0 / (hd as f32).sqrt(),
+                },
             },
-            inv_freq: inv_freq(cfg),
+            inv_freqs,
             caches: HashMap::new(),
             weight_bytes,
-            held_bytes: weight_bytes + embed_bytes,
+            held_bytes: held_bytes + embed_bytes,
         })
     }
 
@@ -435,6 +578,9 @@ impl ShardModel {
         let table = self.embed.as_ref().unwrap_or(&self.head);
         let x = table.rows(&local, &self.device);
         let mut x = self.all_reduce(x, coll)?;
+        if cfg.opts.embed_scale {
+            x = ops::scale(x, embed_scale(cfg));
+        }
 
         // Rows of prompts (steps of several tokens) take the CPU's f32 GEMM; a sequence's rows
         // take the same kernels whatever else is in the batch.
@@ -443,12 +589,11 @@ impl ShardModel {
             .flat_map(|s| std::iter::repeat_n(s.ids.len() > 1, s.ids.len()))
             .collect();
         let prompt_last: Vec<bool> = steps.iter().map(|s| s.ids.len() > 1).collect();
-        let rope = Rope::new(
-            positions,
-            &self.inv_freq,
-            cfg.rope_interleaved,
-            &self.device,
-        );
+        let ropes: Vec<Rope> = self
+            .inv_freqs
+            .iter()
+            .map(|f| Rope::new(positions.clone(), f, cfg.rope_interleaved, &self.device))
+            .collect();
         let (nq, nkv) = (self.heads.nq, self.heads.nkv);
         let n_layers = cfg.layers;
         let device = self.device.clone();
@@ -467,26 +612,58 @@ impl ShardModel {
                 let mut qkv =
                     Linear::forward_group(&[&layer.q, &layer.k, &layer.v], hn, prec, &prompt);
                 let v = qkv.pop().expect("v");
-                let k = rope.apply(qkv.pop().expect("k"), nkv, &self.inv_freq);
-                let q = rope.apply(qkv.pop().expect("q"), nq, &self.inv_freq);
+                let (mut k, mut q) = (qkv.pop().expect("k"), qkv.pop().expect("q"));
+                if let Some((qn, kn)) = &layer.qk_norm {
+                    q = ops::rms_norm_heads(q, qn, cfg.rms_eps);
+                    k = ops::rms_norm_heads(k, kn, cfg.rms_eps);
+                }
+                let (rope, freqs) = (&ropes[layer.rope], &self.inv_freqs[layer.rope]);
+                let k = rope.apply(k, nkv, freqs);
+                let q = rope.apply(q, nq, freqs);
                 let mut layer_caches: Vec<&mut Kv> = caches.iter_mut().map(|c| &mut c[l]).collect();
-                let attn = ops::attention(q, k, v, steps, &mut layer_caches, &self.heads);
+                let attn =
+                    ops::attention(q, k, v, steps, &mut layer_caches, &self.heads, layer.window);
                 let partial = layer.o.forward(attn, prec, &prompt);
                 let mut out = self.all_reduce(partial, coll)?;
                 if let Some(b) = &layer.o_bias {
                     out = out + b.clone();
                 }
+                if let Some(n) = &layer.post_attn_norm {
+                    out = ops::rms_norm(out, n, cfg.rms_eps);
+                }
                 x = ops::add(x, out);
 
-                // MLP.
+                // FFN.
                 let hn = ops::rms_norm(x.clone(), &layer.ffn_norm, cfg.rms_eps);
-                let mut gu = Linear::forward_group(&[&layer.gate, &layer.up], hn, prec, &prompt);
-                let up = gu.pop().expect("up");
-                let act = ops::swiglu(gu.pop().expect("gate"), up);
-                let partial = layer.down.forward(act, prec, &prompt);
+                let act = cfg.opts.activation;
+                let (partial, bias) = match &layer.ffn {
+                    Ffn::Dense {
+                        gate,
+                        up,
+                        down,
+                        down_bias,
+                    } => {
+                        let mut gu = Linear::forward_group(&[gate, up], hn, prec, &prompt);
+                        let up = gu.pop().expect("up");
+                        let a = ops::glu(gu.pop().expect("gate"), up, act);
+                        (down.forward(a, prec, &prompt), down_bias.as_ref())
+                    }
+                    Ffn::Moe {
+                        router,
+                        experts,
+                        top_k,
+                        norm_topk,
+                    } => (
+                        moe_ffn(hn, router, experts, *top_k, *norm_topk, act, prec, &prompt)?,
+                        None,
+                    ),
+                };
                 let mut out = self.all_reduce(partial, coll)?;
-                if let Some(b) = &layer.down_bias {
+                if let Some(b) = bias {
                     out = out + b.clone();
+                }
+                if let Some(n) = &layer.post_ffn_norm {
+                    out = ops::rms_norm(out, n, cfg.rms_eps);
                 }
                 x = ops::add(x, out);
             }
@@ -524,6 +701,89 @@ impl ShardModel {
         let positions = self.caches.keys().map(|&s| self.cached_len(s)).sum();
         (seqs, positions)
     }
+}
+
+/// Gemma's embedding multiplier √hidden, in the model's dtype as transformers casts it.
+fn embed_scale(cfg: &ModelConfig) -> f32 {
+    let s = (cfg.hidden as f64).sqrt();
+    match cfg.rope_precision {
+        RopePrecision::F32 => s as f32,
+        RopePrecision::Bf16 => half::bf16::from_f64(s).to_f32(),
+        RopePrecision::F16 => half::f16::from_f64(s).to_f32(),
+    }
+}
+
+/// Each token's experts and their weights: softmax over the router's logits, the `top_k`
+/// largest (the lower index first on ties), renormalized to sum to 1 if `norm_topk`.
+pub fn route(
+    logits: &[f32],
+    experts: usize,
+    top_k: usize,
+    norm_topk: bool,
+) -> Vec<Vec<(usize, f32)>> {
+    logits
+        .chunks_exact(experts)
+        .map(|row| {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let exp: Vec<f32> = row.iter().map(|&x| (x - max).exp()).collect();
+            let sum: f32 = exp.iter().sum();
+            let mut order: Vec<usize> = (0..experts).collect();
+            order.sort_by(|&a, &b| exp[b].total_cmp(&exp[a]).then(a.cmp(&b)));
+            let mut top: Vec<(usize, f32)> =
+                order[..top_k].iter().map(|&e| (e, exp[e] / sum)).collect();
+            if norm_topk {
+                let s: f32 = top.iter().map(|t| t.1).sum();
+                top.iter_mut().for_each(|t| t.1 /= s);
+            }
+            top
+        })
+        .collect()
+}
+
+/// A mixture-of-experts FFN over a step's rows: route every row, then run each expert once
+/// on all the rows that chose it (its weights are read once per step) and add its output,
+/// weighted, into those rows. Returns this shard's partial sums, like a dense `down`.
+#[allow(clippy::too_many_arguments)]
+fn moe_ffn(
+    hn: Tensor<2>,
+    router: &Linear,
+    experts: &[[Linear; 3]],
+    top_k: usize,
+    norm_topk: bool,
+    act: tessera_core::Activation,
+    prec: Precision,
+    prompt: &[bool],
+) -> Result<Tensor<2>> {
+    let [t, h] = hn.dims();
+    let n = experts.len();
+    let logits = router
+        .forward(hn.clone(), Precision::Exact, prompt)
+        .into_data()
+        .try_into_vec::<f32>()
+        .map_err(|e| ModelError::Backend(format!("reading router logits: {e:?}")))?;
+    let mut rows: Vec<Vec<(usize, f32)>> = vec![Vec::new(); n];
+    for (r, choice) in route(&logits, n, top_k, norm_topk).into_iter().enumerate() {
+        for (e, w) in choice {
+            rows[e].push((r, w));
+        }
+    }
+    let mut acc = Tensor::<2>::zeros([t, h], &hn.device());
+    for (e, chosen) in rows.iter().enumerate() {
+        if chosen.is_empty() {
+            continue;
+        }
+        let idx: Vec<usize> = chosen.iter().map(|c| c.0).collect();
+        let weights: Vec<f32> = chosen.iter().map(|c| c.1).collect();
+        let flags: Vec<bool> = idx.iter().map(|&r| prompt[r]).collect();
+        let x = ops::gather_rows(&hn, &idx);
+        let [gate, up, down] = &experts[e];
+        let mut gu = Linear::forward_group(&[gate, up], x, prec, &flags);
+        let u = gu.pop().expect("up");
+        let a = ops::glu(gu.pop().expect("gate"), u, act);
+        let y = down.forward(a, prec, &flags);
+        acc = ops::scatter_add_rows(acc, &idx, y, &weights);
+    }
+    Ok(acc)
 }
 
 /// One sequence's part of a step: new tokens `ids` at positions `pos..`.

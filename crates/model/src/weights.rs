@@ -35,6 +35,39 @@ pub enum Tensor {
     GateBias(usize),
     UpBias(usize),
     DownBias(usize),
+    /// Per-head RMSNorm weights of Q and K (`[head_dim]`).
+    QNorm(usize),
+    KNorm(usize),
+    /// Norms on the attention and FFN outputs (Gemma).
+    PostAttnNorm(usize),
+    PostFfnNorm(usize),
+    /// A mixture of experts' router (`[experts, hidden]`), and expert `e`'s matrices.
+    Router(usize),
+    ExpGate(usize, usize),
+    ExpUp(usize, usize),
+    ExpDown(usize, usize),
+}
+
+/// How a Hugging Face checkpoint names the tensors that differ between families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HfNames {
+    #[default]
+    Llama,
+    /// Gemma: `pre_feedforward_layernorm` is the FFN's input norm; `post_attention_layernorm`
+    /// and `post_feedforward_layernorm` normalize the outputs.
+    Gemma,
+    /// Mixtral: `block_sparse_moe.gate` and experts' `w1`, `w3`, `w2`.
+    Mixtral,
+}
+
+impl HfNames {
+    pub fn of(arch: tessera_core::Arch) -> HfNames {
+        match arch {
+            tessera_core::Arch::Gemma3 => HfNames::Gemma,
+            tessera_core::Arch::Mixtral => HfNames::Mixtral,
+            _ => HfNames::Llama,
+        }
+    }
 }
 
 impl Tensor {
@@ -43,10 +76,24 @@ impl Tensor {
         format!("{self:?}")
     }
 
-    fn hf_name(self) -> String {
+    fn hf_name(self, names: HfNames) -> String {
         use Tensor::*;
         let l = |i: usize, s: &str| format!("model.layers.{i}.{s}");
+        let (gemma, mixtral) = (names == HfNames::Gemma, names == HfNames::Mixtral);
         match self {
+            FfnNorm(i) if gemma => l(i, "pre_feedforward_layernorm.weight"),
+            PostAttnNorm(i) => l(i, "post_attention_layernorm.weight"),
+            PostFfnNorm(i) => l(i, "post_feedforward_layernorm.weight"),
+            QNorm(i) => l(i, "self_attn.q_norm.weight"),
+            KNorm(i) => l(i, "self_attn.k_norm.weight"),
+            Router(i) if mixtral => l(i, "block_sparse_moe.gate.weight"),
+            Router(i) => l(i, "mlp.gate.weight"),
+            ExpGate(i, e) if mixtral => l(i, &format!("block_sparse_moe.experts.{e}.w1.weight")),
+            ExpUp(i, e) if mixtral => l(i, &format!("block_sparse_moe.experts.{e}.w3.weight")),
+            ExpDown(i, e) if mixtral => l(i, &format!("block_sparse_moe.experts.{e}.w2.weight")),
+            ExpGate(i, e) => l(i, &format!("mlp.experts.{e}.gate_proj.weight")),
+            ExpUp(i, e) => l(i, &format!("mlp.experts.{e}.up_proj.weight")),
+            ExpDown(i, e) => l(i, &format!("mlp.experts.{e}.down_proj.weight")),
             Embed => "model.embed_tokens.weight".into(),
             LmHead => "lm_head.weight".into(),
             FinalNorm => "model.norm.weight".into(),
@@ -92,7 +139,28 @@ impl Tensor {
             GateBias(i) => l(i, "ffn_gate.bias"),
             UpBias(i) => l(i, "ffn_up.bias"),
             DownBias(i) => l(i, "ffn_down.bias"),
+            QNorm(i) => l(i, "attn_q_norm.weight"),
+            KNorm(i) => l(i, "attn_k_norm.weight"),
+            PostAttnNorm(i) => l(i, "post_attention_norm.weight"),
+            PostFfnNorm(i) => l(i, "post_ffw_norm.weight"),
+            Router(i) => l(i, "ffn_gate_inp.weight"),
+            // Stacked: one tensor per layer holds every expert; see `gguf_expert`.
+            ExpGate(i, _) => l(i, "ffn_gate_exps.weight"),
+            ExpUp(i, _) => l(i, "ffn_up_exps.weight"),
+            ExpDown(i, _) => l(i, "ffn_down_exps.weight"),
         }
+    }
+
+    /// GGUF's older per-expert name (`blk.N.ffn_gate.E.weight`), and the expert's index.
+    fn gguf_expert(self) -> Option<(String, usize)> {
+        use Tensor::*;
+        let (i, e, s) = match self {
+            ExpGate(i, e) => (i, e, "ffn_gate"),
+            ExpUp(i, e) => (i, e, "ffn_up"),
+            ExpDown(i, e) => (i, e, "ffn_down"),
+            _ => return None,
+        };
+        Some((format!("blk.{i}.{s}.{e}.weight"), e))
     }
 }
 
@@ -233,6 +301,7 @@ pub enum Weights {
     Safetensors {
         files: Arc<Vec<StFile>>,
         by_name: Arc<HashMap<String, usize>>,
+        names: HfNames,
     },
     Gguf {
         file: Arc<GgufFile>,
@@ -247,7 +316,7 @@ fn map_file(path: &Path) -> Result<Mmap> {
 
 impl Weights {
     /// Opens `model.safetensors` or the files named by `model.safetensors.index.json` in `dir`.
-    pub fn open_safetensors(dir: &Path) -> Result<Weights> {
+    pub fn open_safetensors(dir: &Path, naming: HfNames) -> Result<Weights> {
         let index = dir.join("model.safetensors.index.json");
         let names: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
@@ -292,6 +361,7 @@ impl Weights {
         Ok(Weights::Safetensors {
             files: Arc::new(files),
             by_name: Arc::new(by_name),
+            names: naming,
         })
     }
 
@@ -311,23 +381,42 @@ impl Weights {
 
     fn name(&self, t: Tensor) -> String {
         match self {
-            Weights::Safetensors { .. } => t.hf_name(),
-            Weights::Gguf { .. } => t.gguf_name(),
+            Weights::Safetensors { names, .. } => t.hf_name(*names),
+            Weights::Gguf { file } => match t.gguf_expert() {
+                // Experts stacked in one tensor, or (older files) one tensor each.
+                Some((own, _)) if file.tensors.contains_key(&own) => own,
+                _ => t.gguf_name(),
+            },
             Weights::Blocks(_) => t.key(),
         }
+    }
+
+    /// For an expert's matrix stored stacked in a GGUF tensor: the expert's index and its
+    /// number of rows (the stacked tensor's rows are the experts' rows, expert after expert).
+    fn stacked(&self, t: Tensor, name: &str) -> Option<(usize, usize)> {
+        let Weights::Gguf { file } = self else {
+            return None;
+        };
+        let (_, e) = t.gguf_expert()?;
+        let info = file.tensors.get(name)?;
+        (info.dims.len() == 3).then(|| (e, info.dims[1]))
     }
 
     /// Logical shape, PyTorch order (`[out, in]` for a matrix), or None when absent.
     pub fn shape(&self, t: Tensor) -> Option<Vec<usize>> {
         let name = self.name(t);
         match self {
-            Weights::Safetensors { files, by_name } => {
+            Weights::Safetensors { files, by_name, .. } => {
                 let f = &files[*by_name.get(&name)?];
                 Some(f.meta.info(&name)?.shape.clone())
             }
             Weights::Gguf { file, .. } => {
                 let info = file.tensors.get(&name)?;
-                Some(info.dims.iter().rev().copied().collect())
+                match self.stacked(t, &name) {
+                    Some((e, _)) if e >= info.dims[2] => None,
+                    Some(_) => Some(vec![info.dims[1], info.dims[0]]),
+                    None => Some(info.dims.iter().rev().copied().collect()),
+                }
             }
             Weights::Blocks(b) => Some(b.get(&name)?.shape.clone()),
         }
@@ -377,7 +466,7 @@ impl Weights {
                 }
                 Ok(b.sub_rows(rows.start - b.rows.start..rows.end - b.rows.start))
             }
-            Weights::Safetensors { files, by_name } => {
+            Weights::Safetensors { files, by_name, .. } => {
                 let f = &files[*by_name.get(&name).ok_or_else(missing)?];
                 let info = f.meta.info(&name).ok_or_else(missing)?;
                 let (nrows, ncols) = match info.shape.as_slice() {
@@ -445,7 +534,27 @@ impl Weights {
                     data,
                 })
             }
-            Weights::Gguf { file } => file.raw(file.info(&name)?, rows, cols),
+            Weights::Gguf { file } => {
+                let info = file.info(&name)?;
+                match self.stacked(t, &name) {
+                    Some((e, n)) => {
+                        if e >= info.dims[2] || rows.end > n || rows.start > rows.end {
+                            return Err(ModelError::format(
+                                &file.path,
+                                format!(
+                                    "{name}: expert {e} rows {rows:?} are outside {:?}",
+                                    info.dims
+                                ),
+                            ));
+                        }
+                        let mut raw = file.raw(info, e * n + rows.start..e * n + rows.end, cols)?;
+                        raw.rows = rows;
+                        raw.shape = vec![n, info.dims[0]];
+                        Ok(raw)
+                    }
+                    None => file.raw(info, rows, cols),
+                }
+            }
         }
     }
 
@@ -460,7 +569,7 @@ impl Weights {
         match self {
             Weights::Blocks(b) => b.get(&name).map(|b| b.ty),
             Weights::Gguf { file } => file.tensors.get(&name).map(|i| i.ty),
-            Weights::Safetensors { files, by_name } => {
+            Weights::Safetensors { files, by_name, .. } => {
                 let info = files[*by_name.get(&name)?].meta.info(&name)?;
                 match info.dtype {
                     Dtype::F32 => Some(GgmlType::F32),
