@@ -49,6 +49,8 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Rewrite a GGUF model with its weight matrices in another format (Q8_0, Q4_K_M, ...)
     Quantize(QuantizeArgs),
+    /// Print the token ids the model sees for TEXT (BOS included where the model adds it)
+    Tokenize(TokenizeArgs),
     /// Exit 0 if an HTTP GET of URL answers 2xx (a health check for containers)
     Probe { url: String },
     /// Show a running cluster's state and workers
@@ -59,6 +61,34 @@ enum Command {
         #[arg(long, env = "TESSERA_TOKEN", hide_env_values = true)]
         token: String,
     },
+}
+
+#[derive(Args)]
+struct TokenizeArgs {
+    /// Model folder, .gguf file, or a pulled model's name
+    #[arg(long, short = 'm')]
+    model: String,
+    /// The text to tokenize
+    text: String,
+    /// Print each token's piece beside its id (`id 'piece'`, one per line)
+    #[arg(long)]
+    pieces: bool,
+}
+
+fn run_tokenize(a: TokenizeArgs) -> anyhow::Result<()> {
+    let files = ModelFiles::open(&resolve_model(&a.model)?)?;
+    let ids = files.tokenizer.encode(&a.text)?;
+    let mut out = std::io::stdout().lock();
+    if a.pieces {
+        for id in ids {
+            let piece = files.tokenizer.id_to_token(id).unwrap_or_default();
+            writeln!(out, "{id} {piece:?}")?;
+        }
+    } else {
+        let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+        writeln!(out, "{}", ids.join(" "))?;
+    }
+    Ok(())
 }
 
 #[derive(Args)]
@@ -367,6 +397,7 @@ fn main() -> ExitCode {
         Command::Probe { url } => cluster::probe(&url),
         Command::Plan(a) => plan::run(a),
         Command::Quantize(a) => run_quantize(a),
+        Command::Tokenize(a) => run_tokenize(a),
         Command::Status { coordinator, token } => cluster::status(&coordinator, &token),
     };
     match result {

@@ -14,6 +14,7 @@ pub mod ops;
 pub mod requant;
 pub mod sampling;
 pub mod shard;
+pub mod spm;
 pub mod tokenizer;
 pub mod weights;
 
