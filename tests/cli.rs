@@ -362,3 +362,34 @@ fn chat_flag_applies_the_models_template_locally_and_on_a_cluster() {
         format!("{want}\n")
     );
 }
+
+/// `tessera tokenize` prints the ids the model sees (BOS included where it adds it), and with
+/// `--pieces` each id's piece, for a SentencePiece GGUF; `--chat` on a model with neither a
+/// template nor a known turn format is refused with a message saying so.
+#[test]
+fn tokenize_prints_ids_and_pieces_and_chat_without_a_template_is_refused() {
+    let spm = fixtures().join("tiny-llama-spm-gguf/model.F32.gguf");
+    let m = spm.to_str().unwrap();
+    let o = tessera(&["tokenize", "--model", m, "Hello world"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "1 415 422 279 426 273 264 430 431"
+    );
+    let o = tessera(&["tokenize", "--model", m, "--pieces", "café"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "1 \"<s>\"",
+            "270 \"▁c\"",
+            "425 \"a\"",
+            "444 \"f\"",
+            "198 \"<0xC3>\"",
+            "172 \"<0xA9>\""
+        ]
+    );
+    let o = tessera(&["generate", "--model", m, "--prompt", "hi", "--chat"]);
+    assert_clear_error(&o, &["no chat template", "llama"]);
+}

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fixtures, free_port, reference, smollm2, tessera};
+use common::{fixtures, free_port, gemma3, reference, smollm2, tessera};
 use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -85,6 +85,34 @@ fn run_tiny_qwen2_on_1_to_4_worker_processes() {
 #[test]
 fn run_smollm2_on_1_to_4_worker_processes() {
     check_run(&smollm2(), "smollm2-135m-q4_1", &[1, 2, 3, 4], 1);
+}
+
+/// Qwen3, Gemma 3 (sliding window, 1 KV head replicated), Qwen3-MoE and Mixtral (experts
+/// shipped to the workers split like dense FFNs), and a SentencePiece GGUF, as worker processes.
+#[test]
+fn run_new_families_on_1_to_4_worker_processes() {
+    for name in [
+        "tiny-qwen3",
+        "tiny-gemma3",
+        "tiny-qwen3-moe",
+        "tiny-mixtral",
+    ] {
+        check_run(&fixtures().join(name), name, &[1, 2, 3, 4], 1);
+    }
+    let spm = fixtures().join("tiny-llama-spm-gguf");
+    check_run(
+        &spm.join("model.F32.gguf"),
+        "tiny-llama-spm-gguf",
+        &[1, 2, 3, 4],
+        1,
+    );
+}
+
+/// The real Gemma 3 270M (Q4_K_M) on 1 and 2 worker processes: every reference case, the chat
+/// case's rendered prompt included.
+#[test]
+fn run_gemma3_270m_on_1_and_2_worker_processes() {
+    check_run(&gemma3(), "gemma3-270m-q4_k_m", &[1, 2], 4);
 }
 
 /// A coordinator and its workers as separate processes, killed when the test ends.

@@ -89,7 +89,20 @@ pub fn reference_file(path: &std::path::Path) -> Reference {
 
 /// The demo model, as `tessera pull smollm2-135m` caches it (or `TESSERA_SMOLLM2`).
 pub fn smollm2() -> PathBuf {
-    if let Some(p) = std::env::var_os("TESSERA_SMOLLM2") {
+    pulled(
+        "TESSERA_SMOLLM2",
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+    )
+}
+
+/// Gemma 3 270M Q4_K_M, as `tessera pull gemma3-270m` caches it (or `TESSERA_GEMMA3`).
+pub fn gemma3() -> PathBuf {
+    pulled("TESSERA_GEMMA3", "gemma3-270m", "gemma-3-270m-q4_k_m.gguf")
+}
+
+fn pulled(var: &str, name: &str, file: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(var) {
         return PathBuf::from(p);
     }
     let home = std::env::var_os("TESSERA_HOME")
@@ -98,10 +111,10 @@ pub fn smollm2() -> PathBuf {
         .unwrap_or_else(|| {
             PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/tessera")
         });
-    let p = home.join("models/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let p = home.join("models").join(name).join(file);
     assert!(
         p.exists(),
-        "the demo model is not at {}: run `cargo run --release -- pull smollm2-135m` (or set TESSERA_SMOLLM2)",
+        "{name} is not at {}: run `cargo run --release -- pull {name}` (or set {var})",
         p.display()
     );
     p
@@ -139,4 +152,5 @@ pub fn skip_wgpu() -> bool {
     skip
 }
 
+pub mod gguf;
 pub mod http;
