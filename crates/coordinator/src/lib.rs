@@ -271,7 +271,7 @@ impl CoordinatorState {
             if let Some((ids, mesh, growing)) = todo {
                 if growing {
                     // The old mesh stops serving (the scheduler is idle) while the new loads.
-                    self.scheduler.withdraw("loading");
+                    self.scheduler.pause("loading");
                 }
                 match self.clone().load_all(&ids, mesh).await {
                     Ok(()) => {}
@@ -826,7 +826,8 @@ impl CoordinatorService {
         );
         drop(g);
         if replaced_ready {
-            self.state.scheduler.withdraw("degraded");
+            // A worker back under its name: a planned reload, running sequences carry on.
+            self.state.scheduler.pause("degraded");
         }
         tracing::info!(id, name = %r.name, "worker registered");
         st.changed.notify_one();

@@ -89,9 +89,15 @@ struct Queued {
     queued_at: Instant,
 }
 
+/// How long running sequences wait for a cluster taken away for a planned reload before they
+/// fail.
+pub const RELOAD_WAIT: Duration = Duration::from_secs(60);
+
 struct Active {
     seq: u64,
     job: Job,
+    /// Tokens sent since the prompt was last (re)started.
+    out: Vec<u32>,
     tx: mpsc::UnboundedSender<Event>,
     sampler: Sampler,
     /// Prompt tokens already in the cache.
@@ -102,6 +108,19 @@ struct Active {
     reserved: usize,
     stats: GenStats,
     comm0: CommStats,
+}
+
+impl Active {
+    /// Starts the sequence over on a cluster without its cache: its prompt becomes the prompt
+    /// and the tokens already sent, so the next token sampled is the one that comes after
+    /// them, as it would have been.
+    fn restart(&mut self) {
+        if self.prefilled >= self.job.prompt.len() {
+            self.job.prompt.append(&mut self.out);
+        }
+        self.out.clear();
+        self.prefilled = 0;
+    }
 }
 
 /// Counters for /metrics.
@@ -137,6 +156,9 @@ struct Shared {
     incoming: Option<Box<dyn Runner>>,
     /// Bumped when the runner is replaced or withdrawn; the thread then drops its own.
     epoch: u64,
+    /// Whether the sequences running at the last epoch change carry on with the next runner
+    /// (a planned reload) rather than fail (a failure).
+    resume: bool,
     ready: bool,
     state: String,
     active: usize,
@@ -165,6 +187,7 @@ impl Scheduler {
                 queue: VecDeque::new(),
                 incoming: None,
                 epoch: 0,
+                resume: false,
                 ready: false,
                 state: "waiting for workers".into(),
                 active: 0,
@@ -190,10 +213,13 @@ impl Scheduler {
     }
 
     /// Hands the scheduler a freshly loaded cluster.
+    /// Sequences running on the previous cluster carry on with this one (see
+    /// [`Scheduler::pause`]).
     pub fn set_runner(&self, runner: Box<dyn Runner>) {
         let mut g = self.shared.lock().unwrap();
         g.incoming = Some(runner);
         g.epoch += 1;
+        g.resume = true;
         g.ready = true;
         g.state = "ready".into();
         drop(g);
@@ -203,9 +229,23 @@ impl Scheduler {
     /// Withdraws the cluster (a worker failed): active and queued requests fail, new ones are
     /// refused until [`Scheduler::set_runner`].
     pub fn withdraw(&self, state: &str) {
+        self.take_away(state, false);
+    }
+
+    /// Takes the cluster away for a planned reload (more workers, a worker back under its
+    /// name): new and queued requests are refused as by [`Scheduler::withdraw`], but running
+    /// sequences wait for the next cluster (up to [`RELOAD_WAIT`]) and carry on there: it
+    /// prefills their prompt and the tokens already sent, so their clients see nothing but
+    /// a pause.
+    pub fn pause(&self, state: &str) {
+        self.take_away(state, true);
+    }
+
+    fn take_away(&self, state: &str, resume: bool) {
         let mut g = self.shared.lock().unwrap();
         g.incoming = None;
         g.epoch += 1;
+        g.resume = resume;
         g.ready = false;
         g.state = state.to_string();
         let queued: Vec<Queued> = g.queue.drain(..).collect();
@@ -287,6 +327,8 @@ impl Scheduler {
         let mut active: Vec<Active> = Vec::new();
         let mut to_free: Vec<u64> = Vec::new();
         let mut next_seq = 1u64;
+        // Since when running sequences wait for a cluster that is being reloaded.
+        let mut parked: Option<Instant> = None;
         loop {
             // Take in a new runner, new requests, and notice cancellations.
             let mut admitted = Vec::new();
@@ -300,7 +342,13 @@ impl Scheduler {
                         epoch = g.epoch;
                         runner = g.incoming.take();
                         to_free.clear();
-                        if !active.is_empty() {
+                        if g.resume {
+                            // The new cluster has none of their caches: each starts over.
+                            active.iter_mut().for_each(Active::restart);
+                            if runner.is_none() && !active.is_empty() {
+                                parked.get_or_insert_with(Instant::now);
+                            }
+                        } else if !active.is_empty() {
                             g.metrics.failed += active.len() as u64;
                             for a in active.drain(..) {
                                 let _ = a.tx.send(Event::Error(ModelError::Backend(
@@ -308,7 +356,10 @@ impl Scheduler {
                                 )));
                             }
                         }
-                        g.kv_reserved = 0;
+                        g.kv_reserved = active.iter().map(|a| a.reserved).sum();
+                    }
+                    if runner.is_some() {
+                        parked = None;
                     }
                     let cancelled = active.iter().any(|a| a.tx.is_closed());
                     let work = runner.is_some()
@@ -316,7 +367,28 @@ impl Scheduler {
                     if work || cancelled {
                         break;
                     }
-                    g = self.wake.wait(g).unwrap();
+                    match parked {
+                        Some(since) if since.elapsed() >= RELOAD_WAIT => {
+                            parked = None;
+                            g.metrics.failed += active.len() as u64;
+                            for a in active.drain(..) {
+                                let _ = a.tx.send(Event::Error(ModelError::Backend(format!(
+                                    "the cluster was reloaded and did not come back within {} s",
+                                    RELOAD_WAIT.as_secs()
+                                ))));
+                            }
+                            g.kv_reserved = 0;
+                            g.active = 0;
+                        }
+                        Some(since) => {
+                            g = self
+                                .wake
+                                .wait_timeout(g, RELOAD_WAIT - since.elapsed())
+                                .unwrap()
+                                .0;
+                        }
+                        None => g = self.wake.wait(g).unwrap(),
+                    }
                 }
                 // Cancelled by the client: leave now, free the cache in this step.
                 let before = active.len();
@@ -363,6 +435,7 @@ impl Scheduler {
                 tracing::debug!(seq, waited_ms = waited.as_millis() as u64, "admitted");
                 active.push(Active {
                     seq,
+                    out: Vec::new(),
                     sampler: Sampler::new(q.job.params.sampling.clone()),
                     prefilled: 0,
                     next: 0,
@@ -477,6 +550,7 @@ impl Scheduler {
                     continue;
                 }
                 a.next = tok;
+                a.out.push(tok);
                 let ctx = r.cfg().max_context;
                 if !a.job.params.ignore_eos && a.job.stop_ids.contains(&tok) {
                     a.stats.finish = Finish::Stop;
@@ -788,6 +862,40 @@ mod tests {
         }
         assert_eq!(r.sched.metrics().cancelled, 1);
         assert_eq!(r.sched.load(), (0, 0, 0));
+    }
+
+    #[test]
+    fn running_sequences_carry_on_across_a_planned_reload() {
+        let r = rig(SchedulerConfig::default(), 5);
+        let mut a = r.sched.submit(&cfg(), job(vec![1], 10)).unwrap();
+        let mut first = Vec::new();
+        while first.len() < 3 {
+            match a.blocking_recv() {
+                Some(Event::Token(t)) => first.push(t),
+                other => panic!("expected a token, got {:?}", other.is_some()),
+            }
+        }
+        // More workers: the cluster is taken away, then a fresh one (no caches) comes.
+        r.sched.pause("loading");
+        std::thread::sleep(Duration::from_millis(30));
+        let fresh = Fake {
+            cfg: cfg(),
+            caches: Default::default(),
+            batches: Default::default(),
+            fail: Default::default(),
+            delay: Duration::from_millis(1),
+        };
+        let batches = fresh.batches.clone();
+        r.sched.set_runner(Box::new(fresh));
+        let (rest, done) = collect(&mut a).unwrap();
+        first.extend(rest);
+        assert_eq!(first, (2..12).collect::<Vec<u32>>());
+        assert_eq!(done.stats.generated, 10);
+        // The fresh cluster prefilled the prompt and the tokens already sent, from position 0.
+        let b = batches.lock().unwrap();
+        let (seq, pos, len) = b[0][0];
+        assert_eq!(pos, 0);
+        assert!(len > 3, "prefilled {len} tokens of sequence {seq}");
     }
 
     #[test]
