@@ -82,9 +82,21 @@ pub fn glu(gate: Tensor<2>, up: Tensor<2>, act: Activation) -> Tensor<2> {
         let mut g = to_vec(gate);
         let u = host(&up).expect("host tensor");
         let u = u.as_slice::<f32>().expect("f32");
-        match act {
-            Activation::Silu => cpu::swiglu(&mut g, u),
-            Activation::GeluTanh => cpu::geglu(&mut g, u),
+        let f = match act {
+            Activation::Silu => cpu::swiglu,
+            Activation::GeluTanh => cpu::geglu,
+        };
+        // A prompt's rows are many: spread them over the kernel threads.
+        const CHUNK: usize = 1 << 14;
+        if g.len() > 2 * CHUNK {
+            use rayon::prelude::*;
+            tessera_quant::in_pool(|| {
+                g.par_chunks_mut(CHUNK)
+                    .zip(u.par_chunks(CHUNK))
+                    .for_each(|(g, u)| f(g, u))
+            });
+        } else {
+            f(&mut g, u);
         }
         return from_vec(g, shape, &device);
     }
