@@ -166,13 +166,7 @@ fn sentencepiece_gguf_tokenizes_like_sentencepiece_and_matches_reference() {
 fn gemma3_270m_matches_reference_on_1_and_2_shards() {
     let files = ModelFiles::open(&gemma3()).expect("model opens");
     let r = reference("gemma3-270m-q4_k_m");
-    let chat = r
-        .cases
-        .iter()
-        .find(|c| c.messages.is_some())
-        .expect("a chat case");
-    let messages: Vec<tessera_model::chat::Message> =
-        serde_json::from_value(chat.messages.clone().unwrap()).unwrap();
+    let (chat, messages) = r.chat();
     let rendered = files.render_chat(&messages).expect("renders");
     assert_eq!(rendered, chat.prompt);
     check_on_shards(&files, &r, &[1, 2], "gemma3-270m");
@@ -395,13 +389,7 @@ fn wgpu_tiny_llama_matches_reference() {
 fn smollm2_chat_template_renders_like_transformers() {
     let files = ModelFiles::open(&smollm2()).expect("model opens");
     let r = reference("smollm2-135m-q4_1");
-    let case = r
-        .cases
-        .iter()
-        .find(|c| c.messages.is_some())
-        .expect("a chat case");
-    let messages: Vec<tessera_model::chat::Message> =
-        serde_json::from_value(case.messages.clone().unwrap()).expect("messages");
+    let (case, messages) = r.chat();
     let prompt = files.render_chat(&messages).expect("template renders");
     assert_eq!(prompt, case.prompt);
     assert_eq!(files.tokenizer.encode(&prompt).unwrap(), case.input_ids);

@@ -21,6 +21,19 @@ fn take(st: &mut BTreeMap<String, F32Tensor>, name: &str) -> F32Tensor {
         .unwrap_or_else(|| panic!("fixture lacks {name}"))
 }
 
+/// The tensors outside the layers, under GGUF's names: embedding, output head, final norm.
+fn outer_tensors(st: &mut BTreeMap<String, F32Tensor>) -> BTreeMap<String, F32Tensor> {
+    let mut t = BTreeMap::new();
+    for (hf, gg) in [
+        ("model.embed_tokens.weight", "token_embd.weight"),
+        ("lm_head.weight", "output.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+    ] {
+        t.insert(gg.to_string(), take(st, hf));
+    }
+    t
+}
+
 /// Logits of the last position and the greedy ids for `ids` on `n` shards (exact path).
 fn run(path: &Path, n: usize, ids: &[u32], steps: usize) -> (Vec<f32>, Vec<u32>) {
     let files = ModelFiles::open(path).expect("model opens");
@@ -41,16 +54,7 @@ fn moe_gguf_with_stacked_experts_matches_reference_on_1_to_4_shards() {
     let u = |k: &str| cfg[k].as_u64().unwrap() as u32;
     let mut st = read_safetensors(&src.join("model.safetensors"));
     let (layers, experts) = (u("num_hidden_layers"), u("num_local_experts"));
-    let mut t = BTreeMap::new();
-    t.insert(
-        "token_embd.weight".into(),
-        take(&mut st, "model.embed_tokens.weight"),
-    );
-    t.insert("output.weight".into(), take(&mut st, "lm_head.weight"));
-    t.insert(
-        "output_norm.weight".into(),
-        take(&mut st, "model.norm.weight"),
-    );
+    let mut t = outer_tensors(&mut st);
     for l in 0..layers {
         let hf = |s: &str| format!("model.layers.{l}.{s}");
         let gg = |s: &str| format!("blk.{l}.{s}.weight");
@@ -214,16 +218,7 @@ fn llama31_rope_freqs_in_gguf_equal_the_configs_llama3_scaling() {
         .collect();
     assert!(factors.contains(&1.0) && factors.contains(&8.0));
     let mut st = read_safetensors(&src.join("model.safetensors"));
-    let mut t = BTreeMap::new();
-    t.insert(
-        "token_embd.weight".into(),
-        take(&mut st, "model.embed_tokens.weight"),
-    );
-    t.insert("output.weight".into(), take(&mut st, "lm_head.weight"));
-    t.insert(
-        "output_norm.weight".into(),
-        take(&mut st, "model.norm.weight"),
-    );
+    let mut t = outer_tensors(&mut st);
     t.insert(
         "rope_freqs.weight".into(),
         F32Tensor {

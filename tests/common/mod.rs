@@ -41,6 +41,19 @@ pub struct Reference {
     pub cases: Vec<Case>,
 }
 
+impl Reference {
+    /// The chat case and its messages.
+    pub fn chat(&self) -> (&Case, Vec<tessera_model::chat::Message>) {
+        let case = self
+            .cases
+            .iter()
+            .find(|c| c.messages.is_some())
+            .expect("a chat case");
+        let messages = serde_json::from_value(case.messages.clone().unwrap()).expect("messages");
+        (case, messages)
+    }
+}
+
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .expect("array")
