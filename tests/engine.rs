@@ -13,43 +13,7 @@ use tessera_model::{Backend, LocalCluster, ModelFiles, Precision, Runner};
 /// Tokenizer ids, logits within tolerance and greedy ids, on one shard.
 fn check_fixture(path: &Path, r: &Reference, backend: Backend) {
     let files = ModelFiles::open(path).expect("model opens");
-    let mut cluster =
-        LocalCluster::load(&files, 1, backend, Precision::Exact).expect("model loads");
-    for (i, case) in r.cases.iter().enumerate() {
-        let ids = files.tokenizer.encode(&case.prompt).expect("tokenizes");
-        assert_eq!(
-            ids, case.input_ids,
-            "case {i}: tokenizer ids for {:?}",
-            case.prompt
-        );
-        let logits = cluster.forward(100 + i as u64, &ids, 0).expect("forward");
-        cluster.free(100 + i as u64);
-        assert_eq!(logits.len(), files.cfg.vocab);
-        let mut worst = 0f32;
-        match &case.last_logits {
-            Some(full) => {
-                for (a, b) in logits.iter().zip(full) {
-                    worst = worst.max((a - b).abs());
-                }
-            }
-            None => {
-                for (id, want) in &case.last_logits_top {
-                    worst = worst.max((logits[*id as usize] - want).abs());
-                }
-            }
-        }
-        assert!(
-            worst <= r.logit_abs,
-            "case {i}: logits differ by up to {worst} (tolerance {})",
-            r.logit_abs
-        );
-        let got = greedy(&mut cluster, &ids, case.greedy_ids.len());
-        assert_eq!(
-            got, case.greedy_ids,
-            "case {i}: greedy continuation of {:?}",
-            case.prompt
-        );
-    }
+    check_on(&files, r, &[1], backend, &path.display().to_string());
 }
 
 /// Greedy ids of every case on 2, 3 and 4 shards equal the reference.
@@ -72,9 +36,13 @@ fn check_shards(path: &Path, r: &Reference, cases: usize) {
 /// On each of `shards` shard counts, every case: the tokenizer's ids, every logit (or the top
 /// ones the reference keeps) within tolerance, and the same greedy ids, with f32 activations.
 fn check_on_shards(files: &ModelFiles, r: &Reference, shards: &[usize], label: &str) {
+    check_on(files, r, shards, Backend::Cpu, label);
+}
+
+fn check_on(files: &ModelFiles, r: &Reference, shards: &[usize], backend: Backend, label: &str) {
     for &n in shards {
         let mut cluster =
-            LocalCluster::load(files, n, Backend::Cpu, Precision::Exact).expect("model loads");
+            LocalCluster::load(files, n, backend, Precision::Exact).expect("model loads");
         for (i, case) in r.cases.iter().enumerate() {
             let ids = files.tokenizer.encode(&case.prompt).expect("tokenizes");
             assert_eq!(ids, case.input_ids, "{label}: tokenizer ids of case {i}");
