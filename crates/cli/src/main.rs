@@ -378,6 +378,17 @@ fn run_generate(g: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// For commands that only print (no sockets): a closed stdout (`tessera plan ... | head`) ends
+/// the process as it ends other Unix tools, instead of a panic in `println!`.
+fn die_quietly_on_closed_stdout() {
+    #[cfg(unix)]
+    // SAFETY: restores the default action of one signal before any thread that could write to
+    // a socket exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -395,9 +406,15 @@ fn main() -> ExitCode {
         Command::Run(a) => cluster::run(a),
         Command::Chat(a) => cluster::chat(a),
         Command::Probe { url } => cluster::probe(&url),
-        Command::Plan(a) => plan::run(a),
+        Command::Plan(a) => {
+            die_quietly_on_closed_stdout();
+            plan::run(a)
+        }
         Command::Quantize(a) => run_quantize(a),
-        Command::Tokenize(a) => run_tokenize(a),
+        Command::Tokenize(a) => {
+            die_quietly_on_closed_stdout();
+            run_tokenize(a)
+        }
         Command::Status { coordinator, token } => cluster::status(&coordinator, &token),
     };
     match result {
