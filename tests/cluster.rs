@@ -716,3 +716,30 @@ fn a_model_too_big_for_one_capped_worker_runs_on_two() {
     );
     eprintln!("peak memory of the two capped workers: {peaks:?} bytes (cap {cap})");
 }
+
+/// Greedy decoding on workers: each worker sends its slice's best (id, logit) per sequence,
+/// 8 bytes a step, not its vocabulary slice of logits (the tokens are the reference's: the
+/// `run_*_worker_processes` tests); `tessera bench` counts the bytes actually received.
+#[test]
+fn greedy_steps_bring_back_eight_bytes_per_worker_not_the_vocabulary() {
+    let o = tessera()
+        .args(["bench", "--model"])
+        .arg(fixtures().join("tiny-llama"))
+        .args([
+            "--workers",
+            "2",
+            "--gen-tokens",
+            "8",
+            "--runs",
+            "1",
+            "--prompt",
+            "Memory",
+        ])
+        .args(["--bandwidth-mib", "16", "--json"])
+        .output()
+        .expect("tessera bench");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(v["logits_bytes_per_step"].as_f64(), Some(8.0), "{out}");
+}

@@ -275,6 +275,11 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
         100.0 * d.comm_fraction
     );
     println!(
+        "logits sent per step: {:.0} bytes per worker (greedy: each worker's best token; a whole vocabulary slice would be {} bytes)",
+        d.logits_bytes_per_step,
+        vocab * 4 / n as u64
+    );
+    println!(
         "weights read per token: {:.1} MB (in the file's formats, all workers)",
         d.weight_bytes_per_token as f64 / 1e6
     );
@@ -307,7 +312,7 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
         "rss_bytes": worker_rss.iter().sum::<u64>(),
         "comm_share": d.comm_fraction,
         "allreduce_mean_us": d.allreduce_mean_us,
-        "logits_bytes_per_step": vocab * 4,
+        "logits_bytes_per_step": d.logits_bytes_per_step,
         "decode_gb_s": reached / 1e9,
         "memory_bandwidth_gb_s": bw / 1e9,
         "bandwidth_fraction": reached / bw,

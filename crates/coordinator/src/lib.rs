@@ -987,6 +987,8 @@ impl Coordinator for CoordinatorService {
                             } else {
                                 0.0
                             },
+                            logits_bytes_per_step: d.comm.logits_bytes as f64
+                                / d.comm.steps.max(1) as f64,
                         };
                         let _ = tx
                             .send(Ok(GenerateEvent {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tessera_model::{CommStats, ModelError, Runner, SeqStep, check_steps, gather_logits};
+use tessera_model::{CommStats, ModelError, Pick, Runner, SeqStep, check_steps, gather_logits};
 use tessera_proto::{StepReply, StepRequest};
 use tokio::sync::mpsc;
 use tonic::Streaming;
@@ -46,23 +46,43 @@ impl Runner for RemoteCluster {
     }
 
     fn step(&mut self, steps: &[SeqStep], free: &[u64]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let picks = self.step_picks(steps, free, &vec![false; steps.len()])?;
+        Ok(picks
+            .into_iter()
+            .map(|p| match p {
+                Pick::Logits(l) => l,
+                Pick::Best(_) => unreachable!("no sequence asked for its best token only"),
+            })
+            .collect())
+    }
+
+    fn step_picks(
+        &mut self,
+        steps: &[SeqStep],
+        free: &[u64],
+        best: &[bool],
+    ) -> Result<Vec<Pick>, ModelError> {
         check_steps(&self.cfg, steps)?;
         let started = Instant::now();
         let req = StepRequest {
             steps: steps
                 .iter()
-                .map(|s| tessera_proto::SeqStep {
+                .zip(best)
+                .map(|(s, &b)| tessera_proto::SeqStep {
                     seq: s.seq,
                     pos: s.pos as u32,
                     ids: s.ids.clone(),
+                    best_only: b,
                 })
                 .collect(),
             free: free.to_vec(),
         };
+        let n_best = best.iter().filter(|&&b| b).count();
+        let n_full = steps.len() - n_best;
         let handle = self.handle.clone();
         let links = &mut self.links;
         let usage = self.usage.clone();
-        let result: Result<(Vec<Vec<f32>>, u64, u64), ModelError> = handle.block_on(async {
+        let result: Result<(Vec<Pick>, u64, u64, u64), ModelError> = handle.block_on(async {
             let shard_err = |rank: usize, l: &StepLink, why: String| ModelError::Shard {
                 rank,
                 msg: format!("worker {} ({}) {why}", l.name, l.addr),
@@ -73,11 +93,27 @@ impl Runner for RemoteCluster {
                     .map_err(|_| shard_err(rank, l, "is gone".into()))?;
             }
             let mut parts = Vec::with_capacity(links.len());
+            let mut bests = Vec::with_capacity(links.len());
+            let mut reply_bytes = 0u64;
             let mut reduce = (0u64, 0u64);
             let mut worst: Option<(Blame, ModelError)> = None;
             for (rank, l) in links.iter_mut().enumerate() {
                 let failure = match tokio::time::timeout(STEP_TIMEOUT, l.rx.message()).await {
+                    Ok(Ok(Some(r)))
+                        if r.error.is_empty()
+                            && (r.best_ids.len() != n_best || r.best_logits.len() != n_best) =>
+                    {
+                        (
+                            Blame::Reported,
+                            format!(
+                                "sent {} greedy picks for {n_best} sequences",
+                                r.best_ids.len()
+                            ),
+                        )
+                    }
                     Ok(Ok(Some(r))) if r.error.is_empty() => {
+                        reply_bytes += 4 * (r.logits.len() + 2 * n_best) as u64;
+                        bests.push((r.best_ids, r.best_logits));
                         reduce.0 += r.allreduce_ns;
                         reduce.1 += r.allreduce_count as u64;
                         usage
@@ -103,17 +139,37 @@ impl Runner for RemoteCluster {
             if let Some((_, e)) = worst {
                 return Err(e);
             }
-            let logits = gather_logits(&parts, steps.len(), self.cfg.vocab)?;
+            let mut full = gather_logits(&parts, n_full, self.cfg.vocab)?.into_iter();
+            // A greedy pick: the largest logit over the workers' bests, the lowest rank (so the
+            // lowest id) on ties, as an argmax over the whole vocabulary.
+            let mut k = 0;
+            let picks = best
+                .iter()
+                .map(|&b| {
+                    if !b {
+                        return Pick::Logits(full.next().expect("one row per sequence"));
+                    }
+                    let mut top = (bests[0].0[k], bests[0].1[k]);
+                    for (ids, logits) in &bests[1..] {
+                        if logits[k] > top.1 {
+                            top = (ids[k], logits[k]);
+                        }
+                    }
+                    k += 1;
+                    Pick::Best(top.0)
+                })
+                .collect();
             // Per worker means: every worker runs the same all-reduces.
             let n = links.len() as u64;
-            Ok((logits, reduce.0 / n, reduce.1 / n))
+            Ok((picks, reduce.0 / n, reduce.1 / n, reply_bytes / n))
         });
-        let (logits, ns, count) = result?;
+        let (picks, ns, count, bytes) = result?;
         self.comm.allreduce_ns += ns;
         self.comm.allreduce_count += count;
         self.comm.step_ns += started.elapsed().as_nanos() as u64;
         self.comm.steps += 1;
-        Ok(logits)
+        self.comm.logits_bytes += bytes;
+        Ok(picks)
     }
 
     fn weight_bytes_per_token(&self) -> u64 {

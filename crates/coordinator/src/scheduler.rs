@@ -12,7 +12,8 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tessera_model::{
-    CommStats, Finish, GenStats, GenerateParams, ModelError, Runner, Sampler, SeqStep, check_step,
+    CommStats, Finish, GenStats, GenerateParams, ModelError, Pick, Runner, Sampler, SeqStep,
+    check_step,
 };
 use tokio::sync::mpsc;
 
@@ -496,10 +497,15 @@ impl Scheduler {
             }
             let freeing = std::mem::take(&mut to_free);
             let t0 = Instant::now();
+            // Greedy sequences need only their best token: the workers send that, not logits.
+            let best: Vec<bool> = owners
+                .iter()
+                .map(|&i| active[i].sampler.is_greedy())
+                .collect();
             let result = if steps.is_empty() && freeing.is_empty() {
                 Ok(Vec::new())
             } else {
-                r.step(&steps, &freeing)
+                r.step_picks(&steps, &freeing, &best)
             };
             let took = t0.elapsed();
             let logits = match result {
@@ -541,7 +547,10 @@ impl Scheduler {
                     a.stats.decode_steps += 1;
                     a.pos += 1;
                 }
-                let tok = a.sampler.sample(&logits[k]);
+                let tok = match &logits[k] {
+                    Pick::Best(id) => *id,
+                    Pick::Logits(l) => a.sampler.sample(l),
+                };
                 a.stats.generated += 1;
                 generated += 1;
                 if a.tx.send(Event::Token(tok)).is_err() {
@@ -577,6 +586,7 @@ impl Scheduler {
                     allreduce_count: comm.allreduce_count - a.comm0.allreduce_count,
                     step_ns: comm.step_ns - a.comm0.step_ns,
                     steps: comm.steps - a.comm0.steps,
+                    logits_bytes: comm.logits_bytes - a.comm0.logits_bytes,
                 };
                 let _ = a.tx.send(Event::Done(Box::new(SeqDone {
                     stats: a.stats,

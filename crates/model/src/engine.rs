@@ -116,6 +116,17 @@ pub struct CommStats {
     pub allreduce_count: u64,
     pub step_ns: u64,
     pub steps: u64,
+    /// Bytes of logits (or greedy picks) a shard sent back (mean per shard).
+    pub logits_bytes: u64,
+}
+
+/// What a step returns for one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pick {
+    /// Its last position's logits over the whole vocabulary.
+    Logits(Vec<f32>),
+    /// Only its greedy token (the lowest id among equal largest logits).
+    Best(u32),
 }
 
 /// What generation needs from a set of shards, local or remote.
@@ -124,6 +135,22 @@ pub trait Runner: Send {
     /// Drops the KV caches of `free`, then runs one step for every sequence in `steps`
     /// together. Returns each sequence's last-position logits over the whole vocabulary.
     fn step(&mut self, steps: &[SeqStep], free: &[u64]) -> Result<Vec<Vec<f32>>>;
+    /// Like [`Runner::step`], but for each sequence with `best[i]` only its greedy token is
+    /// returned: remote shards then send their slice's best (id, logit) instead of the slice.
+    fn step_picks(&mut self, steps: &[SeqStep], free: &[u64], best: &[bool]) -> Result<Vec<Pick>> {
+        Ok(self
+            .step(steps, free)?
+            .into_iter()
+            .zip(best)
+            .map(|(l, &b)| {
+                if b {
+                    Pick::Best(crate::sampling::argmax(&l))
+                } else {
+                    Pick::Logits(l)
+                }
+            })
+            .collect())
+    }
     /// Weight bytes all shards together read for one step.
     fn weight_bytes_per_token(&self) -> u64;
     fn comm_stats(&self) -> CommStats {

@@ -19,7 +19,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use engine::{
-    Backend, CommStats, Finish, GenStats, GenerateParams, LocalCluster, Runner, check_step,
+    Backend, CommStats, Finish, GenStats, GenerateParams, LocalCluster, Pick, Runner, check_step,
     check_steps, gather_logits, generate,
 };
 pub use error::{ModelError, Result};

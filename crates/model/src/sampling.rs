@@ -47,6 +47,11 @@ impl Sampler {
         Sampler { params, rng }
     }
 
+    /// Whether this sampler always takes the largest logit (no randomness).
+    pub fn is_greedy(&self) -> bool {
+        self.params.temperature <= 0.0 || self.params.top_k == 1
+    }
+
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         if p.temperature <= 0.0 || p.top_k == 1 {

@@ -333,6 +333,23 @@ impl Worker for WorkerService {
     }
 }
 
+/// Fills `out` from a step's logits (`best.len()` rows of this shard's vocabulary slice,
+/// which starts at id `first`): the rows of sequences that want logits, and for the others
+/// the row's largest logit and its id (the lowest among equal ones, as a whole-vocabulary
+/// argmax would pick, since the shards' slices are in id order).
+fn pick(logits: &[f32], best: &[bool], first: usize, out: &mut StepReply) {
+    let width = logits.len() / best.len().max(1);
+    for (row, &b) in logits.chunks_exact(width.max(1)).zip(best) {
+        if b {
+            let i = tessera_model::sampling::argmax(row) as usize;
+            out.best_ids.push((first + i) as u32);
+            out.best_logits.push(row[i]);
+        } else {
+            out.logits.extend_from_slice(row);
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn shard_thread(
     cfg: ModelConfig,
@@ -386,6 +403,7 @@ fn shard_thread(
         for seq in &req.free {
             model.free(*seq);
         }
+        let best: Vec<bool> = req.steps.iter().map(|s| s.best_only).collect();
         let steps: Vec<SeqStep> = req
             .steps
             .into_iter()
@@ -398,7 +416,7 @@ fn shard_thread(
         // A collective error means the mesh is broken: this shard is of no use until reloaded.
         let mut mesh_broken = false;
         match tessera_quant::install(|| model.forward_batch(&steps, coll.as_mut())) {
-            Ok(l) => out.logits = l,
+            Ok(l) => pick(&l, &best, model.spec.vocab.start, &mut out),
             Err(e) => {
                 mesh_broken = matches!(e, tessera_model::ModelError::Collective(_));
                 out.error = e.to_string();
