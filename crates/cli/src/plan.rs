@@ -23,6 +23,13 @@ pub struct PlanArgs {
     /// The coordinator's KV cache budget over the cluster, in GiB (as `coordinator --kv-cache-gib`)
     #[arg(long, default_value_t = 2.0)]
     kv_cache_gib: f64,
+    /// The links between the workers, RATE,LATENCY (e.g. 1gbit,0.2ms): adds their cost to the
+    /// decode estimate
+    #[arg(long)]
+    network: Option<tessera_core::Link>,
+    /// Memory bandwidth of each worker in GB/s (default: measured on this machine)
+    #[arg(long)]
+    bandwidth: Option<f64>,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -119,6 +126,42 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
             }
         );
     }
+    // Decode speed from the seed's formulas: the slowest worker's bytes over memory bandwidth,
+    // plus 2 x layers (+1) all-reduces of latency + bytes / rate.
+    let bw = match a.bandwidth {
+        Some(gb) => gb * 1e9,
+        None => crate::bench::memory_bandwidth(256).0,
+    };
+    let read: Vec<u64> = plan
+        .shards
+        .iter()
+        .map(|s| files.shard_bytes_read(s))
+        .collect::<Result<_, _>>()?;
+    let e = tessera_core::DecodeEstimate::new(cfg, &read, bw, a.network);
+    println!(
+        "decode estimate: {:.1} tok/s = {:.2} ms reading weights ({:.1} MB on the busiest worker at {:.1} GB/s{}) + {:.2} ms on the network{} ({:.0}% of a step)",
+        e.tokens_per_second(),
+        e.compute_seconds * 1e3,
+        read.iter().copied().max().unwrap_or(0) as f64 / 1e6,
+        bw / 1e9,
+        if a.bandwidth.is_some() {
+            ""
+        } else {
+            ", measured here"
+        },
+        e.network_seconds * 1e3,
+        match a.network {
+            Some(l) => format!(
+                " ({} all-reduces over {:.0} Mbit/s links, {:.3} ms latency)",
+                2 * cfg.layers + 1,
+                l.bits_per_second / 1e6,
+                l.latency_seconds * 1e3
+            ),
+            None if a.workers > 1 => " (no --network given: links not counted)".into(),
+            None => String::new(),
+        },
+        100.0 * e.network_share()
+    );
     if !all_fit {
         anyhow::bail!("the plan does not fit in the memory given");
     }

@@ -305,6 +305,96 @@ pub fn allreduce_bytes_per_token(cfg: &ModelConfig, elem_bytes: u64) -> u64 {
     (2 * cfg.layers as u64 + 1) * cfg.hidden as u64 * elem_bytes
 }
 
+/// A network link between workers: its rate in bits per second and its one-way latency.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Link {
+    pub bits_per_second: f64,
+    pub latency_seconds: f64,
+}
+
+impl std::str::FromStr for Link {
+    type Err = String;
+
+    /// `RATE,LATENCY`, e.g. `1gbit,0.2ms`, `10gbit,50us`, `100mbit,2ms`.
+    fn from_str(s: &str) -> Result<Link, String> {
+        let (rate, lat) = s
+            .split_once(',')
+            .ok_or_else(|| format!("{s:?}: expected RATE,LATENCY (e.g. 1gbit,0.2ms)"))?;
+        let num = |t: &str, units: &[(&str, f64)]| -> Result<f64, String> {
+            let t = t.trim().to_ascii_lowercase();
+            for (suffix, scale) in units {
+                if let Some(n) = t.strip_suffix(suffix) {
+                    return n
+                        .trim()
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|x| x.is_finite() && *x >= 0.0)
+                        .map(|x| x * scale)
+                        .ok_or_else(|| format!("{t:?} is not a number of {suffix}"));
+                }
+            }
+            Err(format!(
+                "{t:?}: give a unit ({})",
+                units.iter().map(|u| u.0).collect::<Vec<_>>().join(", ")
+            ))
+        };
+        let bits_per_second = num(rate, &[("gbit", 1e9), ("mbit", 1e6), ("kbit", 1e3)])?;
+        let latency_seconds = num(lat, &[("ms", 1e-3), ("us", 1e-6), ("s", 1.0)])?;
+        if bits_per_second <= 0.0 {
+            return Err("the rate must be above zero".into());
+        }
+        Ok(Link {
+            bits_per_second,
+            latency_seconds,
+        })
+    }
+}
+
+/// An estimate of one decode step, from the seed's formulas.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodeEstimate {
+    /// The slowest worker's weight bytes over memory bandwidth.
+    pub compute_seconds: f64,
+    /// 2 all-reduces per layer plus the embedding's, each one link latency plus the bytes one
+    /// worker sends (its vector to each of the others) at the link's rate.
+    pub network_seconds: f64,
+}
+
+impl DecodeEstimate {
+    /// `weight_bytes[w]`: what worker `w` reads per token; `bandwidth`: bytes/s of memory
+    /// each worker streams.
+    pub fn new(
+        cfg: &ModelConfig,
+        weight_bytes: &[u64],
+        bandwidth: f64,
+        link: Option<Link>,
+    ) -> DecodeEstimate {
+        let n = weight_bytes.len();
+        let slowest = weight_bytes.iter().copied().max().unwrap_or(0) as f64;
+        let network_seconds = match link {
+            Some(l) if n > 1 => {
+                let per =
+                    l.latency_seconds + ((n - 1) * cfg.hidden * 4 * 8) as f64 / l.bits_per_second;
+                (2 * cfg.layers + 1) as f64 * per
+            }
+            _ => 0.0,
+        };
+        DecodeEstimate {
+            compute_seconds: slowest / bandwidth.max(1.0),
+            network_seconds,
+        }
+    }
+
+    pub fn tokens_per_second(&self) -> f64 {
+        1.0 / (self.compute_seconds + self.network_seconds).max(1e-12)
+    }
+
+    /// The share of a step spent on the network.
+    pub fn network_share(&self) -> f64 {
+        self.network_seconds / (self.compute_seconds + self.network_seconds).max(1e-12)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -467,5 +557,25 @@ mod tests {
         let s = &ShardPlan::new(&c, 1).unwrap().shards[0];
         assert_eq!(s.cost(&c, 4).kv_bytes_per_token, 2 * 30 * 3 * 64 * 4);
         assert_eq!(allreduce_bytes_per_token(&c, 4), 61 * 576 * 4);
+    }
+
+    #[test]
+    fn decode_estimate_adds_memory_time_and_latency_bound_all_reduces() {
+        let c = cfg(4, 2, 1024, 1000); // hidden 256, 30 layers
+        let link: Link = "1gbit,0.2ms".parse().unwrap();
+        assert_eq!(link.bits_per_second, 1e9);
+        assert!((link.latency_seconds - 2e-4).abs() < 1e-12);
+        // Two workers reading 50 MB each at 25 GB/s: 2 ms; 61 all-reduces of
+        // 0.2 ms + 256*4*8 bits / 1 Gbit/s = 0.2082 ms each.
+        let e = DecodeEstimate::new(&c, &[50_000_000, 50_000_000], 25e9, Some(link));
+        assert!((e.compute_seconds - 2e-3).abs() < 1e-9);
+        assert!((e.network_seconds - 61.0 * (2e-4 + 8192.0 / 1e9)).abs() < 1e-9);
+        assert!((e.tokens_per_second() - 1.0 / (2e-3 + e.network_seconds)).abs() < 1e-6);
+        // One worker: no network.
+        let one = DecodeEstimate::new(&c, &[100_000_000], 25e9, Some(link));
+        assert_eq!(one.network_seconds, 0.0);
+        for bad in ["1gbit", "fast,1ms", "1gbit,1", "0mbit,1ms"] {
+            assert!(bad.parse::<Link>().is_err(), "{bad}");
+        }
     }
 }
