@@ -9,8 +9,28 @@ use tessera_model::{GenerateParams, Runner, generate};
 
 #[derive(Args)]
 pub struct BenchArgs {
+    /// Model folder, .gguf file, or a pulled model's name
+    #[arg(long = "model", short = 'm', required_unless_present = "collective")]
+    model_name: Option<String>,
+    /// How many tensor-parallel shards to split the model into
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Where the tensors live: cpu (Burn flex) or wgpu (Vulkan/Metal/DX12 GPU)
+    #[arg(long, default_value = "cpu")]
+    backend: tessera_model::Backend,
     #[command(flatten)]
-    model: ModelArgs,
+    compute: crate::ComputeArgs,
+    /// The model options above, once parsed.
+    #[arg(skip)]
+    model: Option<ModelArgs>,
+    /// Measure the all-reduce alone: p50/p99 latency per vector length (576, 4096, 16384 and
+    /// 1M floats) between --workers endpoints, and GB/s for the large ones
+    #[arg(long, requires = "in_process")]
+    collective: bool,
+    /// With --collective: the endpoints are threads of this process, each with its own QUIC
+    /// socket on loopback (separate processes are not measured yet)
+    #[arg(long)]
+    in_process: bool,
     /// Prompt length in tokens (prefill)
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
@@ -69,7 +89,20 @@ pub fn memory_bandwidth(mib: usize) -> (f64, usize) {
     (best, threads)
 }
 
-pub fn run(a: BenchArgs) -> anyhow::Result<()> {
+pub fn run(mut a: BenchArgs) -> anyhow::Result<()> {
+    if a.collective {
+        let report = run_collective(a.workers.unwrap_or(2))?;
+        if a.json {
+            println!("{report}");
+        }
+        return Ok(());
+    }
+    a.model = Some(ModelArgs {
+        model: a.model_name.clone().unwrap_or_default(),
+        shards: a.shards,
+        backend: a.backend,
+        compute: a.compute.clone(),
+    });
     let report = match a.workers {
         Some(n) => run_cluster(&a, n)?,
         None => run_local(&a)?,
@@ -80,16 +113,51 @@ pub fn run(a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn precision_name(a: &BenchArgs) -> &'static str {
-    if a.model.compute.exact {
-        "exact"
-    } else {
-        "fast"
+/// `--collective --in-process`: the all-reduce alone between `n` QUIC endpoints.
+fn run_collective(n: usize) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(n >= 2, "--collective needs --workers 2 or more");
+    let rt = tokio::runtime::Runtime::new()?;
+    let (_nodes, mesh) = tessera_collective::local_mesh(&rt, n)?;
+    let lens = [576usize, 4096, 16384, 1 << 20];
+    let timings =
+        tessera_collective::time_all_reduce(
+            mesh,
+            &lens,
+            |len| {
+                if len >= 1 << 20 { 20 } else { 500 }
+            },
+        )?;
+    println!("all-reduce between {n} QUIC endpoints in this process (loopback), rank 0's latency:");
+    let (mut p50, mut p99) = (serde_json::Map::new(), serde_json::Map::new());
+    for t in &timings {
+        println!(
+            "  {:>8} floats: p50 {:>8.1} us, p99 {:>8.1} us, {:.2} GB/s",
+            t.len, t.p50_us, t.p99_us, t.gb_s
+        );
+        p50.insert(t.len.to_string(), t.p50_us.into());
+        p99.insert(t.len.to_string(), t.p99_us.into());
+    }
+    Ok(serde_json::json!({
+        "collective": "in-process",
+        "workers": n,
+        "p50_us": p50,
+        "p99_us": p99,
+        "gb_s": timings.iter().map(|t| (t.len.to_string(), t.gb_s.into())).collect::<serde_json::Map<_, _>>(),
+    }))
+}
+
+impl BenchArgs {
+    fn m(&self) -> &ModelArgs {
+        self.model.as_ref().expect("model options parsed")
     }
 }
 
+fn precision_name(a: &BenchArgs) -> &'static str {
+    if a.m().compute.exact { "exact" } else { "fast" }
+}
+
 fn run_local(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
-    let (files, mut cluster) = load(&a.model)?;
+    let (files, mut cluster) = load(a.m())?;
     let threads = tessera_quant::threads();
     let mut prompt = Vec::new();
     match &a.prompt {
@@ -125,10 +193,10 @@ fn run_local(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     let reached = bytes as f64 * best_decode;
     println!(
         "model: {} ({}), {} shard(s) on {}, {} path, {threads} thread(s)",
-        a.model.model,
+        a.m().model,
         files.format,
-        a.model.shards,
-        a.model.backend.name(),
+        a.m().shards,
+        a.m().backend.name(),
         precision_name(a),
     );
     println!("load: {:.2} s", cluster.load_time.as_secs_f64());
@@ -165,11 +233,11 @@ fn run_local(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     );
     let bw = report_bandwidth(a.bandwidth_mib, reached);
     Ok(serde_json::json!({
-        "model": a.model.model,
+        "model": a.m().model,
         "format": files.format,
-        "backend": a.model.backend.name(),
+        "backend": a.m().backend.name(),
         "precision": precision_name(a),
-        "shards": a.model.shards,
+        "shards": a.m().shards,
         "threads": threads,
         "prompt_tokens": prompt.len(),
         "gen_tokens": a.gen_tokens,
@@ -206,8 +274,7 @@ fn report_bandwidth(mib: usize, reached: f64) -> f64 {
 /// all-reduce latency and the share of decode time spent in communication.
 fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
     let serve = crate::cluster::ServeArgs::default();
-    let local =
-        crate::cluster::start_local(&a.model, n, "127.0.0.1:0".parse()?, None, None, &serve)?;
+    let local = crate::cluster::start_local(a.m(), n, "127.0.0.1:0".parse()?, None, None, &serve)?;
     let workers = local.state.workers();
     let worker_rss: Vec<u64> = workers.iter().map(|w| w.rss_bytes).collect();
     let held: Vec<u64> = workers.iter().map(|w| w.weight_bytes_held).collect();
@@ -215,11 +282,11 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
     if !a.concurrency.is_empty() {
         let levels = run_concurrency(a, n, &local)?;
         return Ok(serde_json::json!({
-            "model": a.model.model,
-            "backend": a.model.backend.name(),
+            "model": a.m().model,
+            "backend": a.m().backend.name(),
             "precision": precision_name(a),
             "workers": n,
-            "threads": a.model.compute.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |t| t.get())),
+            "threads": a.m().compute.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |t| t.get())),
             "prompt_tokens": a.prompt_tokens,
             "gen_tokens": a.gen_tokens,
             "concurrency": levels,
@@ -254,8 +321,8 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
     let reached = d.weight_bytes_per_token as f64 * decode;
     println!(
         "model: {}, {n} worker process(es) on loopback ({})",
-        a.model.model,
-        a.model.backend.name()
+        a.m().model,
+        a.m().backend.name()
     );
     println!("load: {load:.2} s (shipping every worker its shard over gRPC)");
     println!(
@@ -297,11 +364,11 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
     );
     let bw = report_bandwidth(a.bandwidth_mib, reached);
     Ok(serde_json::json!({
-        "model": a.model.model,
-        "backend": a.model.backend.name(),
+        "model": a.m().model,
+        "backend": a.m().backend.name(),
         "precision": precision_name(a),
         "workers": n,
-        "threads": a.model.compute.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |t| t.get())),
+        "threads": a.m().compute.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |t| t.get())),
         "prompt_tokens": d.prompt_tokens,
         "gen_tokens": d.decode_steps + 1,
         "prefill_tok_s": d.prompt_tokens as f64 / d.prefill_seconds.max(1e-9),
@@ -346,8 +413,8 @@ fn run_concurrency(
     println!(
         "model: {}, {n} worker process(es) on loopback ({}), {} prompt tokens and {} generated \
          tokens per stream",
-        a.model.model,
-        a.model.backend.name(),
+        a.m().model,
+        a.m().backend.name(),
         a.prompt_tokens,
         a.gen_tokens
     );

@@ -15,7 +15,77 @@ mod inproc;
 pub mod quic;
 
 pub use inproc::InProcessTransport;
-pub use quic::{ClusterCa, Identity, QuicNode, QuicTransport};
+pub use quic::{ClusterCa, Identity, QuicNode, QuicTransport, local_mesh};
+
+/// Latency of one vector length's all-reduces, as rank 0 saw them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Timing {
+    pub len: usize,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    /// The vector's bytes over the median time.
+    pub gb_s: f64,
+}
+
+/// Runs `iters(len)` all-reduces of each length in `lens` on every rank of `transports` (one
+/// thread per rank, after a few warm-up rounds) and returns rank 0's latencies.
+pub fn time_all_reduce<T: Transport + 'static>(
+    transports: Vec<T>,
+    lens: &[usize],
+    iters: impl Fn(usize) -> usize,
+) -> Result<Vec<Timing>, CollectiveError> {
+    let plan: Vec<(usize, usize)> = lens.iter().map(|&l| (l, iters(l).max(1))).collect();
+    let hs: Vec<_> = transports
+        .into_iter()
+        .map(|t| {
+            let plan = plan.clone();
+            std::thread::spawn(
+                move || -> Result<(Vec<Vec<f64>>, Mesh<T>), CollectiveError> {
+                    let mut mesh = Mesh::new(t);
+                    let mut all = Vec::new();
+                    for (len, n) in plan {
+                        let mut buf = vec![1.0f32; len];
+                        let mut times = Vec::with_capacity(n);
+                        for i in 0..n + 3 {
+                            let t0 = std::time::Instant::now();
+                            mesh.all_reduce_sum(&mut buf)?;
+                            if i >= 3 {
+                                times.push(t0.elapsed().as_secs_f64() * 1e6);
+                            }
+                            buf.iter_mut().for_each(|x| *x = 1.0);
+                        }
+                        all.push(times);
+                    }
+                    // Handed back, not dropped: closing now could cut a peer's last message.
+                    Ok((all, mesh))
+                },
+            )
+        })
+        .collect();
+    let mut results = Vec::new();
+    let mut meshes = Vec::new();
+    for h in hs {
+        let (times, mesh) = h.join().expect("all-reduce thread")?;
+        results.push(times);
+        meshes.push(mesh);
+    }
+    let rank0 = results.swap_remove(0);
+    Ok(plan
+        .iter()
+        .zip(rank0)
+        .map(|(&(len, _), mut t)| {
+            t.sort_by(f64::total_cmp);
+            let at = |q: f64| t[((t.len() - 1) as f64 * q).round() as usize];
+            let p50 = at(0.5);
+            Timing {
+                len,
+                p50_us: p50,
+                p99_us: at(0.99),
+                gb_s: (len * 4) as f64 / (p50 * 1e-6) / 1e9,
+            }
+        })
+        .collect())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CollectiveError {

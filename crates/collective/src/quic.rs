@@ -476,6 +476,67 @@ impl Transport for QuicTransport {
     }
 }
 
+/// A mesh of `world` QUIC endpoints on loopback in this process, with a throwaway CA and
+/// token: real sockets, TLS and streams, for measuring the collective alone
+/// (`tessera bench --collective --in-process`) and for tests. The nodes live in `rt`; the
+/// transports work while the returned nodes are kept.
+#[allow(clippy::type_complexity)]
+pub fn local_mesh(
+    rt: &tokio::runtime::Runtime,
+    world: usize,
+) -> Result<(Vec<Arc<QuicNode>>, Vec<QuicTransport>), CollectiveError> {
+    let ca = ClusterCa::new().map_err(tls_error)?;
+    let nodes: Vec<Arc<QuicNode>> = (0..world)
+        .map(|_| local_node(rt, &ca, "local"))
+        .collect::<Result<_, _>>()?;
+    let transports = connect_local(&nodes, 1)
+        .into_iter()
+        .collect::<Result<_, _>>()?;
+    Ok((nodes, transports))
+}
+
+fn local_node(
+    rt: &tokio::runtime::Runtime,
+    ca: &ClusterCa,
+    token: &str,
+) -> Result<Arc<QuicNode>, CollectiveError> {
+    let _g = rt.enter();
+    let n = QuicNode::bind(
+        "127.0.0.1:0".parse().expect("an address"),
+        token_proof(token),
+    )
+    .map_err(tls_error)?;
+    let (key, spki) = generate_key().map_err(tls_error)?;
+    let cert = ca.issue(&spki, "local").map_err(tls_error)?;
+    n.set_identity(&Identity {
+        key_pkcs8: key,
+        cert_der: cert,
+        ca_der: ca.ca_der(),
+    })?;
+    Ok(Arc::new(n))
+}
+
+fn connect_local(
+    nodes: &[Arc<QuicNode>],
+    mesh: u64,
+) -> Vec<Result<QuicTransport, CollectiveError>> {
+    let addrs: Vec<SocketAddr> = nodes
+        .iter()
+        .map(|n| n.local_addr().expect("a bound node"))
+        .collect();
+    let hs: Vec<_> = nodes
+        .iter()
+        .enumerate()
+        .map(|(r, n)| {
+            let (n, addrs) = (n.clone(), addrs.clone());
+            std::thread::spawn(move || n.connect_mesh(mesh, r, &addrs, Duration::from_secs(5)))
+        })
+        .collect();
+    hs.into_iter()
+        .map(|h| h.join().expect("connect thread"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -488,17 +549,7 @@ mod tests {
     }
 
     fn node(rt: &tokio::runtime::Runtime, ca: &ClusterCa, token: &str) -> Arc<QuicNode> {
-        let _g = rt.enter();
-        let n = QuicNode::bind("127.0.0.1:0".parse().unwrap(), token_proof(token)).unwrap();
-        let (key, spki) = generate_key().unwrap();
-        let cert = ca.issue(&spki, "test").unwrap();
-        n.set_identity(&Identity {
-            key_pkcs8: key,
-            cert_der: cert,
-            ca_der: ca.ca_der(),
-        })
-        .unwrap();
-        Arc::new(n)
+        local_node(rt, ca, token).unwrap()
     }
 
     fn group(n: usize) -> Group {
@@ -509,16 +560,7 @@ mod tests {
     }
 
     fn connect(nodes: &[Arc<QuicNode>], mesh: u64) -> Vec<Result<QuicTransport, CollectiveError>> {
-        let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.local_addr().unwrap()).collect();
-        let hs: Vec<_> = nodes
-            .iter()
-            .enumerate()
-            .map(|(r, n)| {
-                let (n, addrs) = (n.clone(), addrs.clone());
-                std::thread::spawn(move || n.connect_mesh(mesh, r, &addrs, Duration::from_secs(5)))
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+        connect_local(nodes, mesh)
     }
 
     #[test]
