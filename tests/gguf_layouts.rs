@@ -29,7 +29,10 @@ fn outer_tensors(st: &mut BTreeMap<String, F32Tensor>) -> BTreeMap<String, F32Te
         ("lm_head.weight", "output.weight"),
         ("model.norm.weight", "output_norm.weight"),
     ] {
-        t.insert(gg.to_string(), take(st, hf));
+        // A tied model has no head of its own: GGUF then has no `output.weight`.
+        if st.contains_key(hf) {
+            t.insert(gg.to_string(), take(st, hf));
+        }
     }
     t
 }
@@ -43,43 +46,84 @@ fn run(path: &Path, n: usize, ids: &[u32], steps: usize) -> (Vec<f32>, Vec<u32>)
     (logits, greedy(&mut c, ids, steps))
 }
 
-/// Qwen3-MoE as a GGUF: `ffn_gate_inp` (the router) and every layer's experts stacked in
-/// `ffn_{gate,up,down}_exps` (`[experts, out, in]`). Same logits and greedy ids as transformers
-/// on 1..4 shards, and its tokenizer (byte-level BPE in the GGUF) gives the reference ids.
-#[test]
-fn moe_gguf_with_stacked_experts_matches_reference_on_1_to_4_shards() {
-    let src = fixtures().join("tiny-qwen3-moe");
+/// Writes `fixture` (tiny safetensors) as a GGUF of architecture `arch` the way llama.cpp's
+/// converter lays it out: GGUF names, Q/K rows permuted for the `llama` architecture's
+/// interleaved RoPE, a mixture's router as `ffn_gate_inp` and its experts stacked in
+/// `ffn_{gate,up,down}_exps` (`[experts, out, in]`), the byte-level BPE vocabulary.
+fn convert(fixture: &str, arch: &str, dir: &Path) -> PathBuf {
+    let src = fixtures().join(fixture);
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
-    let u = |k: &str| cfg[k].as_u64().unwrap() as u32;
+    let u = |k: &str| cfg[k].as_u64().map(|v| v as u32);
+    let (hidden, heads) = (u("hidden_size").unwrap(), u("num_attention_heads").unwrap());
+    let kv_heads = u("num_key_value_heads").unwrap();
+    let head_dim = u("head_dim").unwrap_or(hidden / heads);
+    let layers = u("num_hidden_layers").unwrap();
+    let experts = u("num_local_experts").or(u("num_experts"));
+    let mixtral = cfg["model_type"] == "mixtral";
     let mut st = read_safetensors(&src.join("model.safetensors"));
-    let (layers, experts) = (u("num_hidden_layers"), u("num_local_experts"));
     let mut t = outer_tensors(&mut st);
     for l in 0..layers {
         let hf = |s: &str| format!("model.layers.{l}.{s}");
         let gg = |s: &str| format!("blk.{l}.{s}.weight");
-        for (h, g) in [
+        let mut names = vec![
             ("input_layernorm.weight", "attn_norm"),
             ("post_attention_layernorm.weight", "ffn_norm"),
-            ("self_attn.q_proj.weight", "attn_q"),
-            ("self_attn.k_proj.weight", "attn_k"),
             ("self_attn.v_proj.weight", "attn_v"),
             ("self_attn.o_proj.weight", "attn_output"),
             ("self_attn.q_norm.weight", "attn_q_norm"),
             ("self_attn.k_norm.weight", "attn_k_norm"),
+            ("mlp.gate_proj.weight", "ffn_gate"),
+            ("mlp.up_proj.weight", "ffn_up"),
+            ("mlp.down_proj.weight", "ffn_down"),
             ("mlp.gate.weight", "ffn_gate_inp"),
-        ] {
+            ("block_sparse_moe.gate.weight", "ffn_gate_inp"),
+        ];
+        names.retain(|(h, _)| st.contains_key(&hf(h)));
+        for (h, g) in names {
             t.insert(gg(g), take(&mut st, &hf(h)));
         }
-        for (h, g) in [
-            ("gate_proj", "ffn_gate_exps"),
-            ("up_proj", "ffn_up_exps"),
-            ("down_proj", "ffn_down_exps"),
-        ] {
+        let (q, k) = (
+            take(&mut st, &hf("self_attn.q_proj.weight")),
+            take(&mut st, &hf("self_attn.k_proj.weight")),
+        );
+        let llama = arch == "llama";
+        t.insert(
+            gg("attn_q"),
+            if llama { permute(q, heads as usize) } else { q },
+        );
+        t.insert(
+            gg("attn_k"),
+            if llama {
+                permute(k, kv_heads as usize)
+            } else {
+                k
+            },
+        );
+        let Some(experts) = experts else { continue };
+        let parts = if mixtral {
+            [
+                ("w1", "ffn_gate_exps"),
+                ("w3", "ffn_up_exps"),
+                ("w2", "ffn_down_exps"),
+            ]
+        } else {
+            [
+                ("gate_proj", "ffn_gate_exps"),
+                ("up_proj", "ffn_up_exps"),
+                ("down_proj", "ffn_down_exps"),
+            ]
+        };
+        for (h, g) in parts {
             let mut data = Vec::new();
             let mut shape = Vec::new();
             for e in 0..experts {
-                let x = take(&mut st, &hf(&format!("mlp.experts.{e}.{h}.weight")));
+                let name = if mixtral {
+                    hf(&format!("block_sparse_moe.experts.{e}.{h}.weight"))
+                } else {
+                    hf(&format!("mlp.experts.{e}.{h}.weight"))
+                };
+                let x = take(&mut st, &name);
                 shape = x.shape.clone();
                 data.extend(x.data);
             }
@@ -88,50 +132,52 @@ fn moe_gguf_with_stacked_experts_matches_reference_on_1_to_4_shards() {
         }
     }
     assert!(st.is_empty(), "tensors left unconverted: {:?}", st.keys());
-    let a = "qwen3moe";
+    let key = |k: &str| -> &'static str { Box::leak(format!("{arch}.{k}").into_boxed_str()) };
+    let theta = cfg["rope_parameters"]["rope_theta"].as_f64().unwrap() as f32;
     let mut meta = vec![
-        ("general.architecture", Meta::Str(a.into())),
-        ("qwen3moe.block_count", Meta::U32(layers)),
+        ("general.architecture", Meta::Str(arch.into())),
+        (key("block_count"), Meta::U32(layers)),
         (
-            "qwen3moe.context_length",
-            Meta::U32(u("max_position_embeddings")),
+            key("context_length"),
+            Meta::U32(u("max_position_embeddings").unwrap()),
         ),
-        ("qwen3moe.embedding_length", Meta::U32(u("hidden_size"))),
+        (key("embedding_length"), Meta::U32(hidden)),
         (
-            "qwen3moe.feed_forward_length",
-            Meta::U32(u("intermediate_size")),
+            key("feed_forward_length"),
+            Meta::U32(u("intermediate_size").unwrap()),
         ),
+        (key("attention.head_count"), Meta::U32(heads)),
+        (key("attention.head_count_kv"), Meta::U32(kv_heads)),
+        (key("attention.key_length"), Meta::U32(head_dim)),
+        (key("attention.value_length"), Meta::U32(head_dim)),
         (
-            "qwen3moe.expert_feed_forward_length",
-            Meta::U32(u("moe_intermediate_size")),
+            key("attention.layer_norm_rms_epsilon"),
+            Meta::F32(cfg["rms_norm_eps"].as_f64().unwrap() as f32),
         ),
-        ("qwen3moe.expert_count", Meta::U32(experts)),
-        (
-            "qwen3moe.expert_used_count",
-            Meta::U32(u("num_experts_per_tok")),
-        ),
-        (
-            "qwen3moe.attention.head_count",
-            Meta::U32(u("num_attention_heads")),
-        ),
-        (
-            "qwen3moe.attention.head_count_kv",
-            Meta::U32(u("num_key_value_heads")),
-        ),
-        ("qwen3moe.attention.key_length", Meta::U32(u("head_dim"))),
-        ("qwen3moe.attention.value_length", Meta::U32(u("head_dim"))),
-        ("qwen3moe.attention.layer_norm_rms_epsilon", Meta::F32(1e-6)),
-        ("qwen3moe.rope.freq_base", Meta::F32(1e6)),
+        (key("rope.freq_base"), Meta::F32(theta)),
     ];
+    if let Some(e) = experts {
+        meta.push((key("expert_count"), Meta::U32(e)));
+        meta.push((
+            key("expert_used_count"),
+            Meta::U32(u("num_experts_per_tok").unwrap()),
+        ));
+        let width = u("moe_intermediate_size")
+            .or(u("intermediate_size"))
+            .unwrap();
+        meta.push((key("expert_feed_forward_length"), Meta::U32(width)));
+    }
     meta.extend(bpe_tokenizer(&src.join("tokenizer.json")));
-    let dir = scratch("moe-gguf");
-    let path = dir.join("tiny-qwen3-moe.gguf");
+    let path = dir.join(format!("{fixture}.gguf"));
     write(&path, &meta, &t);
+    path
+}
 
-    let r = reference("tiny-qwen3-moe");
-    let files = ModelFiles::open(&path).expect("the MoE GGUF opens");
-    let m = files.cfg.opts.moe.as_ref().expect("a mixture of experts");
-    assert_eq!((m.experts, m.top_k, m.expert_ffn), (8, 2, 64));
+/// Every case on 1..4 shards: the GGUF's tokenizer gives the reference ids, logits within
+/// tolerance, the same greedy ids.
+fn check_gguf(path: &Path, fixture: &str) {
+    let r = reference(fixture);
+    let files = ModelFiles::open(path).expect("the GGUF opens");
     for n in 1..=4 {
         let mut c = LocalCluster::load(&files, n, Backend::Cpu, Precision::Exact).expect("loads");
         for (i, case) in r.cases.iter().enumerate() {
@@ -144,20 +190,44 @@ fn moe_gguf_with_stacked_experts_matches_reference_on_1_to_4_shards() {
             let worst = max_abs_diff(&logits, case.last_logits.as_ref().unwrap());
             assert!(
                 worst <= r.logit_abs,
-                "{n} shards, case {i}: logits off by {worst}"
+                "{fixture}, {n} shards, case {i}: logits off by {worst}"
             );
             let got = greedy(&mut c, &case.input_ids, case.greedy_ids.len());
-            assert_eq!(got, case.greedy_ids, "{n} shards, case {i}");
+            assert_eq!(got, case.greedy_ids, "{fixture}, {n} shards, case {i}");
         }
     }
+}
+
+/// Qwen3-MoE as a GGUF with stacked experts, and `tessera plan` on it.
+#[test]
+fn moe_gguf_with_stacked_experts_matches_reference_on_1_to_4_shards() {
+    let dir = scratch("moe-gguf");
+    let path = convert("tiny-qwen3-moe", "qwen3moe", &dir);
+    let files = ModelFiles::open(&path).expect("the MoE GGUF opens");
+    let m = files.cfg.opts.moe.as_ref().expect("a mixture of experts");
+    assert_eq!((m.experts, m.top_k, m.expert_ffn), (8, 2, 64));
+    check_gguf(&path, "tiny-qwen3-moe");
     // `tessera plan` tells held from read: 2 of 8 experts per token.
     let out = tessera()
         .args(["plan", "--model", path.to_str().unwrap(), "--workers", "2"])
+        .args(["--bandwidth", "10"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("(2 of 8 experts per token)"), "{text}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Mixtral as llama.cpp writes it (architecture `llama` with experts, Q/K permuted), and a
+/// dense Qwen3 (per-head Q/K norms in `attn_{q,k}_norm`): both equal transformers' references.
+#[test]
+fn mixtral_and_qwen3_ggufs_match_reference_on_1_to_4_shards() {
+    let dir = scratch("more-gguf");
+    for (fixture, arch) in [("tiny-mixtral", "llama"), ("tiny-qwen3", "qwen3")] {
+        let path = convert(fixture, arch, &dir);
+        check_gguf(&path, fixture);
+    }
     let _ = std::fs::remove_dir_all(dir);
 }
 
