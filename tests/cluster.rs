@@ -19,9 +19,20 @@ fn ids(v: &[u32]) -> String {
 
 /// `tessera run` with `workers` worker processes answering one prompt.
 fn run_cluster(model: &Path, workers: usize, prompt: &str, n: usize) -> Output {
+    run_cluster_with(model, workers, prompt, n, &[])
+}
+
+fn run_cluster_with(
+    model: &Path,
+    workers: usize,
+    prompt: &str,
+    n: usize,
+    extra: &[&str],
+) -> Output {
     tessera()
+        .arg("run")
+        .args(extra)
         .args([
-            "run",
             "--model",
             model.to_str().unwrap(),
             "--exact",
@@ -742,4 +753,43 @@ fn greedy_steps_bring_back_eight_bytes_per_worker_not_the_vocabulary() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(v["logits_bytes_per_step"].as_f64(), Some(8.0), "{out}");
+}
+
+/// `--wire bf16|q8`: partial sums travel as bf16 or Q8_0 blocks (every worker still sums the
+/// same bits). On the demo model's reference cases, 2 workers, the exact path: the first
+/// token is always the reference's; how far the greedy ids agree is printed.
+#[test]
+fn quantized_wire_keeps_the_first_token_of_every_reference_case() {
+    let r = reference("smollm2-135m-q4_1");
+    for wire in ["bf16", "q8"] {
+        for case in &r.cases {
+            let o = run_cluster_with(
+                &smollm2(),
+                2,
+                &case.prompt,
+                case.greedy_ids.len(),
+                &["--wire", wire],
+            );
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let got: Vec<u32> = String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .map(|t| t.parse().unwrap())
+                .collect();
+            assert_eq!(
+                got[0], case.greedy_ids[0],
+                "{wire}: first token of {:?}",
+                case.prompt
+            );
+            let agree = got
+                .iter()
+                .zip(&case.greedy_ids)
+                .take_while(|(a, b)| a == b)
+                .count();
+            eprintln!(
+                "--wire {wire}: {agree} of {} greedy ids agree with f32's for {:?}",
+                case.greedy_ids.len(),
+                case.prompt
+            );
+        }
+    }
 }

@@ -55,6 +55,9 @@ pub struct BenchArgs {
     /// 1,4,16); each stream gets its own prompt, and the scheduler batches them
     #[arg(long, value_delimiter = ',', requires = "workers")]
     concurrency: Vec<usize>,
+    /// With --workers: how the workers send each other partial sums (f32, bf16 or q8)
+    #[arg(long, default_value = "f32", requires = "workers")]
+    wire: tessera_collective::Wire,
     /// Also print the results as one JSON object, as the last line of stdout
     #[arg(long)]
     json: bool,
@@ -273,7 +276,7 @@ fn report_bandwidth(mib: usize, reached: f64) -> f64 {
 /// The same measurement through a local cluster of worker processes: also reports the mean
 /// all-reduce latency and the share of decode time spent in communication.
 fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
-    let serve = crate::cluster::ServeArgs::default();
+    let serve = crate::cluster::ServeArgs::with_wire(a.wire);
     let local = crate::cluster::start_local(a.m(), n, "127.0.0.1:0".parse()?, None, None, &serve)?;
     let workers = local.state.workers();
     let worker_rss: Vec<u64> = workers.iter().map(|w| w.rss_bytes).collect();
@@ -380,6 +383,7 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
         "comm_share": d.comm_fraction,
         "allreduce_mean_us": d.allreduce_mean_us,
         "logits_bytes_per_step": d.logits_bytes_per_step,
+        "wire": a.wire.name(),
         "decode_gb_s": reached / 1e9,
         "memory_bandwidth_gb_s": bw / 1e9,
         "bandwidth_fraction": reached / bw,

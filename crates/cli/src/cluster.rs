@@ -74,6 +74,10 @@ pub struct ServeArgs {
     /// Prompt tokens prefilled per step, so long prompts do not stall others' decoding
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
+    /// How workers send each other their partial sums: f32 (exact), bf16, or q8 (Q8_0 blocks,
+    /// a quarter of the bytes); every worker still sums the same bits
+    #[arg(long, default_value = "f32")]
+    wire: tessera_collective::Wire,
 }
 
 impl Default for ServeArgs {
@@ -84,11 +88,20 @@ impl Default for ServeArgs {
             max_seqs: 16,
             kv_cache_gib: 2.0,
             prefill_chunk: 512,
+            wire: tessera_collective::Wire::F32,
         }
     }
 }
 
 impl ServeArgs {
+    /// The defaults, with partial sums sent as `wire`.
+    pub fn with_wire(wire: tessera_collective::Wire) -> ServeArgs {
+        ServeArgs {
+            wire,
+            ..Default::default()
+        }
+    }
+
     fn scheduler(&self, model: &std::path::Path) -> anyhow::Result<SchedulerConfig> {
         let files = tessera_model::ModelFiles::open(model)?;
         let c = &files.cfg;
@@ -237,6 +250,7 @@ pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
         grow: a.grow,
         token: a.token.token,
         exact: a.exact,
+        wire: a.serve.wire,
     })?;
     runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(a.listen)
@@ -308,6 +322,7 @@ pub fn start_local(
         grow: false,
         token: token.clone(),
         exact: model.compute.exact,
+        wire: serve.wire,
     })?;
     let rt = runtime()?;
     let listener = rt

@@ -13,9 +13,11 @@
 
 mod inproc;
 pub mod quic;
+mod wire;
 
 pub use inproc::InProcessTransport;
 pub use quic::{ClusterCa, Identity, QuicNode, QuicTransport, local_mesh};
+pub use wire::Wire;
 
 /// Latency of one vector length's all-reduces, as rank 0 saw them.
 #[derive(Debug, Clone, PartialEq)]
@@ -153,6 +155,9 @@ pub struct Mesh<T: Transport> {
     pub ring_threshold: usize,
     gathered: Vec<f32>,
     chunk: Vec<f32>,
+    encoded: Vec<f32>,
+    /// How partial sums travel (f32 unless the cluster chose bf16 or Q8_0).
+    pub wire: Wire,
     /// All-reduces run and the time spent in them (for latency and communication share).
     pub stats: ReduceStats,
 }
@@ -173,6 +178,8 @@ impl<T: Transport> Mesh<T> {
             ring_threshold: DEFAULT_RING_THRESHOLD,
             gathered: Vec::new(),
             chunk: Vec::new(),
+            encoded: Vec::new(),
+            wire: Wire::F32,
             stats: ReduceStats::default(),
         }
     }
@@ -205,6 +212,14 @@ impl<T: Transport> Collective for Mesh<T> {
         let _span = tracing::debug_span!("all_reduce", len = buf.len()).entered();
         let t = std::time::Instant::now();
         let r = match self.algorithm_for(buf.len()) {
+            // Encoded partials always take the one-step all-gather.
+            _ if self.wire != Wire::F32 => all_gather_wire(
+                &mut self.transport,
+                buf,
+                self.wire,
+                &mut self.encoded,
+                &mut self.gathered,
+            ),
             Algorithm::AllGather => all_gather_sum(&mut self.transport, buf, &mut self.gathered),
             Algorithm::Ring => ring_all_reduce(&mut self.transport, buf, &mut self.chunk),
         };
@@ -238,6 +253,37 @@ pub fn all_gather_sum<T: Transport>(
         for (b, x) in buf.iter_mut().zip(&scratch[r * n..(r + 1) * n]) {
             *b += x;
         }
+    }
+    Ok(())
+}
+
+/// [`all_gather_sum`] with partials encoded as `wire`: each rank sends its encoded partial to
+/// every peer, then decodes all of them, its own included, and sums them in rank order, so
+/// every rank gets the same bits.
+pub fn all_gather_wire<T: Transport>(
+    t: &mut T,
+    buf: &mut [f32],
+    wire: Wire,
+    encoded: &mut Vec<f32>,
+    scratch: &mut Vec<f32>,
+) -> Result<(), CollectiveError> {
+    let (rank, world) = (t.rank(), t.world());
+    if world == 1 {
+        return Ok(());
+    }
+    wire.encode(buf, encoded);
+    let m = encoded.len();
+    scratch.resize(world * m, 0.0);
+    for peer in (0..world).filter(|&p| p != rank) {
+        t.send(peer, encoded)?;
+    }
+    scratch[rank * m..(rank + 1) * m].copy_from_slice(encoded);
+    for peer in (0..world).filter(|&p| p != rank) {
+        t.recv(peer, &mut scratch[peer * m..(peer + 1) * m])?;
+    }
+    wire.decode(&scratch[..m], buf, false);
+    for r in 1..world {
+        wire.decode(&scratch[r * m..(r + 1) * m], buf, true);
     }
     Ok(())
 }
@@ -374,6 +420,45 @@ mod tests {
                 .collect();
             let out: Vec<Vec<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
             assert!(out.iter().all(|b| b == &out[0]), "{algo:?}: ranks disagree");
+        }
+    }
+
+    #[test]
+    fn encoded_partials_sum_to_the_same_bits_on_every_rank() {
+        for wire in [Wire::Bf16, Wire::Q8] {
+            for world in [2, 3, 4] {
+                let handles: Vec<_> = InProcessTransport::group(world)
+                    .into_iter()
+                    .map(|t| {
+                        thread::spawn(move || {
+                            let r = t.rank() as f32;
+                            let mut mesh = Mesh::new(t);
+                            mesh.wire = wire;
+                            let mut buf: Vec<f32> =
+                                (0..1000).map(|i| (i as f32 * 0.01 + r).sin()).collect();
+                            let exact: Vec<f32> = (0..1000)
+                                .map(|i| {
+                                    (0..world).map(|q| (i as f32 * 0.01 + q as f32).sin()).sum()
+                                })
+                                .collect();
+                            mesh.all_reduce_sum(&mut buf).unwrap();
+                            let worst = buf
+                                .iter()
+                                .zip(&exact)
+                                .map(|(a, b)| (a - b).abs())
+                                .fold(0f32, f32::max);
+                            // Each partial is within half a step of its format (|x| <= 1).
+                            assert!(worst <= world as f32 * 0.01, "{wire:?}: off by {worst}");
+                            buf
+                        })
+                    })
+                    .collect();
+                let out: Vec<Vec<f32>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+                assert!(
+                    out.iter().all(|b| b == &out[0]),
+                    "{wire:?}, {world}: ranks disagree"
+                );
+            }
         }
     }
 

@@ -60,6 +60,8 @@ pub struct CoordinatorConfig {
     pub scheduler: SchedulerConfig,
     /// Workers compute with f32 activations against the weight blocks (see `Precision`).
     pub exact: bool,
+    /// How the workers' partial sums travel between them.
+    pub wire: tessera_collective::Wire,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,6 +111,7 @@ pub struct CoordinatorState {
     n: usize,
     grow: bool,
     exact: bool,
+    wire: tessera_collective::Wire,
     token: String,
     ca: ClusterCa,
     inner: Mutex<Inner>,
@@ -147,6 +150,7 @@ impl CoordinatorState {
                 n: cfg.workers,
                 grow: cfg.grow,
                 exact: cfg.exact,
+                wire: cfg.wire,
                 token: cfg.token.clone(),
                 ca,
                 inner: Mutex::new(Inner {
@@ -557,6 +561,7 @@ impl CoordinatorState {
             total_bytes: total,
             sha256: sha,
             exact: self.exact,
+            wire: self.wire.name().into(),
         };
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tessera_collective::quic::{Identity, QuicNode, generate_key, token_proof};
-use tessera_collective::{Collective, Mesh, Single};
+use tessera_collective::{Collective, Mesh, Single, Wire};
 use tessera_core::{ModelConfig, ShardSpec};
 use tessera_model::gguf::GgmlType;
 use tessera_model::weights::{Bytes, RawTensor, Weights};
@@ -245,11 +245,13 @@ impl Worker for WorkerService {
         } else {
             Precision::Fast
         };
+        let wire: Wire = a.wire.parse().map_err(Status::invalid_argument)?;
         std::thread::Builder::new()
             .name(format!("shard-{}", spec.rank))
             .spawn(move || {
                 shard_thread(
-                    cfg, spec, weights, backend, precision, node, mesh_id, peers, rx, ready_tx,
+                    cfg, spec, weights, backend, precision, wire, node, mesh_id, peers, rx,
+                    ready_tx,
                 )
             })
             .map_err(|e| Status::internal(e.to_string()))?;
@@ -357,6 +359,7 @@ fn shard_thread(
     weights: Weights,
     backend: Backend,
     precision: Precision,
+    wire: Wire,
     node: Arc<QuicNode>,
     mesh_id: u64,
     peers: Vec<SocketAddr>,
@@ -374,6 +377,7 @@ fn shard_thread(
                 .connect_mesh(mesh_id, spec.rank, &peers, Duration::from_secs(60))
                 .map_err(|e| format!("joining the mesh: {e}"))?;
             let mut mesh = Mesh::new(t);
+            mesh.wire = wire;
             // For measuring the two algorithms against each other (see README): vectors of at
             // most this many values use the one-step all-gather, longer ones the ring.
             if let Some(v) = std::env::var("TESSERA_RING_THRESHOLD")
