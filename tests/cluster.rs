@@ -729,10 +729,10 @@ fn a_model_too_big_for_one_capped_worker_runs_on_two() {
 }
 
 /// Greedy decoding on workers: each worker sends its slice's best (id, logit) per sequence,
-/// 8 bytes a step, not its vocabulary slice of logits (the tokens are the reference's: the
+/// 12 bytes a step (a count, an id, a logit), not its vocabulary slice of logits (the tokens are the reference's: the
 /// `run_*_worker_processes` tests); `tessera bench` counts the bytes actually received.
 #[test]
-fn greedy_steps_bring_back_eight_bytes_per_worker_not_the_vocabulary() {
+fn greedy_steps_bring_back_twelve_bytes_per_worker_not_the_vocabulary() {
     let o = tessera()
         .args(["bench", "--model"])
         .arg(fixtures().join("tiny-llama"))
@@ -752,7 +752,7 @@ fn greedy_steps_bring_back_eight_bytes_per_worker_not_the_vocabulary() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-    assert_eq!(v["logits_bytes_per_step"].as_f64(), Some(8.0), "{out}");
+    assert_eq!(v["logits_bytes_per_step"].as_f64(), Some(12.0), "{out}");
 }
 
 /// `--wire bf16|q8`: partial sums travel as bf16 or Q8_0 blocks (every worker still sums the
@@ -789,6 +789,76 @@ fn quantized_wire_keeps_the_first_token_of_every_reference_case() {
                 "--wire {wire}: {agree} of {} greedy ids agree with f32's for {:?}",
                 case.greedy_ids.len(),
                 case.prompt
+            );
+        }
+    }
+}
+
+/// Seeded sampling through workers that send only their best candidates (top-k up to 256)
+/// draws exactly the tokens that sampling from the whole vocabulary in one process draws, on
+/// 1..4 workers; so does plain temperature sampling, where workers send their logits.
+#[test]
+fn seeded_sampling_on_workers_equals_sampling_the_whole_vocabulary() {
+    let model = fixtures().join("tiny-llama");
+    let prompt = "Memory bandwidth";
+    for sampling in [
+        [
+            "--temperature",
+            "0.9",
+            "--top-k",
+            "40",
+            "--top-p",
+            "0.95",
+            "--seed",
+            "7",
+        ],
+        [
+            "--temperature",
+            "1.3",
+            "--top-k",
+            "3",
+            "--top-p",
+            "1",
+            "--seed",
+            "11",
+        ],
+        [
+            "--temperature",
+            "0.8",
+            "--top-k",
+            "0",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "5",
+        ],
+    ] {
+        let local = tessera()
+            .args(["generate", "--model", model.to_str().unwrap(), "--exact"])
+            .args([
+                "--prompt",
+                prompt,
+                "--max-tokens",
+                "24",
+                "--ids",
+                "--ignore-eos",
+            ])
+            .args(sampling)
+            .output()
+            .unwrap();
+        assert!(
+            local.status.success(),
+            "{}",
+            String::from_utf8_lossy(&local.stderr)
+        );
+        let want = String::from_utf8_lossy(&local.stdout).trim().to_string();
+        for workers in 1..=4 {
+            let o = run_cluster_with(&model, workers, prompt, 24, &sampling);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            assert_eq!(
+                String::from_utf8_lossy(&o.stdout).trim(),
+                want,
+                "{sampling:?} on {workers} workers"
             );
         }
     }

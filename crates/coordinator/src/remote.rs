@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tessera_model::{CommStats, ModelError, Pick, Runner, SeqStep, check_steps, gather_logits};
+use tessera_model::{
+    CommStats, ModelError, Pick, Runner, SeqStep, Want, check_steps, gather_logits,
+};
 use tessera_proto::{StepReply, StepRequest};
 use tokio::sync::mpsc;
 use tonic::Streaming;
@@ -40,18 +42,38 @@ enum Blame {
     Reported,
 }
 
+/// Whether a worker's candidates are shaped as `want` asked: a count per such sequence, no
+/// more than asked, and as many ids and logits as the counts add up to.
+fn top_reply_fits(r: &StepReply, want: &[Want]) -> bool {
+    let asked: Vec<usize> = want
+        .iter()
+        .filter_map(|w| match *w {
+            Want::Top { n, .. } => Some(n),
+            Want::Logits => None,
+        })
+        .collect();
+    let total: usize = r.top_counts.iter().map(|&c| c as usize).sum();
+    r.top_counts.len() == asked.len()
+        && r.top_counts
+            .iter()
+            .zip(&asked)
+            .all(|(&c, &n)| c as usize <= n)
+        && r.top_ids.len() == total
+        && r.top_logits.len() == total
+}
+
 impl Runner for RemoteCluster {
     fn cfg(&self) -> &tessera_core::ModelConfig {
         &self.cfg
     }
 
     fn step(&mut self, steps: &[SeqStep], free: &[u64]) -> Result<Vec<Vec<f32>>, ModelError> {
-        let picks = self.step_picks(steps, free, &vec![false; steps.len()])?;
+        let picks = self.step_picks(steps, free, &vec![Want::Logits; steps.len()])?;
         Ok(picks
             .into_iter()
             .map(|p| match p {
                 Pick::Logits(l) => l,
-                Pick::Best(_) => unreachable!("no sequence asked for its best token only"),
+                Pick::Top(_) => unreachable!("every sequence asked for its logits"),
             })
             .collect())
     }
@@ -60,25 +82,32 @@ impl Runner for RemoteCluster {
         &mut self,
         steps: &[SeqStep],
         free: &[u64],
-        best: &[bool],
+        want: &[Want],
     ) -> Result<Vec<Pick>, ModelError> {
         check_steps(&self.cfg, steps)?;
         let started = Instant::now();
         let req = StepRequest {
             steps: steps
                 .iter()
-                .zip(best)
-                .map(|(s, &b)| tessera_proto::SeqStep {
-                    seq: s.seq,
-                    pos: s.pos as u32,
-                    ids: s.ids.clone(),
-                    best_only: b,
+                .zip(want)
+                .map(|(s, w)| {
+                    let (top, temperature) = match *w {
+                        Want::Logits => (0, 0.0),
+                        Want::Top { n, temperature } => (n as u32, temperature),
+                    };
+                    tessera_proto::SeqStep {
+                        seq: s.seq,
+                        pos: s.pos as u32,
+                        ids: s.ids.clone(),
+                        top,
+                        temperature,
+                    }
                 })
                 .collect(),
             free: free.to_vec(),
         };
-        let n_best = best.iter().filter(|&&b| b).count();
-        let n_full = steps.len() - n_best;
+        let n_top = want.iter().filter(|w| **w != Want::Logits).count();
+        let n_full = steps.len() - n_top;
         let handle = self.handle.clone();
         let links = &mut self.links;
         let usage = self.usage.clone();
@@ -93,27 +122,24 @@ impl Runner for RemoteCluster {
                     .map_err(|_| shard_err(rank, l, "is gone".into()))?;
             }
             let mut parts = Vec::with_capacity(links.len());
-            let mut bests = Vec::with_capacity(links.len());
+            let mut tops = Vec::with_capacity(links.len());
             let mut reply_bytes = 0u64;
             let mut reduce = (0u64, 0u64);
             let mut worst: Option<(Blame, ModelError)> = None;
             for (rank, l) in links.iter_mut().enumerate() {
                 let failure = match tokio::time::timeout(STEP_TIMEOUT, l.rx.message()).await {
-                    Ok(Ok(Some(r)))
-                        if r.error.is_empty()
-                            && (r.best_ids.len() != n_best || r.best_logits.len() != n_best) =>
-                    {
-                        (
-                            Blame::Reported,
-                            format!(
-                                "sent {} greedy picks for {n_best} sequences",
-                                r.best_ids.len()
-                            ),
-                        )
-                    }
+                    Ok(Ok(Some(r))) if r.error.is_empty() && !top_reply_fits(&r, want) => (
+                        Blame::Reported,
+                        format!(
+                            "sent {} candidate counts and {} candidates for {n_top} sequences",
+                            r.top_counts.len(),
+                            r.top_ids.len()
+                        ),
+                    ),
                     Ok(Ok(Some(r))) if r.error.is_empty() => {
-                        reply_bytes += 4 * (r.logits.len() + 2 * n_best) as u64;
-                        bests.push((r.best_ids, r.best_logits));
+                        reply_bytes +=
+                            4 * (r.logits.len() + r.top_counts.len() + 2 * r.top_ids.len()) as u64;
+                        tops.push((r.top_counts, r.top_ids, r.top_logits));
                         reduce.0 += r.allreduce_ns;
                         reduce.1 += r.allreduce_count as u64;
                         usage
@@ -140,23 +166,28 @@ impl Runner for RemoteCluster {
                 return Err(e);
             }
             let mut full = gather_logits(&parts, n_full, self.cfg.vocab)?.into_iter();
-            // A greedy pick: the largest logit over the workers' bests, the lowest rank (so the
-            // lowest id) on ties, as an argmax over the whole vocabulary.
-            let mut k = 0;
-            let picks = best
+            // Each worker's best candidates of its slice, together: they hold the whole
+            // vocabulary's best (a shard's share of the global top n is within its own top n).
+            let mut at: Vec<(usize, usize)> = vec![(0, 0); tops.len()]; // (sequence, candidate)
+            let picks = want
                 .iter()
-                .map(|&b| {
-                    if !b {
+                .map(|w| {
+                    if *w == Want::Logits {
                         return Pick::Logits(full.next().expect("one row per sequence"));
                     }
-                    let mut top = (bests[0].0[k], bests[0].1[k]);
-                    for (ids, logits) in &bests[1..] {
-                        if logits[k] > top.1 {
-                            top = (ids[k], logits[k]);
-                        }
+                    let mut c = Vec::new();
+                    for ((counts, ids, logits), (s, k)) in tops.iter().zip(at.iter_mut()) {
+                        let n = counts[*s] as usize;
+                        c.extend(
+                            ids[*k..*k + n]
+                                .iter()
+                                .copied()
+                                .zip(logits[*k..*k + n].iter().copied()),
+                        );
+                        *s += 1;
+                        *k += n;
                     }
-                    k += 1;
-                    Pick::Best(top.0)
+                    Pick::Top(c)
                 })
                 .collect();
             // Per worker means: every worker runs the same all-reduces.

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tessera_model::{
-    CommStats, Finish, GenStats, GenerateParams, ModelError, Pick, Runner, Sampler, SeqStep,
+    CommStats, Finish, GenStats, GenerateParams, ModelError, Pick, Runner, Sampler, SeqStep, Want,
     check_step,
 };
 use tokio::sync::mpsc;
@@ -497,15 +497,13 @@ impl Scheduler {
             }
             let freeing = std::mem::take(&mut to_free);
             let t0 = Instant::now();
-            // Greedy sequences need only their best token: the workers send that, not logits.
-            let best: Vec<bool> = owners
-                .iter()
-                .map(|&i| active[i].sampler.is_greedy())
-                .collect();
+            // Greedy and top-k sequences need only their best candidates: the workers send
+            // those, not their logits.
+            let want: Vec<Want> = owners.iter().map(|&i| active[i].sampler.want()).collect();
             let result = if steps.is_empty() && freeing.is_empty() {
                 Ok(Vec::new())
             } else {
-                r.step_picks(&steps, &freeing, &best)
+                r.step_picks(&steps, &freeing, &want)
             };
             let took = t0.elapsed();
             let logits = match result {
@@ -548,7 +546,7 @@ impl Scheduler {
                     a.pos += 1;
                 }
                 let tok = match &logits[k] {
-                    Pick::Best(id) => *id,
+                    Pick::Top(c) => a.sampler.sample_candidates(c).unwrap_or(0),
                     Pick::Logits(l) => a.sampler.sample(l),
                 };
                 a.stats.generated += 1;

@@ -125,8 +125,9 @@ pub struct CommStats {
 pub enum Pick {
     /// Its last position's logits over the whole vocabulary.
     Logits(Vec<f32>),
-    /// Only its greedy token (the lowest id among equal largest logits).
-    Best(u32),
+    /// Candidates `(id, logit)` that hold at least the [`crate::Want::Top`] asked for (from
+    /// each shard its own best), for [`crate::Sampler::sample_candidates`].
+    Top(Vec<(u32, f32)>),
 }
 
 /// What generation needs from a set of shards, local or remote.
@@ -135,18 +136,22 @@ pub trait Runner: Send {
     /// Drops the KV caches of `free`, then runs one step for every sequence in `steps`
     /// together. Returns each sequence's last-position logits over the whole vocabulary.
     fn step(&mut self, steps: &[SeqStep], free: &[u64]) -> Result<Vec<Vec<f32>>>;
-    /// Like [`Runner::step`], but for each sequence with `best[i]` only its greedy token is
-    /// returned: remote shards then send their slice's best (id, logit) instead of the slice.
-    fn step_picks(&mut self, steps: &[SeqStep], free: &[u64], best: &[bool]) -> Result<Vec<Pick>> {
+    /// Like [`Runner::step`], but each sequence returns what `want[i]` asks: its logits, or
+    /// only its best candidates (remote shards then send their slice's best, not the slice).
+    fn step_picks(
+        &mut self,
+        steps: &[SeqStep],
+        free: &[u64],
+        want: &[crate::Want],
+    ) -> Result<Vec<Pick>> {
         Ok(self
             .step(steps, free)?
             .into_iter()
-            .zip(best)
-            .map(|(l, &b)| {
-                if b {
-                    Pick::Best(crate::sampling::argmax(&l))
-                } else {
-                    Pick::Logits(l)
+            .zip(want)
+            .map(|(l, w)| match *w {
+                crate::Want::Logits => Pick::Logits(l),
+                crate::Want::Top { n, temperature } => {
+                    Pick::Top(crate::sampling::top_candidates(&l, n, temperature, 0))
                 }
             })
             .collect())

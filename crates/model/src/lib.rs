@@ -24,6 +24,6 @@ pub use engine::{
 };
 pub use error::{ModelError, Result};
 pub use loader::ModelFiles;
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{MAX_CANDIDATES, Sampler, SamplingParams, Want, top_candidates};
 pub use shard::{Precision, SeqStep, ShardModel, shard_reads};
 pub use tokenizer::{TextStream, Tokenizer};

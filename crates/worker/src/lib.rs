@@ -335,19 +335,22 @@ impl Worker for WorkerService {
     }
 }
 
-/// Fills `out` from a step's logits (`best.len()` rows of this shard's vocabulary slice,
+/// Fills `out` from a step's logits (`want.len()` rows of this shard's vocabulary slice,
 /// which starts at id `first`): the rows of sequences that want logits, and for the others
-/// the row's largest logit and its id (the lowest among equal ones, as a whole-vocabulary
-/// argmax would pick, since the shards' slices are in id order).
-fn pick(logits: &[f32], best: &[bool], first: usize, out: &mut StepReply) {
-    let width = logits.len() / best.len().max(1);
-    for (row, &b) in logits.chunks_exact(width.max(1)).zip(best) {
-        if b {
-            let i = tessera_model::sampling::argmax(row) as usize;
-            out.best_ids.push((first + i) as u32);
-            out.best_logits.push(row[i]);
-        } else {
+/// the row's best candidates (the coordinator merges every shard's into the whole
+/// vocabulary's best).
+fn pick(logits: &[f32], want: &[(usize, f32)], first: usize, out: &mut StepReply) {
+    let width = logits.len() / want.len().max(1);
+    for (row, &(n, temperature)) in logits.chunks_exact(width.max(1)).zip(want) {
+        if n == 0 {
             out.logits.extend_from_slice(row);
+            continue;
+        }
+        let c = tessera_model::top_candidates(row, n, temperature, first as u32);
+        out.top_counts.push(c.len() as u32);
+        for (id, x) in c {
+            out.top_ids.push(id);
+            out.top_logits.push(x);
         }
     }
 }
@@ -407,7 +410,17 @@ fn shard_thread(
         for seq in &req.free {
             model.free(*seq);
         }
-        let best: Vec<bool> = req.steps.iter().map(|s| s.best_only).collect();
+        // At most MAX_CANDIDATES each: the request cannot make the reply large.
+        let want: Vec<(usize, f32)> = req
+            .steps
+            .iter()
+            .map(|s| {
+                (
+                    (s.top as usize).min(tessera_model::MAX_CANDIDATES),
+                    s.temperature,
+                )
+            })
+            .collect();
         let steps: Vec<SeqStep> = req
             .steps
             .into_iter()
@@ -420,7 +433,7 @@ fn shard_thread(
         // A collective error means the mesh is broken: this shard is of no use until reloaded.
         let mut mesh_broken = false;
         match tessera_quant::install(|| model.forward_batch(&steps, coll.as_mut())) {
-            Ok(l) => pick(&l, &best, model.spec.vocab.start, &mut out),
+            Ok(l) => pick(&l, &want, model.spec.vocab.start, &mut out),
             Err(e) => {
                 mesh_broken = matches!(e, tessera_model::ModelError::Collective(_));
                 out.error = e.to_string();
