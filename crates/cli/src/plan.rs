@@ -67,11 +67,12 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         cfg.vocab
     );
     let (total, active) = (cfg.param_count(), cfg.active_param_count());
-    let mut held = 0;
-    let mut read = 0;
+    // Each worker's weight bytes, held and read per token (every figure below uses these).
+    let mut held = Vec::with_capacity(plan.shards.len());
+    let mut read = Vec::with_capacity(plan.shards.len());
     for s in &plan.shards {
-        held += files.shard_bytes(s)?;
-        read += files.shard_bytes_read(s)?;
+        held.push(files.shard_bytes(s)?);
+        read.push(files.shard_bytes_read(s)?);
     }
     println!(
         "parameters: {:.1} M in all, {:.1} M read per token{}; weight bytes: {:.1} MiB held, {:.1} MiB read per token (all workers)",
@@ -81,8 +82,8 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
             Some(m) => format!(" ({} of {} experts per token)", m.top_k, m.experts),
             None => String::new(),
         },
-        held as f64 / (1 << 20) as f64,
-        read as f64 / (1 << 20) as f64,
+        held.iter().sum::<u64>() as f64 / (1 << 20) as f64,
+        read.iter().sum::<u64>() as f64 / (1 << 20) as f64,
     );
     println!(
         "weights are held in the file's formats ({}); the KV cache is f32",
@@ -97,7 +98,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     let mut all_fit = true;
     for s in &plan.shards {
         let c = s.cost(cfg, 4);
-        let weights = files.shard_bytes(s)?;
+        let weights = held[s.rank];
         let kv_full = c.kv_bytes_per_token * ctx as u64;
         let need = WorkerNeed::new(weights, c.kv_bytes_per_token, ctx as u64);
         let offered = memory.get(s.rank).map(|m| (m * GIB) as u64);
@@ -132,11 +133,6 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         Some(gb) => gb * 1e9,
         None => crate::bench::memory_bandwidth(256).0,
     };
-    let read: Vec<u64> = plan
-        .shards
-        .iter()
-        .map(|s| files.shard_bytes_read(s))
-        .collect::<Result<_, _>>()?;
     let e = tessera_core::DecodeEstimate::new(cfg, &read, bw, a.network);
     println!(
         "decode estimate: {:.1} tok/s = {:.2} ms reading weights ({:.1} MB on the busiest worker at {:.1} GB/s{}) + {:.2} ms on the network{} ({:.0}% of a step)",

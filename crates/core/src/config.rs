@@ -63,6 +63,18 @@ pub enum RopePrecision {
     F16,
 }
 
+impl RopePrecision {
+    /// `x` as the reference holds a buffer of the model's dtype: rounded to bf16 or f16 for
+    /// such checkpoints.
+    pub fn round(self, x: f64) -> f32 {
+        match self {
+            RopePrecision::F32 => x as f32,
+            RopePrecision::Bf16 => half::bf16::from_f64(x).to_f32(),
+            RopePrecision::F16 => half::f16::from_f64(x).to_f32(),
+        }
+    }
+}
+
 /// The FFN's activation: `act(gate) * up`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Activation {

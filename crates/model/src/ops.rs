@@ -478,7 +478,9 @@ fn dev_attend(
     let s = pos + t;
     // Future positions, and those before the window, are masked.
     let hidden = move |i: usize, j: usize| j > pos + i || window.is_some_and(|w| j + w <= pos + i);
-    let masked = (0..t).any(|i| (0..s).any(|j| hidden(i, j)));
+    // Some position is hidden when a query has a future (several new tokens) or the cache
+    // outgrows the window.
+    let masked = t > 1 || window.is_some_and(|w| s > w);
     let mask = |shape: Vec<usize>| {
         let m: Vec<f32> = (0..t)
             .flat_map(|i| (0..s).map(move |j| if hidden(i, j) { f32::NEG_INFINITY } else { 0.0 }))

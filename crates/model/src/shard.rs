@@ -18,7 +18,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::collections::HashMap;
 use std::ops::Range;
 use tessera_collective::Collective;
-use tessera_core::{ModelConfig, RopePrecision, ShardSpec};
+use tessera_core::{ModelConfig, ShardSpec};
 pub use tessera_quant::Precision;
 
 struct Layer {
@@ -121,11 +121,7 @@ pub fn inv_freq_at(cfg: &ModelConfig, theta: f64, global: bool) -> Vec<f32> {
             };
             // transformers keeps the frequencies in the checkpoint's dtype (a buffer cast with the
             // model), so a bf16 or f16 checkpoint rotates by rounded frequencies.
-            match cfg.rope_precision {
-                RopePrecision::F32 => f as f32,
-                RopePrecision::Bf16 => half::bf16::from_f64(f).to_f32(),
-                RopePrecision::F16 => half::f16::from_f64(f).to_f32(),
-            }
+            cfg.rope_precision.round(f)
         })
         .collect()
 }
@@ -705,12 +701,7 @@ impl ShardModel {
 
 /// Gemma's embedding multiplier √hidden, in the model's dtype as transformers casts it.
 fn embed_scale(cfg: &ModelConfig) -> f32 {
-    let s = (cfg.hidden as f64).sqrt();
-    match cfg.rope_precision {
-        RopePrecision::F32 => s as f32,
-        RopePrecision::Bf16 => half::bf16::from_f64(s).to_f32(),
-        RopePrecision::F16 => half::f16::from_f64(s).to_f32(),
-    }
+    cfg.rope_precision.round((cfg.hidden as f64).sqrt())
 }
 
 /// Each token's experts and their weights: softmax over the router's logits, the `top_k`
