@@ -211,17 +211,18 @@ impl<T: Transport> Collective for Mesh<T> {
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
         let _span = tracing::debug_span!("all_reduce", len = buf.len()).entered();
         let t = std::time::Instant::now();
+        // Encoded partials always take the one-step all-gather.
         let r = match self.algorithm_for(buf.len()) {
-            // Encoded partials always take the one-step all-gather.
-            _ if self.wire != Wire::F32 => all_gather_wire(
+            Algorithm::Ring if self.wire == Wire::F32 => {
+                ring_all_reduce(&mut self.transport, buf, &mut self.chunk)
+            }
+            _ => all_gather_sum(
                 &mut self.transport,
                 buf,
                 self.wire,
                 &mut self.encoded,
                 &mut self.gathered,
             ),
-            Algorithm::AllGather => all_gather_sum(&mut self.transport, buf, &mut self.gathered),
-            Algorithm::Ring => ring_all_reduce(&mut self.transport, buf, &mut self.chunk),
         };
         self.stats.count += 1;
         self.stats.nanos += t.elapsed().as_nanos() as u64;
@@ -229,38 +230,10 @@ impl<T: Transport> Collective for Mesh<T> {
     }
 }
 
-/// One-step all-gather and a local sum in rank order (so every rank gets the same bits).
-/// `scratch` is resized to `world * buf.len()` and reused across calls.
+/// One-step all-gather and a local sum in rank order (so every rank gets the same bits): each
+/// rank sends its partial, as `wire` encodes it, to every peer, then decodes all of them, its
+/// own included, and sums them in rank order. `encoded` and `scratch` are reused across calls.
 pub fn all_gather_sum<T: Transport>(
-    t: &mut T,
-    buf: &mut [f32],
-    scratch: &mut Vec<f32>,
-) -> Result<(), CollectiveError> {
-    let (rank, world, n) = (t.rank(), t.world(), buf.len());
-    if world == 1 {
-        return Ok(());
-    }
-    scratch.resize(world * n, 0.0);
-    for peer in (0..world).filter(|&p| p != rank) {
-        t.send(peer, buf)?;
-    }
-    scratch[rank * n..(rank + 1) * n].copy_from_slice(buf);
-    for peer in (0..world).filter(|&p| p != rank) {
-        t.recv(peer, &mut scratch[peer * n..(peer + 1) * n])?;
-    }
-    buf.copy_from_slice(&scratch[..n]);
-    for r in 1..world {
-        for (b, x) in buf.iter_mut().zip(&scratch[r * n..(r + 1) * n]) {
-            *b += x;
-        }
-    }
-    Ok(())
-}
-
-/// [`all_gather_sum`] with partials encoded as `wire`: each rank sends its encoded partial to
-/// every peer, then decodes all of them, its own included, and sums them in rank order, so
-/// every rank gets the same bits.
-pub fn all_gather_wire<T: Transport>(
     t: &mut T,
     buf: &mut [f32],
     wire: Wire,
@@ -271,13 +244,18 @@ pub fn all_gather_wire<T: Transport>(
     if world == 1 {
         return Ok(());
     }
-    wire.encode(buf, encoded);
-    let m = encoded.len();
+    let enc: &[f32] = if wire == Wire::F32 {
+        buf
+    } else {
+        wire.encode(buf, encoded);
+        encoded
+    };
+    let m = enc.len();
     scratch.resize(world * m, 0.0);
     for peer in (0..world).filter(|&p| p != rank) {
-        t.send(peer, encoded)?;
+        t.send(peer, enc)?;
     }
-    scratch[rank * m..(rank + 1) * m].copy_from_slice(encoded);
+    scratch[rank * m..(rank + 1) * m].copy_from_slice(enc);
     for peer in (0..world).filter(|&p| p != rank) {
         t.recv(peer, &mut scratch[peer * m..(peer + 1) * m])?;
     }
