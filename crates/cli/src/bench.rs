@@ -10,7 +10,11 @@ use tessera_model::{GenerateParams, Runner, generate};
 #[derive(Args)]
 pub struct BenchArgs {
     /// Model folder, .gguf file, or a pulled model's name
-    #[arg(long = "model", short = 'm', required_unless_present = "collective")]
+    #[arg(
+        long = "model",
+        short = 'm',
+        required_unless_present_any = ["collective", "coordinator"]
+    )]
     model_name: Option<String>,
     /// How many tensor-parallel shards to split the model into
     #[arg(long, default_value_t = 1)]
@@ -24,12 +28,13 @@ pub struct BenchArgs {
     #[arg(skip)]
     model: Option<ModelArgs>,
     /// Measure the all-reduce alone: p50/p99 latency per vector length (576, 4096, 16384 and
-    /// 1M floats) between --workers endpoints, and GB/s for the large ones
-    #[arg(long, requires = "in_process")]
+    /// 1M floats) between --workers processes on loopback (this one and --workers - 1 it
+    /// starts), and GB/s for the large ones
+    #[arg(long)]
     collective: bool,
     /// With --collective: the endpoints are threads of this process, each with its own QUIC
-    /// socket on loopback (separate processes are not measured yet)
-    #[arg(long)]
+    /// socket on loopback, instead of separate processes
+    #[arg(long, requires = "collective")]
     in_process: bool,
     /// Prompt length in tokens (prefill)
     #[arg(long, default_value_t = 128)]
@@ -58,6 +63,13 @@ pub struct BenchArgs {
     /// With --workers: how the workers send each other partial sums (f32, bf16 or q8)
     #[arg(long, default_value = "f32", requires = "workers")]
     wire: tessera_collective::Wire,
+    /// Measure a running cluster through its coordinator (HOST:PORT) instead of starting one:
+    /// for clusters across machines, or across deploy/netem's emulated links
+    #[arg(long, conflicts_with_all = ["workers", "collective"])]
+    coordinator: Option<String>,
+    /// The cluster token, with --coordinator
+    #[arg(long, env = "TESSERA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// Also print the results as one JSON object, as the last line of stdout
     #[arg(long)]
     json: bool,
@@ -94,7 +106,14 @@ pub fn memory_bandwidth(mib: usize) -> (f64, usize) {
 
 pub fn run(mut a: BenchArgs) -> anyhow::Result<()> {
     if a.collective {
-        let report = run_collective(a.workers.unwrap_or(2))?;
+        let report = run_collective(a.workers.unwrap_or(2), a.in_process)?;
+        if a.json {
+            println!("{report}");
+        }
+        return Ok(());
+    }
+    if let Some(addr) = a.coordinator.clone() {
+        let report = run_remote(&a, &addr)?;
         if a.json {
             println!("{report}");
         }
@@ -116,21 +135,34 @@ pub fn run(mut a: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--collective --in-process`: the all-reduce alone between `n` QUIC endpoints.
-fn run_collective(n: usize) -> anyhow::Result<serde_json::Value> {
+const COLLECTIVE_LENS: [usize; 4] = [576, 4096, 16384, 1 << 20];
+
+fn collective_plan() -> Vec<(usize, usize)> {
+    tessera_collective::timing_plan(
+        &COLLECTIVE_LENS,
+        |len| if len >= 1 << 20 { 20 } else { 1000 },
+    )
+}
+
+/// `--collective`: the all-reduce alone between `n` QUIC endpoints, threads of this process
+/// (`--in-process`) or this process and `n - 1` children.
+fn run_collective(n: usize, in_process: bool) -> anyhow::Result<serde_json::Value> {
     anyhow::ensure!(n >= 2, "--collective needs --workers 2 or more");
-    let rt = tokio::runtime::Runtime::new()?;
-    let (_nodes, mesh) = tessera_collective::local_mesh(&rt, n)?;
-    let lens = [576usize, 4096, 16384, 1 << 20];
-    let timings =
-        tessera_collective::time_all_reduce(
-            mesh,
-            &lens,
-            |len| {
-                if len >= 1 << 20 { 20 } else { 500 }
-            },
-        )?;
-    println!("all-reduce between {n} QUIC endpoints in this process (loopback), rank 0's latency:");
+    let plan = collective_plan();
+    let timings = if in_process {
+        let (_nodes, mesh) = tessera_collective::local_mesh(n)?;
+        tessera_collective::time_all_reduce(mesh, &COLLECTIVE_LENS, |len| {
+            plan.iter().find(|p| p.0 == len).map_or(1, |p| p.1)
+        })?
+    } else {
+        collective_processes(n, &plan)?
+    };
+    let place = if in_process {
+        "QUIC endpoints in this process"
+    } else {
+        "processes"
+    };
+    println!("all-reduce between {n} {place} (loopback), rank 0's latency:");
     let (mut p50, mut p99) = (serde_json::Map::new(), serde_json::Map::new());
     for t in &timings {
         println!(
@@ -141,12 +173,132 @@ fn run_collective(n: usize) -> anyhow::Result<serde_json::Value> {
         p99.insert(t.len.to_string(), t.p99_us.into());
     }
     Ok(serde_json::json!({
-        "collective": "in-process",
+        "collective": if in_process { "in-process" } else { "processes" },
         "workers": n,
         "p50_us": p50,
         "p99_us": p99,
         "gb_s": timings.iter().map(|t| (t.len.to_string(), t.gb_s.into())).collect::<serde_json::Map<_, _>>(),
     }))
+}
+
+const BENCH_TOKEN: &str = "tessera-bench-collective";
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> anyhow::Result<Vec<u8>> {
+    anyhow::ensure!(s.len().is_multiple_of(2), "odd hex length");
+    (0..s.len())
+        .step_by(2)
+        .map(|i| Ok(u8::from_str_radix(&s[i..i + 2], 16)?))
+        .collect()
+}
+
+/// A node on loopback with a certificate from `ca`: (its key, certificate) for a child, or
+/// the bound node for this process.
+fn bench_identity(ca: &tessera_collective::ClusterCa) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    let (key, spki) = tessera_collective::quic::generate_key()?;
+    Ok((key, ca.issue(&spki, "bench")?))
+}
+
+fn bench_node(id: &tessera_collective::Identity) -> anyhow::Result<tessera_collective::QuicNode> {
+    let node = tessera_collective::QuicNode::bind(
+        "127.0.0.1:0".parse()?,
+        tessera_collective::quic::token_proof(BENCH_TOKEN),
+    )?;
+    node.set_identity(id)?;
+    Ok(node)
+}
+
+/// Rank 0 here, ranks 1.. in children (`tessera collective-peer`), which get their identity
+/// on stdin, print their address, get every rank's address, and run the same timing plan.
+fn collective_processes(
+    n: usize,
+    plan: &[(usize, usize)],
+) -> anyhow::Result<Vec<tessera_collective::Timing>> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let ca = tessera_collective::ClusterCa::new()?;
+    let (key, cert) = bench_identity(&ca)?;
+    let node = bench_node(&tessera_collective::Identity {
+        key_pkcs8: key,
+        cert_der: cert,
+        ca_der: ca.ca_der(),
+    })?;
+    let mut addrs = vec![node.local_addr()?];
+    let mut children = Vec::new();
+    for _ in 1..n {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("collective-peer")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let (key, cert) = bench_identity(&ca)?;
+        let mut stdin = child.stdin.take().expect("piped");
+        writeln!(stdin, "{} {} {}", hex(&key), hex(&cert), hex(&ca.ca_der()))?;
+        let mut out = BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        out.read_line(&mut line)?;
+        let addr = line
+            .trim()
+            .strip_prefix("addr ")
+            .ok_or_else(|| anyhow::anyhow!("a peer process said {line:?}"))?
+            .parse()?;
+        addrs.push(addr);
+        children.push((child, stdin, out));
+    }
+    let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    for (rank, (_, stdin, _)) in children.iter_mut().enumerate() {
+        writeln!(stdin, "{} {}", rank + 1, list.join(","))?;
+    }
+    let t = node.connect_mesh(1, 0, &addrs, std::time::Duration::from_secs(10))?;
+    let (times, mesh) = tessera_collective::time_rank(t, plan)?;
+    for (mut child, stdin, mut out) in children {
+        drop(stdin);
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut out, &mut rest)?;
+        let status = child.wait()?;
+        anyhow::ensure!(status.success(), "a peer process failed: {status}");
+    }
+    drop(mesh);
+    Ok(tessera_collective::summarize(plan, times))
+}
+
+/// `tessera collective-peer`: one child of `bench --collective`.
+pub fn collective_peer() -> anyhow::Result<()> {
+    use std::io::BufRead;
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    let mut next = || -> anyhow::Result<String> {
+        lines
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("stdin closed"))?
+            .map_err(Into::into)
+    };
+    let id = next()?;
+    let parts: Vec<&str> = id.split(' ').collect();
+    anyhow::ensure!(parts.len() == 3, "expected key, certificate and CA");
+    let node = bench_node(&tessera_collective::Identity {
+        key_pkcs8: unhex(parts[0])?,
+        cert_der: unhex(parts[1])?,
+        ca_der: unhex(parts[2])?,
+    })?;
+    println!("addr {}", node.local_addr()?);
+    let peers = next()?;
+    let (rank, list) = peers
+        .split_once(' ')
+        .ok_or_else(|| anyhow::anyhow!("expected rank and addresses"))?;
+    let addrs: Vec<std::net::SocketAddr> = list
+        .split(',')
+        .map(|a| a.parse())
+        .collect::<Result<_, _>>()?;
+    let t = node.connect_mesh(1, rank.parse()?, &addrs, std::time::Duration::from_secs(10))?;
+    let (_, mesh) = tessera_collective::time_rank(t, &collective_plan())?;
+    // Rank 0 closes our stdin when it has every result.
+    let _ = next();
+    drop(mesh);
+    Ok(())
 }
 
 impl BenchArgs {
@@ -289,7 +441,8 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
             "backend": a.m().backend.name(),
             "precision": precision_name(a),
             "workers": n,
-            "threads": a.m().compute.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |t| t.get())),
+            "threads": crate::cluster::worker_threads(&a.m().compute, n),
+        "pinned": a.m().compute.pin,
             "prompt_tokens": a.prompt_tokens,
             "gen_tokens": a.gen_tokens,
             "concurrency": levels,
@@ -299,27 +452,7 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
         }));
     }
     let load = local.state.load_seconds.lock().unwrap().unwrap_or(0.0);
-    let prompt = a
-        .prompt
-        .clone()
-        .unwrap_or_else(|| TEXT.repeat(a.prompt_tokens / 40 + 1));
-    let opts = bench_options(a.gen_tokens);
-    let addr = local.addr.to_string();
-    let mut best: Option<tessera_proto::Done> = None;
-    for run in 0..=a.runs {
-        let d = local.rt.block_on(crate::cluster::remote_stream(
-            &addr,
-            &local.token,
-            &prompt,
-            &opts,
-            false,
-        ))?;
-        let rate = |d: &tessera_proto::Done| d.decode_steps as f64 / d.decode_seconds.max(1e-9);
-        if run > 0 && best.as_ref().is_none_or(|b| rate(&d) > rate(b)) {
-            best = Some(d);
-        }
-    }
-    let d = best.expect("at least one run");
+    let d = best_of_runs(a, &local.rt, &local.addr.to_string(), &local.token)?;
     let decode = d.decode_steps as f64 / d.decode_seconds.max(1e-9);
     let reached = d.weight_bytes_per_token as f64 * decode;
     println!(
@@ -371,7 +504,8 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
         "backend": a.m().backend.name(),
         "precision": precision_name(a),
         "workers": n,
-        "threads": a.m().compute.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |t| t.get())),
+        "threads": crate::cluster::worker_threads(&a.m().compute, n),
+        "pinned": a.m().compute.pin,
         "prompt_tokens": d.prompt_tokens,
         "gen_tokens": d.decode_steps + 1,
         "prefill_tok_s": d.prompt_tokens as f64 / d.prefill_seconds.max(1e-9),
@@ -387,6 +521,70 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
         "decode_gb_s": reached / 1e9,
         "memory_bandwidth_gb_s": bw / 1e9,
         "bandwidth_fraction": reached / bw,
+    }))
+}
+
+/// One warm-up and `a.runs` measured requests through a coordinator; the fastest decode.
+fn best_of_runs(
+    a: &BenchArgs,
+    rt: &tokio::runtime::Runtime,
+    addr: &str,
+    token: &str,
+) -> anyhow::Result<tessera_proto::Done> {
+    let prompt = a
+        .prompt
+        .clone()
+        .unwrap_or_else(|| TEXT.repeat(a.prompt_tokens / 40 + 1));
+    let opts = bench_options(a.gen_tokens);
+    let mut best: Option<tessera_proto::Done> = None;
+    for run in 0..=a.runs {
+        let d = rt.block_on(crate::cluster::remote_stream(
+            addr, token, &prompt, &opts, false,
+        ))?;
+        let rate = |d: &tessera_proto::Done| d.decode_steps as f64 / d.decode_seconds.max(1e-9);
+        if run > 0 && best.as_ref().is_none_or(|b| rate(&d) > rate(b)) {
+            best = Some(d);
+        }
+    }
+    Ok(best.expect("at least one run"))
+}
+
+/// `--coordinator`: a running cluster, measured from its client side.
+fn run_remote(a: &BenchArgs, addr: &str) -> anyhow::Result<serde_json::Value> {
+    let token = a
+        .token
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("--coordinator needs --token (or TESSERA_TOKEN)"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let d = best_of_runs(a, &rt, addr, &token)?;
+    let decode = d.decode_steps as f64 / d.decode_seconds.max(1e-9);
+    let prefill = d.prompt_tokens as f64 / d.prefill_seconds.max(1e-9);
+    println!("cluster at {addr}");
+    println!("prefill: {} tokens, {prefill:.1} tok/s", d.prompt_tokens);
+    println!(
+        "decode: {} tokens, {decode:.1} tok/s ({:.2} ms/token)",
+        d.decode_steps,
+        1e3 / decode.max(1e-9)
+    );
+    println!(
+        "all-reduce: {:.0} us mean, {:.0}% of step time in communication; logits sent per \
+         step: {:.0} bytes per worker",
+        d.allreduce_mean_us,
+        100.0 * d.comm_fraction,
+        d.logits_bytes_per_step
+    );
+    Ok(serde_json::json!({
+        "coordinator": addr,
+        "prompt_tokens": d.prompt_tokens,
+        "gen_tokens": d.decode_steps + 1,
+        "prefill_tok_s": prefill,
+        "decode_tok_s": decode,
+        "weight_bytes_per_token": d.weight_bytes_per_token,
+        "comm_share": d.comm_fraction,
+        "allreduce_mean_us": d.allreduce_mean_us,
+        "logits_bytes_per_step": d.logits_bytes_per_step,
     }))
 }
 

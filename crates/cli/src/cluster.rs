@@ -338,6 +338,8 @@ pub fn start_local(
         machine_memory() as f64 / workers.max(1) as f64 / (1u64 << 30) as f64
     );
     let mut children = Children(Vec::new());
+    let cpus = allowed_cpus();
+    let threads = worker_threads(&model.compute, workers);
     for i in 0..workers {
         let mut cmd = std::process::Command::new(&exe);
         cmd.args([
@@ -358,12 +360,19 @@ pub fn start_local(
             &share_gib,
         ])
         .env("TESSERA_TOKEN", &token)
-        .args(
-            model
-                .compute
-                .threads
-                .map(|t| vec!["--threads".to_string(), t.to_string()])
-                .unwrap_or_default(),
+        // The cores are shared out: workers that each took every core would take turns on
+        // them, and the one waiting at an all-reduce could not spin on the socket.
+        .args(["--threads", &threads.to_string()])
+        .env(
+            "TESSERA_SPIN_US",
+            std::env::var("TESSERA_SPIN_US").unwrap_or_else(|_| {
+                if workers * threads > cpus.len() {
+                    "0"
+                } else {
+                    "1000"
+                }
+                .into()
+            }),
         )
         .stdin(Stdio::null())
         .stdout(Stdio::null());
@@ -371,11 +380,20 @@ pub fn start_local(
         #[cfg(target_os = "linux")]
         {
             use std::os::unix::process::CommandExt;
-            // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+            let pin = (model.compute.pin && !cpus.is_empty()).then(|| cpus[i % cpus.len()]);
+            // SAFETY: prctl and sched_setaffinity are async-signal-safe system calls; nothing
+            // else runs between fork and exec.
             unsafe {
-                cmd.pre_exec(|| {
+                cmd.pre_exec(move || {
                     if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                         return Err(std::io::Error::last_os_error());
+                    }
+                    if let Some(core) = pin {
+                        let mut set: libc::cpu_set_t = std::mem::zeroed();
+                        libc::CPU_SET(core, &mut set);
+                        if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
                     }
                     Ok(())
                 });
@@ -444,6 +462,38 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     }
 }
 
+/// Compute threads of each of `workers` worker processes on this machine: --threads, else
+/// one core each when pinned, else the cores shared out.
+pub fn worker_threads(c: &crate::ComputeArgs, workers: usize) -> usize {
+    c.threads.unwrap_or_else(|| {
+        if c.pin {
+            1
+        } else {
+            (allowed_cpus().len() / workers.max(1)).max(1)
+        }
+    })
+}
+
+/// The CPUs this process may run on, in order.
+#[cfg(target_os = "linux")]
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: sched_getaffinity fills a cpu_set_t we own.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn allowed_cpus() -> Vec<usize> {
+    (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+}
+
 /// `tessera generate --coordinator`: submits a prompt and streams the answer.
 pub async fn remote_generate(
     addr: &str,
@@ -460,7 +510,7 @@ pub async fn remote_generate(
     eprintln!(
         "prompt tokens: {}, prefill: {:.1} tok/s, generated tokens: {}, decode: {:.1} tok/s, \
          weights read per token: {:.1} MB, effective bandwidth: {:.2} GB/s, \
-         all-reduce: {:.0} us mean, {:.0}% of step time",
+         all-reduce: {:.0} us mean, {:.0}% of step time, logits sent: {:.0} bytes/step per worker",
         d.prompt_tokens,
         d.prompt_tokens as f64 / d.prefill_seconds.max(1e-9),
         d.generated_tokens,
@@ -469,6 +519,7 @@ pub async fn remote_generate(
         d.weight_bytes_per_token as f64 * decode / 1e9,
         d.allreduce_mean_us,
         100.0 * d.comm_fraction,
+        d.logits_bytes_per_step,
     );
     Ok(())
 }

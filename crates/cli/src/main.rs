@@ -53,6 +53,9 @@ enum Command {
     Tokenize(TokenizeArgs),
     /// Exit 0 if an HTTP GET of URL answers 2xx (a health check for containers)
     Probe { url: String },
+    /// One peer process of `bench --collective` (started by it; reads its identity on stdin)
+    #[command(hide = true)]
+    CollectivePeer,
     /// Show a running cluster's state and workers
     Status {
         /// The coordinator's address
@@ -154,6 +157,10 @@ pub struct ComputeArgs {
     /// Threads for the CPU kernels (default: the cores this process may use)
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Where this command starts worker processes (run, bench --workers): pin worker i to
+    /// core i (modulo the cores), as `taskset` would, so that each has a core of its own
+    #[arg(long)]
+    pub pin: bool,
 }
 
 impl ComputeArgs {
@@ -406,6 +413,7 @@ fn main() -> ExitCode {
         Command::Run(a) => cluster::run(a),
         Command::Chat(a) => cluster::chat(a),
         Command::Probe { url } => cluster::probe(&url),
+        Command::CollectivePeer => bench::collective_peer(),
         Command::Plan(a) => {
             die_quietly_on_closed_stdout();
             plan::run(a)

@@ -36,32 +36,12 @@ pub fn time_all_reduce<T: Transport + 'static>(
     lens: &[usize],
     iters: impl Fn(usize) -> usize,
 ) -> Result<Vec<Timing>, CollectiveError> {
-    let plan: Vec<(usize, usize)> = lens.iter().map(|&l| (l, iters(l).max(1))).collect();
+    let plan = timing_plan(lens, iters);
     let hs: Vec<_> = transports
         .into_iter()
         .map(|t| {
             let plan = plan.clone();
-            std::thread::spawn(
-                move || -> Result<(Vec<Vec<f64>>, Mesh<T>), CollectiveError> {
-                    let mut mesh = Mesh::new(t);
-                    let mut all = Vec::new();
-                    for (len, n) in plan {
-                        let mut buf = vec![1.0f32; len];
-                        let mut times = Vec::with_capacity(n);
-                        for i in 0..n + 3 {
-                            let t0 = std::time::Instant::now();
-                            mesh.all_reduce_sum(&mut buf)?;
-                            if i >= 3 {
-                                times.push(t0.elapsed().as_secs_f64() * 1e6);
-                            }
-                            buf.iter_mut().for_each(|x| *x = 1.0);
-                        }
-                        all.push(times);
-                    }
-                    // Handed back, not dropped: closing now could cut a peer's last message.
-                    Ok((all, mesh))
-                },
-            )
+            std::thread::spawn(move || time_rank(t, &plan))
         })
         .collect();
     let mut results = Vec::new();
@@ -71,10 +51,44 @@ pub fn time_all_reduce<T: Transport + 'static>(
         results.push(times);
         meshes.push(mesh);
     }
-    let rank0 = results.swap_remove(0);
-    Ok(plan
-        .iter()
-        .zip(rank0)
+    Ok(summarize(&plan, results.swap_remove(0)))
+}
+
+/// (length, iterations) for [`time_rank`]; every rank must run the same plan.
+pub fn timing_plan(lens: &[usize], iters: impl Fn(usize) -> usize) -> Vec<(usize, usize)> {
+    lens.iter().map(|&l| (l, iters(l).max(1))).collect()
+}
+
+/// One rank's side of [`time_all_reduce`] (also what each process of a multi-process
+/// measurement runs): microseconds of each all-reduce per plan entry, after 3 warm-up rounds.
+/// The mesh is handed back, not dropped: closing at once could cut a peer's last message.
+#[allow(clippy::type_complexity)]
+pub fn time_rank<T: Transport>(
+    t: T,
+    plan: &[(usize, usize)],
+) -> Result<(Vec<Vec<f64>>, Mesh<T>), CollectiveError> {
+    let mut mesh = Mesh::new(t);
+    let mut all = Vec::new();
+    for &(len, n) in plan {
+        let mut buf = vec![1.0f32; len];
+        let mut times = Vec::with_capacity(n);
+        for i in 0..n + 3 {
+            let t0 = std::time::Instant::now();
+            mesh.all_reduce_sum(&mut buf)?;
+            if i >= 3 {
+                times.push(t0.elapsed().as_secs_f64() * 1e6);
+            }
+            buf.iter_mut().for_each(|x| *x = 1.0);
+        }
+        all.push(times);
+    }
+    Ok((all, mesh))
+}
+
+/// p50, p99 and GB/s of one rank's [`time_rank`] results.
+pub fn summarize(plan: &[(usize, usize)], times: Vec<Vec<f64>>) -> Vec<Timing> {
+    plan.iter()
+        .zip(times)
         .map(|(&(len, _), mut t)| {
             t.sort_by(f64::total_cmp);
             let at = |q: f64| t[((t.len() - 1) as f64 * q).round() as usize];
@@ -86,7 +100,7 @@ pub fn time_all_reduce<T: Transport + 'static>(
                 gb_s: (len * 4) as f64 / (p50 * 1e-6) / 1e9,
             }
         })
-        .collect())
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]

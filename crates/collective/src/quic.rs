@@ -10,15 +10,20 @@
 //! unidirectional stream each way on it. Messages are a u32 length (in f32 values) and the
 //! values, little-endian; send and receive buffers are reused, so a warmed-up step does not
 //! allocate.
+//!
+//! Latency: each node owns a single-threaded Tokio runtime ([`Driver`]) for its endpoint, and
+//! the thread that runs an all-reduce drives it itself (its `block_on` polls the UDP socket,
+//! quinn's endpoint and connection tasks and the stream), so a send or receive does not hop to
+//! another thread and back. Between all-reduces a helper thread drives it (keep-alives,
+//! acknowledgements, handshakes), and hands it over when an all-reduce asks.
 
 use crate::{CollectiveError, Transport};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tokio::runtime::Handle;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// Name every worker certificate carries; identity within the mesh is the rank in the hello.
@@ -156,6 +161,114 @@ fn hello(mesh_id: u64, rank: u32, proof: &[u8; 32]) -> Vec<u8> {
     h
 }
 
+/// A node's own single-threaded runtime, driven by whichever thread needs it: an all-reduce's
+/// thread while it sends and receives (and for [`Driver::LEASE`] after, so the next
+/// all-reduce of the same step finds it free), else the helper thread.
+pub struct Driver {
+    /// Always Some; taken on drop to shut down without blocking (a node may be dropped inside
+    /// another runtime's task).
+    rt: Option<tokio::runtime::Runtime>,
+    lease: Mutex<Lease>,
+    changed: Condvar,
+    /// Tells the helper thread to stop driving (an all-reduce wants the runtime).
+    release: Notify,
+}
+
+struct Lease {
+    users: usize,
+    last_used: Instant,
+    stop: bool,
+}
+
+impl Driver {
+    /// How long after its last use the runtime stays with the all-reduce threads.
+    pub const LEASE: Duration = Duration::from_micros(1000);
+
+    fn start() -> std::io::Result<Arc<Driver>> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let d = Arc::new(Driver {
+            rt: Some(rt),
+            lease: Mutex::new(Lease {
+                users: 0,
+                last_used: Instant::now() - Self::LEASE,
+                stop: false,
+            }),
+            changed: Condvar::new(),
+            release: Notify::new(),
+        });
+        let weak = Arc::downgrade(&d);
+        std::thread::Builder::new()
+            .name("tessera-quic".into())
+            .spawn(move || Driver::idle_loop(weak))?;
+        Ok(d)
+    }
+
+    fn rt(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("runtime until drop")
+    }
+
+    fn idle_loop(weak: std::sync::Weak<Driver>) {
+        loop {
+            let Some(d) = weak.upgrade() else { return };
+            {
+                let mut l = d.lease.lock().unwrap();
+                loop {
+                    if l.stop {
+                        return;
+                    }
+                    let idle = l.last_used.elapsed();
+                    if l.users == 0 && idle >= Self::LEASE {
+                        break;
+                    }
+                    let wait = if l.users > 0 {
+                        Self::LEASE
+                    } else {
+                        Self::LEASE - idle
+                    };
+                    l = d.changed.wait_timeout(l, wait).unwrap().0;
+                }
+            }
+            d.rt().block_on(async {
+                tokio::select! {
+                    _ = d.release.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            });
+        }
+    }
+
+    /// Runs `f` to completion on this runtime, driving it from the calling thread (which must
+    /// not be a Tokio worker).
+    pub fn run<F: std::future::Future>(&self, f: F) -> F::Output {
+        {
+            let mut l = self.lease.lock().unwrap();
+            l.users += 1;
+        }
+        self.release.notify_one();
+        let out = self.rt().block_on(f);
+        let mut l = self.lease.lock().unwrap();
+        l.users -= 1;
+        l.last_used = Instant::now();
+        out
+    }
+
+    fn stop(&self) {
+        self.lease.lock().unwrap().stop = true;
+        self.changed.notify_all();
+        self.release.notify_one();
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 type Pending = Arc<(Mutex<HashMap<(u64, u32), (Connection, RecvStream)>>, Notify)>;
 
 /// A worker's QUIC endpoint. Bound at start-up (so its address can be registered); it serves
@@ -165,7 +278,7 @@ pub struct QuicNode {
     client: Mutex<Option<quinn::ClientConfig>>,
     proof: [u8; 32],
     pending: Pending,
-    handle: Handle,
+    driver: Arc<Driver>,
     accept_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -184,6 +297,8 @@ impl QuicNode {
             let _ = sock.set_only_v6(false);
         }
         sock.bind(&addr.into())?;
+        let driver = Driver::start()?;
+        let _in_rt = driver.rt().enter();
         let endpoint = Endpoint::new(
             quinn::EndpointConfig::default(),
             None,
@@ -195,7 +310,7 @@ impl QuicNode {
             client: Mutex::new(None),
             proof,
             pending: Arc::new((Mutex::new(HashMap::new()), Notify::new())),
-            handle: Handle::current(),
+            driver,
             accept_task: Mutex::new(None),
         })
     }
@@ -217,7 +332,7 @@ impl QuicNode {
         let endpoint = self.endpoint.clone();
         let pending = self.pending.clone();
         let proof = self.proof;
-        let task = self.handle.spawn(async move {
+        let task = self.driver.rt().spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let pending = pending.clone();
                 tokio::spawn(async move {
@@ -257,7 +372,7 @@ impl QuicNode {
         let mut recvs: Vec<Option<RecvStream>> = (0..world).map(|_| None).collect();
         let mut conns: Vec<Option<Connection>> = (0..world).map(|_| None).collect();
         let my_hello = hello(mesh_id, rank as u32, &self.proof);
-        self.handle.block_on(async {
+        self.driver.run(async {
             tokio::time::timeout(timeout, async {
                 for (peer, addr) in peers.iter().enumerate().filter(|(p, _)| *p > rank) {
                     let err = |e: &dyn std::fmt::Display| CollectiveError::Transport {
@@ -327,9 +442,15 @@ impl QuicNode {
             sends,
             recvs,
             _conns: conns,
-            handle: self.handle.clone(),
+            driver: self.driver.clone(),
             buf: Vec::new(),
             timeout: Duration::from_secs(10),
+            spin: Duration::from_micros(
+                std::env::var("TESSERA_SPIN_US")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1000),
+            ),
         })
     }
 }
@@ -340,6 +461,7 @@ impl Drop for QuicNode {
             t.abort();
         }
         self.endpoint.close(0u32.into(), b"bye");
+        self.driver.stop();
     }
 }
 
@@ -393,10 +515,14 @@ pub struct QuicTransport {
     sends: Vec<Option<SendStream>>,
     recvs: Vec<Option<RecvStream>>,
     _conns: Vec<Option<Connection>>,
-    handle: Handle,
+    driver: Arc<Driver>,
     buf: Vec<u8>,
     /// Longest wait for a peer's message before the all-reduce fails.
     pub timeout: Duration,
+    /// How long a receive polls the socket without sleeping before it blocks: 1 ms unless
+    /// TESSERA_SPIN_US says otherwise (0 where workers share cores, as `tessera run` sets
+    /// when it starts more worker threads than there are cores).
+    pub spin: Duration,
 }
 
 impl Transport for QuicTransport {
@@ -418,7 +544,7 @@ impl Transport for QuicTransport {
             .ok_or(CollectiveError::PeerGone { peer })?;
         let buf = &self.buf;
         let timeout = self.timeout;
-        self.handle.block_on(async {
+        self.driver.run(async {
             match tokio::time::timeout(timeout, stream.write_all(buf)).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(CollectiveError::Transport {
@@ -437,9 +563,10 @@ impl Transport for QuicTransport {
             .as_mut()
             .ok_or(CollectiveError::PeerGone { peer })?;
         let timeout = self.timeout;
+        let spin = self.spin;
         self.buf.resize(4 + out.len() * 4, 0);
         let buf = &mut self.buf;
-        self.handle.block_on(async {
+        self.driver.run(async {
             let read = async {
                 stream.read_exact(&mut buf[..4]).await?;
                 let n = u32::from_le_bytes(buf[..4].try_into().unwrap()) as usize;
@@ -448,6 +575,22 @@ impl Transport for QuicTransport {
                 }
                 stream.read_exact(&mut buf[4..]).await?;
                 Ok::<_, quinn::ReadExactError>(None)
+            };
+            // Busy-poll the socket for a while before sleeping in epoll: waking an idle
+            // (virtual) CPU costs tens of microseconds, about a decode all-reduce's worth.
+            let spinning = async {
+                let t0 = Instant::now();
+                while t0.elapsed() < spin {
+                    tokio::task::yield_now().await;
+                }
+                std::future::pending::<()>().await
+            };
+            let read = async {
+                tokio::select! {
+                    biased;
+                    r = read => r,
+                    _ = spinning => unreachable!("spinning never ends"),
+                }
             };
             match tokio::time::timeout(timeout, read).await {
                 Ok(Ok(None)) => Ok(()),
@@ -478,16 +621,15 @@ impl Transport for QuicTransport {
 
 /// A mesh of `world` QUIC endpoints on loopback in this process, with a throwaway CA and
 /// token: real sockets, TLS and streams, for measuring the collective alone
-/// (`tessera bench --collective --in-process`) and for tests. The nodes live in `rt`; the
-/// transports work while the returned nodes are kept.
+/// (`tessera bench --collective --in-process`) and for tests. The transports work while the
+/// returned nodes are kept.
 #[allow(clippy::type_complexity)]
 pub fn local_mesh(
-    rt: &tokio::runtime::Runtime,
     world: usize,
 ) -> Result<(Vec<Arc<QuicNode>>, Vec<QuicTransport>), CollectiveError> {
     let ca = ClusterCa::new().map_err(tls_error)?;
     let nodes: Vec<Arc<QuicNode>> = (0..world)
-        .map(|_| local_node(rt, &ca, "local"))
+        .map(|_| local_node(&ca, "local"))
         .collect::<Result<_, _>>()?;
     let transports = connect_local(&nodes, 1)
         .into_iter()
@@ -495,12 +637,7 @@ pub fn local_mesh(
     Ok((nodes, transports))
 }
 
-fn local_node(
-    rt: &tokio::runtime::Runtime,
-    ca: &ClusterCa,
-    token: &str,
-) -> Result<Arc<QuicNode>, CollectiveError> {
-    let _g = rt.enter();
+fn local_node(ca: &ClusterCa, token: &str) -> Result<Arc<QuicNode>, CollectiveError> {
     let n = QuicNode::bind(
         "127.0.0.1:0".parse().expect("an address"),
         token_proof(token),
@@ -543,20 +680,18 @@ mod tests {
     use crate::{Algorithm, Collective, Mesh};
 
     struct Group {
-        rt: tokio::runtime::Runtime,
         nodes: Vec<Arc<QuicNode>>,
         ca: ClusterCa,
     }
 
-    fn node(rt: &tokio::runtime::Runtime, ca: &ClusterCa, token: &str) -> Arc<QuicNode> {
-        local_node(rt, ca, token).unwrap()
+    fn node(ca: &ClusterCa, token: &str) -> Arc<QuicNode> {
+        local_node(ca, token).unwrap()
     }
 
     fn group(n: usize) -> Group {
-        let rt = tokio::runtime::Runtime::new().unwrap();
         let ca = ClusterCa::new().unwrap();
-        let nodes = (0..n).map(|_| node(&rt, &ca, "secret")).collect();
-        Group { rt, nodes, ca }
+        let nodes = (0..n).map(|_| node(&ca, "secret")).collect();
+        Group { nodes, ca }
     }
 
     fn connect(nodes: &[Arc<QuicNode>], mesh: u64) -> Vec<Result<QuicTransport, CollectiveError>> {
@@ -614,7 +749,7 @@ mod tests {
                 }
             }
             drop(ts);
-            drop(g.rt);
+            drop(g);
         }
     }
 
@@ -623,11 +758,11 @@ mod tests {
         let g = group(2);
         // A node whose certificate comes from another CA: the TLS handshake fails.
         let other_ca = ClusterCa::new().unwrap();
-        let stranger = node(&g.rt, &other_ca, "secret");
+        let stranger = node(&other_ca, "secret");
         let res = connect(&[g.nodes[0].clone(), stranger], 1);
         assert!(res.iter().any(|r| r.is_err()), "a stranger joined the mesh");
         // Right CA, wrong token: the hello is refused.
-        let impostor = node(&g.rt, &g.ca, "not-the-secret");
+        let impostor = node(&g.ca, "not-the-secret");
         let res = connect(&[g.nodes[0].clone(), impostor], 2);
         assert!(
             res.iter().all(|r| r.is_err()),
