@@ -794,45 +794,48 @@ fn quantized_wire_keeps_the_first_token_of_every_reference_case() {
     }
 }
 
-/// Seeded sampling through workers that send only their best candidates (top-k up to 256)
-/// draws exactly the tokens that sampling from the whole vocabulary in one process draws, on
-/// 1..4 workers; so does plain temperature sampling, where workers send their logits.
+/// The logits bytes per step and worker that `tessera run` reports.
+fn logits_bytes_per_step(stderr: &[u8]) -> f64 {
+    let text = String::from_utf8_lossy(stderr);
+    let at = text
+        .find("logits sent: ")
+        .unwrap_or_else(|| panic!("no logits figure in {text}"));
+    text[at + 13..]
+        .split(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("a number of bytes")
+}
+
+/// Seeded sampling through workers that send only candidates draws exactly the tokens that
+/// sampling from the whole vocabulary in one process draws, on 1..4 workers: top-k (each
+/// worker's top k), temperature alone (each worker's Gumbel-max winner), and a top-p nucleus
+/// (the top 256 and each slice's probability mass). At temperature 3 this tiny model's
+/// nucleus of 0.99 reaches past one worker's 256 candidates (of 384 tokens), so the
+/// coordinator fetches that step's logits, which the bytes show.
 #[test]
 fn seeded_sampling_on_workers_equals_sampling_the_whole_vocabulary() {
     let model = fixtures().join("tiny-llama");
     let prompt = "Memory bandwidth";
-    for sampling in [
-        [
+    // (temperature, top-k, top-p, seed, whether the nucleus reaches past the candidates)
+    let cases = [
+        ("0.9", "40", "0.95", "7", false),
+        ("1.3", "3", "1", "11", false),
+        ("1.0", "0", "1", "3", false),
+        ("0.8", "0", "0.9", "5", false),
+        ("3.0", "0", "0.99", "6", true),
+    ];
+    for (t, k, p, seed, wide) in cases {
+        let sampling = [
             "--temperature",
-            "0.9",
+            t,
             "--top-k",
-            "40",
+            k,
             "--top-p",
-            "0.95",
+            p,
             "--seed",
-            "7",
-        ],
-        [
-            "--temperature",
-            "1.3",
-            "--top-k",
-            "3",
-            "--top-p",
-            "1",
-            "--seed",
-            "11",
-        ],
-        [
-            "--temperature",
-            "0.8",
-            "--top-k",
-            "0",
-            "--top-p",
-            "0.9",
-            "--seed",
-            "5",
-        ],
-    ] {
+            seed,
+        ];
         let local = tessera()
             .args(["generate", "--model", model.to_str().unwrap(), "--exact"])
             .args([
@@ -860,6 +863,93 @@ fn seeded_sampling_on_workers_equals_sampling_the_whole_vocabulary() {
                 want,
                 "{sampling:?} on {workers} workers"
             );
+            // Per worker and step: top-k sends k (id, logit) pairs and a count; temperature
+            // alone its Gumbel winner; the nucleus up to 256 candidates, a count, its
+            // log-sum-exp (8 bytes) and floor, plus its slice of logits where the nucleus
+            // reached past the candidates (25 steps: the prefill's draw and 24 more).
+            let bytes = logits_bytes_per_step(&o.stderr);
+            eprintln!("{sampling:?} on {workers} workers: {bytes:.0} logits bytes/step");
+            let slice = 384 / workers;
+            let k: f64 = k.parse().unwrap();
+            if k > 0.0 {
+                assert_eq!(bytes, k * 8.0 + 4.0, "{sampling:?} on {workers} workers");
+            } else if p == "1" {
+                assert_eq!(bytes, 12.0, "{sampling:?} on {workers} workers");
+            } else {
+                let candidates = (tessera_model::NUCLEUS_CANDIDATES.min(slice) * 8 + 16) as f64;
+                if wide && workers == 1 {
+                    assert!(
+                        bytes >= candidates + (slice * 4) as f64 / 25.0,
+                        "{sampling:?}: {bytes} bytes/step, no fallback?"
+                    );
+                } else {
+                    // Two or more workers send all of their 192 or fewer logits as candidates.
+                    assert_eq!(bytes, candidates, "{sampling:?} on {workers} workers");
+                }
+            }
+        }
+    }
+}
+
+/// The same on the demo model: temperature alone (Gumbel winners) and a top-p nucleus
+/// (candidates and each slice's mass), 1 and 2 workers against one process.
+#[test]
+fn seeded_sampling_on_smollm2_workers_equals_one_process() {
+    let model = smollm2();
+    let prompt = "The best way to learn a language is";
+    for sampling in [
+        [
+            "--temperature",
+            "0.8",
+            "--top-k",
+            "0",
+            "--top-p",
+            "0.9",
+            "--seed",
+            "21",
+        ],
+        [
+            "--temperature",
+            "1.0",
+            "--top-k",
+            "0",
+            "--top-p",
+            "1",
+            "--seed",
+            "4",
+        ],
+    ] {
+        let local = tessera()
+            .args(["generate", "--model", model.to_str().unwrap(), "--exact"])
+            .args([
+                "--prompt",
+                prompt,
+                "--max-tokens",
+                "20",
+                "--ids",
+                "--ignore-eos",
+            ])
+            .args(sampling)
+            .output()
+            .unwrap();
+        assert!(
+            local.status.success(),
+            "{}",
+            String::from_utf8_lossy(&local.stderr)
+        );
+        let want = String::from_utf8_lossy(&local.stdout).trim().to_string();
+        for workers in [1, 2] {
+            let o = run_cluster_with(&model, workers, prompt, 20, &sampling);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            assert_eq!(
+                String::from_utf8_lossy(&o.stdout).trim(),
+                want,
+                "{sampling:?} on {workers} workers"
+            );
+            let bytes = logits_bytes_per_step(&o.stderr);
+            eprintln!("SmolLM2 {sampling:?} on {workers} workers: {bytes:.0} bytes/step");
+            // Greedy, top-k and temperature alone never send logits; a nucleus sometimes does.
+            assert!(bytes < 16384.0, "{bytes} logits bytes per step");
         }
     }
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tessera_model::{
-    CommStats, ModelError, Pick, Runner, SeqStep, Want, check_steps, gather_logits,
+    Candidates, CommStats, ModelError, Pick, Runner, SeqStep, Want, check_steps, gather_logits,
 };
 use tessera_proto::{StepReply, StepRequest};
 use tokio::sync::mpsc;
@@ -43,15 +43,19 @@ enum Blame {
 }
 
 /// Whether a worker's candidates are shaped as `want` asked: a count per such sequence, no
-/// more than asked, and as many ids and logits as the counts add up to.
+/// more than asked (one more for a Gumbel winner), as many ids and logits as the counts add
+/// up to, and a log-sum-exp and floor per sequence.
 fn top_reply_fits(r: &StepReply, want: &[Want]) -> bool {
     let asked: Vec<usize> = want
         .iter()
-        .filter_map(|w| match *w {
-            Want::Top { n, .. } => Some(n),
+        .filter_map(|w| match w {
+            Want::Top(spec) => Some(spec.n + spec.gumbel.is_some() as usize),
             Want::Logits => None,
         })
         .collect();
+    let any_mass = want
+        .iter()
+        .any(|w| matches!(w, Want::Top(spec) if spec.mass));
     let total: usize = r.top_counts.iter().map(|&c| c as usize).sum();
     r.top_counts.len() == asked.len()
         && r.top_counts
@@ -60,6 +64,25 @@ fn top_reply_fits(r: &StepReply, want: &[Want]) -> bool {
             .all(|(&c, &n)| c as usize <= n)
         && r.top_ids.len() == total
         && r.top_logits.len() == total
+        && r.top_lse.len() == r.top_floor.len()
+        && (r.top_lse.len() == asked.len() || (r.top_lse.is_empty() && !any_mass))
+}
+
+fn proto_step(s: &SeqStep, w: &Want) -> tessera_proto::SeqStep {
+    let mut p = tessera_proto::SeqStep {
+        seq: s.seq,
+        pos: s.pos as u32,
+        ids: s.ids.clone(),
+        ..Default::default()
+    };
+    if let Want::Top(spec) = w {
+        p.top = spec.n as u32;
+        p.temperature = spec.temperature;
+        p.gumbel = spec.gumbel.is_some();
+        (p.seed, p.draw) = spec.gumbel.unwrap_or_default();
+        p.mass = spec.mass;
+    }
+    p
 }
 
 impl Runner for RemoteCluster {
@@ -90,21 +113,10 @@ impl Runner for RemoteCluster {
             steps: steps
                 .iter()
                 .zip(want)
-                .map(|(s, w)| {
-                    let (top, temperature) = match *w {
-                        Want::Logits => (0, 0.0),
-                        Want::Top { n, temperature } => (n as u32, temperature),
-                    };
-                    tessera_proto::SeqStep {
-                        seq: s.seq,
-                        pos: s.pos as u32,
-                        ids: s.ids.clone(),
-                        top,
-                        temperature,
-                    }
-                })
+                .map(|(s, w)| proto_step(s, w))
                 .collect(),
             free: free.to_vec(),
+            last_logits: Vec::new(),
         };
         let n_top = want.iter().filter(|w| **w != Want::Logits).count();
         let n_full = steps.len() - n_top;
@@ -136,17 +148,21 @@ impl Runner for RemoteCluster {
                             r.top_ids.len()
                         ),
                     ),
-                    Ok(Ok(Some(r))) if r.error.is_empty() => {
-                        reply_bytes +=
-                            4 * (r.logits.len() + r.top_counts.len() + 2 * r.top_ids.len()) as u64;
-                        tops.push((r.top_counts, r.top_ids, r.top_logits));
+                    Ok(Ok(Some(mut r))) if r.error.is_empty() => {
+                        reply_bytes += 4
+                            * (r.logits.len()
+                                + r.top_counts.len()
+                                + 2 * r.top_ids.len()
+                                + 2 * r.top_lse.len()
+                                + r.top_floor.len()) as u64;
                         reduce.0 += r.allreduce_ns;
                         reduce.1 += r.allreduce_count as u64;
                         usage
                             .lock()
                             .unwrap()
                             .insert(l.id, (r.cached_sequences, r.cached_positions));
-                        parts.push(r.logits);
+                        parts.push(std::mem::take(&mut r.logits));
+                        tops.push(r);
                         continue;
                     }
                     Ok(Ok(Some(r))) => (Blame::Reported, format!("failed the step: {}", r.error)),
@@ -175,15 +191,18 @@ impl Runner for RemoteCluster {
                     if *w == Want::Logits {
                         return Pick::Logits(full.next().expect("one row per sequence"));
                     }
-                    let mut c = Vec::new();
-                    for ((counts, ids, logits), (s, k)) in tops.iter().zip(at.iter_mut()) {
-                        let n = counts[*s] as usize;
-                        c.extend(
-                            ids[*k..*k + n]
+                    let mut c = Candidates::empty();
+                    for (r, (s, k)) in tops.iter().zip(at.iter_mut()) {
+                        let n = r.top_counts[*s] as usize;
+                        c.merge(&Candidates {
+                            top: r.top_ids[*k..*k + n]
                                 .iter()
                                 .copied()
-                                .zip(logits[*k..*k + n].iter().copied()),
-                        );
+                                .zip(r.top_logits[*k..*k + n].iter().copied())
+                                .collect(),
+                            lse: r.top_lse.get(*s).copied().unwrap_or(f64::NEG_INFINITY),
+                            floor: r.top_floor.get(*s).copied().unwrap_or(f32::NEG_INFINITY),
+                        });
                         *s += 1;
                         *k += n;
                     }
@@ -201,6 +220,37 @@ impl Runner for RemoteCluster {
         self.comm.steps += 1;
         self.comm.logits_bytes += bytes;
         Ok(picks)
+    }
+
+    fn last_logits(&mut self, seqs: &[u64]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let req = StepRequest {
+            last_logits: seqs.to_vec(),
+            ..Default::default()
+        };
+        let links = &mut self.links;
+        let parts = self.handle.block_on(async {
+            let err = |rank: usize, l: &StepLink, why: &str| ModelError::Shard {
+                rank,
+                msg: format!("worker {} ({}) {why}", l.name, l.addr),
+            };
+            for (rank, l) in links.iter().enumerate() {
+                l.tx.send(req.clone())
+                    .await
+                    .map_err(|_| err(rank, l, "is gone"))?;
+            }
+            let mut parts = Vec::with_capacity(links.len());
+            for (rank, l) in links.iter_mut().enumerate() {
+                match tokio::time::timeout(STEP_TIMEOUT, l.rx.message()).await {
+                    Ok(Ok(Some(r))) if r.error.is_empty() => parts.push(r.logits),
+                    Ok(Ok(Some(r))) => return Err(err(rank, l, &r.error)),
+                    _ => return Err(err(rank, l, "did not send the logits")),
+                }
+            }
+            Ok(parts)
+        })?;
+        let bytes: usize = parts.iter().map(|p| 4 * p.len()).sum();
+        self.comm.logits_bytes += (bytes / self.links.len().max(1)) as u64;
+        gather_logits(&parts, seqs.len(), self.cfg.vocab)
     }
 
     fn weight_bytes_per_token(&self) -> u64 {

@@ -12,8 +12,8 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tessera_model::{
-    CommStats, Finish, GenStats, GenerateParams, ModelError, Pick, Runner, Sampler, SeqStep, Want,
-    check_step,
+    CommStats, Draw, Finish, GenStats, GenerateParams, ModelError, Pick, Runner, Sampler, SeqStep,
+    Want, check_step,
 };
 use tokio::sync::mpsc;
 
@@ -546,7 +546,20 @@ impl Scheduler {
                     a.pos += 1;
                 }
                 let tok = match &logits[k] {
-                    Pick::Top(c) => a.sampler.sample_candidates(c).unwrap_or(0),
+                    Pick::Top(c) => match a.sampler.sample_candidates(c) {
+                        Draw::Token(t) => t,
+                        // A top-p nucleus wider than the candidates: this step's logits.
+                        Draw::NeedLogits => match r.last_logits(&[a.seq]) {
+                            Ok(l) => a.sampler.sample(&l[0]),
+                            Err(e) => {
+                                tracing::warn!("fetching logits for a nucleus failed: {e}");
+                                let _ = a.tx.send(Event::Error(e));
+                                a.stats.finish = Finish::Cancelled;
+                                done_now.push(i);
+                                continue;
+                            }
+                        },
+                    },
                     Pick::Logits(l) => a.sampler.sample(l),
                 };
                 a.stats.generated += 1;

@@ -125,9 +125,9 @@ pub struct CommStats {
 pub enum Pick {
     /// Its last position's logits over the whole vocabulary.
     Logits(Vec<f32>),
-    /// Candidates `(id, logit)` that hold at least the [`crate::Want::Top`] asked for (from
-    /// each shard its own best), for [`crate::Sampler::sample_candidates`].
-    Top(Vec<(u32, f32)>),
+    /// The candidates the [`crate::Want::Top`] asked for (from each shard its own, merged),
+    /// for [`crate::Sampler::sample_candidates`].
+    Top(crate::Candidates),
 }
 
 /// What generation needs from a set of shards, local or remote.
@@ -148,13 +148,22 @@ pub trait Runner: Send {
             .step(steps, free)?
             .into_iter()
             .zip(want)
-            .map(|(l, w)| match *w {
+            .map(|(l, w)| match w {
+                // Where a draw may need every logit (a top-p nucleus), they are at hand here.
                 crate::Want::Logits => Pick::Logits(l),
-                crate::Want::Top { n, temperature } => {
-                    Pick::Top(crate::sampling::top_candidates(&l, n, temperature, 0))
-                }
+                crate::Want::Top(spec) if spec.mass => Pick::Logits(l),
+                crate::Want::Top(spec) => Pick::Top(crate::candidates(&l, spec, 0)),
             })
             .collect())
+    }
+    /// The last step's logits of `seqs` (each asked for a top-p nucleus's candidates in it),
+    /// for a draw whose nucleus reached past them. Runners that answer such steps with
+    /// [`Pick::Logits`] never get this call.
+    fn last_logits(&mut self, seqs: &[u64]) -> Result<Vec<Vec<f32>>> {
+        let _ = seqs;
+        Err(ModelError::Backend(
+            "this runner keeps no logits of its last step".into(),
+        ))
     }
     /// Weight bytes all shards together read for one step.
     fn weight_bytes_per_token(&self) -> u64;

@@ -24,6 +24,9 @@ pub use engine::{
 };
 pub use error::{ModelError, Result};
 pub use loader::ModelFiles;
-pub use sampling::{MAX_CANDIDATES, Sampler, SamplingParams, Want, top_candidates};
+pub use sampling::{
+    Candidates, Draw, MAX_CANDIDATES, NUCLEUS_CANDIDATES, Sampler, SamplingParams, TopSpec, Want,
+    candidates,
+};
 pub use shard::{Precision, SeqStep, ShardModel, shard_reads};
 pub use tokenizer::{TextStream, Tokenizer};

@@ -1,8 +1,5 @@
 //! Picking the next token from the full vocabulary's logits.
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy.
@@ -25,9 +22,15 @@ impl Default for SamplingParams {
     }
 }
 
+/// Draws tokens for one request. Every draw is a Gumbel-max over the tokens the parameters
+/// keep: the token with the largest `logit / temperature + g`, where `g` is Gumbel noise made
+/// from (seed, draw number, token id) by a counter-based hash. The noise of a token does not
+/// depend on which shard holds it, so each worker can find its own slice's winner and the
+/// coordinator picks the best of those: the same draw as over the whole vocabulary, on any
+/// number of workers, without shipping logits (see [`Sampler::want`]).
 pub struct Sampler {
     params: SamplingParams,
-    rng: ChaCha8Rng,
+    draws: u64,
 }
 
 /// Index of the largest logit; the first one on ties (as `torch.argmax`).
@@ -41,10 +44,37 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+fn mix(mut z: u64) -> u64 {
+    // splitmix64's finalizer.
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Standard Gumbel noise for token `id` of draw `draw` of a request seeded `seed`.
+pub fn gumbel(seed: u64, draw: u64, id: u32) -> f64 {
+    let h = mix(mix(mix(seed) ^ draw.wrapping_mul(0x9e37_79b9_7f4a_7c15)) ^ id as u64);
+    // A uniform in (0, 1), never 0 or 1.
+    let u = ((h >> 11) as f64 + 0.5) * (1.0 / (1u64 << 53) as f64);
+    -(-u.ln()).ln()
+}
+
+/// A token's Gumbel-max key.
+fn gumbel_key(x: f32, temperature: f32, seed: u64, draw: u64, id: u32) -> f64 {
+    (x / temperature) as f64 + gumbel(seed, draw, id)
+}
+
+/// What [`Sampler::sample_candidates`] made of a step's candidates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Draw {
+    Token(u32),
+    /// The top-p nucleus reaches past the candidates: draw from the step's logits instead.
+    NeedLogits,
+}
+
 impl Sampler {
     pub fn new(params: SamplingParams) -> Sampler {
-        let rng = ChaCha8Rng::seed_from_u64(params.seed);
-        Sampler { params, rng }
+        Sampler { params, draws: 0 }
     }
 
     /// Whether this sampler always takes the largest logit (no randomness).
@@ -52,141 +82,268 @@ impl Sampler {
         self.params.temperature <= 0.0 || self.params.top_k == 1
     }
 
-    /// What a step must bring back for this sampler to draw exactly as from the whole
-    /// vocabulary: the best candidate (greedy), the top k (top-k sampling, k up to
-    /// [`MAX_CANDIDATES`]), or else all logits.
+    /// What a step must bring back for the next draw to be exactly the draw over the whole
+    /// vocabulary: the best candidate (greedy); the top k (top-k sampling, k up to
+    /// [`MAX_CANDIDATES`]); each slice's Gumbel winner (temperature alone); for a top-p
+    /// nucleus without top-k, the top [`NUCLEUS_CANDIDATES`] and each slice's probability
+    /// mass, which cover the nucleus unless the distribution is flat (then
+    /// [`Draw::NeedLogits`]). Only a top-k above [`MAX_CANDIDATES`] asks for all logits.
     pub fn want(&self) -> Want {
         let p = &self.params;
+        let spec = |n: usize, gumbel: bool, mass: bool| {
+            Want::Top(TopSpec {
+                n,
+                temperature: p.temperature,
+                gumbel: gumbel.then_some((p.seed, self.draws)),
+                mass,
+            })
+        };
         if self.is_greedy() {
-            Want::Top {
+            Want::Top(TopSpec {
                 n: 1,
                 temperature: 0.0,
-            }
-        } else if p.top_k > 0 && p.top_k <= MAX_CANDIDATES {
-            Want::Top {
-                n: p.top_k,
-                temperature: p.temperature,
-            }
-        } else {
+                gumbel: None,
+                mass: false,
+            })
+        } else if p.top_k > MAX_CANDIDATES {
             Want::Logits
+        } else if p.top_k > 0 {
+            spec(p.top_k, false, false)
+        } else if p.top_p < 1.0 {
+            spec(NUCLEUS_CANDIDATES, false, true)
+        } else {
+            spec(0, true, false)
         }
     }
 
+    /// Draws from the whole vocabulary's logits.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
-        let p = &self.params;
-        if p.temperature <= 0.0 || p.top_k == 1 {
+        if self.is_greedy() {
+            self.draws += 1;
             return argmax(logits);
         }
-        let cand: Vec<(u32, f32)> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &x)| (i as u32, x))
-            .collect();
-        self.sample_candidates(&cand)
-            .unwrap_or_else(|| argmax(logits))
+        // The same candidates a single worker would send, then, where the nucleus needs more,
+        // every logit.
+        let spec = match self.want() {
+            Want::Top(spec) => spec,
+            Want::Logits => TopSpec {
+                n: self.params.top_k,
+                temperature: self.params.temperature,
+                gumbel: None,
+                mass: false,
+            },
+        };
+        if let Draw::Token(t) = self.sample_candidates(&candidates(logits, &spec, 0)) {
+            return t;
+        }
+        let all = TopSpec {
+            n: logits.len(),
+            ..spec
+        };
+        match self.sample_candidates(&candidates(logits, &all, 0)) {
+            Draw::Token(t) => t,
+            Draw::NeedLogits => unreachable!("every logit is a candidate"),
+        }
     }
 
-    /// Draws from `(id, logit)` candidates that hold at least what [`Sampler::want`] asked for:
-    /// the same token as [`Sampler::sample`] over the whole vocabulary. None if no candidate
-    /// is finite.
-    pub fn sample_candidates(&mut self, cands: &[(u32, f32)]) -> Option<u32> {
-        let p = &self.params;
-        if p.temperature <= 0.0 || p.top_k == 1 {
-            return cands
-                .iter()
-                .filter(|c| !c.1.is_nan())
-                .min_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)))
-                .map(|c| c.0);
+    /// Draws from what the shards sent for [`Sampler::want`] (merged with
+    /// [`Candidates::merge`]): the same token as [`Sampler::sample`] over the whole vocabulary.
+    pub fn sample_candidates(&mut self, c: &Candidates) -> Draw {
+        let p = self.params.clone();
+        let draw = self.draws;
+        if self.is_greedy() {
+            self.draws += 1;
+            return Draw::Token(
+                c.top
+                    .iter()
+                    .filter(|c| !c.1.is_nan())
+                    .min_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)))
+                    .map_or(0, |c| c.0),
+            );
         }
-        let mut cand: Vec<(u32, f32)> = cands
-            .iter()
-            .filter(|(_, x)| x.is_finite())
-            .map(|&(i, x)| (i, x / p.temperature))
-            .collect();
+        let t = p.temperature;
+        let mut cand: Vec<(u32, f32)> = c.top.iter().copied().filter(|c| c.1.is_finite()).collect();
         if cand.is_empty() {
-            return None;
+            self.draws += 1;
+            return Draw::Token(0);
         }
         cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if p.top_k > 0 && cand.len() > p.top_k {
+        cand.dedup_by_key(|c| c.0);
+        let keep = if p.top_k > 0 {
             cand.truncate(p.top_k);
-        }
-        let max = cand[0].1;
-        let mut probs: Vec<f64> = cand.iter().map(|(_, x)| ((x - max) as f64).exp()).collect();
-        let total: f64 = probs.iter().sum();
-        probs.iter_mut().for_each(|q| *q /= total);
-        if p.top_p < 1.0 {
-            let mut acc = 0.0;
-            let mut keep = probs.len();
-            for (i, q) in probs.iter().enumerate() {
-                acc += q;
-                if acc >= p.top_p as f64 {
-                    keep = i + 1;
-                    break;
-                }
+            if p.top_p < 1.0 {
+                // The nucleus of the top k, renormalized among them.
+                let max = cand[0].1 / t;
+                let lse = max as f64
+                    + cand
+                        .iter()
+                        .map(|x| ((x.1 / t - max) as f64).exp())
+                        .sum::<f64>()
+                        .ln();
+                nucleus(&cand, t, lse, p.top_p, f32::NEG_INFINITY).unwrap_or(cand.len())
+            } else {
+                cand.len()
             }
-            probs.truncate(keep);
-            let total: f64 = probs.iter().sum();
-            probs.iter_mut().for_each(|q| *q /= total);
-        }
-        let r: f64 = self.rng.random();
-        let mut acc = 0.0;
-        for (i, q) in probs.iter().enumerate() {
-            acc += q;
-            if r < acc {
-                return Some(cand[i].0);
+        } else if p.top_p < 1.0 {
+            // Only tokens above every slice's floor are surely all here.
+            match nucleus(&cand, t, c.lse, p.top_p, c.floor) {
+                Some(k) => k,
+                None => return Draw::NeedLogits,
             }
-        }
-        Some(cand[probs.len() - 1].0)
+        } else {
+            cand.len()
+        };
+        self.draws += 1;
+        let best = cand[..keep]
+            .iter()
+            .map(|&(id, x)| (id, gumbel_key(x, t, p.seed, draw, id)))
+            .min_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)))
+            .expect("at least one kept");
+        Draw::Token(best.0)
     }
+}
+
+/// How many of `sorted` (best first) the top-p nucleus keeps: the shortest prefix whose
+/// probability (`exp(logit / t - lse)`) reaches `top_p`. None when the prefix of logits above
+/// `floor` (the part known to be complete) does not reach it.
+fn nucleus(sorted: &[(u32, f32)], t: f32, lse: f64, top_p: f32, floor: f32) -> Option<usize> {
+    let mut acc = 0f64;
+    for (i, &(_, x)) in sorted.iter().enumerate() {
+        if x <= floor {
+            return None;
+        }
+        acc += ((x / t) as f64 - lse).exp();
+        if acc >= top_p as f64 {
+            return Some(i + 1);
+        }
+    }
+    // Every token is here (floor is -inf) and rounding kept the sum under top_p: all of them.
+    (floor == f32::NEG_INFINITY).then_some(sorted.len())
 }
 
 /// The most candidates a step brings back per sequence instead of its logits.
 pub const MAX_CANDIDATES: usize = 256;
+
+/// Candidates per slice for a top-p nucleus without top-k.
+pub const NUCLEUS_CANDIDATES: usize = 256;
 
 /// What a step returns for one sequence.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Want {
     /// Its logits over the whole vocabulary.
     Logits,
-    /// Its `n` best candidates by (logit / temperature, lower id), finite logits only
-    /// (temperature 0: by logit).
-    Top { n: usize, temperature: f32 },
+    /// Candidates from each vocabulary slice, merged.
+    Top(TopSpec),
 }
 
-/// The `n` best `(first + i, logits[i])` of `logits` by the key of [`Want::Top`], best first.
-pub fn top_candidates(logits: &[f32], n: usize, temperature: f32, first: u32) -> Vec<(u32, f32)> {
-    let key = |x: f32| {
-        if temperature > 0.0 {
-            x / temperature
-        } else {
-            x
+/// Which candidates a slice sends (see [`candidates`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TopSpec {
+    /// Its best `n` by (logit / temperature, lower id) among finite logits (temperature 0: by
+    /// logit, any but NaN).
+    pub n: usize,
+    pub temperature: f32,
+    /// With (seed, draw): also its token with the largest Gumbel-max key.
+    pub gumbel: Option<(u64, u64)>,
+    /// Also its log-sum-exp of logit / temperature, and the largest logit it left out.
+    pub mass: bool,
+}
+
+/// A sequence's candidates from one slice or, merged, from all.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidates {
+    /// `(id, logit)`; at most n + 1 per slice (the Gumbel winner may come on top).
+    pub top: Vec<(u32, f32)>,
+    /// log Σ exp(logit / temperature) over the finite logits (-inf when not asked).
+    pub lse: f64,
+    /// The largest logit left out of `top` (-inf when nothing finite was, or not asked):
+    /// every token above it is in `top`.
+    pub floor: f32,
+}
+
+impl Candidates {
+    pub fn empty() -> Candidates {
+        Candidates {
+            top: Vec::new(),
+            lse: f64::NEG_INFINITY,
+            floor: f32::NEG_INFINITY,
         }
-    };
+    }
+
+    /// Adds another slice's candidates.
+    pub fn merge(&mut self, other: &Candidates) {
+        self.top.extend_from_slice(&other.top);
+        self.lse = log_add_exp(self.lse, other.lse);
+        self.floor = self.floor.max(other.floor);
+    }
+}
+
+fn log_add_exp(a: f64, b: f64) -> f64 {
+    let m = a.max(b);
+    if m == f64::NEG_INFINITY {
+        return m;
+    }
+    m + ((a - m).exp() + (b - m).exp()).ln()
+}
+
+/// A slice's candidates for `spec`; `logits[i]` is token `first + i`.
+pub fn candidates(logits: &[f32], spec: &TopSpec, first: u32) -> Candidates {
+    let t = spec.temperature;
     // Sampling considers finite logits only; greedy decoding any but NaN (as `argmax`).
     let mut c: Vec<(u32, f32)> = logits
         .iter()
         .enumerate()
-        .filter(|(_, x)| {
-            if temperature > 0.0 {
-                x.is_finite()
-            } else {
-                !x.is_nan()
-            }
-        })
+        .filter(|(_, x)| if t > 0.0 { x.is_finite() } else { !x.is_nan() })
         .map(|(i, &x)| (first + i as u32, x))
         .collect();
-    let cmp = |a: &(u32, f32), b: &(u32, f32)| key(b.1).total_cmp(&key(a.1)).then(a.0.cmp(&b.0));
-    if c.len() > n {
-        c.select_nth_unstable_by(n, cmp);
-        c.truncate(n);
+    // logit / t orders as logit does for t > 0.
+    let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    let mut out = Candidates::empty();
+    if spec.mass && t > 0.0 && !c.is_empty() {
+        let max = c.iter().map(|x| x.1 / t).fold(f32::NEG_INFINITY, f32::max) as f64;
+        let sum: f64 = c.iter().map(|x| ((x.1 / t) as f64 - max).exp()).sum();
+        out.lse = max + sum.ln();
+    }
+    let winner = spec.gumbel.filter(|_| t > 0.0).and_then(|(seed, draw)| {
+        c.iter()
+            .map(|&(id, x)| ((id, x), gumbel_key(x, t, seed, draw, id)))
+            .min_by(|a, b| b.1.total_cmp(&a.1).then(a.0.0.cmp(&b.0.0)))
+            .map(|w| w.0)
+    });
+    if c.len() > spec.n {
+        if spec.n > 0 {
+            c.select_nth_unstable_by(spec.n - 1, cmp);
+        }
+        if spec.mass {
+            out.floor = c[spec.n..]
+                .iter()
+                .map(|x| x.1)
+                .fold(f32::NEG_INFINITY, f32::max);
+        }
+        c.truncate(spec.n);
     }
     c.sort_by(cmp);
-    c
+    if let Some(w) = winner
+        && !c.iter().any(|x| x.0 == w.0)
+    {
+        c.push(w);
+    }
+    out.top = c;
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
+        SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            seed,
+        }
+    }
 
     #[test]
     fn greedy_takes_first_max() {
@@ -195,64 +352,144 @@ mod tests {
     }
 
     #[test]
+    fn gumbel_max_draws_follow_the_softmax() {
+        let logits = [0.0f32, 1.0, 2.0, 3.0, f32::NEG_INFINITY];
+        for t in [1.0f32, 0.5] {
+            let mut s = Sampler::new(params(t, 0, 1.0, 42));
+            let n = 40_000;
+            let mut counts = [0usize; 5];
+            for _ in 0..n {
+                counts[s.sample(&logits) as usize] += 1;
+            }
+            let z: f64 = logits[..4].iter().map(|&x| ((x / t) as f64).exp()).sum();
+            for i in 0..4 {
+                let want = ((logits[i] / t) as f64).exp() / z;
+                let got = counts[i] as f64 / n as f64;
+                assert!(
+                    (got - want).abs() < 0.01,
+                    "t {t} token {i}: {got} vs {want}"
+                );
+            }
+            assert_eq!(counts[4], 0, "a -inf logit is never drawn");
+        }
+    }
+
+    #[test]
     fn seeded_sampling_repeats_and_respects_top_k_and_top_p() {
         let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
-        let params = SamplingParams {
-            temperature: 1.0,
-            top_k: 5,
-            top_p: 1.0,
-            seed: 7,
-        };
         let draw = |p: SamplingParams| {
             let mut s = Sampler::new(p);
             (0..200).map(|_| s.sample(&logits)).collect::<Vec<_>>()
         };
-        let a = draw(params.clone());
-        assert_eq!(a, draw(params.clone()), "same seed, same tokens");
+        let a = draw(params(1.0, 5, 1.0, 7));
+        assert_eq!(a, draw(params(1.0, 5, 1.0, 7)), "same seed, same tokens");
+        assert_ne!(
+            a,
+            draw(params(1.0, 5, 1.0, 8)),
+            "another seed, other tokens"
+        );
         let mut top5: Vec<u32> = (0..50).collect();
         top5.sort_by(|&x, &y| logits[y as usize].total_cmp(&logits[x as usize]));
         top5.truncate(5);
         assert!(a.iter().all(|t| top5.contains(t)));
         assert!(a.iter().collect::<std::collections::HashSet<_>>().len() > 1);
-        // A tiny top_p keeps only the most likely token.
-        let b = draw(SamplingParams {
-            temperature: 1.0,
-            top_k: 0,
-            top_p: 1e-6,
-            seed: 1,
-        });
-        assert!(b.iter().all(|&t| t == argmax(&logits)));
+        // A tiny top_p keeps only the most likely token, with or without top-k.
+        for k in [0, 10] {
+            let b = draw(params(1.0, k, 1e-6, 1));
+            assert!(b.iter().all(|&t| t == argmax(&logits)));
+        }
+    }
+
+    /// What the scheduler does: each slice's candidates merged, and the full logits where the
+    /// draw asks for them.
+    fn draw_from_slices(s: &mut Sampler, logits: &[f32], cuts: &[usize]) -> (u32, bool) {
+        let Want::Top(spec) = s.want() else {
+            return (s.sample(logits), true);
+        };
+        let mut merged = Candidates::empty();
+        let mut start = 0;
+        for &end in cuts.iter().chain([logits.len()].iter()) {
+            merged.merge(&candidates(&logits[start..end], &spec, start as u32));
+            start = end;
+        }
+        match s.sample_candidates(&merged) {
+            Draw::Token(t) => (t, false),
+            Draw::NeedLogits => (s.sample(logits), true),
+        }
     }
 
     #[test]
     fn candidates_from_each_slice_draw_what_the_whole_vocabulary_draws() {
-        let logits: Vec<f32> = (0..300)
-            .map(|i| ((i * 37 % 101) as f32 * 0.05).sin() * 4.0)
+        let logits: Vec<f32> = (0..3000)
+            .map(|i| ((i * 37 % 1001) as f32 * 0.05).sin() * 6.0 - (i % 7) as f32)
             .collect();
-        for (t, k, p) in [(0.7, 5, 1.0), (1.2, 40, 0.9), (0.0, 0, 1.0), (1.0, 1, 1.0)] {
-            for seed in 0..20 {
-                let params = SamplingParams {
-                    temperature: t,
-                    top_k: k,
-                    top_p: p,
-                    seed,
-                };
-                let mut whole = Sampler::new(params.clone());
-                let mut parts = Sampler::new(params);
-                let Want::Top { n, temperature } = parts.want() else {
-                    panic!("top-k and greedy ask for candidates")
-                };
-                // Three shards' slices, each sending its own best n.
-                let mut c = Vec::new();
-                for (i, slice) in logits.chunks(100).enumerate() {
-                    c.extend(top_candidates(slice, n, temperature, (i * 100) as u32));
+        let cases = [
+            (0.7, 5, 1.0),
+            (1.2, 40, 0.9),
+            (0.0, 0, 1.0),
+            (1.0, 1, 1.0),
+            (0.8, 0, 1.0),
+            (1.0, 0, 0.5),
+            (0.6, 0, 0.95),
+            (1.0, 300, 1.0),
+        ];
+        for (t, k, p) in cases {
+            for cuts in [&[][..], &[1500], &[700, 2000], &[1, 1000, 2999]] {
+                for seed in 0..5 {
+                    let mut whole = Sampler::new(params(t, k, p, seed));
+                    let mut parts = Sampler::new(params(t, k, p, seed));
+                    for step in 0..10 {
+                        let want = whole.sample(&logits);
+                        let (got, _) = draw_from_slices(&mut parts, &logits, cuts);
+                        assert_eq!(
+                            got, want,
+                            "t {t} k {k} p {p} cuts {cuts:?} seed {seed} step {step}"
+                        );
+                    }
                 }
-                assert_eq!(
-                    parts.sample_candidates(&c),
-                    Some(whole.sample(&logits)),
-                    "t {t}, k {k}, seed {seed}"
-                );
             }
         }
+    }
+
+    #[test]
+    fn a_nucleus_wider_than_the_candidates_falls_back_to_the_logits() {
+        // Nearly flat: 0.9 of the mass needs about 2700 of 3000 tokens, far more than the
+        // 64 per slice that come back.
+        let logits: Vec<f32> = (0..3000).map(|i| (i % 13) as f32 * 0.01).collect();
+        let mut fell_back = 0;
+        for seed in 0..20 {
+            let mut whole = Sampler::new(params(1.0, 0, 0.9, seed));
+            let mut parts = Sampler::new(params(1.0, 0, 0.9, seed));
+            for _ in 0..5 {
+                let want = whole.sample(&logits);
+                let (got, full) = draw_from_slices(&mut parts, &logits, &[1000, 2000]);
+                assert_eq!(got, want);
+                fell_back += full as usize;
+            }
+        }
+        assert_eq!(fell_back, 100, "every draw needed the logits");
+        // A peaked distribution's nucleus is within the candidates: no fallback.
+        let peaked: Vec<f32> = (0..3000)
+            .map(|i| if i % 500 == 3 { 20.0 } else { 0.0 })
+            .collect();
+        let mut s = Sampler::new(params(1.0, 0, 0.9, 3));
+        let (_, full) = draw_from_slices(&mut s, &peaked, &[1000, 2000]);
+        assert!(!full);
+    }
+
+    #[test]
+    fn candidates_say_what_they_left_out() {
+        let logits = [1.0f32, 5.0, f32::NEG_INFINITY, 3.0, 4.0, 2.0];
+        let spec = TopSpec {
+            n: 2,
+            temperature: 1.0,
+            gumbel: None,
+            mass: true,
+        };
+        let c = candidates(&logits, &spec, 10);
+        assert_eq!(c.top, vec![(11, 5.0), (14, 4.0)]);
+        assert_eq!(c.floor, 3.0);
+        let z: f64 = [1.0f64, 5.0, 3.0, 4.0, 2.0].iter().map(|x| x.exp()).sum();
+        assert!((c.lse - z.ln()).abs() < 1e-9);
     }
 }

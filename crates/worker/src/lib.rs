@@ -14,7 +14,7 @@ use tessera_collective::{Collective, Mesh, Single, Wire};
 use tessera_core::{ModelConfig, ShardSpec};
 use tessera_model::gguf::GgmlType;
 use tessera_model::weights::{Bytes, RawTensor, Weights};
-use tessera_model::{Backend, ModelFiles, Precision, SeqStep, ShardModel};
+use tessera_model::{Backend, ModelFiles, Precision, SeqStep, ShardModel, TopSpec};
 use tessera_proto::coordinator_client::CoordinatorClient;
 use tessera_proto::worker_server::{Worker, WorkerServer};
 use tessera_proto::*;
@@ -337,22 +337,49 @@ impl Worker for WorkerService {
 
 /// Fills `out` from a step's logits (`want.len()` rows of this shard's vocabulary slice,
 /// which starts at id `first`): the rows of sequences that want logits, and for the others
-/// the row's best candidates (the coordinator merges every shard's into the whole
-/// vocabulary's best).
-fn pick(logits: &[f32], want: &[(usize, f32)], first: usize, out: &mut StepReply) {
+/// the row's candidates (the coordinator merges every shard's). Rows asked with `mass` are
+/// kept in `kept` for a `last_logits` request.
+fn pick(
+    logits: &[f32],
+    want: &[(u64, Option<TopSpec>)],
+    first: usize,
+    out: &mut StepReply,
+    kept: &mut Vec<(u64, Vec<f32>)>,
+) {
+    kept.clear();
+    let any_mass = want.iter().any(|w| w.1.is_some_and(|s| s.mass));
     let width = logits.len() / want.len().max(1);
-    for (row, &(n, temperature)) in logits.chunks_exact(width.max(1)).zip(want) {
-        if n == 0 {
+    for (row, &(seq, spec)) in logits.chunks_exact(width.max(1)).zip(want) {
+        let Some(spec) = spec else {
             out.logits.extend_from_slice(row);
             continue;
-        }
-        let c = tessera_model::top_candidates(row, n, temperature, first as u32);
-        out.top_counts.push(c.len() as u32);
-        for (id, x) in c {
+        };
+        let c = tessera_model::candidates(row, &spec, first as u32);
+        out.top_counts.push(c.top.len() as u32);
+        for (id, x) in c.top {
             out.top_ids.push(id);
             out.top_logits.push(x);
         }
+        // Only where some sequence asked: greedy steps stay at 8 bytes a candidate.
+        if any_mass {
+            out.top_lse.push(c.lse);
+            out.top_floor.push(c.floor);
+        }
+        if spec.mass {
+            kept.push((seq, row.to_vec()));
+        }
     }
+}
+
+/// What a sequence asked of its step: None for its logits. At most MAX_CANDIDATES
+/// candidates: the request cannot make the reply large.
+fn top_spec(s: &tessera_proto::SeqStep) -> Option<TopSpec> {
+    (s.top > 0 || s.gumbel).then(|| TopSpec {
+        n: (s.top as usize).min(tessera_model::MAX_CANDIDATES),
+        temperature: s.temperature,
+        gumbel: s.gumbel.then_some((s.seed, s.draw)),
+        mass: s.mass,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -404,23 +431,31 @@ fn shard_thread(
         }
     };
     drop(weights);
+    // The last step's rows that asked for a nucleus's candidates, by sequence.
+    let mut kept: Vec<(u64, Vec<f32>)> = Vec::new();
     while let Ok(ShardCmd::Step(req, reply)) = rx.recv() {
         let before = coll.stats();
         let mut out = StepReply::default();
         for seq in &req.free {
             model.free(*seq);
         }
-        // At most MAX_CANDIDATES each: the request cannot make the reply large.
-        let want: Vec<(usize, f32)> = req
-            .steps
-            .iter()
-            .map(|s| {
-                (
-                    (s.top as usize).min(tessera_model::MAX_CANDIDATES),
-                    s.temperature,
-                )
-            })
-            .collect();
+        if !req.last_logits.is_empty() {
+            for seq in &req.last_logits {
+                match kept.iter().find(|k| k.0 == *seq) {
+                    Some((_, row)) => out.logits.extend_from_slice(row),
+                    None => {
+                        out.logits.clear();
+                        out.error = format!("no logits kept for sequence {seq}");
+                        break;
+                    }
+                }
+            }
+            let _ = reply.send(out);
+            continue;
+        }
+        let want: Vec<(u64, Option<TopSpec>)> =
+            req.steps.iter().map(|s| (s.seq, top_spec(s))).collect();
+        kept.clear();
         let steps: Vec<SeqStep> = req
             .steps
             .into_iter()
@@ -433,7 +468,7 @@ fn shard_thread(
         // A collective error means the mesh is broken: this shard is of no use until reloaded.
         let mut mesh_broken = false;
         match tessera_quant::install(|| model.forward_batch(&steps, coll.as_mut())) {
-            Ok(l) => pick(&l, &want, model.spec.vocab.start, &mut out),
+            Ok(l) => pick(&l, &want, model.spec.vocab.start, &mut out, &mut kept),
             Err(e) => {
                 mesh_broken = matches!(e, tessera_model::ModelError::Collective(_));
                 out.error = e.to_string();
