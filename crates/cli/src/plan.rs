@@ -128,7 +128,8 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         );
     }
     // Decode speed from the seed's formulas: the slowest worker's bytes over memory bandwidth,
-    // plus 2 x layers (+1) all-reduces of latency + bytes / rate.
+    // plus 2 x layers (+1) all-reduces of latency + bytes / rate, plus the coordinator's round
+    // trip.
     let bw = match a.bandwidth {
         Some(gb) => gb * 1e9,
         None => crate::bench::memory_bandwidth(256).0,
@@ -148,8 +149,9 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         e.network_seconds * 1e3,
         match a.network {
             Some(l) => format!(
-                " ({} all-reduces over {:.0} Mbit/s links, {:.3} ms latency)",
-                2 * cfg.layers + 1,
+                " ({} all-reduces and the coordinator's round trip over {:.0} Mbit/s links, \
+                 {:.3} ms latency)",
+                if a.workers > 1 { 2 * cfg.layers + 1 } else { 0 },
                 l.bits_per_second / 1e6,
                 l.latency_seconds * 1e3
             ),

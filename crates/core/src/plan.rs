@@ -356,7 +356,9 @@ pub struct DecodeEstimate {
     /// The slowest worker's weight bytes over memory bandwidth.
     pub compute_seconds: f64,
     /// 2 all-reduces per layer plus the embedding's, each one link latency plus the bytes one
-    /// worker sends (its vector to each of the others) at the link's rate.
+    /// worker sends (its vector to each of the others) at the link's rate; and the step's
+    /// round trip between the coordinator and the workers (two latencies; its few bytes do
+    /// not count).
     pub network_seconds: f64,
 }
 
@@ -372,12 +374,13 @@ impl DecodeEstimate {
         let n = weight_bytes.len();
         let slowest = weight_bytes.iter().copied().max().unwrap_or(0) as f64;
         let network_seconds = match link {
-            Some(l) if n > 1 => {
+            Some(l) => {
                 let per =
                     l.latency_seconds + ((n - 1) * cfg.hidden * 4 * 8) as f64 / l.bits_per_second;
-                (2 * cfg.layers + 1) as f64 * per
+                let reduces = if n > 1 { 2 * cfg.layers + 1 } else { 0 };
+                reduces as f64 * per + 2.0 * l.latency_seconds
             }
-            _ => 0.0,
+            None => 0.0,
         };
         DecodeEstimate {
             compute_seconds: slowest / bandwidth.max(1.0),
@@ -569,11 +572,13 @@ mod tests {
         // 0.2 ms + 256*4*8 bits / 1 Gbit/s = 0.2082 ms each.
         let e = DecodeEstimate::new(&c, &[50_000_000, 50_000_000], 25e9, Some(link));
         assert!((e.compute_seconds - 2e-3).abs() < 1e-9);
-        assert!((e.network_seconds - 61.0 * (2e-4 + 8192.0 / 1e9)).abs() < 1e-9);
+        assert!((e.network_seconds - 61.0 * (2e-4 + 8192.0 / 1e9) - 4e-4).abs() < 1e-9);
         assert!((e.tokens_per_second() - 1.0 / (2e-3 + e.network_seconds)).abs() < 1e-6);
-        // One worker: no network.
+        // One worker: only the round trip to the coordinator.
         let one = DecodeEstimate::new(&c, &[100_000_000], 25e9, Some(link));
-        assert_eq!(one.network_seconds, 0.0);
+        assert!((one.network_seconds - 4e-4).abs() < 1e-12);
+        let none = DecodeEstimate::new(&c, &[100_000_000], 25e9, None);
+        assert_eq!(none.network_seconds, 0.0);
         for bad in ["1gbit", "fast,1ms", "1gbit,1", "0mbit,1ms"] {
             assert!(bad.parse::<Link>().is_err(), "{bad}");
         }

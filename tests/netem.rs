@@ -1,0 +1,133 @@
+//! The emulated network (deploy/netem/netem.sh): the coordinator and two workers each in its
+//! own network namespace, every link shaped to 1 Gbit/s with 1 ms of one-way latency (htb and
+//! the netdelay relay). The demo model answers with the reference tokens, and the all-reduce
+//! really pays the link's latency.
+//!
+//! Needs root, `ip` and /dev/net/tun; skips with a message where they are missing unless
+//! TESSERA_REQUIRE_NETNS is set (.ci/run sets it).
+
+mod common;
+
+use common::{reference, smollm2};
+use std::path::PathBuf;
+use std::process::Command;
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("deploy/netem/netem.sh")
+}
+
+fn netdelay() -> PathBuf {
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_tessera"));
+    bin.parent().unwrap().join("examples/netdelay")
+}
+
+fn netns_possible() -> Result<(), String> {
+    if unsafe { libc_geteuid() } != 0 {
+        return Err("not root".into());
+    }
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        return Err("no /dev/net/tun".into());
+    }
+    let probe = "tessera-netns-probe";
+    let ok = Command::new("ip")
+        .args(["netns", "add", probe])
+        .status()
+        .map_err(|e| format!("ip: {e}"))?
+        .success();
+    let _ = Command::new("ip").args(["netns", "del", probe]).status();
+    if !ok {
+        return Err("`ip netns add` failed".into());
+    }
+    if !netdelay().exists() {
+        return Err(format!("{} is not built", netdelay().display()));
+    }
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// Runs netem.sh with this test's namespace prefix; tears everything down when dropped.
+struct Net {
+    prefix: String,
+}
+
+impl Net {
+    fn sh(&self, args: &[&str]) -> std::process::Output {
+        Command::new("bash")
+            .arg(script())
+            .args(args)
+            .env("NETEM_PREFIX", &self.prefix)
+            .env("TESSERA", env!("CARGO_BIN_EXE_tessera"))
+            .env("NETDELAY", netdelay())
+            .env("TESSERA_TOKEN", "netem-test-token")
+            .output()
+            .expect("bash")
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = self.sh(&["down"]);
+    }
+}
+
+#[test]
+fn two_workers_behind_shaped_delayed_links_answer_like_loopback() {
+    if let Err(why) = netns_possible() {
+        assert!(
+            std::env::var_os("TESSERA_REQUIRE_NETNS").is_none(),
+            "network namespaces are required here: {why}"
+        );
+        eprintln!("SKIPPED: network namespaces impossible here: {why}");
+        return;
+    }
+    let net = Net {
+        prefix: format!("tt{}", std::process::id() % 100_000),
+    };
+    let up = net.sh(&["up", "2", "1gbit", "1000"]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let model = smollm2();
+    let c = net.sh(&["cluster", model.to_str().unwrap(), "--exact"]);
+    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
+    let addr = String::from_utf8_lossy(&c.stdout).trim().to_string();
+    assert_eq!(addr, "10.77.0.2:7060");
+
+    let r = reference("smollm2-135m-q4_1");
+    let case = &r.cases[0];
+    let o = Command::new("ip")
+        .args(["netns", "exec", &format!("{}-c", net.prefix)])
+        .arg(env!("CARGO_BIN_EXE_tessera"))
+        .args(["generate", "--coordinator", &addr, "--prompt", &case.prompt])
+        .args(["--max-tokens", &case.greedy_ids.len().to_string()])
+        .args(["--ids", "--ignore-eos"])
+        .env("TESSERA_TOKEN", "netem-test-token")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let want: Vec<String> = case.greedy_ids.iter().map(|t| t.to_string()).collect();
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), want.join(" "));
+    // Each all-reduce waits for the peer's partial, which crosses one 1 ms link.
+    let mean: f64 = err
+        .split("all-reduce: ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no all-reduce figure in {err}"));
+    eprintln!("all-reduce across the emulated 1 ms link: {mean} us mean");
+    assert!(
+        mean >= 1000.0,
+        "all-reduce {mean} us: the delay was not applied"
+    );
+    assert!(
+        mean < 5000.0,
+        "all-reduce {mean} us: far more than the link's latency"
+    );
+}
