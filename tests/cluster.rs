@@ -807,6 +807,46 @@ fn logits_bytes_per_step(stderr: &[u8]) -> f64 {
         .expect("a number of bytes")
 }
 
+/// Samples `n` tokens of `prompt` with `sampling` in one process, then on each of `workers`
+/// worker processes; asserts the same ids every time, and returns each run's logits bytes
+/// per step and worker.
+fn sample_everywhere(
+    model: &Path,
+    prompt: &str,
+    n: usize,
+    sampling: &[&str],
+    workers: &[usize],
+) -> Vec<f64> {
+    let local = tessera()
+        .args(["generate", "--model", model.to_str().unwrap(), "--exact"])
+        .args(["--prompt", prompt, "--max-tokens", &n.to_string()])
+        .args(["--ids", "--ignore-eos"])
+        .args(sampling)
+        .output()
+        .unwrap();
+    assert!(
+        local.status.success(),
+        "{}",
+        String::from_utf8_lossy(&local.stderr)
+    );
+    let want = String::from_utf8_lossy(&local.stdout).trim().to_string();
+    workers
+        .iter()
+        .map(|&w| {
+            let o = run_cluster_with(model, w, prompt, n, sampling);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            assert_eq!(
+                String::from_utf8_lossy(&o.stdout).trim(),
+                want,
+                "{sampling:?} on {w} workers"
+            );
+            let bytes = logits_bytes_per_step(&o.stderr);
+            eprintln!("{sampling:?} on {w} workers: {bytes:.0} logits bytes/step");
+            bytes
+        })
+        .collect()
+}
+
 /// Seeded sampling through workers that send only candidates draws exactly the tokens that
 /// sampling from the whole vocabulary in one process draws, on 1..4 workers: top-k (each
 /// worker's top k), temperature alone (each worker's Gumbel-max winner), and a top-p nucleus
@@ -836,39 +876,12 @@ fn seeded_sampling_on_workers_equals_sampling_the_whole_vocabulary() {
             "--seed",
             seed,
         ];
-        let local = tessera()
-            .args(["generate", "--model", model.to_str().unwrap(), "--exact"])
-            .args([
-                "--prompt",
-                prompt,
-                "--max-tokens",
-                "24",
-                "--ids",
-                "--ignore-eos",
-            ])
-            .args(sampling)
-            .output()
-            .unwrap();
-        assert!(
-            local.status.success(),
-            "{}",
-            String::from_utf8_lossy(&local.stderr)
-        );
-        let want = String::from_utf8_lossy(&local.stdout).trim().to_string();
-        for workers in 1..=4 {
-            let o = run_cluster_with(&model, workers, prompt, 24, &sampling);
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-            assert_eq!(
-                String::from_utf8_lossy(&o.stdout).trim(),
-                want,
-                "{sampling:?} on {workers} workers"
-            );
+        let bytes = sample_everywhere(&model, prompt, 24, &sampling, &[1, 2, 3, 4]);
+        for (workers, bytes) in (1..=4).zip(bytes) {
             // Per worker and step: top-k sends k (id, logit) pairs and a count; temperature
             // alone its Gumbel winner; the nucleus up to 256 candidates, a count, its
             // log-sum-exp (8 bytes) and floor, plus its slice of logits where the nucleus
             // reached past the candidates (25 steps: the prefill's draw and 24 more).
-            let bytes = logits_bytes_per_step(&o.stderr);
-            eprintln!("{sampling:?} on {workers} workers: {bytes:.0} logits bytes/step");
             let slice = 384 / workers;
             let k: f64 = k.parse().unwrap();
             if k > 0.0 {
@@ -919,36 +932,8 @@ fn seeded_sampling_on_smollm2_workers_equals_one_process() {
             "4",
         ],
     ] {
-        let local = tessera()
-            .args(["generate", "--model", model.to_str().unwrap(), "--exact"])
-            .args([
-                "--prompt",
-                prompt,
-                "--max-tokens",
-                "20",
-                "--ids",
-                "--ignore-eos",
-            ])
-            .args(sampling)
-            .output()
-            .unwrap();
-        assert!(
-            local.status.success(),
-            "{}",
-            String::from_utf8_lossy(&local.stderr)
-        );
-        let want = String::from_utf8_lossy(&local.stdout).trim().to_string();
-        for workers in [1, 2] {
-            let o = run_cluster_with(&model, workers, prompt, 20, &sampling);
-            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-            assert_eq!(
-                String::from_utf8_lossy(&o.stdout).trim(),
-                want,
-                "{sampling:?} on {workers} workers"
-            );
-            let bytes = logits_bytes_per_step(&o.stderr);
-            eprintln!("SmolLM2 {sampling:?} on {workers} workers: {bytes:.0} bytes/step");
-            // Greedy, top-k and temperature alone never send logits; a nucleus sometimes does.
+        for bytes in sample_everywhere(&model, prompt, 20, &sampling, &[1, 2]) {
+            // Temperature alone never sends logits; a nucleus only where it is very flat.
             assert!(bytes < 16384.0, "{bytes} logits bytes per step");
         }
     }
