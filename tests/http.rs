@@ -550,3 +550,110 @@ fn sixteen_concurrent_streams_each_get_their_own_greedy_text() {
         32.0
     );
 }
+
+/// OpenAI's `logprobs`, from the workers' candidates and their slices' log-sum-exp: the top 5
+/// of each greedy step are transformers' top 5 (ids in order, gaps between logprobs equal to
+/// the reference logits' gaps), the drawn token's logprob is the best one, and chat's
+/// per-token list streams the same entries as it answers whole.
+#[test]
+fn logprobs_come_from_the_workers_candidates() {
+    let reference_file: Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixtures().join("smollm2-135m-q4_1/reference.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let case = &reference_file["cases"][0];
+    let s = Server::run(&[]);
+    let tok = tessera_model::Tokenizer::from_gguf(
+        &tessera_model::gguf::GgufFile::open(&smollm2()).unwrap(),
+    )
+    .unwrap();
+    let steps = 4;
+    let body = json!({"model": s.model, "prompt": case["prompt"], "temperature": 0,
+                      "max_tokens": steps, "ignore_eos": true, "logprobs": 5});
+    let resp = post(&s.http, "/v1/completions", &body);
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let v = resp.json();
+    let lp = &v["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), steps, "{lp}");
+    let mut offset = 0;
+    for step in 0..steps {
+        let want = case["step_logits_top"][step].as_array().unwrap();
+        let top = lp["top_logprobs"][step].as_object().unwrap();
+        assert_eq!(top.len(), 5, "{lp}");
+        // An object has no order: best first by value.
+        let mut got: Vec<(&String, f64)> =
+            top.iter().map(|(k, x)| (k, x.as_f64().unwrap())).collect();
+        got.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for (j, w) in want.iter().enumerate() {
+            let id = w[0].as_u64().unwrap() as u32;
+            assert_eq!(
+                got[j].0,
+                &tok.decode_tail(&[id]).unwrap(),
+                "step {step}, rank {j}"
+            );
+            let gap = got[0].1 - got[j].1;
+            let ref_gap = want[0][1].as_f64().unwrap() - w[1].as_f64().unwrap();
+            assert!(
+                (gap - ref_gap).abs() < 0.04,
+                "step {step}: gap {gap} vs {ref_gap}"
+            );
+        }
+        assert!(got[0].1 <= 0.0 && got.iter().map(|g| g.1.exp()).sum::<f64>() <= 1.0 + 1e-4);
+        assert_eq!(lp["token_logprobs"][step].as_f64().unwrap(), got[0].1);
+        assert_eq!(lp["tokens"][step].as_str().unwrap(), got[0].0);
+        assert_eq!(lp["text_offset"][step], offset);
+        offset += got[0].0.chars().count();
+    }
+    assert_eq!(
+        lp["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_str().unwrap())
+            .collect::<String>(),
+        v["choices"][0]["text"].as_str().unwrap()
+    );
+
+    // Chat: logprobs true and 3 alternatives, whole and streamed.
+    let body = json!({"model": s.model, "messages": [{"role": "user", "content": "Hi!"}],
+                      "temperature": 0, "max_tokens": 6, "logprobs": true, "top_logprobs": 3});
+    let whole = post(&s.http, "/v1/chat/completions", &body).json();
+    let content = whole["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(
+        content.len(),
+        whole["usage"]["completion_tokens"].as_u64().unwrap() as usize
+    );
+    for e in &content {
+        assert_eq!(e["top_logprobs"].as_array().unwrap().len(), 3, "{e}");
+        assert_eq!(e["top_logprobs"][0]["logprob"], e["logprob"], "{e}");
+    }
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    let events = post(&s.http, "/v1/chat/completions", &sbody).events();
+    let mut streamed = Vec::new();
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap();
+        if let Some(c) = v["choices"][0]["logprobs"]["content"].as_array() {
+            streamed.extend(c.iter().cloned());
+        }
+    }
+    assert_eq!(streamed, content);
+    // Out of range, or alternatives without logprobs: 400.
+    for bad in [
+        json!({"prompt": "x", "logprobs": 6}),
+        json!({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}),
+        json!({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}),
+    ] {
+        let path = if bad.get("prompt").is_some() {
+            "/v1/completions"
+        } else {
+            "/v1/chat/completions"
+        };
+        let r = post(&s.http, path, &bad);
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
+}

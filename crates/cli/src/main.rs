@@ -323,6 +323,7 @@ fn run_generate(g: GenerateArgs) -> anyhow::Result<()> {
             top_k: a.top_k,
             top_p: a.top_p,
             seed: a.seed,
+            logprobs: None,
         },
         ignore_eos: a.ignore_eos,
     };

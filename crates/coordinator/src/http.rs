@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 use tessera_model::chat::Message;
-use tessera_model::{GenerateParams, ModelError, SamplingParams};
+use tessera_model::{GenerateParams, MAX_LOGPROBS, ModelError, SamplingParams, TokenLogprobs};
 use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, Default)]
@@ -470,9 +470,20 @@ struct GenRequest {
     stream: bool,
     stream_options: Option<StreamOptions>,
     n: Option<u32>,
+    /// Completions: how many alternatives (0-5); chat: whether to report logprobs at all.
+    logprobs: Option<LogprobsField>,
+    /// Chat: how many alternatives (0-20).
+    top_logprobs: Option<u32>,
     /// Not OpenAI's: keep generating past end-of-sequence (for benchmarks).
     #[serde(default)]
     ignore_eos: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum LogprobsField {
+    Flag(bool),
+    Count(u32),
 }
 
 #[derive(Deserialize)]
@@ -556,6 +567,26 @@ fn plan(app: &App, c: GenRequest, input: PromptInput, chat: bool) -> Result<Plan
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::bad(format!("top_p must be in (0, 1], got {top_p}")).param("top_p"));
     }
+    let logprobs = match (chat, c.logprobs, c.top_logprobs) {
+        (true, Some(LogprobsField::Flag(true)), k) => Some(k.unwrap_or(0) as usize),
+        (true, _, Some(_)) => {
+            return Err(
+                ApiError::bad("top_logprobs needs \"logprobs\": true").param("top_logprobs")
+            );
+        }
+        (false, Some(LogprobsField::Count(k)), _) => Some(k as usize),
+        (false, Some(LogprobsField::Flag(true)), _) => Some(0),
+        _ => None,
+    };
+    let most = if chat { MAX_LOGPROBS } else { 5 };
+    if let Some(k) = logprobs
+        && k > most
+    {
+        return Err(ApiError::bad(format!(
+            "at most {most} alternatives per token, asked for {k}"
+        ))
+        .param(if chat { "top_logprobs" } else { "logprobs" }));
+    }
     let stops = match c.stop {
         None => vec![],
         Some(Stop::One(s)) => vec![s],
@@ -587,6 +618,7 @@ fn plan(app: &App, c: GenRequest, input: PromptInput, chat: bool) -> Result<Plan
                 top_k: c.top_k.unwrap_or(0) as usize,
                 top_p,
                 seed,
+                logprobs,
             },
             ignore_eos: c.ignore_eos,
         },
@@ -656,10 +688,71 @@ async fn chat_completions(
     run(app, p).await
 }
 
-/// The streaming state of one request: the text so far and the token count.
+/// OpenAI's `logprobs` object for `tokens` (text offsets from `offset`): chat's `content`
+/// list, or completions' parallel lists. Null where the request did not ask.
+fn logprobs_json(
+    app: &App,
+    chat: bool,
+    asked: bool,
+    tokens: &[(u32, TokenLogprobs)],
+    offset: usize,
+) -> Value {
+    if !asked {
+        return Value::Null;
+    }
+    let tok = &app.st.files.tokenizer;
+    let text = |id: u32| tok.decode_tail(&[id]).unwrap_or_default();
+    // JSON has no -inf; OpenAI reports -9999 for a token the model rules out.
+    let num = |x: f32| {
+        if x.is_finite() {
+            x.max(-9999.0)
+        } else {
+            -9999.0
+        }
+    };
+    if chat {
+        let entry = |id: u32, lp: f32| {
+            let t = text(id);
+            json!({"token": t, "logprob": num(lp), "bytes": t.as_bytes()})
+        };
+        let content: Vec<Value> = tokens
+            .iter()
+            .map(|(id, lp)| {
+                let mut e = entry(*id, lp.logprob);
+                e["top_logprobs"] = lp.top.iter().map(|&(i, x)| entry(i, x)).collect();
+                e
+            })
+            .collect();
+        return json!({ "content": content });
+    }
+    let mut at = offset;
+    let mut out =
+        json!({"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []});
+    for (id, lp) in tokens {
+        let t = text(*id);
+        let top: serde_json::Map<String, Value> = lp
+            .top
+            .iter()
+            .map(|&(i, x)| (text(i), num(x).into()))
+            .collect();
+        out["tokens"].as_array_mut().unwrap().push(t.clone().into());
+        out["token_logprobs"]
+            .as_array_mut()
+            .unwrap()
+            .push(num(lp.logprob).into());
+        out["top_logprobs"].as_array_mut().unwrap().push(top.into());
+        out["text_offset"].as_array_mut().unwrap().push(at.into());
+        at += t.chars().count();
+    }
+    out
+}
+
+/// The streaming state of one request: the text so far, the token count, and the logprobs
+/// not yet sent.
 struct Progress {
     text: StopText,
     completion_tokens: usize,
+    logprobs: Vec<(u32, TokenLogprobs)>,
 }
 
 enum Step {
@@ -672,8 +765,11 @@ impl Progress {
     fn on(&mut self, app: &App, ev: Option<Event>) -> Step {
         let tok = &app.st.files.tokenizer;
         match ev {
-            Some(Event::Token(id)) => {
+            Some(Event::Token(id, lp)) => {
                 self.completion_tokens += 1;
+                if let Some(lp) = lp {
+                    self.logprobs.push((id, *lp));
+                }
                 let piece = self.text.push(tok, id);
                 if self.text.stopped {
                     Step::Finished("stop", piece)
@@ -731,7 +827,9 @@ async fn run(app: Shared, p: Plan) -> Result<Response, ApiError> {
             },
         ),
         completion_tokens: 0,
+        logprobs: Vec::new(),
     };
+    let want_logprobs = p.params.sampling.logprobs.is_some();
     let usage = move |c: usize| {
         json!({"prompt_tokens": prompt_tokens, "completion_tokens": c,
                "total_tokens": prompt_tokens + c})
@@ -751,11 +849,12 @@ async fn run(app: Shared, p: Plan) -> Result<Response, ApiError> {
         };
         // Dropping `events` here cancels the sequence if a stop string ended it early.
         drop(events);
+        let lp = logprobs_json(&app, p.chat, want_logprobs, &prog.logprobs, 0);
         let choice = if p.chat {
             json!({"index": 0, "message": {"role": "assistant", "content": text},
-                   "logprobs": null, "finish_reason": finish})
+                   "logprobs": lp, "finish_reason": finish})
         } else {
-            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+            json!({"index": 0, "text": text, "logprobs": lp, "finish_reason": finish})
         };
         return Ok(axum::Json(json!({
             "id": id,
@@ -775,7 +874,7 @@ async fn run(app: Shared, p: Plan) -> Result<Response, ApiError> {
     } else {
         "text_completion"
     };
-    let chunk = move |piece: Option<&str>, finish: Option<&str>, first: bool| {
+    let chunk = move |piece: Option<&str>, finish: Option<&str>, first: bool, lp: Value| {
         let choice = if chat {
             let mut delta = serde_json::Map::new();
             if first {
@@ -784,9 +883,9 @@ async fn run(app: Shared, p: Plan) -> Result<Response, ApiError> {
             if let Some(t) = piece {
                 delta.insert("content".into(), t.into());
             }
-            json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            json!({"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish})
         } else {
-            json!({"index": 0, "text": piece.unwrap_or(""), "logprobs": null,
+            json!({"index": 0, "text": piece.unwrap_or(""), "logprobs": lp,
                    "finish_reason": finish})
         };
         json!({"id": id, "object": object, "created": created, "model": model,
@@ -796,7 +895,13 @@ async fn run(app: Shared, p: Plan) -> Result<Response, ApiError> {
     let data = |v: Value| Ok(SseEvent::default().data(v.to_string()));
     tokio::spawn(async move {
         let mut first = true;
-        if chat && tx.send(data(chunk(Some(""), None, true))).await.is_err() {
+        let mut offset = 0usize;
+        if chat
+            && tx
+                .send(data(chunk(Some(""), None, true, Value::Null)))
+                .await
+                .is_err()
+        {
             return;
         }
         first &= !chat;
@@ -815,20 +920,30 @@ async fn run(app: Shared, p: Plan) -> Result<Response, ApiError> {
                     return;
                 }
             };
-            if !piece.is_empty()
-                && tx
-                    .send(data(chunk(Some(&piece), None, first)))
+            // Logprobs go with the text they belong to (a held-back piece's with the next).
+            if !piece.is_empty() {
+                let lp = logprobs_json(&app, chat, want_logprobs, &prog.logprobs, offset);
+                offset += piece.chars().count();
+                prog.logprobs.clear();
+                if tx
+                    .send(data(chunk(Some(&piece), None, first, lp)))
                     .await
                     .is_err()
-            {
-                return;
+                {
+                    return;
+                }
             }
             first = false;
             if let Some(f) = finish {
                 drop(events);
-                let mut last = vec![chunk(None, Some(f), false)];
+                let lp = if prog.logprobs.is_empty() {
+                    Value::Null
+                } else {
+                    logprobs_json(&app, chat, want_logprobs, &prog.logprobs, offset)
+                };
+                let mut last = vec![chunk(None, Some(f), false, lp)];
                 if include_usage {
-                    let mut u = chunk(None, None, false);
+                    let mut u = chunk(None, None, false, Value::Null);
                     u["choices"] = json!([]);
                     u["usage"] = usage(prog.completion_tokens);
                     last.push(u);

@@ -897,6 +897,7 @@ impl Coordinator for CoordinatorService {
                 top_k: r.top_k as usize,
                 top_p: if r.top_p <= 0.0 { 1.0 } else { r.top_p },
                 seed: r.seed,
+                logprobs: None,
             },
             ignore_eos: r.ignore_eos,
         };
@@ -940,7 +941,7 @@ impl Coordinator for CoordinatorService {
                     _ = tx.closed() => return,
                 };
                 match ev {
-                    Some(Event::Token(id)) => {
+                    Some(Event::Token(id, _)) => {
                         first.get_or_insert_with(Instant::now);
                         generated += 1;
                         let piece = text.push(&files.tokenizer, id);

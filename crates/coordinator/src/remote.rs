@@ -56,6 +56,9 @@ fn top_reply_fits(r: &StepReply, want: &[Want]) -> bool {
     let any_mass = want
         .iter()
         .any(|w| matches!(w, Want::Top(spec) if spec.mass));
+    let any_raw = want
+        .iter()
+        .any(|w| matches!(w, Want::Top(spec) if spec.raw_lse));
     let total: usize = r.top_counts.iter().map(|&c| c as usize).sum();
     r.top_counts.len() == asked.len()
         && r.top_counts
@@ -66,6 +69,7 @@ fn top_reply_fits(r: &StepReply, want: &[Want]) -> bool {
         && r.top_logits.len() == total
         && r.top_lse.len() == r.top_floor.len()
         && (r.top_lse.len() == asked.len() || (r.top_lse.is_empty() && !any_mass))
+        && (r.top_lse_raw.len() == asked.len() || (r.top_lse_raw.is_empty() && !any_raw))
 }
 
 fn proto_step(s: &SeqStep, w: &Want) -> tessera_proto::SeqStep {
@@ -81,6 +85,7 @@ fn proto_step(s: &SeqStep, w: &Want) -> tessera_proto::SeqStep {
         p.gumbel = spec.gumbel.is_some();
         (p.seed, p.draw) = spec.gumbel.unwrap_or_default();
         p.mass = spec.mass;
+        p.raw_lse = spec.raw_lse;
     }
     p
 }
@@ -154,7 +159,8 @@ impl Runner for RemoteCluster {
                                 + r.top_counts.len()
                                 + 2 * r.top_ids.len()
                                 + 2 * r.top_lse.len()
-                                + r.top_floor.len()) as u64;
+                                + r.top_floor.len()
+                                + 2 * r.top_lse_raw.len()) as u64;
                         reduce.0 += r.allreduce_ns;
                         reduce.1 += r.allreduce_count as u64;
                         usage
@@ -202,6 +208,7 @@ impl Runner for RemoteCluster {
                                 .collect(),
                             lse: r.top_lse.get(*s).copied().unwrap_or(f64::NEG_INFINITY),
                             floor: r.top_floor.get(*s).copied().unwrap_or(f32::NEG_INFINITY),
+                            lse_raw: r.top_lse_raw.get(*s).copied().unwrap_or(f64::NEG_INFINITY),
                         });
                         *s += 1;
                         *k += n;

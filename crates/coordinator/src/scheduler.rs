@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use tessera_model::{
     CommStats, Draw, Finish, GenStats, GenerateParams, ModelError, Pick, Runner, Sampler, SeqStep,
-    Want, check_step,
+    TokenLogprobs, Want, check_step,
 };
 use tokio::sync::mpsc;
 
@@ -44,7 +44,8 @@ impl Default for SchedulerConfig {
 /// What a request receives, in order: tokens, then one `Done` or one `Error`.
 #[derive(Debug)]
 pub enum Event {
-    Token(u32),
+    /// A token, with its logprobs where the request asked for them.
+    Token(u32, Option<Box<TokenLogprobs>>),
     Done(Box<SeqDone>),
     Error(ModelError),
 }
@@ -545,12 +546,15 @@ impl Scheduler {
                     a.stats.decode_steps += 1;
                     a.pos += 1;
                 }
-                let tok = match &logits[k] {
+                let (tok, logprobs) = match &logits[k] {
                     Pick::Top(c) => match a.sampler.sample_candidates(c) {
-                        Draw::Token(t) => t,
+                        Draw::Token(t) => (t, a.sampler.logprobs(c, t)),
                         // A top-p nucleus wider than the candidates: this step's logits.
                         Draw::NeedLogits => match r.last_logits(&[a.seq]) {
-                            Ok(l) => a.sampler.sample(&l[0]),
+                            Ok(l) => {
+                                let t = a.sampler.sample(&l[0]);
+                                (t, a.sampler.logprobs_from_logits(&l[0], t))
+                            }
                             Err(e) => {
                                 tracing::warn!("fetching logits for a nucleus failed: {e}");
                                 let _ = a.tx.send(Event::Error(e));
@@ -560,11 +564,17 @@ impl Scheduler {
                             }
                         },
                     },
-                    Pick::Logits(l) => a.sampler.sample(l),
+                    Pick::Logits(l) => {
+                        let t = a.sampler.sample(l);
+                        (t, a.sampler.logprobs_from_logits(l, t))
+                    }
                 };
                 a.stats.generated += 1;
                 generated += 1;
-                if a.tx.send(Event::Token(tok)).is_err() {
+                if a.tx
+                    .send(Event::Token(tok, logprobs.map(Box::new)))
+                    .is_err()
+                {
                     a.stats.finish = Finish::Cancelled;
                     done_now.push(i);
                     continue;
@@ -774,7 +784,7 @@ mod tests {
         let mut toks = Vec::new();
         loop {
             match rx.blocking_recv() {
-                Some(Event::Token(t)) => toks.push(t),
+                Some(Event::Token(t, _)) => toks.push(t),
                 Some(Event::Done(d)) => return Ok((toks, *d)),
                 Some(Event::Error(e)) => return Err(e.to_string()),
                 None => return Err("closed".into()),
@@ -874,7 +884,7 @@ mod tests {
     fn a_dropped_receiver_cancels_and_frees_the_sequence() {
         let r = rig(SchedulerConfig::default(), 2);
         let mut rx = r.sched.submit(&cfg(), job(vec![1], 60)).unwrap();
-        assert!(matches!(rx.blocking_recv(), Some(Event::Token(2))));
+        assert!(matches!(rx.blocking_recv(), Some(Event::Token(2, None))));
         drop(rx);
         let t = Instant::now();
         while r.sched.load().1 > 0 || !r.caches.lock().unwrap().is_empty() {
@@ -892,7 +902,7 @@ mod tests {
         let mut first = Vec::new();
         while first.len() < 3 {
             match a.blocking_recv() {
-                Some(Event::Token(t)) => first.push(t),
+                Some(Event::Token(t, _)) => first.push(t),
                 other => panic!("expected a token, got {:?}", other.is_some()),
             }
         }
@@ -924,7 +934,7 @@ mod tests {
         let r = rig(SchedulerConfig::default(), 2);
         let mut a = r.sched.submit(&cfg(), job(vec![1], 60)).unwrap();
         let mut b = r.sched.submit(&cfg(), job(vec![2], 60)).unwrap();
-        assert!(matches!(a.blocking_recv(), Some(Event::Token(_))));
+        assert!(matches!(a.blocking_recv(), Some(Event::Token(..))));
         r.fail.store(true, Ordering::SeqCst);
         let ea = collect(&mut a).unwrap_err();
         let eb = collect(&mut b).unwrap_err();

@@ -25,8 +25,8 @@ pub use engine::{
 pub use error::{ModelError, Result};
 pub use loader::ModelFiles;
 pub use sampling::{
-    Candidates, Draw, MAX_CANDIDATES, NUCLEUS_CANDIDATES, Sampler, SamplingParams, TopSpec, Want,
-    candidates,
+    Candidates, Draw, MAX_CANDIDATES, MAX_LOGPROBS, NUCLEUS_CANDIDATES, Sampler, SamplingParams,
+    TokenLogprobs, TopSpec, Want, candidates,
 };
 pub use shard::{Precision, SeqStep, ShardModel, shard_reads};
 pub use tokenizer::{TextStream, Tokenizer};

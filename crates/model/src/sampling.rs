@@ -9,6 +9,9 @@ pub struct SamplingParams {
     /// 1 means no nucleus cut.
     pub top_p: f32,
     pub seed: u64,
+    /// Report each drawn token's log-probability and this many of the most likely tokens'
+    /// (OpenAI's `logprobs`); None: do not.
+    pub logprobs: Option<usize>,
 }
 
 impl Default for SamplingParams {
@@ -18,9 +21,21 @@ impl Default for SamplingParams {
             top_k: 0,
             top_p: 1.0,
             seed: 0,
+            logprobs: None,
         }
     }
 }
+
+/// A drawn token's log-probability under the model (its logits' softmax, before temperature
+/// and cuts, as vLLM reports them) and the most likely tokens' `(id, logprob)`, best first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// The most logprobs a request may ask for per token.
+pub const MAX_LOGPROBS: usize = 20;
 
 /// Draws tokens for one request. Every draw is a Gumbel-max over the tokens the parameters
 /// keep: the token with the largest `logit / temperature + g`, where `g` is Gumbel noise made
@@ -89,6 +104,17 @@ impl Sampler {
     /// mass, which cover the nucleus unless the distribution is flat (then
     /// [`Draw::NeedLogits`]). Only a top-k above [`MAX_CANDIDATES`] asks for all logits.
     pub fn want(&self) -> Want {
+        match self.want_for_draw() {
+            Want::Top(mut spec) if self.params.logprobs.is_some() => {
+                spec.n = spec.n.max(self.params.logprobs.unwrap_or(0));
+                spec.raw_lse = true;
+                Want::Top(spec)
+            }
+            w => w,
+        }
+    }
+
+    fn want_for_draw(&self) -> Want {
         let p = &self.params;
         let spec = |n: usize, gumbel: bool, mass: bool| {
             Want::Top(TopSpec {
@@ -96,6 +122,7 @@ impl Sampler {
                 temperature: p.temperature,
                 gumbel: gumbel.then_some((p.seed, self.draws)),
                 mass,
+                raw_lse: false,
             })
         };
         if self.is_greedy() {
@@ -104,6 +131,7 @@ impl Sampler {
                 temperature: 0.0,
                 gumbel: None,
                 mass: false,
+                raw_lse: false,
             })
         } else if p.top_k > MAX_CANDIDATES {
             Want::Logits
@@ -124,13 +152,14 @@ impl Sampler {
         }
         // The same candidates a single worker would send, then, where the nucleus needs more,
         // every logit.
-        let spec = match self.want() {
+        let spec = match self.want_for_draw() {
             Want::Top(spec) => spec,
             Want::Logits => TopSpec {
                 n: self.params.top_k,
                 temperature: self.params.temperature,
                 gumbel: None,
                 mass: false,
+                raw_lse: false,
             },
         };
         if let Draw::Token(t) = self.sample_candidates(&candidates(logits, &spec, 0)) {
@@ -203,6 +232,44 @@ impl Sampler {
     }
 }
 
+impl Sampler {
+    /// `tok`'s logprobs from the candidates of the step that drew it (asked for by
+    /// [`Sampler::want`]); None where the request did not ask.
+    pub fn logprobs(&self, c: &Candidates, tok: u32) -> Option<TokenLogprobs> {
+        let k = self.params.logprobs?;
+        let mut top: Vec<(u32, f32)> = c.top.iter().copied().filter(|x| !x.1.is_nan()).collect();
+        top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        top.dedup_by_key(|x| x.0);
+        let lp = |x: f32| (x as f64 - c.lse_raw) as f32;
+        let logprob = top
+            .iter()
+            .find(|x| x.0 == tok)
+            .map_or(f32::NEG_INFINITY, |x| lp(x.1));
+        top.truncate(k);
+        Some(TokenLogprobs {
+            logprob,
+            top: top.into_iter().map(|(id, x)| (id, lp(x))).collect(),
+        })
+    }
+
+    /// The same from the step's whole logits.
+    pub fn logprobs_from_logits(&self, logits: &[f32], tok: u32) -> Option<TokenLogprobs> {
+        let k = self.params.logprobs?;
+        let spec = TopSpec {
+            n: k.max(1),
+            temperature: 0.0,
+            gumbel: None,
+            mass: false,
+            raw_lse: true,
+        };
+        let mut c = candidates(logits, &spec, 0);
+        if let Some(&x) = logits.get(tok as usize) {
+            c.top.push((tok, x));
+        }
+        self.logprobs(&c, tok)
+    }
+}
+
 /// How many of `sorted` (best first) the top-p nucleus keeps: the shortest prefix whose
 /// probability (`exp(logit / t - lse)`) reaches `top_p`. None when the prefix of logits above
 /// `floor` (the part known to be complete) does not reach it.
@@ -247,6 +314,8 @@ pub struct TopSpec {
     pub gumbel: Option<(u64, u64)>,
     /// Also its log-sum-exp of logit / temperature, and the largest logit it left out.
     pub mass: bool,
+    /// Also its log-sum-exp of the logits themselves (for logprobs).
+    pub raw_lse: bool,
 }
 
 /// A sequence's candidates from one slice or, merged, from all.
@@ -259,6 +328,8 @@ pub struct Candidates {
     /// The largest logit left out of `top` (-inf when nothing finite was, or not asked):
     /// every token above it is in `top`.
     pub floor: f32,
+    /// log Σ exp(logit) over the finite logits (-inf when not asked).
+    pub lse_raw: f64,
 }
 
 impl Candidates {
@@ -267,6 +338,7 @@ impl Candidates {
             top: Vec::new(),
             lse: f64::NEG_INFINITY,
             floor: f32::NEG_INFINITY,
+            lse_raw: f64::NEG_INFINITY,
         }
     }
 
@@ -275,7 +347,17 @@ impl Candidates {
         self.top.extend_from_slice(&other.top);
         self.lse = log_add_exp(self.lse, other.lse);
         self.floor = self.floor.max(other.floor);
+        self.lse_raw = log_add_exp(self.lse_raw, other.lse_raw);
     }
+}
+
+/// log Σ exp(x / t) over finite `xs` (-inf for none).
+fn log_sum_exp(xs: impl Iterator<Item = f32> + Clone, t: f32) -> f64 {
+    let max = xs.clone().map(|x| x / t).fold(f32::NEG_INFINITY, f32::max) as f64;
+    if max == f64::NEG_INFINITY {
+        return max;
+    }
+    max + xs.map(|x| ((x / t) as f64 - max).exp()).sum::<f64>().ln()
 }
 
 fn log_add_exp(a: f64, b: f64) -> f64 {
@@ -299,10 +381,11 @@ pub fn candidates(logits: &[f32], spec: &TopSpec, first: u32) -> Candidates {
     // logit / t orders as logit does for t > 0.
     let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     let mut out = Candidates::empty();
-    if spec.mass && t > 0.0 && !c.is_empty() {
-        let max = c.iter().map(|x| x.1 / t).fold(f32::NEG_INFINITY, f32::max) as f64;
-        let sum: f64 = c.iter().map(|x| ((x.1 / t) as f64 - max).exp()).sum();
-        out.lse = max + sum.ln();
+    if spec.mass && t > 0.0 {
+        out.lse = log_sum_exp(c.iter().map(|x| x.1), t);
+    }
+    if spec.raw_lse {
+        out.lse_raw = log_sum_exp(logits.iter().copied().filter(|x| x.is_finite()), 1.0);
     }
     let winner = spec.gumbel.filter(|_| t > 0.0).and_then(|(seed, draw)| {
         c.iter()
@@ -342,6 +425,7 @@ mod tests {
             top_k,
             top_p,
             seed,
+            logprobs: None,
         }
     }
 
@@ -485,11 +569,58 @@ mod tests {
             temperature: 1.0,
             gumbel: None,
             mass: true,
+            raw_lse: true,
         };
         let c = candidates(&logits, &spec, 10);
         assert_eq!(c.top, vec![(11, 5.0), (14, 4.0)]);
         assert_eq!(c.floor, 3.0);
         let z: f64 = [1.0f64, 5.0, 3.0, 4.0, 2.0].iter().map(|x| x.exp()).sum();
         assert!((c.lse - z.ln()).abs() < 1e-9);
+        assert!((c.lse_raw - z.ln()).abs() < 1e-9);
+    }
+
+    #[test]
+    fn logprobs_from_slices_equal_the_log_softmax() {
+        let logits: Vec<f32> = (0..500)
+            .map(|i| ((i * 13 % 97) as f32 * 0.11).cos() * 5.0)
+            .collect();
+        let max = logits.iter().cloned().fold(f32::MIN, f32::max) as f64;
+        let z = max
+            + logits
+                .iter()
+                .map(|&x| (x as f64 - max).exp())
+                .sum::<f64>()
+                .ln();
+        for (t, k) in [(0.0, 0), (0.9, 0), (0.7, 3)] {
+            let mut p = params(t, k, 1.0, 9);
+            p.logprobs = Some(5);
+            let mut s = Sampler::new(p);
+            let Want::Top(spec) = s.want() else {
+                panic!("candidates")
+            };
+            assert!(spec.n >= 5 && spec.raw_lse);
+            let mut merged = Candidates::empty();
+            for (i, part) in logits.chunks(170).enumerate() {
+                merged.merge(&candidates(part, &spec, (i * 170) as u32));
+            }
+            let Draw::Token(tok) = s.sample_candidates(&merged) else {
+                panic!("drawn")
+            };
+            let lp = s.logprobs(&merged, tok).unwrap();
+            assert!((lp.logprob as f64 - (logits[tok as usize] as f64 - z)).abs() < 1e-5);
+            let mut order: Vec<usize> = (0..500).collect();
+            order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+            assert_eq!(lp.top.len(), 5);
+            for (j, &(id, v)) in lp.top.iter().enumerate() {
+                assert_eq!(id as usize, order[j]);
+                assert!((v as f64 - (logits[order[j]] as f64 - z)).abs() < 1e-5);
+            }
+            let whole = s.logprobs_from_logits(&logits, tok).unwrap();
+            assert!((whole.logprob - lp.logprob).abs() < 1e-5);
+            assert_eq!(
+                whole.top.iter().map(|x| x.0).collect::<Vec<_>>(),
+                lp.top.iter().map(|x| x.0).collect::<Vec<_>>()
+            );
+        }
     }
 }

@@ -348,6 +348,7 @@ fn pick(
 ) {
     kept.clear();
     let any_mass = want.iter().any(|w| w.1.is_some_and(|s| s.mass));
+    let any_raw = want.iter().any(|w| w.1.is_some_and(|s| s.raw_lse));
     let width = logits.len() / want.len().max(1);
     for (row, &(seq, spec)) in logits.chunks_exact(width.max(1)).zip(want) {
         let Some(spec) = spec else {
@@ -365,6 +366,9 @@ fn pick(
             out.top_lse.push(c.lse);
             out.top_floor.push(c.floor);
         }
+        if any_raw {
+            out.top_lse_raw.push(c.lse_raw);
+        }
         if spec.mass {
             kept.push((seq, row.to_vec()));
         }
@@ -379,6 +383,7 @@ fn top_spec(s: &tessera_proto::SeqStep) -> Option<TopSpec> {
         temperature: s.temperature,
         gumbel: s.gumbel.then_some((s.seed, s.draw)),
         mass: s.mass,
+        raw_lse: s.raw_lse,
     })
 }
 
