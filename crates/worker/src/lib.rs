@@ -445,6 +445,16 @@ fn shard_thread(
             model.free(*seq);
         }
         if !req.last_logits.is_empty() {
+            // Each kept row at most once: the request cannot make the reply large.
+            if req.last_logits.len() > kept.len() {
+                out.error = format!(
+                    "asked for {} rows of logits, {} are kept",
+                    req.last_logits.len(),
+                    kept.len()
+                );
+                let _ = reply.send(out);
+                continue;
+            }
             for seq in &req.last_logits {
                 match kept.iter().find(|k| k.0 == *seq) {
                     Some((_, row)) => out.logits.extend_from_slice(row),
