@@ -551,10 +551,7 @@ impl Scheduler {
                         Draw::Token(t) => (t, a.sampler.logprobs(c, t)),
                         // A top-p nucleus wider than the candidates: this step's logits.
                         Draw::NeedLogits => match r.last_logits(&[a.seq]) {
-                            Ok(l) => {
-                                let t = a.sampler.sample(&l[0]);
-                                (t, a.sampler.logprobs_from_logits(&l[0], t))
-                            }
+                            Ok(l) => a.sampler.sample_with_logprobs(&l[0]),
                             Err(e) => {
                                 tracing::warn!("fetching logits for a nucleus failed: {e}");
                                 let _ = a.tx.send(Event::Error(e));
@@ -564,10 +561,7 @@ impl Scheduler {
                             }
                         },
                     },
-                    Pick::Logits(l) => {
-                        let t = a.sampler.sample(l);
-                        (t, a.sampler.logprobs_from_logits(l, t))
-                    }
+                    Pick::Logits(l) => a.sampler.sample_with_logprobs(l),
                 };
                 a.stats.generated += 1;
                 generated += 1;

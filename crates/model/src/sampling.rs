@@ -79,6 +79,20 @@ fn gumbel_key(x: f32, temperature: f32, seed: u64, draw: u64, id: u32) -> f64 {
     (x / temperature) as f64 + gumbel(seed, draw, id)
 }
 
+/// The `(id, logit)` with the largest Gumbel-max key (the lower id on a tie).
+fn gumbel_winner(c: &[(u32, f32)], t: f32, seed: u64, draw: u64) -> Option<(u32, f32)> {
+    c.iter()
+        .map(|&(id, x)| ((id, x), gumbel_key(x, t, seed, draw, id)))
+        .min_by(|a, b| b.1.total_cmp(&a.1).then(a.0.0.cmp(&b.0.0)))
+        .map(|w| w.0)
+}
+
+/// Orders `(id, logit)` best first: the larger logit (logit / t orders alike for t > 0), then
+/// the lower id.
+fn best_first(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
 /// What [`Sampler::sample_candidates`] made of a step's candidates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Draw {
@@ -186,7 +200,7 @@ impl Sampler {
                 c.top
                     .iter()
                     .filter(|c| !c.1.is_nan())
-                    .min_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)))
+                    .min_by(|a, b| best_first(a, b))
                     .map_or(0, |c| c.0),
             );
         }
@@ -196,19 +210,13 @@ impl Sampler {
             self.draws += 1;
             return Draw::Token(0);
         }
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        cand.sort_by(best_first);
         cand.dedup_by_key(|c| c.0);
         let keep = if p.top_k > 0 {
             cand.truncate(p.top_k);
             if p.top_p < 1.0 {
                 // The nucleus of the top k, renormalized among them.
-                let max = cand[0].1 / t;
-                let lse = max as f64
-                    + cand
-                        .iter()
-                        .map(|x| ((x.1 / t - max) as f64).exp())
-                        .sum::<f64>()
-                        .ln();
+                let lse = log_sum_exp(cand.iter().map(|x| x.1), t);
                 nucleus(&cand, t, lse, p.top_p, f32::NEG_INFINITY).unwrap_or(cand.len())
             } else {
                 cand.len()
@@ -223,11 +231,7 @@ impl Sampler {
             cand.len()
         };
         self.draws += 1;
-        let best = cand[..keep]
-            .iter()
-            .map(|&(id, x)| (id, gumbel_key(x, t, p.seed, draw, id)))
-            .min_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)))
-            .expect("at least one kept");
+        let best = gumbel_winner(&cand[..keep], t, p.seed, draw).expect("at least one kept");
         Draw::Token(best.0)
     }
 }
@@ -238,7 +242,7 @@ impl Sampler {
     pub fn logprobs(&self, c: &Candidates, tok: u32) -> Option<TokenLogprobs> {
         let k = self.params.logprobs?;
         let mut top: Vec<(u32, f32)> = c.top.iter().copied().filter(|x| !x.1.is_nan()).collect();
-        top.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        top.sort_by(best_first);
         top.dedup_by_key(|x| x.0);
         let lp = |x: f32| (x as f64 - c.lse_raw) as f32;
         let logprob = top
@@ -250,6 +254,12 @@ impl Sampler {
             logprob,
             top: top.into_iter().map(|(id, x)| (id, lp(x))).collect(),
         })
+    }
+
+    /// Draws from the whole vocabulary's logits, with the drawn token's logprobs where asked.
+    pub fn sample_with_logprobs(&mut self, logits: &[f32]) -> (u32, Option<TokenLogprobs>) {
+        let t = self.sample(logits);
+        (t, self.logprobs_from_logits(logits, t))
     }
 
     /// The same from the step's whole logits.
@@ -378,8 +388,6 @@ pub fn candidates(logits: &[f32], spec: &TopSpec, first: u32) -> Candidates {
         .filter(|(_, x)| if t > 0.0 { x.is_finite() } else { !x.is_nan() })
         .map(|(i, &x)| (first + i as u32, x))
         .collect();
-    // logit / t orders as logit does for t > 0.
-    let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
     let mut out = Candidates::empty();
     if spec.mass && t > 0.0 {
         out.lse = log_sum_exp(c.iter().map(|x| x.1), t);
@@ -387,15 +395,13 @@ pub fn candidates(logits: &[f32], spec: &TopSpec, first: u32) -> Candidates {
     if spec.raw_lse {
         out.lse_raw = log_sum_exp(logits.iter().copied().filter(|x| x.is_finite()), 1.0);
     }
-    let winner = spec.gumbel.filter(|_| t > 0.0).and_then(|(seed, draw)| {
-        c.iter()
-            .map(|&(id, x)| ((id, x), gumbel_key(x, t, seed, draw, id)))
-            .min_by(|a, b| b.1.total_cmp(&a.1).then(a.0.0.cmp(&b.0.0)))
-            .map(|w| w.0)
-    });
+    let winner = spec
+        .gumbel
+        .filter(|_| t > 0.0)
+        .and_then(|(seed, draw)| gumbel_winner(&c, t, seed, draw));
     if c.len() > spec.n {
         if spec.n > 0 {
-            c.select_nth_unstable_by(spec.n - 1, cmp);
+            c.select_nth_unstable_by(spec.n - 1, best_first);
         }
         if spec.mass {
             out.floor = c[spec.n..]
@@ -405,7 +411,7 @@ pub fn candidates(logits: &[f32], spec: &TopSpec, first: u32) -> Candidates {
         }
         c.truncate(spec.n);
     }
-    c.sort_by(cmp);
+    c.sort_by(best_first);
     if let Some(w) = winner
         && !c.iter().any(|x| x.0 == w.0)
     {
