@@ -72,6 +72,24 @@ fn top_reply_fits(r: &StepReply, want: &[Want]) -> bool {
         && (r.top_lse_raw.len() == asked.len() || (r.top_lse_raw.is_empty() && !any_raw))
 }
 
+/// A failure of the worker of rank `rank`, named.
+fn link_err(rank: usize, l: &StepLink, why: &str) -> ModelError {
+    ModelError::Shard {
+        rank,
+        msg: format!("worker {} ({}) {why}", l.name, l.addr),
+    }
+}
+
+/// Sends `req` down every worker's step stream.
+async fn send_all(links: &[StepLink], req: &StepRequest) -> Result<(), ModelError> {
+    for (rank, l) in links.iter().enumerate() {
+        l.tx.send(req.clone())
+            .await
+            .map_err(|_| link_err(rank, l, "is gone"))?;
+    }
+    Ok(())
+}
+
 fn proto_step(s: &SeqStep, w: &Want) -> tessera_proto::SeqStep {
     let mut p = tessera_proto::SeqStep {
         seq: s.seq,
@@ -129,15 +147,7 @@ impl Runner for RemoteCluster {
         let links = &mut self.links;
         let usage = self.usage.clone();
         let result: Result<(Vec<Pick>, u64, u64, u64), ModelError> = handle.block_on(async {
-            let shard_err = |rank: usize, l: &StepLink, why: String| ModelError::Shard {
-                rank,
-                msg: format!("worker {} ({}) {why}", l.name, l.addr),
-            };
-            for (rank, l) in links.iter().enumerate() {
-                l.tx.send(req.clone())
-                    .await
-                    .map_err(|_| shard_err(rank, l, "is gone".into()))?;
-            }
+            send_all(links, &req).await?;
             let mut parts = Vec::with_capacity(links.len());
             let mut tops = Vec::with_capacity(links.len());
             let mut reply_bytes = 0u64;
@@ -179,7 +189,7 @@ impl Runner for RemoteCluster {
                         format!("did not answer within {STEP_TIMEOUT:?}"),
                     ),
                 };
-                let e = shard_err(rank, l, failure.1);
+                let e = link_err(rank, l, &failure.1);
                 if worst.as_ref().is_none_or(|w| failure.0 < w.0) {
                     worst = Some((failure.0, e));
                 }
@@ -236,21 +246,13 @@ impl Runner for RemoteCluster {
         };
         let links = &mut self.links;
         let parts = self.handle.block_on(async {
-            let err = |rank: usize, l: &StepLink, why: &str| ModelError::Shard {
-                rank,
-                msg: format!("worker {} ({}) {why}", l.name, l.addr),
-            };
-            for (rank, l) in links.iter().enumerate() {
-                l.tx.send(req.clone())
-                    .await
-                    .map_err(|_| err(rank, l, "is gone"))?;
-            }
+            send_all(links, &req).await?;
             let mut parts = Vec::with_capacity(links.len());
             for (rank, l) in links.iter_mut().enumerate() {
                 match tokio::time::timeout(STEP_TIMEOUT, l.rx.message()).await {
                     Ok(Ok(Some(r))) if r.error.is_empty() => parts.push(r.logits),
-                    Ok(Ok(Some(r))) => return Err(err(rank, l, &r.error)),
-                    _ => return Err(err(rank, l, "did not send the logits")),
+                    Ok(Ok(Some(r))) => return Err(link_err(rank, l, &r.error)),
+                    _ => return Err(link_err(rank, l, "did not send the logits")),
                 }
             }
             Ok(parts)
