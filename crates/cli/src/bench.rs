@@ -105,29 +105,21 @@ pub fn memory_bandwidth(mib: usize) -> (f64, usize) {
 }
 
 pub fn run(mut a: BenchArgs) -> anyhow::Result<()> {
-    if a.collective {
-        let report = run_collective(a.workers.unwrap_or(2), a.in_process)?;
-        if a.json {
-            println!("{report}");
+    let report = if a.collective {
+        run_collective(a.workers.unwrap_or(2), a.in_process)?
+    } else if let Some(addr) = a.coordinator.clone() {
+        run_remote(&a, &addr)?
+    } else {
+        a.model = Some(ModelArgs {
+            model: a.model_name.clone().unwrap_or_default(),
+            shards: a.shards,
+            backend: a.backend,
+            compute: a.compute.clone(),
+        });
+        match a.workers {
+            Some(n) => run_cluster(&a, n)?,
+            None => run_local(&a)?,
         }
-        return Ok(());
-    }
-    if let Some(addr) = a.coordinator.clone() {
-        let report = run_remote(&a, &addr)?;
-        if a.json {
-            println!("{report}");
-        }
-        return Ok(());
-    }
-    a.model = Some(ModelArgs {
-        model: a.model_name.clone().unwrap_or_default(),
-        shards: a.shards,
-        backend: a.backend,
-        compute: a.compute.clone(),
-    });
-    let report = match a.workers {
-        Some(n) => run_cluster(&a, n)?,
-        None => run_local(&a)?,
     };
     if a.json {
         println!("{report}");
@@ -151,9 +143,7 @@ fn run_collective(n: usize, in_process: bool) -> anyhow::Result<serde_json::Valu
     let plan = collective_plan();
     let timings = if in_process {
         let (_nodes, mesh) = tessera_collective::local_mesh(n)?;
-        tessera_collective::time_all_reduce(mesh, &COLLECTIVE_LENS, |len| {
-            plan.iter().find(|p| p.0 == len).map_or(1, |p| p.1)
-        })?
+        tessera_collective::time_all_reduce(mesh, &plan)?
     } else {
         collective_processes(n, &plan)?
     };
@@ -355,17 +345,7 @@ fn run_local(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         precision_name(a),
     );
     println!("load: {:.2} s", cluster.load_time.as_secs_f64());
-    println!(
-        "prefill: {} tokens, {:.1} tok/s",
-        prompt.len(),
-        best_prefill
-    );
-    println!(
-        "decode: {} tokens, {:.1} tok/s ({:.2} ms/token)",
-        a.gen_tokens,
-        best_decode,
-        1e3 / best_decode.max(1e-9)
-    );
+    print_speeds(prompt.len(), best_prefill, a.gen_tokens, best_decode);
     let cfg = &files.cfg;
     println!(
         "parameters: {:.1} M in all, {:.1} M read per token{}",
@@ -453,7 +433,7 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
     }
     let load = local.state.load_seconds.lock().unwrap().unwrap_or(0.0);
     let d = best_of_runs(a, &local.rt, &local.addr.to_string(), &local.token)?;
-    let decode = d.decode_steps as f64 / d.decode_seconds.max(1e-9);
+    let (prefill, decode) = rates(&d);
     let reached = d.weight_bytes_per_token as f64 * decode;
     println!(
         "model: {}, {n} worker process(es) on loopback ({})",
@@ -461,16 +441,11 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
         a.m().backend.name()
     );
     println!("load: {load:.2} s (shipping every worker its shard over gRPC)");
-    println!(
-        "prefill: {} tokens, {:.1} tok/s",
-        d.prompt_tokens,
-        d.prompt_tokens as f64 / d.prefill_seconds.max(1e-9)
-    );
-    println!(
-        "decode: {} tokens, {:.1} tok/s ({:.2} ms/token)",
-        d.decode_steps,
+    print_speeds(
+        d.prompt_tokens as usize,
+        prefill,
+        d.decode_steps as usize,
         decode,
-        1e3 / decode.max(1e-9)
     );
     println!(
         "all-reduce: {:.0} us mean, {:.0}% of step time in communication",
@@ -508,7 +483,7 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
         "pinned": a.m().compute.pin,
         "prompt_tokens": d.prompt_tokens,
         "gen_tokens": d.decode_steps + 1,
-        "prefill_tok_s": d.prompt_tokens as f64 / d.prefill_seconds.max(1e-9),
+        "prefill_tok_s": prefill,
         "decode_tok_s": decode,
         "weight_bytes_per_token": d.weight_bytes_per_token,
         "weight_bytes_held": held,
@@ -522,6 +497,23 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
         "memory_bandwidth_gb_s": bw / 1e9,
         "bandwidth_fraction": reached / bw,
     }))
+}
+
+/// A finished request's prefill and decode rates, tok/s.
+fn rates(d: &tessera_proto::Done) -> (f64, f64) {
+    (
+        d.prompt_tokens as f64 / d.prefill_seconds.max(1e-9),
+        d.decode_steps as f64 / d.decode_seconds.max(1e-9),
+    )
+}
+
+/// The prefill and decode lines every bench prints.
+fn print_speeds(prompt_tokens: usize, prefill: f64, gen_tokens: usize, decode: f64) {
+    println!("prefill: {prompt_tokens} tokens, {prefill:.1} tok/s");
+    println!(
+        "decode: {gen_tokens} tokens, {decode:.1} tok/s ({:.2} ms/token)",
+        1e3 / decode.max(1e-9)
+    );
 }
 
 /// One warm-up and `a.runs` measured requests through a coordinator; the fastest decode.
@@ -541,8 +533,7 @@ fn best_of_runs(
         let d = rt.block_on(crate::cluster::remote_stream(
             addr, token, &prompt, &opts, false,
         ))?;
-        let rate = |d: &tessera_proto::Done| d.decode_steps as f64 / d.decode_seconds.max(1e-9);
-        if run > 0 && best.as_ref().is_none_or(|b| rate(&d) > rate(b)) {
+        if run > 0 && best.as_ref().is_none_or(|b| rates(&d).1 > rates(b).1) {
             best = Some(d);
         }
     }
@@ -559,14 +550,13 @@ fn run_remote(a: &BenchArgs, addr: &str) -> anyhow::Result<serde_json::Value> {
         .enable_all()
         .build()?;
     let d = best_of_runs(a, &rt, addr, &token)?;
-    let decode = d.decode_steps as f64 / d.decode_seconds.max(1e-9);
-    let prefill = d.prompt_tokens as f64 / d.prefill_seconds.max(1e-9);
+    let (prefill, decode) = rates(&d);
     println!("cluster at {addr}");
-    println!("prefill: {} tokens, {prefill:.1} tok/s", d.prompt_tokens);
-    println!(
-        "decode: {} tokens, {decode:.1} tok/s ({:.2} ms/token)",
-        d.decode_steps,
-        1e3 / decode.max(1e-9)
+    print_speeds(
+        d.prompt_tokens as usize,
+        prefill,
+        d.decode_steps as usize,
+        decode,
     );
     println!(
         "all-reduce: {:.0} us mean, {:.0}% of step time in communication; logits sent per \
@@ -655,11 +645,7 @@ fn run_concurrency(
         })?;
         let wall = started.elapsed().as_secs_f64();
         let generated: u32 = results.iter().map(|d| d.generated_tokens).sum();
-        let per_stream: f64 = results
-            .iter()
-            .map(|d| d.decode_steps as f64 / d.decode_seconds.max(1e-9))
-            .sum::<f64>()
-            / c as f64;
+        let per_stream: f64 = results.iter().map(|d| rates(d).1).sum::<f64>() / c as f64;
         // Streams overlap while decoding, so their decode rates add up.
         println!(
             "{c:7} | {:22.1} | {:23.1} | {:24.1} | {wall:.2}",

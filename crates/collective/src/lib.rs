@@ -29,18 +29,16 @@ pub struct Timing {
     pub gb_s: f64,
 }
 
-/// Runs `iters(len)` all-reduces of each length in `lens` on every rank of `transports` (one
-/// thread per rank, after a few warm-up rounds) and returns rank 0's latencies.
+/// Runs `plan` (see [`timing_plan`]) on every rank of `transports` (one thread per rank) and
+/// returns rank 0's latencies.
 pub fn time_all_reduce<T: Transport + 'static>(
     transports: Vec<T>,
-    lens: &[usize],
-    iters: impl Fn(usize) -> usize,
+    plan: &[(usize, usize)],
 ) -> Result<Vec<Timing>, CollectiveError> {
-    let plan = timing_plan(lens, iters);
     let hs: Vec<_> = transports
         .into_iter()
         .map(|t| {
-            let plan = plan.clone();
+            let plan = plan.to_vec();
             std::thread::spawn(move || time_rank(t, &plan))
         })
         .collect();
@@ -51,7 +49,7 @@ pub fn time_all_reduce<T: Transport + 'static>(
         results.push(times);
         meshes.push(mesh);
     }
-    Ok(summarize(&plan, results.swap_remove(0)))
+    Ok(summarize(plan, results.swap_remove(0)))
 }
 
 /// (length, iterations) for [`time_rank`]; every rank must run the same plan.
