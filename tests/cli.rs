@@ -394,26 +394,25 @@ fn tokenize_prints_ids_and_pieces_and_chat_without_a_template_is_refused() {
     assert_clear_error(&o, &["no chat template", "llama"]);
 }
 
-/// `tessera bench --collective --in-process`: the all-reduce alone between QUIC endpoints,
-/// reported per vector length as p50 and p99 microseconds in the JSON's last line.
+/// `tessera bench --collective`: the all-reduce alone between 2 processes (this one and a
+/// `collective-peer` child) and between 2 QUIC endpoints of one process, reported per vector
+/// length as p50 and p99 microseconds in the JSON's last line.
 #[test]
 fn collective_bench_reports_p50_and_p99_per_vector_length() {
-    let o = tessera(&[
-        "bench",
-        "--collective",
-        "--in-process",
-        "--workers",
-        "2",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let out = String::from_utf8_lossy(&o.stdout);
-    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
-    for len in ["576", "4096", "16384", "1048576"] {
-        let (p50, p99) = (v["p50_us"][len].as_f64(), v["p99_us"][len].as_f64());
-        assert!(
-            matches!((p50, p99), (Some(a), Some(b)) if a > 0.0 && a <= b),
-            "{len}: {out}"
-        );
+    for (extra, place) in [(None, "processes"), (Some("--in-process"), "in-process")] {
+        let mut args = vec!["bench", "--collective", "--workers", "2", "--json"];
+        args.extend(extra);
+        let o = tessera(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+        assert_eq!(v["collective"], place, "{out}");
+        for len in ["576", "4096", "16384", "1048576"] {
+            let (p50, p99) = (v["p50_us"][len].as_f64(), v["p99_us"][len].as_f64());
+            assert!(
+                matches!((p50, p99), (Some(a), Some(b)) if a > 0.0 && a <= b),
+                "{place}, {len}: {out}"
+            );
+        }
     }
 }
