@@ -396,7 +396,8 @@ fn tokenize_prints_ids_and_pieces_and_chat_without_a_template_is_refused() {
 
 /// `tessera bench --collective`: the all-reduce alone between 2 processes (this one and a
 /// `collective-peer` child) and between 2 QUIC endpoints of one process, reported per vector
-/// length as p50 and p99 microseconds in the JSON's last line.
+/// length as p50 and p99 microseconds in the JSON's last line; small messages take the datagram
+/// lane.
 #[test]
 fn collective_bench_reports_p50_and_p99_per_vector_length() {
     for (extra, place) in [(None, "processes"), (Some("--in-process"), "in-process")] {
@@ -407,6 +408,8 @@ fn collective_bench_reports_p50_and_p99_per_vector_length() {
         let out = String::from_utf8_lossy(&o.stdout);
         let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
         assert_eq!(v["collective"], place, "{out}");
+        // On loopback the peers reach each other's datagram lane.
+        assert_eq!(v["lane_peers"], 1, "{out}");
         for len in ["576", "4096", "16384", "1048576"] {
             let (p50, p99) = (v["p50_us"][len].as_f64(), v["p99_us"][len].as_f64());
             assert!(

@@ -615,6 +615,35 @@ fn logprobs_come_from_the_workers_candidates() {
         v["choices"][0]["text"].as_str().unwrap()
     );
 
+    // The gRPC Generate stream carries the same numbers.
+    let grpc = grpc_tokens(&s, case["prompt"].as_str().unwrap(), steps as u32, 5).unwrap();
+    assert_eq!(grpc.len(), steps, "{grpc:?}");
+    for (step, t) in grpc.iter().enumerate() {
+        let want = case["step_logits_top"][step].as_array().unwrap();
+        let ids: Vec<u64> = t.top.iter().map(|a| a.id as u64).collect();
+        let ref_ids: Vec<u64> = want.iter().map(|w| w[0].as_u64().unwrap()).collect();
+        assert_eq!(ids, ref_ids, "step {step}");
+        assert_eq!(t.id, t.top[0].id, "greedy draws the best");
+        let http = lp["token_logprobs"][step].as_f64().unwrap();
+        assert!(
+            (t.logprob.unwrap() as f64 - http).abs() < 1e-6,
+            "step {step}"
+        );
+        for a in &t.top {
+            let http = lp["top_logprobs"][step][&a.text].as_f64().unwrap();
+            assert!((a.logprob as f64 - http).abs() < 1e-6, "step {step}: {a:?}");
+        }
+    }
+    // Without logprobs none are sent; too many alternatives: InvalidArgument.
+    let plain = grpc_tokens_with(&s, "Hi", 2, None).unwrap();
+    assert!(
+        plain
+            .iter()
+            .all(|t| t.logprob.is_none() && t.top.is_empty())
+    );
+    let err = grpc_tokens(&s, "Hi", 2, 21).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+
     // Chat: logprobs true and 3 alternatives, whole and streamed.
     let body = json!({"model": s.model, "messages": [{"role": "user", "content": "Hi!"}],
                       "temperature": 0, "max_tokens": 6, "logprobs": true, "top_logprobs": 3});
@@ -656,4 +685,51 @@ fn logprobs_come_from_the_workers_candidates() {
         let r = post(&s.http, path, &bad);
         assert_eq!(r.status, 400, "{bad}: {}", r.body);
     }
+}
+
+/// The tokens of a greedy gRPC Generate stream asking for `k` alternatives per token.
+fn grpc_tokens(
+    s: &Server,
+    prompt: &str,
+    max_tokens: u32,
+    k: u32,
+) -> Result<Vec<tessera_proto::Token>, tonic::Status> {
+    grpc_tokens_with(s, prompt, max_tokens, Some(k))
+}
+
+fn grpc_tokens_with(
+    s: &Server,
+    prompt: &str,
+    max_tokens: u32,
+    logprobs: Option<u32>,
+) -> Result<Vec<tessera_proto::Token>, tonic::Status> {
+    use tessera_proto::{GenerateRequest, coordinator_client::CoordinatorClient, generate_event};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut client = CoordinatorClient::connect(format!("http://{}", s.grpc))
+            .await
+            .expect("connect to the coordinator");
+        let req = GenerateRequest {
+            prompt: prompt.into(),
+            max_tokens,
+            ignore_eos: true,
+            logprobs,
+            ..Default::default()
+        };
+        let mut stream = client
+            .generate(tessera_worker::with_token(&s.token, req))
+            .await?
+            .into_inner();
+        let mut tokens = Vec::new();
+        while let Some(ev) = stream.message().await? {
+            match ev.event {
+                Some(generate_event::Event::Token(t)) => tokens.push(t),
+                Some(generate_event::Event::Done(_)) | None => {}
+            }
+        }
+        Ok(tokens)
+    })
 }

@@ -141,9 +141,10 @@ fn collective_plan() -> Vec<(usize, usize)> {
 fn run_collective(n: usize, in_process: bool) -> anyhow::Result<serde_json::Value> {
     anyhow::ensure!(n >= 2, "--collective needs --workers 2 or more");
     let plan = collective_plan();
-    let timings = if in_process {
+    let (timings, lane_peers) = if in_process {
         let (_nodes, mesh) = tessera_collective::local_mesh(n)?;
-        tessera_collective::time_all_reduce(mesh, &plan)?
+        let lanes = mesh[0].lane_peers();
+        (tessera_collective::time_all_reduce(mesh, &plan)?, lanes)
     } else {
         collective_processes(n, &plan)?
     };
@@ -153,6 +154,11 @@ fn run_collective(n: usize, in_process: bool) -> anyhow::Result<serde_json::Valu
         "processes"
     };
     println!("all-reduce between {n} {place} (loopback), rank 0's latency:");
+    println!(
+        "  messages up to {} KiB by datagram lane to {lane_peers} of {} peers, the rest by QUIC",
+        tessera_collective::fast::MAX_BYTES >> 10,
+        n - 1
+    );
     let (mut p50, mut p99) = (serde_json::Map::new(), serde_json::Map::new());
     for t in &timings {
         println!(
@@ -165,6 +171,7 @@ fn run_collective(n: usize, in_process: bool) -> anyhow::Result<serde_json::Valu
     Ok(serde_json::json!({
         "collective": if in_process { "in-process" } else { "processes" },
         "workers": n,
+        "lane_peers": lane_peers,
         "p50_us": p50,
         "p99_us": p99,
         "gb_s": timings.iter().map(|t| (t.len.to_string(), t.gb_s.into())).collect::<serde_json::Map<_, _>>(),
@@ -206,7 +213,7 @@ fn bench_node(id: &tessera_collective::Identity) -> anyhow::Result<tessera_colle
 fn collective_processes(
     n: usize,
     plan: &[(usize, usize)],
-) -> anyhow::Result<Vec<tessera_collective::Timing>> {
+) -> anyhow::Result<(Vec<tessera_collective::Timing>, usize)> {
     use std::io::{BufRead, BufReader, Write};
     use std::process::{Command, Stdio};
     let ca = tessera_collective::ClusterCa::new()?;
@@ -243,6 +250,7 @@ fn collective_processes(
         writeln!(stdin, "{} {}", rank + 1, list.join(","))?;
     }
     let t = node.connect_mesh(1, 0, &addrs, std::time::Duration::from_secs(10))?;
+    let lanes = t.lane_peers();
     let (times, mesh) = tessera_collective::time_rank(t, plan)?;
     for (mut child, stdin, mut out) in children {
         drop(stdin);
@@ -252,7 +260,7 @@ fn collective_processes(
         anyhow::ensure!(status.success(), "a peer process failed: {status}");
     }
     drop(mesh);
-    Ok(tessera_collective::summarize(plan, times))
+    Ok((tessera_collective::summarize(plan, times), lanes))
 }
 
 /// `tessera collective-peer`: one child of `bench --collective`.

@@ -537,6 +537,7 @@ fn request(prompt: &str, g: &crate::GenOptions) -> GenerateRequest {
         chat: g.chat,
         messages: vec![],
         stop: g.stop.clone(),
+        logprobs: None,
     }
 }
 

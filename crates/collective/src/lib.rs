@@ -11,6 +11,7 @@
 //! - [`ring_all_reduce`]: reduce-scatter then all-gather around a ring, 2(N-1) steps of 1/N of
 //!   the vector each. Bandwidth-optimal, so it wins on large vectors (prefill).
 
+pub mod fast;
 mod inproc;
 pub mod quic;
 mod wire;
@@ -123,6 +124,11 @@ pub trait Transport: Send {
     fn send(&mut self, peer: usize, data: &[f32]) -> Result<(), CollectiveError>;
     /// Receives the next message from `peer` into `out`, which must match its length exactly.
     fn recv(&mut self, peer: usize, out: &mut [f32]) -> Result<(), CollectiveError>;
+    /// Where Some(p): all-reduces longer than p values run in pieces of p (the ring: p per
+    /// step), one after the other. Every rank of a mesh must answer the same.
+    fn piece_len(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// What the layers call. `buf` holds this rank's partial sum on entry and the total on return.
@@ -223,19 +229,33 @@ impl<T: Transport> Collective for Mesh<T> {
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
         let _span = tracing::debug_span!("all_reduce", len = buf.len()).entered();
         let t = std::time::Instant::now();
-        // Encoded partials always take the one-step all-gather.
-        let r = match self.algorithm_for(buf.len()) {
-            Algorithm::Ring if self.wire == Wire::F32 => {
-                ring_all_reduce(&mut self.transport, buf, &mut self.chunk)
-            }
-            _ => all_gather_sum(
-                &mut self.transport,
-                buf,
-                self.wire,
-                &mut self.encoded,
-                &mut self.gathered,
-            ),
+        // Encoded partials always take the one-step all-gather. Pieces (where the transport
+        // asks for them) are reduced one after the other, each element in the same order as
+        // without them, so the result's bits do not depend on the split.
+        let world = self.transport.world();
+        let ring = self.algorithm_for(buf.len()) == Algorithm::Ring && self.wire == Wire::F32;
+        let piece = match self.transport.piece_len() {
+            Some(p) if ring => p * world,
+            Some(p) => p,
+            None => buf.len(),
         };
+        let mut r = Ok(());
+        for part in buf.chunks_mut(piece.max(1)) {
+            r = if ring {
+                ring_all_reduce(&mut self.transport, part, &mut self.chunk)
+            } else {
+                all_gather_sum(
+                    &mut self.transport,
+                    part,
+                    self.wire,
+                    &mut self.encoded,
+                    &mut self.gathered,
+                )
+            };
+            if r.is_err() {
+                break;
+            }
+        }
         self.stats.count += 1;
         self.stats.nanos += t.elapsed().as_nanos() as u64;
         r

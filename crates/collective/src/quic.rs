@@ -17,7 +17,7 @@
 //! another thread and back. Between all-reduces a helper thread drives it (keep-alives,
 //! acknowledgements, handshakes), and hands it over when an all-reduce asks.
 
-use crate::{CollectiveError, Transport};
+use crate::{CollectiveError, Transport, fast};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::collections::HashMap;
@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 
 /// Name every worker certificate carries; identity within the mesh is the rank in the hello.
 pub const SERVER_NAME: &str = "tessera-worker";
-const ALPN: &[u8] = b"tessera-mesh/1";
+const ALPN: &[u8] = b"tessera-mesh/2";
 
 /// The coordinator's certificate authority for the mesh.
 pub struct ClusterCa {
@@ -280,6 +280,8 @@ pub struct QuicNode {
     pending: Pending,
     driver: Arc<Driver>,
     accept_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Whether meshes built from now on try the datagram lane (see [`QuicNode::set_lanes`]).
+    lanes_on: std::sync::atomic::AtomicBool,
 }
 
 impl QuicNode {
@@ -312,11 +314,19 @@ impl QuicNode {
             pending: Arc::new((Mutex::new(HashMap::new()), Notify::new())),
             driver,
             accept_task: Mutex::new(None),
+            lanes_on: lanes_enabled().into(),
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// Turns the datagram lane on or off for meshes built from now on (on by default, off where
+    /// TESSERA_LANE=0). A pair uses it only if both ends have it on.
+    pub fn set_lanes(&self, on: bool) {
+        self.lanes_on
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether [`QuicNode::set_identity`] has run.
@@ -372,6 +382,15 @@ impl QuicNode {
         let mut recvs: Vec<Option<RecvStream>> = (0..world).map(|_| None).collect();
         let mut conns: Vec<Option<Connection>> = (0..world).map(|_| None).collect();
         let my_hello = hello(mesh_id, rank as u32, &self.proof);
+        // The datagram lane's sockets, one pair per peer, on this worker's own address.
+        let use_lanes = self.lanes_on.load(std::sync::atomic::Ordering::Relaxed);
+        let sockets: Vec<Option<fast::Sockets>> = (0..world)
+            .map(|p| {
+                (use_lanes && p != rank)
+                    .then(|| fast::Sockets::bind(peers[rank].ip()).ok())
+                    .flatten()
+            })
+            .collect();
         self.driver.run(async {
             tokio::time::timeout(timeout, async {
                 for (peer, addr) in peers.iter().enumerate().filter(|(p, _)| *p > rank) {
@@ -430,18 +449,25 @@ impl QuicNode {
                 msg: format!("mesh not complete after {timeout:?}"),
             })?
         })?;
+        let lanes = self.open_lanes(
+            rank, peers, sockets, &mut sends, &mut recvs, &conns, timeout,
+        )?;
         // Stale half-open entries of older meshes are of no use any more.
         self.pending
             .0
             .lock()
             .unwrap()
             .retain(|(m, _), _| *m > mesh_id);
-        Ok(QuicTransport {
+        let bulk_ok = lanes
+            .as_ref()
+            .is_some_and(|l| l.lanes.iter().flatten().count() == world - 1 && l.rtt <= BULK_RTT);
+        let mut t = QuicTransport {
             rank,
             world,
             sends,
             recvs,
-            _conns: conns,
+            conns,
+            lanes,
             driver: self.driver.clone(),
             buf: Vec::new(),
             timeout: Duration::from_secs(10),
@@ -451,8 +477,189 @@ impl QuicNode {
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(1000),
             ),
-        })
+            piece: None,
+        };
+        // Large all-reduces go over the lanes in pieces only if every rank can: agree.
+        if world > 1 {
+            let mut votes = [f32::from(u8::from(bulk_ok))];
+            crate::all_gather_sum(
+                &mut t,
+                &mut votes,
+                crate::Wire::F32,
+                &mut Vec::new(),
+                &mut Vec::new(),
+            )?;
+            if votes[0] == world as f32 {
+                t.piece = Some(fast::MAX_BYTES / 4);
+            }
+            tracing::info!(
+                mesh = mesh_id,
+                rank,
+                lane_peers = t.lane_peers(),
+                rtt_us = t.lanes.as_ref().map_or(0, |l| l.rtt.as_micros() as u64),
+                pieces = ?t.piece,
+                "all-reduce mesh built"
+            );
+            // The counters start with the mesh's first all-reduce.
+            for l in t
+                .lanes
+                .iter_mut()
+                .flat_map(|l| l.lanes.iter_mut().flatten())
+            {
+                l.stats = fast::LaneStats::default();
+            }
+        }
+        Ok(t)
     }
+}
+
+/// Large all-reduces take the lanes, 64 KiB at a time in lock-step, only where every round trip
+/// (QUIC's estimate when the mesh is built) is this short: there that window still moves half a
+/// gigabit per second or more; on longer links QUIC's congestion control fills the pipe better.
+const BULK_RTT: Duration = Duration::from_millis(1);
+
+impl QuicNode {
+    /// Sets up the datagram lane ([`fast`]) beside each peer's QUIC connection: ports over the
+    /// streams, keys from the TLS session, probes both ways, and agreement on which pairs use
+    /// it. A pair whose probes do not get through stays on QUIC.
+    #[allow(clippy::too_many_arguments)]
+    fn open_lanes(
+        &self,
+        rank: usize,
+        peers: &[SocketAddr],
+        sockets: Vec<Option<fast::Sockets>>,
+        sends: &mut [Option<SendStream>],
+        recvs: &mut [Option<RecvStream>],
+        conns: &[Option<Connection>],
+        timeout: Duration,
+    ) -> Result<Option<fast::Lanes>, CollectiveError> {
+        let world = peers.len();
+        let others = || (0..world).filter(move |&p| p != rank);
+        let stream_err = |peer: usize, e: &dyn std::fmt::Display| CollectiveError::Transport {
+            peer,
+            msg: format!("setting up the datagram lane: {e}"),
+        };
+        // Ports (0, 0 where this end has no lane) over the authenticated streams.
+        let mut their_ports = vec![[0u16; 2]; world];
+        self.driver.run(async {
+            tokio::time::timeout(timeout, async {
+                for p in others() {
+                    let ports = sockets[p].as_ref().map_or([0, 0], |s| s.ports());
+                    let mut b = [0u8; 4];
+                    b[..2].copy_from_slice(&ports[0].to_le_bytes());
+                    b[2..].copy_from_slice(&ports[1].to_le_bytes());
+                    let send = sends[p].as_mut().expect("a stream per peer");
+                    send.write_all(&b).await.map_err(|e| stream_err(p, &e))?;
+                }
+                for p in others() {
+                    let mut b = [0u8; 4];
+                    let recv = recvs[p].as_mut().expect("a stream per peer");
+                    recv.read_exact(&mut b)
+                        .await
+                        .map_err(|e| stream_err(p, &e))?;
+                    their_ports[p] = [
+                        u16::from_le_bytes([b[0], b[1]]),
+                        u16::from_le_bytes([b[2], b[3]]),
+                    ];
+                }
+                Ok::<_, CollectiveError>(())
+            })
+            .await
+            .map_err(|_| stream_err(usize::MAX, &"timed out"))?
+        })?;
+        let mut keys: Vec<Option<([u8; 32], [u8; 32])>> = vec![None; world];
+        let mut sockets = sockets;
+        for p in others() {
+            let (Some(s), Some(conn)) = (&sockets[p], &conns[p]) else {
+                continue;
+            };
+            let (mut send, mut recv) = ([0u8; 32], [0u8; 32]);
+            let exported = conn
+                .export_keying_material(
+                    &mut send,
+                    fast::EXPORTER_LABEL,
+                    &fast::key_context(rank, p),
+                )
+                .and_then(|_| {
+                    conn.export_keying_material(
+                        &mut recv,
+                        fast::EXPORTER_LABEL,
+                        &fast::key_context(p, rank),
+                    )
+                });
+            if exported.is_ok() && s.connect(peers[p].ip(), their_ports[p]).is_ok() {
+                keys[p] = Some((send, recv));
+            } else {
+                sockets[p] = None;
+            }
+        }
+        let probing: Vec<_> = (0..world)
+            .map(|p| {
+                let (s, k) = (sockets[p].as_ref()?, keys[p]?);
+                Some((s, fast::aead(&k.0), fast::aead(&k.1)))
+            })
+            .collect();
+        let route_frag: Vec<usize> = sockets
+            .iter()
+            .map(|s| s.as_ref().map_or(0, |s| s.route_frag()))
+            .collect();
+        let heard = fast::probe(&probing, &route_frag, Duration::from_millis(500));
+        drop(probing);
+        // Both ends must have heard each other; agree over the streams.
+        let mut agreed = vec![false; world];
+        let mut frag = vec![fast::MIN_FRAG; world];
+        self.driver.run(async {
+            tokio::time::timeout(timeout, async {
+                for p in others() {
+                    let send = sends[p].as_mut().expect("a stream per peer");
+                    send.write_all(&[heard[p].byte()])
+                        .await
+                        .map_err(|e| stream_err(p, &e))?;
+                }
+                for p in others() {
+                    let mut b = [0u8; 1];
+                    let recv = recvs[p].as_mut().expect("a stream per peer");
+                    recv.read_exact(&mut b)
+                        .await
+                        .map_err(|e| stream_err(p, &e))?;
+                    let theirs = fast::Heard::from_byte(b[0]);
+                    agreed[p] = heard[p].both && theirs.both;
+                    // Full-size datagrams where the peer received our full-size probe.
+                    frag[p] = if theirs.big {
+                        route_frag[p]
+                    } else {
+                        fast::MIN_FRAG
+                    };
+                }
+                Ok::<_, CollectiveError>(())
+            })
+            .await
+            .map_err(|_| stream_err(usize::MAX, &"timed out"))?
+        })?;
+        if !agreed.iter().any(|&a| a) {
+            return Ok(None);
+        }
+        for p in 0..world {
+            if !agreed[p] {
+                sockets[p] = None;
+                keys[p] = None;
+            }
+        }
+        // A resend is asked for after 3 round trips (at least 5 ms).
+        let rtt = others()
+            .filter_map(|p| conns[p].as_ref().map(|c| c.rtt()))
+            .max()
+            .unwrap_or_default();
+        let rto = (rtt * 3).max(Duration::from_millis(5));
+        let lanes = fast::Lanes::start(sockets, keys, &frag, rto, rtt)
+            .map_err(|e| stream_err(usize::MAX, &e))?;
+        Ok(Some(lanes))
+    }
+}
+
+/// The datagram lane is on unless TESSERA_LANE=0 (then every message takes QUIC).
+fn lanes_enabled() -> bool {
+    std::env::var("TESSERA_LANE").map_or(true, |v| v != "0")
 }
 
 impl Drop for QuicNode {
@@ -514,18 +721,72 @@ pub struct QuicTransport {
     world: usize,
     sends: Vec<Option<SendStream>>,
     recvs: Vec<Option<RecvStream>>,
-    _conns: Vec<Option<Connection>>,
+    conns: Vec<Option<Connection>>,
+    /// Messages of at most [`fast::MAX_BYTES`] go by datagram to the peers that have a lane.
+    lanes: Option<fast::Lanes>,
     driver: Arc<Driver>,
     buf: Vec<u8>,
     /// Longest wait for a peer's message before the all-reduce fails.
     pub timeout: Duration,
+    /// Large all-reduces in pieces of this many values over the lanes (see [`BULK_RTT`]).
+    piece: Option<usize>,
     /// How long a receive polls the socket without sleeping before it blocks: 1 ms unless
     /// TESSERA_SPIN_US says otherwise (0 where workers share cores, as `tessera run` sets
     /// when it starts more worker threads than there are cores).
     pub spin: Duration,
 }
 
+impl QuicTransport {
+    /// The datagram lane to `peer` if it has one and `len` f32 values fit it.
+    fn lane(&mut self, peer: usize, len: usize) -> Option<&mut fast::Lane> {
+        if len * 4 > fast::MAX_BYTES {
+            return None;
+        }
+        self.lanes.as_mut()?.lanes.get_mut(peer)?.as_mut()
+    }
+
+    /// How many peers this rank reaches over a datagram lane (the rest over QUIC alone).
+    pub fn lane_peers(&self) -> usize {
+        self.lanes
+            .as_ref()
+            .map_or(0, |l| l.lanes.iter().flatten().count())
+    }
+
+    /// Counters of the datagram lanes (messages, resend requests, rejected datagrams).
+    pub fn lane_stats(&self) -> fast::LaneStats {
+        self.lanes.as_ref().map(|l| l.stats()).unwrap_or_default()
+    }
+
+    /// Tests: cut messages into datagrams of `bytes` payload (at least [`fast::MIN_FRAG`]), as
+    /// on a path with a small MTU.
+    #[doc(hidden)]
+    pub fn set_lane_frag(&mut self, bytes: usize) {
+        for l in self
+            .lanes
+            .iter_mut()
+            .flat_map(|l| l.lanes.iter_mut().flatten())
+        {
+            l.frag = bytes.max(fast::MIN_FRAG) & !3;
+        }
+    }
+
+    /// Tests: make the lanes drop or corrupt every k-th first transmission.
+    #[doc(hidden)]
+    pub fn set_lane_loss(&mut self, every: u64) {
+        for l in self
+            .lanes
+            .iter_mut()
+            .flat_map(|l| l.lanes.iter_mut().flatten())
+        {
+            l.lossy = every;
+        }
+    }
+}
+
 impl Transport for QuicTransport {
+    fn piece_len(&self) -> Option<usize> {
+        self.piece
+    }
     fn rank(&self) -> usize {
         self.rank
     }
@@ -533,6 +794,10 @@ impl Transport for QuicTransport {
         self.world
     }
     fn send(&mut self, peer: usize, data: &[f32]) -> Result<(), CollectiveError> {
+        let timeout = self.timeout;
+        if let Some(lane) = self.lane(peer, data.len()) {
+            return lane.send(data, timeout);
+        }
         self.buf.clear();
         self.buf
             .extend_from_slice(&(data.len() as u32).to_le_bytes());
@@ -559,6 +824,12 @@ impl Transport for QuicTransport {
         })
     }
     fn recv(&mut self, peer: usize, out: &mut [f32]) -> Result<(), CollectiveError> {
+        let (spin, timeout) = (self.spin, self.timeout);
+        let conn = self.conns[peer].clone();
+        if let Some(lane) = self.lane(peer, out.len()) {
+            let alive = || conn.as_ref().is_some_and(|c| c.close_reason().is_none());
+            return lane.recv(out, spin, timeout, &alive);
+        }
         let stream = self.recvs[peer]
             .as_mut()
             .ok_or(CollectiveError::PeerGone { peer })?;
@@ -750,6 +1021,90 @@ mod tests {
             }
             drop(ts);
             drop(g);
+        }
+    }
+
+    /// Integers, so every summation order is exact: rank r's value i is i*3 + r*100.
+    fn check_reduce(mesh: &mut Mesh<QuicTransport>, len: usize) -> Vec<f32> {
+        let (r, world) = (mesh.rank(), mesh.world());
+        let mut buf: Vec<f32> = (0..len).map(|i| (i * 3 + r * 100) as f32).collect();
+        mesh.all_reduce_sum(&mut buf).unwrap();
+        let rank_sum: usize = (0..world).map(|r| r * 100).sum();
+        for (i, x) in buf.iter().enumerate() {
+            assert_eq!(
+                *x,
+                (i * 3 * world + rank_sum) as f32,
+                "len {len}, value {i}"
+            );
+        }
+        buf
+    }
+
+    #[test]
+    fn the_datagram_lane_recovers_lost_and_corrupted_datagrams() {
+        let g = group(3);
+        let hs: Vec<_> = connect(&g.nodes, 1)
+            .into_iter()
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let mut t = t.unwrap();
+                    assert_eq!(t.lane_peers(), 2, "both peers over the lane");
+                    // Every 3rd first transmission lost (odd messages) or corrupted (even),
+                    // and datagrams as small as on any path (loopback would carry 64 KiB).
+                    t.set_lane_loss(3);
+                    t.set_lane_frag(fast::MIN_FRAG);
+                    let mut mesh = Mesh::new(t);
+                    let mut last = Vec::new();
+                    for round in 0..40 {
+                        // All-gathers of 1 value, a decode-sized vector (2 datagrams) and 17
+                        // datagrams; a ring whose chunks fit the lane, and one in pieces.
+                        for len in [1usize, 576, 5000, 20_000, 100_000] {
+                            last = check_reduce(&mut mesh, len + round);
+                        }
+                    }
+                    let stats = mesh.transport_mut().lane_stats();
+                    (last, stats, mesh)
+                })
+            })
+            .collect();
+        let results: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        for (last, stats, _) in &results {
+            assert_eq!(last, &results[0].0, "ranks hold identical bits");
+            // 40 rounds x (3 all-gathers x 2 peers + 4 ring steps to the successor, for
+            // 20_000 values in one piece and for 100_000 in three).
+            assert_eq!(stats.messages, 40 * (6 + 4 + 12));
+            assert!(stats.nacks_sent > 0, "{stats:?}");
+            assert!(
+                stats.rejected > 0,
+                "corrupted datagrams were dropped: {stats:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_pair_without_the_lane_on_both_ends_stays_on_quic() {
+        let g = group(3);
+        g.nodes[2].set_lanes(false);
+        let hs: Vec<_> = connect(&g.nodes, 1)
+            .into_iter()
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let t = t.unwrap();
+                    let lanes = t.lane_peers();
+                    let mut mesh = Mesh::new(t);
+                    for len in [1usize, 576, 5000] {
+                        check_reduce(&mut mesh, len);
+                    }
+                    (mesh.rank(), lanes, mesh.transport_mut().lane_stats(), mesh)
+                })
+            })
+            .collect();
+        for h in hs {
+            let (rank, lanes, stats, _) = h.join().unwrap();
+            // Ranks 0 and 1 reach each other over the lane, rank 2 over QUIC only.
+            let want = if rank == 2 { 0 } else { 1 };
+            assert_eq!(lanes, want, "rank {rank}");
+            assert_eq!(stats.messages, 3 * want as u64, "rank {rank}");
         }
     }
 

@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use tessera_collective::ClusterCa;
 use tessera_core::WorkerNeed;
 use tessera_model::chat::Message;
-use tessera_model::{GenerateParams, ModelError, ModelFiles, SamplingParams, shard_reads};
+use tessera_model::{
+    GenerateParams, MAX_LOGPROBS, ModelError, ModelFiles, SamplingParams, TokenLogprobs,
+    shard_reads,
+};
 use tessera_proto::coordinator_server::{Coordinator, CoordinatorServer};
 use tessera_proto::worker_client::WorkerClient;
 use tessera_proto::*;
@@ -886,6 +889,14 @@ impl Coordinator for CoordinatorService {
         let prompt = st
             .tokenize(input)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let logprobs = r.logprobs.map(|k| k as usize);
+        if let Some(k) = logprobs
+            && k > MAX_LOGPROBS
+        {
+            return Err(Status::invalid_argument(format!(
+                "logprobs asks for {k} alternatives; at most {MAX_LOGPROBS}"
+            )));
+        }
         let params = GenerateParams {
             max_tokens: if r.max_tokens == 0 {
                 128
@@ -897,7 +908,7 @@ impl Coordinator for CoordinatorService {
                 top_k: r.top_k as usize,
                 top_p: if r.top_p <= 0.0 { 1.0 } else { r.top_p },
                 seed: r.seed,
-                logprobs: None,
+                logprobs,
             },
             ignore_eos: r.ignore_eos,
         };
@@ -931,8 +942,29 @@ impl Coordinator for CoordinatorService {
             let started = Instant::now();
             let mut first: Option<Instant> = None;
             let mut generated = 0u32;
-            let token = |id: u32, text: String| GenerateEvent {
-                event: Some(generate_event::Event::Token(Token { id, text })),
+            let token = |id: u32, text: String, lp: Option<Box<TokenLogprobs>>| {
+                let (logprob, top) = match lp {
+                    Some(lp) => (
+                        Some(lp.logprob),
+                        lp.top
+                            .iter()
+                            .map(|&(id, logprob)| TopLogprob {
+                                id,
+                                logprob,
+                                text: files.tokenizer.decode_tail(&[id]).unwrap_or_default(),
+                            })
+                            .collect(),
+                    ),
+                    None => (None, vec![]),
+                };
+                GenerateEvent {
+                    event: Some(generate_event::Event::Token(Token {
+                        id,
+                        text,
+                        logprob,
+                        top,
+                    })),
+                }
             };
             loop {
                 let ev = tokio::select! {
@@ -941,11 +973,11 @@ impl Coordinator for CoordinatorService {
                     _ = tx.closed() => return,
                 };
                 match ev {
-                    Some(Event::Token(id, _)) => {
+                    Some(Event::Token(id, lp)) => {
                         first.get_or_insert_with(Instant::now);
                         generated += 1;
                         let piece = text.push(&files.tokenizer, id);
-                        if tx.send(Ok(token(id, piece))).await.is_err() {
+                        if tx.send(Ok(token(id, piece, lp))).await.is_err() {
                             return;
                         }
                         if text.stopped {
@@ -971,7 +1003,9 @@ impl Coordinator for CoordinatorService {
                     }
                     Some(Event::Done(d)) => {
                         let tail = text.finish(&files.tokenizer);
-                        if !tail.is_empty() && tx.send(Ok(token(u32::MAX, tail))).await.is_err() {
+                        if !tail.is_empty()
+                            && tx.send(Ok(token(u32::MAX, tail, None))).await.is_err()
+                        {
                             return;
                         }
                         let s = &d.stats;
