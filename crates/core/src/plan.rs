@@ -136,18 +136,30 @@ impl ShardPlan {
                 })
                 .unzip()
         };
-        let ffn_split = |width: usize| {
+        let gran_for = |width: usize| {
             let fits = |g: usize| g > 0 && width.is_multiple_of(g) && width / g >= n;
-            let gran = [ffn_block, QUANT_BLOCK, 1]
+            [ffn_block, QUANT_BLOCK, 1]
                 .into_iter()
                 .find(|&g| fits(g))
-                .unwrap_or(1);
-            split_nonempty(width, weights, gran)
+                .unwrap_or(1)
         };
-        let ffn = ffn_split(cfg.intermediate);
+        let ffn_split = |width: usize| split_nonempty(width, weights, gran_for(width));
         let expert_ffn = match &cfg.opts.moe {
             Some(m) => ffn_split(m.expert_ffn),
             None => vec![0..0; n],
+        };
+        // A dense layer's FFN makes up for an uneven split of the heads (SmolLM2's 3 KV groups
+        // over 2 workers: 6 and 3 query heads), so that each worker's whole layer follows its
+        // weight: every all-reduce waits for the slowest worker.
+        let ffn = match cfg.opts.moe {
+            None => {
+                let gran = gran_for(cfg.intermediate);
+                match balanced_columns(cfg, &q, &kv, weights, gran) {
+                    Some(w) => split_nonempty(cfg.intermediate, &w, gran),
+                    None => ffn_split(cfg.intermediate),
+                }
+            }
+            Some(_) => ffn_split(cfg.intermediate),
         };
         let vocab = split_nonempty(cfg.vocab, weights, 1);
         let shards = (0..n)
@@ -163,6 +175,30 @@ impl ShardPlan {
             .collect();
         Ok(ShardPlan { shards })
     }
+}
+
+/// FFN columns per shard (as weights for [`split_weighted`]) that make each shard's attention
+/// plus FFN parameters follow `weights`, or None where some shard's heads alone exceed its share
+/// (then the FFN follows `weights` by itself).
+fn balanced_columns(
+    cfg: &ModelConfig,
+    q: &[Range<usize>],
+    kv: &[Range<usize>],
+    weights: &[f64],
+    gran: usize,
+) -> Option<Vec<f64>> {
+    let (h, hd) = (cfg.hidden as f64, cfg.head_dim as f64);
+    // Per layer: a query head's Q and O rows (2 x head_dim x hidden), a KV head's K and V, an
+    // FFN column's gate, up and down (3 x hidden).
+    let attn: Vec<f64> = (0..weights.len())
+        .map(|r| 2.0 * hd * h * (q[r].len() + kv[r].len()) as f64)
+        .collect();
+    let total = attn.iter().sum::<f64>() + 3.0 * h * cfg.intermediate as f64;
+    let wsum: f64 = weights.iter().sum();
+    let cols: Vec<f64> = (0..weights.len())
+        .map(|r| (weights[r] / wsum * total - attn[r]) / (3.0 * h))
+        .collect();
+    cols.iter().all(|&c| c >= gran as f64).then_some(cols)
 }
 
 /// A weighted split in which every part gets at least one granule (a worker with no heads or
@@ -466,8 +502,17 @@ mod tests {
         assert_eq!(p.shards[0].kv_heads, 0..2);
         assert_eq!(p.shards[1].q_heads, 6..9);
         assert_eq!(p.shards[1].kv_heads, 2..3);
-        assert_eq!(p.shards[0].ffn, 0..768);
-        assert_eq!(p.shards[1].ffn, 768..1536);
+        // The FFN makes up for it: 6 query and 2 KV heads (16 x 64 x 576 parameters) plus 672
+        // columns (672 x 3 x 576) against 3 and 1 heads plus 864 columns, 2% apart where an
+        // even FFN split left them 18% apart.
+        assert_eq!(p.shards[0].ffn, 0..672);
+        assert_eq!(p.shards[1].ffn, 672..1536);
+        let read: Vec<u64> = p
+            .shards
+            .iter()
+            .map(|s| s.cost(&c, 2).params_read_per_token - s.vocab.len() as u64 * 576)
+            .collect();
+        assert!(read[0].abs_diff(read[1]) * 30 < read[0], "{read:?}");
     }
 
     #[test]
@@ -540,9 +585,10 @@ mod tests {
     fn ffn_splits_on_super_blocks_when_each_shard_gets_one() {
         let c = cfg(9, 3, 1536, 49152);
         let p = ShardPlan::weighted_blocks(&c, &[1.0; 4], 256).unwrap();
-        // 6 super-blocks over 4 shards: 2, 2, 1, 1.
+        // 6 super-blocks over 4 shards; shards 0 and 2 hold 4 heads' worth of attention (3
+        // query + 1 KV, 2 + 2), shards 1 and 3 only 3: they get 1 super-block, the others 2.
         let f: Vec<_> = p.shards.iter().map(|s| s.ffn.clone()).collect();
-        assert_eq!(f, vec![0..512, 512..1024, 1024..1280, 1280..1536]);
+        assert_eq!(f, vec![0..256, 256..768, 768..1024, 1024..1536]);
         // 768 = 3 super-blocks cannot feed 4 shards: 32-value blocks instead.
         let c = cfg(4, 2, 768, 384);
         let p = ShardPlan::weighted_blocks(&c, &[1.0; 4], 256).unwrap();
