@@ -532,7 +532,7 @@ impl Lane {
         for f in 0..nfrag {
             let d = msg.datagram(f);
             if self.lossy > 0 && (seq * 7 + f as u64).is_multiple_of(self.lossy) {
-                if seq % 2 == 0 {
+                if seq.is_multiple_of(2) {
                     let mut bad = d.to_vec();
                     bad[HEADER] ^= 1;
                     corrupt.push(bad);

@@ -458,9 +458,9 @@ impl QuicNode {
             .lock()
             .unwrap()
             .retain(|(m, _), _| *m > mesh_id);
-        let bulk_ok = lanes
+        let all_lanes = lanes
             .as_ref()
-            .is_some_and(|l| l.lanes.iter().flatten().count() == world - 1 && l.rtt <= BULK_RTT);
+            .is_some_and(|l| l.lanes.iter().flatten().count() == world - 1);
         let mut t = QuicTransport {
             rank,
             world,
@@ -479,16 +479,25 @@ impl QuicNode {
             ),
             piece: None,
         };
-        // Large all-reduces go over the lanes in pieces only if every rank can: agree.
+        // Large all-reduces go over the lanes in pieces only if every rank can: agree. A
+        // one-value all-gather costs about a one-way latency: the fastest of 8 (the first ones
+        // also wait for ranks that are still setting up) tells this rank's round trip.
         if world > 1 {
-            let mut votes = [f32::from(u8::from(bulk_ok))];
-            crate::all_gather_sum(
-                &mut t,
-                &mut votes,
-                crate::Wire::F32,
-                &mut Vec::new(),
-                &mut Vec::new(),
-            )?;
+            let (mut enc, mut scratch) = (Vec::new(), Vec::new());
+            let mut fastest = Duration::MAX;
+            for _ in 0..8 {
+                let t0 = Instant::now();
+                crate::all_gather_sum(
+                    &mut t,
+                    &mut [0.0],
+                    crate::Wire::F32,
+                    &mut enc,
+                    &mut scratch,
+                )?;
+                fastest = fastest.min(t0.elapsed());
+            }
+            let mut votes = [f32::from(u8::from(all_lanes && fastest * 2 <= BULK_RTT))];
+            crate::all_gather_sum(&mut t, &mut votes, crate::Wire::F32, &mut enc, &mut scratch)?;
             if votes[0] == world as f32 {
                 t.piece = Some(fast::MAX_BYTES / 4);
             }
@@ -496,26 +505,22 @@ impl QuicNode {
                 mesh = mesh_id,
                 rank,
                 lane_peers = t.lane_peers(),
-                rtt_us = t.lanes.as_ref().map_or(0, |l| l.rtt.as_micros() as u64),
+                one_value_all_gather_us = fastest.as_micros() as u64,
                 pieces = ?t.piece,
                 "all-reduce mesh built"
             );
             // The counters start with the mesh's first all-reduce.
-            for l in t
-                .lanes
-                .iter_mut()
-                .flat_map(|l| l.lanes.iter_mut().flatten())
-            {
-                l.stats = fast::LaneStats::default();
-            }
+            t.each_lane()
+                .for_each(|l| l.stats = fast::LaneStats::default());
         }
         Ok(t)
     }
 }
 
 /// Large all-reduces take the lanes, 64 KiB at a time in lock-step, only where every round trip
-/// (QUIC's estimate when the mesh is built) is this short: there that window still moves half a
-/// gigabit per second or more; on longer links QUIC's congestion control fills the pipe better.
+/// (twice the fastest one-value all-gather when the mesh is built) is this short: there that
+/// window still moves half a gigabit per second or more; on longer links QUIC's congestion
+/// control fills the pipe better.
 const BULK_RTT: Duration = Duration::from_millis(1);
 
 impl QuicNode {
@@ -540,33 +545,20 @@ impl QuicNode {
             msg: format!("setting up the datagram lane: {e}"),
         };
         // Ports (0, 0 where this end has no lane) over the authenticated streams.
-        let mut their_ports = vec![[0u16; 2]; world];
-        self.driver.run(async {
-            tokio::time::timeout(timeout, async {
-                for p in others() {
-                    let ports = sockets[p].as_ref().map_or([0, 0], |s| s.ports());
-                    let mut b = [0u8; 4];
-                    b[..2].copy_from_slice(&ports[0].to_le_bytes());
-                    b[2..].copy_from_slice(&ports[1].to_le_bytes());
-                    let send = sends[p].as_mut().expect("a stream per peer");
-                    send.write_all(&b).await.map_err(|e| stream_err(p, &e))?;
-                }
-                for p in others() {
-                    let mut b = [0u8; 4];
-                    let recv = recvs[p].as_mut().expect("a stream per peer");
-                    recv.read_exact(&mut b)
-                        .await
-                        .map_err(|e| stream_err(p, &e))?;
-                    their_ports[p] = [
-                        u16::from_le_bytes([b[0], b[1]]),
-                        u16::from_le_bytes([b[2], b[3]]),
-                    ];
-                }
-                Ok::<_, CollectiveError>(())
-            })
-            .await
-            .map_err(|_| stream_err(usize::MAX, &"timed out"))?
+        let theirs = self.swap(sends, recvs, rank, timeout, |p| {
+            let ports = sockets[p].as_ref().map_or([0, 0], |s| s.ports());
+            let [a, b] = ports.map(u16::to_le_bytes);
+            [a[0], a[1], b[0], b[1]]
         })?;
+        let their_ports: Vec<[u16; 2]> = theirs
+            .iter()
+            .map(|b| {
+                [
+                    u16::from_le_bytes([b[0], b[1]]),
+                    u16::from_le_bytes([b[2], b[3]]),
+                ]
+            })
+            .collect();
         let mut keys: Vec<Option<([u8; 32], [u8; 32])>> = vec![None; world];
         let mut sockets = sockets;
         for p in others() {
@@ -605,37 +597,25 @@ impl QuicNode {
             .collect();
         let heard = fast::probe(&probing, &route_frag, Duration::from_millis(500));
         drop(probing);
-        // Both ends must have heard each other; agree over the streams.
-        let mut agreed = vec![false; world];
-        let mut frag = vec![fast::MIN_FRAG; world];
-        self.driver.run(async {
-            tokio::time::timeout(timeout, async {
-                for p in others() {
-                    let send = sends[p].as_mut().expect("a stream per peer");
-                    send.write_all(&[heard[p].byte()])
-                        .await
-                        .map_err(|e| stream_err(p, &e))?;
+        // Both ends must have heard each other; agree over the streams. Full-size datagrams go
+        // where the peer received our full-size probe.
+        let theirs = self.swap(sends, recvs, rank, timeout, |p| [heard[p].byte()])?;
+        let theirs: Vec<fast::Heard> = theirs
+            .iter()
+            .map(|b| fast::Heard::from_byte(b[0]))
+            .collect();
+        let agreed: Vec<bool> = (0..world)
+            .map(|p| p != rank && heard[p].both && theirs[p].both)
+            .collect();
+        let frag: Vec<usize> = (0..world)
+            .map(|p| {
+                if theirs[p].big {
+                    route_frag[p]
+                } else {
+                    fast::MIN_FRAG
                 }
-                for p in others() {
-                    let mut b = [0u8; 1];
-                    let recv = recvs[p].as_mut().expect("a stream per peer");
-                    recv.read_exact(&mut b)
-                        .await
-                        .map_err(|e| stream_err(p, &e))?;
-                    let theirs = fast::Heard::from_byte(b[0]);
-                    agreed[p] = heard[p].both && theirs.both;
-                    // Full-size datagrams where the peer received our full-size probe.
-                    frag[p] = if theirs.big {
-                        route_frag[p]
-                    } else {
-                        fast::MIN_FRAG
-                    };
-                }
-                Ok::<_, CollectiveError>(())
             })
-            .await
-            .map_err(|_| stream_err(usize::MAX, &"timed out"))?
-        })?;
+            .collect();
         if !agreed.iter().any(|&a| a) {
             return Ok(None);
         }
@@ -654,6 +634,44 @@ impl QuicNode {
         let lanes = fast::Lanes::start(sockets, keys, &frag, rto, rtt)
             .map_err(|e| stream_err(usize::MAX, &e))?;
         Ok(Some(lanes))
+    }
+}
+
+impl QuicNode {
+    /// Sends every peer `mine(peer)` on its stream, then reads as many bytes from each: what
+    /// each peer sent this rank (the entry of this rank itself stays zero).
+    fn swap<const N: usize>(
+        &self,
+        sends: &mut [Option<SendStream>],
+        recvs: &mut [Option<RecvStream>],
+        rank: usize,
+        timeout: Duration,
+        mine: impl Fn(usize) -> [u8; N],
+    ) -> Result<Vec<[u8; N]>, CollectiveError> {
+        let world = sends.len();
+        let err = |peer: usize, e: &dyn std::fmt::Display| CollectiveError::Transport {
+            peer,
+            msg: format!("setting up the datagram lane: {e}"),
+        };
+        let mut theirs = vec![[0u8; N]; world];
+        self.driver.run(async {
+            tokio::time::timeout(timeout, async {
+                for p in (0..world).filter(|&p| p != rank) {
+                    let send = sends[p].as_mut().expect("a stream per peer");
+                    send.write_all(&mine(p)).await.map_err(|e| err(p, &e))?;
+                }
+                for p in (0..world).filter(|&p| p != rank) {
+                    let recv = recvs[p].as_mut().expect("a stream per peer");
+                    recv.read_exact(&mut theirs[p])
+                        .await
+                        .map_err(|e| err(p, &e))?;
+                }
+                Ok::<_, CollectiveError>(())
+            })
+            .await
+            .map_err(|_| err(usize::MAX, &"timed out"))?
+        })?;
+        Ok(theirs)
     }
 }
 
@@ -761,25 +779,20 @@ impl QuicTransport {
     /// on a path with a small MTU.
     #[doc(hidden)]
     pub fn set_lane_frag(&mut self, bytes: usize) {
-        for l in self
-            .lanes
-            .iter_mut()
-            .flat_map(|l| l.lanes.iter_mut().flatten())
-        {
-            l.frag = bytes.max(fast::MIN_FRAG) & !3;
-        }
+        self.each_lane()
+            .for_each(|l| l.frag = bytes.max(fast::MIN_FRAG) & !3);
     }
 
     /// Tests: make the lanes drop or corrupt every k-th first transmission.
     #[doc(hidden)]
     pub fn set_lane_loss(&mut self, every: u64) {
-        for l in self
-            .lanes
+        self.each_lane().for_each(|l| l.lossy = every);
+    }
+
+    fn each_lane(&mut self) -> impl Iterator<Item = &mut fast::Lane> {
+        self.lanes
             .iter_mut()
             .flat_map(|l| l.lanes.iter_mut().flatten())
-        {
-            l.lossy = every;
-        }
     }
 }
 
@@ -810,7 +823,14 @@ impl Transport for QuicTransport {
         let buf = &self.buf;
         let timeout = self.timeout;
         self.driver.run(async {
-            match tokio::time::timeout(timeout, stream.write_all(buf)).await {
+            let write = async {
+                stream.write_all(buf).await?;
+                // Let the connection's task put the data on the wire now: the next message may
+                // take the datagram lane, and then nothing would drive this runtime for a while.
+                tokio::task::yield_now().await;
+                Ok::<_, quinn::WriteError>(())
+            };
+            match tokio::time::timeout(timeout, write).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(CollectiveError::Transport {
                     peer,
@@ -1063,16 +1083,19 @@ mod tests {
                         }
                     }
                     let stats = mesh.transport_mut().lane_stats();
-                    (last, stats, mesh)
+                    let pieces = mesh.transport_mut().piece_len().is_some();
+                    (last, stats, pieces, mesh)
                 })
             })
             .collect();
         let results: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
-        for (last, stats, _) in &results {
+        for (last, stats, pieces, _) in &results {
             assert_eq!(last, &results[0].0, "ranks hold identical bits");
             // 40 rounds x (3 all-gathers x 2 peers + 4 ring steps to the successor, for
-            // 20_000 values in one piece and for 100_000 in three).
-            assert_eq!(stats.messages, 40 * (6 + 4 + 12));
+            // 20_000 values in one piece and, where loopback answered fast enough for pieces
+            // (a loaded machine may not), for 100_000 in three).
+            let want = if *pieces { 6 + 4 + 12 } else { 6 + 4 };
+            assert_eq!(stats.messages, 40 * want, "pieces: {pieces}");
             assert!(stats.nacks_sent > 0, "{stats:?}");
             assert!(
                 stats.rejected > 0,
@@ -1099,8 +1122,10 @@ mod tests {
                 })
             })
             .collect();
-        for h in hs {
-            let (rank, lanes, stats, _) = h.join().unwrap();
+        // Every rank done before any mesh is dropped: closing cuts a slower peer's last message.
+        let results: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        for (rank, lanes, stats, _) in &results {
+            let (rank, lanes) = (*rank, *lanes);
             // Ranks 0 and 1 reach each other over the lane, rank 2 over QUIC only.
             let want = if rank == 2 { 0 } else { 1 };
             assert_eq!(lanes, want, "rank {rank}");
