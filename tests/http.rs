@@ -549,6 +549,48 @@ fn sixteen_concurrent_streams_each_get_their_own_greedy_text() {
         sample(&m, "tessera_requests_finished_total{outcome=\"completed\"}"),
         32.0
     );
+    // The latency histograms saw every request: 32 first tokens, 32 x 11 gaps between tokens,
+    // 32 completions; their buckets add up and their quantiles are in order.
+    for (name, n) in [
+        ("tessera_time_to_first_token_seconds", 32.0),
+        ("tessera_time_per_output_token_seconds", 32.0 * 11.0),
+        ("tessera_e2e_request_latency_seconds", 32.0),
+    ] {
+        assert_eq!(sample(&m, &format!("{name}_count")), n, "{name}:\n{m}");
+        let (p50, p99) = (quantile(&m, name, 0.5), quantile(&m, name, 0.99));
+        assert!(0.0 < p50 && p50 <= p99, "{name}: p50 {p50}, p99 {p99}");
+        eprintln!("{name}: p50 <= {p50} s, p99 <= {p99} s");
+    }
+    assert!(sample(&m, "tessera_step_seconds_count") > 0.0);
+    assert_eq!(sample(&m, "tessera_generated_tokens_total"), 32.0 * 12.0);
+}
+
+/// The upper bound of the bucket that holds quantile `q` of a histogram in `metrics`, checking
+/// that its buckets are cumulative and end at its count.
+fn quantile(metrics: &str, name: &str, q: f64) -> f64 {
+    let prefix = format!("{name}_bucket{{le=\"");
+    let buckets: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .map(|rest| {
+            let (le, v) = rest.split_once("\"} ").unwrap();
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap()
+            };
+            (le, v.parse().unwrap())
+        })
+        .collect();
+    assert!(
+        buckets
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
+        "{buckets:?}"
+    );
+    let count = sample(metrics, &format!("{name}_count"));
+    assert_eq!(buckets.last().unwrap(), &(f64::INFINITY, count));
+    buckets.iter().find(|b| b.1 >= q * count).unwrap().0
 }
 
 /// OpenAI's `logprobs`, from the workers' candidates and their slices' log-sum-exp: the top 5

@@ -18,11 +18,17 @@ use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -264,169 +270,226 @@ async fn cluster(State(app): State<Shared>) -> Response {
     .into_response()
 }
 
+/// A sum and a count without buckets (a histogram with only its +Inf bucket), for totals the
+/// workers report in aggregate, such as their all-reduce time.
+#[derive(Debug)]
+struct SumCount {
+    sum: f64,
+    count: u64,
+}
+
+impl EncodeMetric for SumCount {
+    fn encode(&self, mut e: MetricEncoder) -> Result<(), std::fmt::Error> {
+        e.encode_histogram::<NoLabelSet>(self.sum, self.count, &[(f64::INFINITY, self.count)], None)
+    }
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+type Labels = Vec<(String, String)>;
+type F64Gauge = Gauge<f64, AtomicU64>;
+type F64Counter = Counter<f64, AtomicU64>;
+
+/// Prometheus / OpenMetrics text through the prometheus-client crate: the scheduler's latency
+/// histograms as they are, every other figure read from a snapshot at each scrape.
 async fn metrics(State(app): State<Shared>) -> Response {
     let st = &app.st;
     let m = st.scheduler.metrics();
     let (queued, active, reserved) = st.scheduler.load();
-    let mut o = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, f64)]| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (labels, v) in samples {
-            let _ = writeln!(o, "{name}{labels} {v}");
-        }
-    };
-    let one = |v: f64| vec![(String::new(), v)];
     let rate = |n: u64, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
-    metric(
+    let mut reg = Registry::default();
+    let gauge = |reg: &mut Registry, name: &str, help: &str, v: f64| {
+        let g = F64Gauge::default();
+        g.set(v);
+        reg.register(name, help, g);
+    };
+    // Counters are named without `_total`: the encoder appends it.
+    let counter = |reg: &mut Registry, name: &str, help: &str, v: f64| {
+        let c = F64Counter::default();
+        c.inc_by(v);
+        reg.register(name, help, c);
+    };
+    let labelled = |key: &str, samples: &[(String, f64)], counter: bool| {
+        let gauges = Family::<Labels, F64Gauge>::default();
+        let counters = Family::<Labels, F64Counter>::default();
+        for (value, v) in samples {
+            let l = vec![(key.to_string(), value.clone())];
+            if counter {
+                counters.get_or_create(&l).inc_by(*v);
+            } else {
+                gauges.get_or_create(&l).set(*v);
+            }
+        }
+        (gauges, counters)
+    };
+    gauge(
+        &mut reg,
         "tessera_cluster_ready",
-        "gauge",
         "1 while the cluster serves requests.",
-        &one(f64::from(u8::from(st.is_ready()))),
+        f64::from(u8::from(st.is_ready())),
     );
-    metric(
-        "tessera_requests_total",
-        "counter",
+    counter(
+        &mut reg,
+        "tessera_requests",
         "Generation requests received (HTTP and gRPC).",
-        &one(m.requests as f64),
+        m.requests as f64,
     );
-    metric(
-        "tessera_requests_rejected_total",
-        "counter",
+    let (_, rejected) = labelled(
+        "reason",
+        &[
+            ("queue_full".into(), m.rejected_queue_full as f64),
+            ("not_ready".into(), m.rejected_not_ready as f64),
+            ("invalid".into(), m.rejected_invalid as f64),
+        ],
+        true,
+    );
+    reg.register(
+        "tessera_requests_rejected",
         "Requests refused before generation, by reason.",
-        &[
-            (
-                "{reason=\"queue_full\"}".into(),
-                m.rejected_queue_full as f64,
-            ),
-            ("{reason=\"not_ready\"}".into(), m.rejected_not_ready as f64),
-            ("{reason=\"invalid\"}".into(), m.rejected_invalid as f64),
-        ],
+        rejected,
     );
-    metric(
-        "tessera_requests_finished_total",
-        "counter",
+    let (_, finished) = labelled(
+        "outcome",
+        &[
+            ("completed".into(), m.completed as f64),
+            ("cancelled".into(), m.cancelled as f64),
+            ("failed".into(), m.failed as f64),
+        ],
+        true,
+    );
+    reg.register(
+        "tessera_requests_finished",
         "Sequences that left the batch, by outcome.",
-        &[
-            ("{outcome=\"completed\"}".into(), m.completed as f64),
-            ("{outcome=\"cancelled\"}".into(), m.cancelled as f64),
-            ("{outcome=\"failed\"}".into(), m.failed as f64),
-        ],
+        finished,
     );
-    metric(
-        "tessera_prompt_tokens_total",
-        "counter",
+    counter(
+        &mut reg,
+        "tessera_prompt_tokens",
         "Prompt tokens prefilled.",
-        &one(m.prefill_tokens as f64),
+        m.prefill_tokens as f64,
     );
-    metric(
-        "tessera_generated_tokens_total",
-        "counter",
+    counter(
+        &mut reg,
+        "tessera_generated_tokens",
         "Tokens generated.",
-        &one(m.generated_tokens as f64),
+        m.generated_tokens as f64,
     );
-    metric(
+    gauge(
+        &mut reg,
         "tessera_prefill_tokens_per_second",
-        "gauge",
         "Prompt tokens per second of steps that carried prefill.",
-        &one(rate(m.prefill_tokens, m.prefill_seconds)),
+        rate(m.prefill_tokens, m.prefill_seconds),
     );
-    metric(
+    gauge(
+        &mut reg,
         "tessera_decode_tokens_per_second",
-        "gauge",
         "Decoded tokens per second over all sequences, in steps that carried decodes.",
-        &one(rate(m.decode_tokens, m.decode_seconds)),
+        rate(m.decode_tokens, m.decode_seconds),
     );
-    metric(
+    gauge(
+        &mut reg,
         "tessera_queue_depth",
-        "gauge",
         "Requests waiting for a slot.",
-        &one(queued as f64),
+        queued as f64,
     );
-    metric(
+    gauge(
+        &mut reg,
         "tessera_active_sequences",
-        "gauge",
         "Sequences in the running batch.",
-        &one(active as f64),
+        active as f64,
     );
-    metric(
+    gauge(
+        &mut reg,
         "tessera_kv_reserved_positions",
-        "gauge",
         "KV cache positions reserved by active sequences.",
-        &one(reserved as f64),
+        reserved as f64,
     );
-    metric(
+    let l = &m.latency;
+    reg.register(
+        "tessera_time_to_first_token_seconds",
+        "From a request's arrival (queueing included) to its first token.",
+        l.time_to_first_token.clone(),
+    );
+    reg.register(
+        "tessera_time_per_output_token_seconds",
+        "Time between consecutive tokens of one sequence.",
+        l.time_per_output_token.clone(),
+    );
+    reg.register(
+        "tessera_e2e_request_latency_seconds",
+        "From a request's arrival to its last token, for completed requests.",
+        l.request.clone(),
+    );
+    reg.register(
         "tessera_step_seconds",
-        "summary",
         "Time of one forward step of the whole batch.",
-        &[
-            ("_sum".into(), m.step_seconds),
-            ("_count".into(), m.steps as f64),
-        ],
+        l.step.clone(),
     );
-    metric(
+    gauge(
+        &mut reg,
         "tessera_last_step_batch",
-        "gauge",
         "Sequences in the last step.",
-        &one(m.last_batch as f64),
+        m.last_batch as f64,
     );
-    metric(
+    gauge(
+        &mut reg,
         "tessera_max_step_batch",
-        "gauge",
         "The most sequences one step has carried.",
-        &one(m.max_batch as f64),
+        m.max_batch as f64,
     );
-    metric(
+    reg.register(
         "tessera_allreduce_seconds",
-        "summary",
         "All-reduces between workers (mean per worker).",
-        &[
-            ("_sum".into(), m.comm.allreduce_ns as f64 / 1e9),
-            ("_count".into(), m.comm.allreduce_count as f64),
-        ],
+        SumCount {
+            sum: m.comm.allreduce_ns as f64 / 1e9,
+            count: m.comm.allreduce_count,
+        },
     );
     let workers = st.workers();
-    let label = |w: &crate::WorkerView| format!("{{worker=\"{}\"}}", w.name.replace('"', "'"));
-    metric(
+    let per_worker = |f: &dyn Fn(&crate::WorkerView) -> f64| {
+        let samples: Vec<(String, f64)> = workers.iter().map(|w| (w.name.clone(), f(w))).collect();
+        labelled("worker", &samples, false).0
+    };
+    reg.register(
         "tessera_worker_up",
-        "gauge",
         "1 for a worker serving its shard, 0 otherwise.",
-        &workers
-            .iter()
-            .map(|w| (label(w), f64::from(u8::from(w.state == "ready"))))
-            .collect::<Vec<_>>(),
+        per_worker(&|w| f64::from(u8::from(w.state == "ready"))),
     );
-    metric(
+    reg.register(
         "tessera_worker_kv_cached_sequences",
-        "gauge",
         "Sequences with a KV cache on the worker.",
-        &workers
-            .iter()
-            .map(|w| (label(w), w.kv_cached_sequences as f64))
-            .collect::<Vec<_>>(),
+        per_worker(&|w| w.kv_cached_sequences as f64),
     );
-    metric(
+    reg.register(
         "tessera_worker_kv_cached_positions",
-        "gauge",
         "KV cache positions held by the worker.",
-        &workers
-            .iter()
-            .map(|w| (label(w), w.kv_cached_positions as f64))
-            .collect::<Vec<_>>(),
+        per_worker(&|w| w.kv_cached_positions as f64),
     );
     let responses: Vec<(String, f64)> = app
         .responses
         .lock()
         .unwrap()
         .iter()
-        .map(|(c, n)| (format!("{{code=\"{c}\"}}"), *n as f64))
+        .map(|(c, n)| (c.to_string(), *n as f64))
         .collect();
-    metric(
-        "tessera_http_responses_total",
-        "counter",
+    reg.register(
+        "tessera_http_responses",
         "HTTP responses by status code.",
-        &responses,
+        labelled("code", &responses, true).1,
     );
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], o).into_response()
+    let mut o = String::new();
+    if let Err(e) = encode(&mut o, &reg) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        o,
+    )
+        .into_response()
 }
 
 // ------------------------------------------------------------------ requests

@@ -8,6 +8,7 @@
 //! cache positions (a sequence reserves its prompt plus `max_tokens`, capped at the context).
 //! A request whose receiver is dropped (a client that went away) is cancelled.
 
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -110,6 +111,9 @@ struct Active {
     reserved: usize,
     stats: GenStats,
     comm0: CommStats,
+    /// When the request was queued, and when it last sent a token (for the latency histograms).
+    queued_at: Instant,
+    last_token: Option<Instant>,
 }
 
 impl Active {
@@ -125,9 +129,48 @@ impl Active {
     }
 }
 
+/// Latency distributions for /metrics, as vLLM exposes them. Handles: the scheduler observes,
+/// a snapshot of [`Metrics`] shares them.
+#[derive(Debug, Clone)]
+pub struct Latency {
+    /// From the request's arrival (queueing included) to its first token.
+    pub time_to_first_token: Histogram,
+    /// Between consecutive tokens of one sequence.
+    pub time_per_output_token: Histogram,
+    /// From arrival to the last token, for requests that completed.
+    pub request: Histogram,
+    /// One forward step of the whole batch.
+    pub step: Histogram,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        // vLLM's buckets, with finer ones below 10 ms, where a small model's decode lives.
+        let ttft = [
+            0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+            10.0, 20.0, 40.0, 80.0, 160.0, 640.0,
+        ];
+        let tpot = [
+            0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2,
+            0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+        ];
+        let e2e = [
+            0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+            120.0, 240.0, 480.0, 960.0, 1920.0,
+        ];
+        Latency {
+            time_to_first_token: Histogram::new(ttft),
+            time_per_output_token: Histogram::new(tpot),
+            request: Histogram::new(e2e),
+            step: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+        }
+    }
+}
+
 /// Counters for /metrics.
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
+    pub latency: Latency,
     pub requests: u64,
     pub rejected_queue_full: u64,
     pub rejected_not_ready: u64,
@@ -331,6 +374,7 @@ impl Scheduler {
         let mut next_seq = 1u64;
         // Since when running sequences wait for a cluster that is being reloaded.
         let mut parked: Option<Instant> = None;
+        let latency = self.shared.lock().unwrap().metrics.latency.clone();
         loop {
             // Take in a new runner, new requests, and notice cancellations.
             let mut admitted = Vec::new();
@@ -452,6 +496,8 @@ impl Scheduler {
                         finish: Finish::Length,
                     },
                     comm0: comm_now,
+                    queued_at: q.queued_at,
+                    last_token: None,
                     job: q.job,
                     tx: q.tx,
                 });
@@ -565,6 +611,15 @@ impl Scheduler {
                 };
                 a.stats.generated += 1;
                 generated += 1;
+                let now = Instant::now();
+                match a.last_token.replace(now) {
+                    None => latency
+                        .time_to_first_token
+                        .observe((now - a.queued_at).as_secs_f64()),
+                    Some(t) => latency
+                        .time_per_output_token
+                        .observe((now - t).as_secs_f64()),
+                }
                 if a.tx
                     .send(Event::Token(tok, logprobs.map(Box::new)))
                     .is_err()
@@ -595,6 +650,7 @@ impl Scheduler {
                     g.metrics.cancelled += 1;
                 } else {
                     g.metrics.completed += 1;
+                    latency.request.observe(a.queued_at.elapsed().as_secs_f64());
                 }
                 let c = CommStats {
                     allreduce_ns: comm.allreduce_ns - a.comm0.allreduce_ns,
@@ -612,6 +668,7 @@ impl Scheduler {
             g.active = active.len();
             let m = &mut g.metrics;
             if !steps.is_empty() {
+                latency.step.observe(took.as_secs_f64());
                 m.steps += 1;
                 m.step_seconds += took.as_secs_f64();
                 m.last_step_seconds = took.as_secs_f64();
