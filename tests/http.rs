@@ -314,7 +314,15 @@ fn chat_and_completions_give_the_reference_text_streamed_or_not() {
 
 #[test]
 fn bad_requests_get_the_right_status_and_a_hung_up_stream_is_freed() {
-    let s = Server::run(&["--max-seqs", "1", "--max-queue", "1"]);
+    // 0.25 GiB of KV cache: 5825 positions of SmolLM2's (46080 bytes each).
+    let s = Server::run(&[
+        "--max-seqs",
+        "1",
+        "--max-queue",
+        "1",
+        "--kv-cache-gib",
+        "0.25",
+    ]);
     let error = |resp: &common::http::Response, status: u16| -> Value {
         assert_eq!(resp.status, status, "{}", resp.body);
         let v = resp.json();
@@ -338,6 +346,17 @@ fn bad_requests_get_the_right_status_and_a_hung_up_stream_is_freed() {
         400,
     );
     assert!(e["message"].as_str().unwrap().contains("JSON"), "{e}");
+    // More tokens than the KV cache can ever hold: 400 naming both numbers, nothing runs.
+    let e = error(
+        &post(
+            &s.http,
+            "/v1/completions",
+            &json!({"prompt": "hi", "max_tokens": 7000}),
+        ),
+        400,
+    );
+    let msg = e["message"].as_str().unwrap();
+    assert!(msg.contains("7000") && msg.contains("holds 5825"), "{e}");
     let e = error(
         &post(
             &s.http,

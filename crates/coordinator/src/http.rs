@@ -663,8 +663,12 @@ fn plan(app: &App, c: GenRequest, input: PromptInput, chat: bool) -> Result<Plan
     let max_tokens = match c.max_completion_tokens.or(c.max_tokens) {
         Some(0) => return Err(ApiError::bad("max_tokens must be at least 1").param("max_tokens")),
         Some(n) => n as usize,
-        // OpenAI's defaults: 16 for completions, the rest of the context for chat.
-        None if chat => ctx.saturating_sub(prompt.len()).max(1),
+        // OpenAI's defaults: 16 for completions, the rest of the context for chat (as much
+        // of it as the KV cache can hold).
+        None if chat => ctx
+            .min(st.scheduler.config().kv_budget)
+            .saturating_sub(prompt.len())
+            .max(1),
         None => 16,
     };
     let seed = c.seed.unwrap_or_else(|| {

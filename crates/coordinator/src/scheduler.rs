@@ -343,6 +343,19 @@ impl Scheduler {
             g.metrics.rejected_invalid += 1;
             return Err(SubmitError::Invalid(e.to_string()));
         }
+        // A sequence reserves its whole length up front; one the KV cache can never hold would
+        // otherwise run alone past the budget (admission lets a lone sequence in).
+        let need = self.reservation(cfg.max_context, &job);
+        if need > self.cfg.kv_budget {
+            g.metrics.rejected_invalid += 1;
+            return Err(SubmitError::Invalid(format!(
+                "the prompt's {} tokens plus max_tokens {} need {need} KV cache positions; \
+                 this cluster's KV cache holds {} (--kv-cache-gib)",
+                job.prompt.len(),
+                job.params.max_tokens,
+                self.cfg.kv_budget
+            )));
+        }
         if !g.ready {
             g.metrics.rejected_not_ready += 1;
             return Err(SubmitError::NotReady(g.state.clone()));
@@ -929,6 +942,25 @@ mod tests {
             matches!(e, SubmitError::Invalid(ref m) if m.contains("65")),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_request_the_kv_budget_can_never_hold_is_refused_naming_both_numbers() {
+        let c = SchedulerConfig {
+            kv_budget: 40,
+            ..Default::default()
+        };
+        let r = rig(c, 0);
+        // 10 prompt tokens + 50 = 60 positions (the context is 64) > 40.
+        let e = r.sched.submit(&cfg(), job(vec![1; 10], 50)).unwrap_err();
+        assert!(
+            matches!(e, SubmitError::Invalid(ref m) if m.contains("need 60") && m.contains("holds 40")),
+            "{e}"
+        );
+        assert_eq!(r.sched.metrics().rejected_invalid, 1);
+        // 10 + 30 fits, and runs.
+        let mut rx = r.sched.submit(&cfg(), job(vec![1; 10], 30)).unwrap();
+        assert!(collect(&mut rx).is_ok());
     }
 
     #[test]
