@@ -26,8 +26,14 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_file(path: &Path, eos_ids: Vec<u32>) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| ModelError::format(path, format!("cannot load tokenizer: {e}")))?;
+        // The tokenizers crate panics on some malformed files (a decoder entry of the wrong
+        // shape: `expect("Helper")`, found by tests/fuzz.rs): a bad file is an error here.
+        let parsed =
+            std::panic::catch_unwind(|| tokenizers::Tokenizer::from_file(path)).map_err(|_| {
+                ModelError::format(path, "cannot load tokenizer: malformed tokenizer.json")
+            })?;
+        let inner =
+            parsed.map_err(|e| ModelError::format(path, format!("cannot load tokenizer: {e}")))?;
         Ok(Tokenizer {
             inner: Inner::Hf(inner),
             bos: None,
