@@ -288,6 +288,8 @@ impl EncodeMetric for SumCount {
 }
 
 type Labels = Vec<(String, String)>;
+/// A per-worker figure: its name, its help, and how to read it off a worker.
+type PerWorker<'a> = (&'a str, &'a str, &'a dyn Fn(&crate::WorkerView) -> f64);
 type F64Gauge = Gauge<f64, AtomicU64>;
 type F64Counter = Counter<f64, AtomicU64>;
 
@@ -310,18 +312,27 @@ async fn metrics(State(app): State<Shared>) -> Response {
         c.inc_by(v);
         reg.register(name, help, c);
     };
-    let labelled = |key: &str, samples: &[(String, f64)], counter: bool| {
-        let gauges = Family::<Labels, F64Gauge>::default();
-        let counters = Family::<Labels, F64Counter>::default();
-        for (value, v) in samples {
-            let l = vec![(key.to_string(), value.clone())];
-            if counter {
-                counters.get_or_create(&l).inc_by(*v);
-            } else {
-                gauges.get_or_create(&l).set(*v);
+    // One label `key`, one sample per value; a counter family or a gauge family.
+    let family = |reg: &mut Registry,
+                  name: &str,
+                  help: &str,
+                  key: &str,
+                  samples: Vec<(String, f64)>,
+                  counter: bool| {
+        let labels = |value: String| vec![(key.to_string(), value)];
+        if counter {
+            let f = Family::<Labels, F64Counter>::default();
+            for (value, v) in samples {
+                f.get_or_create(&labels(value)).inc_by(v);
             }
+            reg.register(name, help, f);
+        } else {
+            let f = Family::<Labels, F64Gauge>::default();
+            for (value, v) in samples {
+                f.get_or_create(&labels(value)).set(v);
+            }
+            reg.register(name, help, f);
         }
-        (gauges, counters)
     };
     gauge(
         &mut reg,
@@ -335,33 +346,29 @@ async fn metrics(State(app): State<Shared>) -> Response {
         "Generation requests received (HTTP and gRPC).",
         m.requests as f64,
     );
-    let (_, rejected) = labelled(
+    family(
+        &mut reg,
+        "tessera_requests_rejected",
+        "Requests refused before generation, by reason.",
         "reason",
-        &[
+        vec![
             ("queue_full".into(), m.rejected_queue_full as f64),
             ("not_ready".into(), m.rejected_not_ready as f64),
             ("invalid".into(), m.rejected_invalid as f64),
         ],
         true,
     );
-    reg.register(
-        "tessera_requests_rejected",
-        "Requests refused before generation, by reason.",
-        rejected,
-    );
-    let (_, finished) = labelled(
+    family(
+        &mut reg,
+        "tessera_requests_finished",
+        "Sequences that left the batch, by outcome.",
         "outcome",
-        &[
+        vec![
             ("completed".into(), m.completed as f64),
             ("cancelled".into(), m.cancelled as f64),
             ("failed".into(), m.failed as f64),
         ],
         true,
-    );
-    reg.register(
-        "tessera_requests_finished",
-        "Sequences that left the batch, by outcome.",
-        finished,
     );
     counter(
         &mut reg,
@@ -447,25 +454,27 @@ async fn metrics(State(app): State<Shared>) -> Response {
         },
     );
     let workers = st.workers();
-    let per_worker = |f: &dyn Fn(&crate::WorkerView) -> f64| {
-        let samples: Vec<(String, f64)> = workers.iter().map(|w| (w.name.clone(), f(w))).collect();
-        labelled("worker", &samples, false).0
-    };
-    reg.register(
-        "tessera_worker_up",
-        "1 for a worker serving its shard, 0 otherwise.",
-        per_worker(&|w| f64::from(u8::from(w.state == "ready"))),
-    );
-    reg.register(
-        "tessera_worker_kv_cached_sequences",
-        "Sequences with a KV cache on the worker.",
-        per_worker(&|w| w.kv_cached_sequences as f64),
-    );
-    reg.register(
-        "tessera_worker_kv_cached_positions",
-        "KV cache positions held by the worker.",
-        per_worker(&|w| w.kv_cached_positions as f64),
-    );
+    let per_worker: [PerWorker; 3] = [
+        (
+            "tessera_worker_up",
+            "1 for a worker serving its shard, 0 otherwise.",
+            &|w| f64::from(u8::from(w.state == "ready")),
+        ),
+        (
+            "tessera_worker_kv_cached_sequences",
+            "Sequences with a KV cache on the worker.",
+            &|w| w.kv_cached_sequences as f64,
+        ),
+        (
+            "tessera_worker_kv_cached_positions",
+            "KV cache positions held by the worker.",
+            &|w| w.kv_cached_positions as f64,
+        ),
+    ];
+    for (name, help, f) in per_worker {
+        let samples = workers.iter().map(|w| (w.name.clone(), f(w))).collect();
+        family(&mut reg, name, help, "worker", samples, false);
+    }
     let responses: Vec<(String, f64)> = app
         .responses
         .lock()
@@ -473,10 +482,13 @@ async fn metrics(State(app): State<Shared>) -> Response {
         .iter()
         .map(|(c, n)| (c.to_string(), *n as f64))
         .collect();
-    reg.register(
+    family(
+        &mut reg,
         "tessera_http_responses",
         "HTTP responses by status code.",
-        labelled("code", &responses, true).1,
+        "code",
+        responses,
+        true,
     );
     let mut o = String::new();
     if let Err(e) = encode(&mut o, &reg) {
