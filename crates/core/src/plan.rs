@@ -122,12 +122,15 @@ impl ShardPlan {
             });
         }
         let group = cfg.group_size();
-        let (q, kv): (Vec<_>, Vec<_>) = if n <= cfg.kv_heads {
+        // Whole KV groups per shard, or query heads per shard with the KV heads of a group that
+        // is cut held by both sides (needed when shards outnumber KV heads).
+        let by_groups = || -> (Vec<_>, Vec<_>) {
             split_nonempty(cfg.kv_heads, weights, 1)
                 .into_iter()
                 .map(|kv| (kv.start * group..kv.end * group, kv))
                 .unzip()
-        } else {
+        };
+        let by_heads = || -> (Vec<_>, Vec<_>) {
             split_nonempty(cfg.heads, weights, 1)
                 .into_iter()
                 .map(|q| {
@@ -135,6 +138,21 @@ impl ShardPlan {
                     (q, kv)
                 })
                 .unzip()
+        };
+        // A shard's attention work per step: its query heads, and the KV heads whose cache it
+        // reads; relative to its weight. Whole groups unless cutting one evens the busiest
+        // shard's work (SmolLM2's 3 groups over 2 shards: 6+2 against 3+1 heads, or 5+2
+        // against 4+2 with the middle group's K and V on both).
+        let busiest = |(q, kv): &(Vec<Range<usize>>, Vec<Range<usize>>)| {
+            (0..n)
+                .map(|r| (q[r].len() + kv[r].len()) as f64 / weights[r])
+                .fold(0.0, f64::max)
+        };
+        let (q, kv) = if n > cfg.kv_heads {
+            by_heads()
+        } else {
+            let (g, h) = (by_groups(), by_heads());
+            if busiest(&h) < busiest(&g) { h } else { g }
         };
         let gran_for = |width: usize| {
             let fits = |g: usize| g > 0 && width.is_multiple_of(g) && width / g >= n;
@@ -494,19 +512,19 @@ mod tests {
     }
 
     #[test]
-    fn smollm2_two_shards_split_whole_kv_groups_unevenly() {
-        // SmolLM2-135M: 9 query heads, 3 KV heads (groups of 3).
+    fn smollm2_two_shards_cut_the_middle_kv_group() {
+        // SmolLM2-135M: 9 query heads, 3 KV heads (groups of 3). Whole groups would give 6+2
+        // and 3+1 heads; cutting the middle group gives 5+2 and 4+2, both holding its K and V.
         let c = cfg(9, 3, 1536, 49152);
         let p = ShardPlan::new(&c, 2).unwrap();
-        assert_eq!(p.shards[0].q_heads, 0..6);
+        assert_eq!(p.shards[0].q_heads, 0..5);
         assert_eq!(p.shards[0].kv_heads, 0..2);
-        assert_eq!(p.shards[1].q_heads, 6..9);
-        assert_eq!(p.shards[1].kv_heads, 2..3);
-        // The FFN makes up for it: 6 query and 2 KV heads (16 x 64 x 576 parameters) plus 672
-        // columns (672 x 3 x 576) against 3 and 1 heads plus 864 columns, 2% apart where an
-        // even FFN split left them 18% apart.
-        assert_eq!(p.shards[0].ffn, 0..672);
-        assert_eq!(p.shards[1].ffn, 672..1536);
+        assert_eq!(p.shards[1].q_heads, 5..9);
+        assert_eq!(p.shards[1].kv_heads, 1..3);
+        // The FFN makes up for the rest: 5 query and 2 KV heads (14 x 64 x 576 parameters)
+        // plus 736 columns (736 x 3 x 576) against 4 and 2 heads plus 800 columns.
+        assert_eq!(p.shards[0].ffn, 0..736);
+        assert_eq!(p.shards[1].ffn, 736..1536);
         let read: Vec<u64> = p
             .shards
             .iter()
