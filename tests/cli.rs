@@ -276,13 +276,14 @@ fn plan_prints_each_workers_share_and_exits_1_when_it_does_not_fit() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    // 9 query heads over 3 KV heads: 6+3 heads, KV cache 2 x 30 layers x kv_heads x 64 x 4 bytes.
+    // 9 query heads over 3 KV heads: 5+4 heads, the middle KV group on both, and the FFN
+    // evening out the rest; KV cache 2 x 30 layers x kv_heads x 64 x 4 bytes.
     assert!(
-        out.contains("worker 0: q heads 0..6, KV heads 0..2"),
+        out.contains("worker 0: q heads 0..5, KV heads 0..2, FFN columns 0..736"),
         "{out}"
     );
     assert!(
-        out.contains("worker 1: q heads 6..9, KV heads 2..3"),
+        out.contains("worker 1: q heads 5..9, KV heads 1..3, FFN columns 736..1536"),
         "{out}"
     );
     assert!(
