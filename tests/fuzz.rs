@@ -7,96 +7,11 @@
 
 mod common;
 
+use common::mutate::{Edit, apply, cases, edits, fuzz, json_edits};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, FileFailurePersistence};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tessera_model::{Backend, LocalCluster, ModelFiles, Precision};
-
-fn config() -> Config {
-    Config {
-        cases: std::env::var("TESSERA_FUZZ_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(256),
-        failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
-            "proptest-regressions",
-        ))),
-        ..Config::default()
-    }
-}
-
-/// One change to a file's bytes.
-#[derive(Debug, Clone)]
-enum Edit {
-    Byte(usize, u8),
-    /// A little-endian u64 written over the bytes there: counts, lengths and offsets that claim
-    /// far more than the file holds.
-    Huge(usize, u64),
-    Truncate(usize),
-    /// Text inserted there (for JSON files: numbers grow, types change, strings break).
-    Insert(usize, &'static str),
-}
-
-/// Up to 3 edits spread over `regions` (the file's header, its index, its data...), and now
-/// and then a truncation anywhere in `len` bytes.
-fn edits(regions: Vec<std::ops::Range<usize>>, len: usize) -> impl Strategy<Value = Vec<Edit>> {
-    let pos = proptest::sample::select(regions).prop_flat_map(|r| r);
-    let huge = prop_oneof![
-        Just(u64::MAX),
-        Just(1u64 << 60),
-        Just(1u64 << 40),
-        Just(u64::from(u32::MAX)),
-        any::<u64>()
-    ];
-    let edit = prop_oneof![
-        8 => (pos.clone(), any::<u8>()).prop_map(|(p, b)| Edit::Byte(p, b)),
-        3 => (pos, huge).prop_map(|(p, v)| Edit::Huge(p, v)),
-        1 => (0..len.max(1)).prop_map(Edit::Truncate),
-    ];
-    proptest::collection::vec(edit, 1..4)
-}
-
-/// Up to 3 textual edits of a JSON file of `len` bytes.
-fn json_edits(len: usize) -> impl Strategy<Value = Vec<Edit>> {
-    let text = proptest::sample::select(vec![
-        "9",
-        "0",
-        "-1",
-        "999999999999",
-        "1e309",
-        "18446744073709551616",
-        "null",
-        "\"\"",
-        "[]",
-        "{}",
-        "\"x\"",
-        ",",
-        "\\u0000",
-        "true",
-    ]);
-    let edit = prop_oneof![
-        6 => (0..len, text).prop_map(|(p, t)| Edit::Insert(p, t)),
-        2 => (0..len, 0x20u8..0x7f).prop_map(|(p, b)| Edit::Byte(p, b)),
-        1 => (0..len).prop_map(Edit::Truncate),
-    ];
-    proptest::collection::vec(edit, 1..4)
-}
-
-fn apply(mut b: Vec<u8>, edits: &[Edit]) -> Vec<u8> {
-    for e in edits {
-        match *e {
-            Edit::Byte(p, v) if p < b.len() => b[p] = v,
-            Edit::Huge(p, v) if p + 8 <= b.len() => b[p..p + 8].copy_from_slice(&v.to_le_bytes()),
-            Edit::Truncate(n) => b.truncate(n),
-            Edit::Insert(p, t) if p <= b.len() => {
-                b.splice(p..p, t.bytes());
-            }
-            _ => {}
-        }
-    }
-    b
-}
 
 /// Opens the model at `path` and, if it opens, tokenizes, loads one shard and decodes two
 /// tokens; errors are fine, and each step must be quick.
@@ -125,44 +40,6 @@ fn exercise(path: &Path) -> bool {
         t0.elapsed()
     );
     ran
-}
-
-/// Runs `cases` mutations through `test`, keeping failures in the regression file and replaying
-/// them first; at least `min_ran` of the cases must have loaded a model, so that the mutations
-/// reach past the first header check.
-fn fuzz<S: Strategy>(name: &'static str, strategy: S, min_ran: f64, test: impl Fn(S::Value) -> bool)
-where
-    S::Value: std::fmt::Debug,
-{
-    let ran = std::sync::atomic::AtomicUsize::new(0);
-    let cfg = config();
-    let cases = cfg.cases as usize;
-    // A fixed seed unless TESSERA_FUZZ_SEED asks for another: CI runs the same cases each time.
-    let seed = std::env::var("TESSERA_FUZZ_SEED")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20261126);
-    let mut runner = proptest::test_runner::TestRunner::new(Config {
-        source_file: Some(file!()),
-        test_name: Some(name),
-        rng_seed: proptest::test_runner::RngSeed::Fixed(seed),
-        ..cfg
-    });
-    let result = runner.run(&strategy, |v| {
-        if test(v) {
-            ran.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
-        Ok(())
-    });
-    if let Err(e) = result {
-        panic!("{name}: {e}");
-    }
-    let ran = ran.into_inner();
-    eprintln!("{name}: {ran} of {cases} mutated files loaded and ran");
-    assert!(
-        ran as f64 >= min_ran * cases as f64,
-        "{name}: only {ran} of {cases} loaded"
-    );
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -202,10 +79,17 @@ fn mutated_gguf_files_error_or_run() {
         let dir = find(&bytes, b"token_embd.weight").max(64);
         let regions = vec![0..dir, dir - 64..dir + 4096, dir + 4096..bytes.len()];
         let path = scratch(&format!("gguf-{seed}")).join("model.gguf");
-        fuzz("gguf", edits(regions, bytes.len()), 0.1, |e| {
-            std::fs::write(&path, apply(bytes.clone(), &e)).unwrap();
-            exercise(&path)
-        });
+        fuzz(
+            file!(),
+            "gguf",
+            cases(256),
+            edits(regions, bytes.len()),
+            0.1,
+            |e| {
+                std::fs::write(&path, apply(bytes.clone(), &e)).unwrap();
+                exercise(&path)
+            },
+        );
     }
 }
 
@@ -229,7 +113,7 @@ fn mutated_safetensors_configs_and_tokenizers_error_or_run() {
         } else {
             0.1
         };
-        fuzz("hf", strategy, min, |e| {
+        fuzz(file!(), "hf", cases(256), strategy, min, |e| {
             for f in ["config.json", "model.safetensors", "tokenizer.json"] {
                 std::fs::copy(src.join(f), dir.join(f)).unwrap();
             }
@@ -252,7 +136,9 @@ fn mutated_chat_templates_error_or_render() {
         content: "Hi!".into(),
     }];
     fuzz(
+        file!(),
         "template",
+        cases(256),
         edits(std::iter::once(0..template.len()).collect(), template.len()),
         0.03,
         |e| {

@@ -794,3 +794,57 @@ fn grpc_tokens_with(
         Ok(tokens)
     })
 }
+
+/// Mutated request bodies (completions and chat, streamed or not, with sampling, logprobs,
+/// stop strings and token-id prompts) get an answer or a 4xx with an OpenAI-style error: never
+/// a 5xx or a dropped connection; and the server still answers a plain request afterwards.
+#[test]
+fn mutated_request_bodies_get_an_answer_or_a_client_error() {
+    use common::mutate::{apply, cases, fuzz, json_edits};
+    // A small KV cache bounds whatever max_tokens a mutation makes: 1165 positions.
+    let s = Server::run(&["--kv-cache-gib", "0.05"]);
+    let seeds: Vec<(&str, String)> = [
+        (
+            "/v1/completions",
+            json!({"model": s.model, "prompt": "Hello", "max_tokens": 4, "temperature": 0.7,
+                   "top_p": 0.9, "seed": 3, "logprobs": 2, "stop": ["."]}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": s.model, "messages": [{"role": "user", "content": "Hi!"}],
+                   "max_tokens": 4, "stream": true, "logprobs": true, "top_logprobs": 2}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": [1, 2, 3], "max_tokens": 3, "stream": true, "ignore_eos": true}),
+        ),
+    ]
+    .into_iter()
+    .map(|(p, b)| (p, b.to_string()))
+    .collect();
+    let longest = seeds.iter().map(|(_, b)| b.len()).max().unwrap();
+    let strategy = (0..seeds.len(), json_edits(longest));
+    fuzz(file!(), "http", cases(48), strategy, 0.1, |(i, e)| {
+        let (path, body) = &seeds[i];
+        let body = String::from_utf8(apply(body.as_bytes().to_vec(), &e)).unwrap();
+        let r = request(&s.http, "POST", path, Some(&body));
+        assert!(
+            r.status == 200 || (400..500).contains(&r.status),
+            "{body}: {} {}",
+            r.status,
+            r.body
+        );
+        if r.status != 200 {
+            let v = r.json();
+            assert!(v["error"]["message"].is_string(), "{body}: {v}");
+        }
+        r.status == 200
+    });
+    let ok = post(
+        &s.http,
+        "/v1/completions",
+        &json!({"prompt": "The capital of France is", "max_tokens": 2, "temperature": 0}),
+    );
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(get(&s.http, "/metrics").status, 200);
+}

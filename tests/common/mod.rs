@@ -2,6 +2,8 @@
 //! the reference cases that Hugging Face transformers produced for them.
 #![allow(dead_code)]
 
+pub mod mutate;
+
 use serde_json::Value;
 use std::path::PathBuf;
 
