@@ -365,31 +365,35 @@ pub fn probe(
     heard.iter().map(|&h| summary(h)).collect()
 }
 
-/// Sends datagrams with as few system calls as `sendmmsg` allows, waiting for room in the
-/// socket buffer if it is full.
+/// The most datagrams one message is cut into (see the assertion on [`MIN_FRAG`]).
+const MAX_FRAGS: usize = 64;
+
+/// Sends datagrams (at most [`MAX_FRAGS`]) with as few system calls as `sendmmsg` allows,
+/// waiting for room in the socket buffer if it is full. Nothing is allocated: it runs for
+/// every message.
 fn send_batch(
     sock: &UdpSocket,
     dgrams: &[&[u8]],
     peer: usize,
     timeout: Duration,
 ) -> Result<(), CollectiveError> {
-    let mut iov: Vec<libc::iovec> = dgrams
-        .iter()
-        .map(|d| libc::iovec {
+    let n = dgrams.len();
+    assert!(n <= MAX_FRAGS, "{n} datagrams in one batch");
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_FRAGS];
+    // SAFETY: an all-zero mmsghdr is valid (no address, no control data).
+    let mut msgs: [libc::mmsghdr; MAX_FRAGS] = unsafe { std::mem::zeroed() };
+    for (i, d) in dgrams.iter().enumerate() {
+        iov[i] = libc::iovec {
             iov_base: d.as_ptr() as *mut libc::c_void,
             iov_len: d.len(),
-        })
-        .collect();
-    // SAFETY: an all-zero mmsghdr is valid (no address, no control data).
-    let mut msgs: Vec<libc::mmsghdr> = iov
-        .iter_mut()
-        .map(|v| {
-            let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            m.msg_hdr.msg_iov = v;
-            m.msg_hdr.msg_iovlen = 1;
-            m
-        })
-        .collect();
+        };
+        msgs[i].msg_hdr.msg_iov = &mut iov[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    let msgs = &mut msgs[..n];
     let t0 = Instant::now();
     let mut done = 0;
     while done < msgs.len() {
@@ -469,7 +473,10 @@ pub struct Lane {
     next_send: u64,
     next_recv: u64,
     slots: Vec<Slot>,
-    scratch: Vec<u8>,
+    /// A fragment's plaintext before sealing (and a NACK's datagram).
+    plain: Vec<u8>,
+    /// Receives land here; [`RECV_BUF`] long from the start.
+    rbuf: Vec<u8>,
     /// Payload bytes per datagram this end sends.
     pub(crate) frag: usize,
     /// How long a receive waits before it asks for a resend (doubling up to 200 ms).
@@ -508,7 +515,7 @@ impl Lane {
         msg.seq = seq;
         msg.bytes.clear();
         msg.ends.clear();
-        let plain = &mut self.scratch;
+        let plain = &mut self.plain;
         for f in 0..nfrag {
             let vals =
                 &data[(f * fsize / 4).min(data.len())..((f + 1) * fsize / 4).min(data.len())];
@@ -528,7 +535,8 @@ impl Lane {
             msg.ends.push(msg.bytes.len());
         }
         let mut corrupt = Vec::new();
-        let mut dgrams: Vec<&[u8]> = Vec::with_capacity(nfrag);
+        let mut dgrams: [&[u8]; MAX_FRAGS] = [&[]; MAX_FRAGS];
+        let mut n = 0;
         for f in 0..nfrag {
             let d = msg.datagram(f);
             if self.lossy > 0 && (seq * 7 + f as u64).is_multiple_of(self.lossy) {
@@ -539,10 +547,14 @@ impl Lane {
                 }
                 continue;
             }
-            dgrams.push(d);
+            dgrams[n] = d;
+            n += 1;
         }
-        dgrams.extend(corrupt.iter().map(|d| &d[..]));
-        send_batch(&self.shared.data, &dgrams, self.peer, timeout)?;
+        for d in &corrupt {
+            dgrams[n] = d;
+            n += 1;
+        }
+        send_batch(&self.shared.data, &dgrams[..n], self.peer, timeout)?;
         self.stats.messages += 1;
         Ok(())
     }
@@ -562,8 +574,8 @@ impl Lane {
         let mut backoff = self.rto;
         let mut next_nack = t0 + backoff;
         let mut nacks = 0u16;
-        let mut buf = std::mem::take(&mut self.scratch);
-        buf.resize(RECV_BUF, 0);
+        // Always RECV_BUF long: nothing to clear or grow per message.
+        let mut buf = std::mem::take(&mut self.rbuf);
         let r = loop {
             let slot = &self.slots[seq as usize % SLOTS];
             if slot.seq == seq && slot.have == full_mask(frags_for(slot.len, slot.fsize)) {
@@ -599,11 +611,10 @@ impl Lane {
                         msg: format!("no data for {timeout:?}"),
                     });
                 }
-                self.nack(seq, nacks, &mut buf);
+                self.nack(seq, nacks);
                 nacks = nacks.saturating_add(1);
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 next_nack = now + backoff;
-                buf.resize(RECV_BUF, 0);
             }
             if now - t0 < spin {
                 std::hint::spin_loop();
@@ -614,7 +625,7 @@ impl Lane {
                 Some(next_nack.saturating_duration_since(now)),
             );
         };
-        self.scratch = buf;
+        self.rbuf = buf;
         r
     }
 
@@ -659,7 +670,8 @@ impl Lane {
     }
 
     /// Asks the peer to resend what is missing of message `seq`.
-    fn nack(&mut self, seq: u64, counter: u16, buf: &mut Vec<u8>) {
+    fn nack(&mut self, seq: u64, counter: u16) {
+        let buf = &mut self.plain;
         let slot = &self.slots[seq as usize % SLOTS];
         let have = if slot.seq == seq { slot.have } else { 0 };
         buf.clear();
@@ -737,7 +749,8 @@ impl Lanes {
                 next_send: 0,
                 next_recv: 0,
                 slots: (0..SLOTS).map(|_| Slot::default()).collect(),
-                scratch: Vec::with_capacity(RECV_BUF),
+                plain: Vec::with_capacity(MIN_DGRAM),
+                rbuf: vec![0; RECV_BUF],
                 frag: frag[p],
                 rto,
                 stats: LaneStats::default(),
