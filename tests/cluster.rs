@@ -174,6 +174,11 @@ impl Cluster {
     }
 
     fn worker(&self, i: usize, token: &str) -> Child {
+        self.worker_with(i, token, "4")
+    }
+
+    /// A worker offering `memory_gib` GiB.
+    fn worker_with(&self, i: usize, token: &str, memory_gib: &str) -> Child {
         tessera()
             .args([
                 "worker",
@@ -184,7 +189,7 @@ impl Cluster {
                 "--coordinator",
                 &self.addr,
             ])
-            .args(["--name", &format!("worker-{i}"), "--memory-gib", "4"])
+            .args(["--name", &format!("worker-{i}"), "--memory-gib", memory_gib])
             .env("TESSERA_TOKEN", token)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -295,11 +300,47 @@ fn workers_without_the_cluster_token_are_refused_and_the_cluster_keeps_serving()
     assert!(String::from_utf8_lossy(&o.stderr).contains("token"));
 }
 
+/// A worker dies and the model fits no configuration of those left (each offers 140 MiB; the
+/// demo model needs 191 MiB on one worker with a 0.05 GiB KV cache): the running request fails
+/// at once, saying so; the worker restarted under its name rejoins and the cluster serves.
+/// (Where the model fits, the request carries on: tests/http.rs.)
 #[test]
-fn a_killed_worker_fails_the_request_and_a_restarted_one_rejoins() {
+fn a_killed_worker_that_nothing_can_replace_fails_the_request_saying_so_and_rejoins() {
     let r = reference("smollm2-135m-q4_1");
     let case = &r.cases[0];
-    let mut c = Cluster::start(&smollm2(), 2);
+    let mem = format!("{}", 140.0 / 1024.0);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let token = format!("test-token-{}", std::process::id());
+    let coordinator = tessera()
+        .args([
+            "coordinator",
+            "--model",
+            smollm2().to_str().unwrap(),
+            "--exact",
+        ])
+        .args([
+            "--workers",
+            "2",
+            "--listen",
+            &addr,
+            "--kv-cache-gib",
+            "0.05",
+        ])
+        .env("TESSERA_TOKEN", &token)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut c = Cluster {
+        addr,
+        token,
+        coordinator,
+        workers: vec![],
+    };
+    for i in 0..2 {
+        let w = c.worker_with(i, &c.token.clone(), &mem);
+        c.workers.push(Some(w));
+    }
+    c.wait_ready();
     // A long generation, with one worker killed (SIGKILL) while it streams.
     // Text output (not --ids), so that it streams and shows the generation is under way.
     let mut long = tessera()
@@ -310,7 +351,7 @@ fn a_killed_worker_fails_the_request_and_a_restarted_one_rejoins() {
             "--prompt",
             "Write a very long story about a lighthouse keeper.",
         ])
-        .args(["--max-tokens", "4000", "--ignore-eos"])
+        .args(["--max-tokens", "1000", "--ignore-eos"])
         .env("TESSERA_TOKEN", &c.token)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -331,25 +372,31 @@ fn a_killed_worker_fails_the_request_and_a_restarted_one_rejoins() {
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
-    assert!(!status.success(), "the request survived a dead worker");
-    assert!(
-        err.contains("worker-1") || err.contains("worker-0"),
-        "the error names no worker: {err}"
-    );
+    assert!(!status.success(), "the request outlived the only plan");
+    for needle in [
+        "no configuration can hold the model",
+        "worker-0",
+        "MiB short",
+    ] {
+        assert!(err.contains(needle), "{needle:?} not in the error: {err}");
+    }
     assert!(
         waited < Duration::from_secs(30),
         "the failure took {waited:?}"
     );
-    // The coordinator lives on and reports the cluster degraded.
+    // The coordinator lives on and says why it cannot serve.
     let t = Instant::now();
-    while !c.status().starts_with("cluster: degraded") {
+    while !c.status().starts_with("cluster: plan does not fit") {
         assert!(t.elapsed() < Duration::from_secs(10), "{}", c.status());
         std::thread::sleep(Duration::from_millis(100));
     }
     let o = c.generate("hi", 4).output().unwrap();
-    assert!(!o.status.success(), "a degraded cluster answered");
+    assert!(
+        !o.status.success(),
+        "a cluster that cannot hold the model answered"
+    );
     // The worker comes back under the same name; the cluster reloads and serves again.
-    let back = c.worker(1, &c.token.clone());
+    let back = c.worker_with(1, &c.token.clone(), &mem);
     c.workers[1] = Some(back);
     c.wait_ready();
     c.expect_reference(case);

@@ -848,3 +848,212 @@ fn mutated_request_bodies_get_an_answer_or_a_client_error() {
     assert_eq!(ok.status, 200, "{}", ok.body);
     assert_eq!(get(&s.http, "/metrics").status, 200);
 }
+
+/// One streamed completion, read as it arrives: its text, finish reason, usage, and when
+/// each token came.
+struct Streamed {
+    text: String,
+    finish: String,
+    usage: Value,
+    token_times: Vec<Instant>,
+}
+
+/// Streams `body` (a completion request) and collects it; `tokens` is told of each token.
+fn stream_completion(http: &str, body: &Value, mut tokens: impl FnMut(usize)) -> Streamed {
+    let s = send(http, "POST", "/v1/completions", Some(&body.to_string()));
+    let mut events = Vec::new();
+    let mut token_times = Vec::new();
+    let status = common::http::stream_events(s, |e| {
+        if let Ok(v) = serde_json::from_str::<Value>(&e)
+            && v["choices"][0]["text"]
+                .as_str()
+                .is_some_and(|t| !t.is_empty())
+        {
+            token_times.push(Instant::now());
+            tokens(token_times.len());
+        }
+        events.push(e);
+    });
+    assert_eq!(status, 200, "{events:?}");
+    let (text, finish, usage) = streamed(&events, false);
+    Streamed {
+        text,
+        finish,
+        usage: usage.expect("usage"),
+        token_times,
+    }
+}
+
+#[test]
+fn a_worker_killed_mid_stream_costs_a_delay_not_an_error() {
+    // A coordinator asked for 2 workers, and 3 worker processes: one waits as a stand-by.
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let token = "survival-test-token";
+    let mut cmd = tessera();
+    cmd.args([
+        "coordinator",
+        "--model",
+        smollm2().to_str().unwrap(),
+        "--exact",
+    ])
+    .args(["--workers", "2", "--listen", &grpc, "--http", "127.0.0.1:0"]);
+    let s = Server::spawn(cmd, grpc.clone(), token, false);
+    let worker = |name: &str| -> Child {
+        tessera()
+            .args([
+                "worker",
+                "--listen",
+                "127.0.0.1:0",
+                "--quic-listen",
+                "127.0.0.1:0",
+            ])
+            .args(["--coordinator", &grpc, "--name", name, "--memory-gib", "4"])
+            .args(["--threads", "1"])
+            .env("TESSERA_TOKEN", token)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut workers: std::collections::BTreeMap<String, Child> = ["w0", "w1", "w2"]
+        .iter()
+        .map(|n| (n.to_string(), worker(n)))
+        .collect();
+    let ready_names = |c: &Value| -> Vec<String> {
+        c["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["state"] == "ready")
+            .map(|w| w["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let serving = |n: usize| move |c: &Value| c["ready"] == true && ready_names(c).len() == n;
+    s.wait_cluster("two of three workers serving", serving(2));
+
+    let n_tok = 40;
+    let bodies: Vec<Value> = (0..8)
+        .map(|i| {
+            let sampling = if i % 2 == 0 {
+                json!({"temperature": 0})
+            } else {
+                json!({"temperature": 0.8, "top_p": 0.95, "top_k": 50, "seed": 100 + i})
+            };
+            let mut b = json!({"model": s.model, "max_tokens": n_tok, "ignore_eos": true,
+                               "stream": true, "stream_options": {"include_usage": true},
+                               "prompt": format!("Story {i}: once upon a time, in a town by the sea,")});
+            b.as_object_mut()
+                .unwrap()
+                .extend(sampling.as_object().unwrap().clone());
+            b
+        })
+        .collect();
+    // The undisturbed run: the single stream alone, then the eight together.
+    let undisturbed_one = stream_completion(&s.http, &bodies[0], |_| {});
+    let run_all = |on_token: std::sync::Arc<dyn Fn(usize, usize) + Send + Sync>| {
+        let handles: Vec<_> = bodies
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(i, b)| {
+                let (http, f) = (s.http.clone(), on_token.clone());
+                std::thread::spawn(move || stream_completion(&http, &b, |n| f(i, n)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect::<Vec<Streamed>>()
+    };
+    let undisturbed = run_all(std::sync::Arc::new(|_, _| {}));
+    for u in undisturbed.iter().chain([&undisturbed_one]) {
+        assert_eq!(u.finish, "length");
+        assert_eq!(u.usage["completion_tokens"], n_tok);
+    }
+
+    // Kills a worker of the serving mesh (SIGKILL) and says which, and when.
+    let http = s.http.clone();
+    let kill_one_serving = move |workers: &mut std::collections::BTreeMap<String, Child>| {
+        let name = ready_names(&get(&http, "/v1/cluster").json())[0].clone();
+        let mut victim = workers.remove(&name).unwrap();
+        victim.kill().unwrap();
+        victim.wait().unwrap();
+        (name, Instant::now())
+    };
+    let check = |got: &Streamed, want: &Streamed, killed_at: Instant, what: &str| {
+        assert_eq!(got.text, want.text, "{what}: the text changed");
+        assert_eq!(got.finish, "length", "{what}");
+        assert_eq!(got.usage, want.usage, "{what}: usage");
+        assert!(
+            *got.token_times.last().unwrap() > killed_at,
+            "{what}: every token came before the kill"
+        );
+    };
+
+    // (a) One greedy stream; the stand-by takes the dead worker's place.
+    let (tx, rx) = mpsc::channel();
+    let (http, b) = (s.http.clone(), bodies[0].clone());
+    let one = std::thread::spawn(move || {
+        stream_completion(&http, &b, |n| {
+            if n == 6 {
+                let _ = tx.send(());
+            }
+        })
+    });
+    rx.recv_timeout(Duration::from_secs(120)).unwrap();
+    let (victim, killed_at) = kill_one_serving(&mut workers);
+    let got = one.join().unwrap();
+    check(&got, &undisturbed_one, killed_at, "one stream, stand-by");
+    let c = s.wait_cluster("the stand-by serving", serving(2));
+    assert!(!ready_names(&c).contains(&victim), "{c:#}");
+    let m = s.metrics();
+    assert_eq!(sample(&m, "tessera_recoveries_total"), 1.0, "{m}");
+    assert_eq!(sample(&m, "tessera_replayed_sequences_total"), 1.0, "{m}");
+
+    // (b) Eight streams at once, greedy and seeded; no stand-by is left, so the cluster
+    // reshards over the one worker that remains.
+    let (tx, rx) = mpsc::channel::<usize>();
+    let tx = std::sync::Mutex::new(tx);
+    let on_token = std::sync::Arc::new(move |i: usize, n: usize| {
+        if n == 4 {
+            let _ = tx.lock().unwrap().send(i);
+        }
+    });
+    let (ws, kill) = (&mut workers, &kill_one_serving);
+    std::thread::scope(|sc| {
+        let killer = sc.spawn(move || {
+            for _ in 0..8 {
+                rx.recv_timeout(Duration::from_secs(120)).unwrap();
+            }
+            kill(ws).1
+        });
+        let got = run_all(on_token);
+        let killed_at = killer.join().unwrap();
+        for (i, (g, u)) in got.iter().zip(&undisturbed).enumerate() {
+            check(g, u, killed_at, &format!("stream {i} of 8, resharded"));
+        }
+    });
+    let c = s.wait_cluster("resharded over one", serving(1));
+    let m = s.metrics();
+    assert_eq!(sample(&m, "tessera_recoveries_total"), 2.0, "{m}\n{c:#}");
+    assert_eq!(sample(&m, "tessera_replayed_sequences_total"), 9.0, "{m}");
+    assert_eq!(sample(&m, "tessera_recovery_seconds_count"), 2.0, "{m}");
+    eprintln!(
+        "two recoveries (stand-by, then resharding over one) took {:.2} s in all",
+        sample(&m, "tessera_recovery_seconds_sum")
+    );
+    assert_eq!(
+        sample(&m, "tessera_requests_finished_total{outcome=\"failed\"}"),
+        0.0
+    );
+
+    // A worker joins again: the cluster goes back to its full size, and answers the same.
+    workers.insert("w3".into(), worker("w3"));
+    s.wait_cluster("back to two workers", serving(2));
+    let again = stream_completion(&s.http, &bodies[0], |_| {});
+    assert_eq!(again.text, undisturbed_one.text);
+    for (_, mut w) in workers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
+}

@@ -109,3 +109,48 @@ pub fn read_response(s: TcpStream) -> Response {
         body: String::from_utf8(body).expect("UTF-8 body"),
     }
 }
+
+/// Reads a streamed (SSE) answer as it arrives: `each` gets every event's data as soon as its
+/// chunk is in. Returns the status.
+pub fn stream_events(s: TcpStream, mut each: impl FnMut(String)) -> u16 {
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {line:?}"));
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).unwrap();
+        if h.trim_end().is_empty() {
+            break;
+        }
+    }
+    let mut pending = String::new();
+    loop {
+        let mut size = String::new();
+        if r.read_line(&mut size).unwrap_or(0) == 0 {
+            break;
+        }
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 {
+            break;
+        }
+        let mut chunk = vec![0; n + 2];
+        r.read_exact(&mut chunk).unwrap();
+        pending.push_str(&String::from_utf8_lossy(&chunk[..n]));
+        while let Some(end) = pending.find("\n\n") {
+            let event: String = pending.drain(..end + 2).collect();
+            for l in event.lines() {
+                if let Some(d) = l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")) {
+                    each(d.to_string());
+                }
+            }
+        }
+    }
+    status
+}

@@ -433,6 +433,23 @@ async fn metrics(State(app): State<Shared>) -> Response {
         "Time of one forward step of the whole batch.",
         l.step.clone(),
     );
+    reg.register(
+        "tessera_recovery_seconds",
+        "From a worker's failure to the rebuilt cluster taking over.",
+        l.recovery.clone(),
+    );
+    counter(
+        &mut reg,
+        "tessera_recoveries",
+        "Clusters rebuilt after a worker failed (on a stand-by or the workers that remain).",
+        m.recoveries as f64,
+    );
+    counter(
+        &mut reg,
+        "tessera_replayed_sequences",
+        "Running sequences replayed on a rebuilt cluster.",
+        m.replayed_sequences as f64,
+    );
     gauge(
         &mut reg,
         "tessera_last_step_batch",

@@ -1,7 +1,11 @@
 //! The Tessera coordinator: waits for workers, plans the shards, ships each worker its slice,
 //! drives every step over long-lived gRPC streams, samples, and serves generation requests.
-//! A worker that fails marks the cluster degraded; when enough workers are registered again,
-//! the coordinator reloads the shards on a fresh mesh and serves again.
+//! A worker that fails is marked down and the cluster rebuilt at once: on a stand-by worker
+//! (any registered worker beyond `--workers`) if there is one, else resharded over the
+//! workers that remain if the model fits their memory; the sequences that were running
+//! replay there (prompt and tokens already sent, as a prefill) and carry on, so clients see
+//! a delay, not an error. When the missing workers are back, the cluster reshards to its full
+//! size.
 
 use anyhow::Context;
 use sha2::Digest;
@@ -98,6 +102,8 @@ struct Inner {
     loaded: bool,
     /// Workers in that mesh.
     mesh_size: usize,
+    /// A mesh has served: after a failure, fewer workers than asked may carry on.
+    served: bool,
     state: &'static str,
     /// Why the last plan was refused (a worker short of memory), until one is accepted.
     refusal: Option<String>,
@@ -162,6 +168,7 @@ impl CoordinatorState {
                     mesh_id: 0,
                     loaded: false,
                     mesh_size: 0,
+                    served: false,
                     state: "waiting for workers",
                     refusal: None,
                 }),
@@ -183,22 +190,30 @@ impl CoordinatorState {
         }
     }
 
-    /// Marks a worker down and the cluster degraded.
+    /// Marks a worker down; the running sequences wait while the supervisor rebuilds the
+    /// cluster without it.
     fn fail_worker(&self, id: u64) {
         let mut g = self.inner.lock().unwrap();
-        if let Some(w) = g.workers.get_mut(&id) {
-            tracing::warn!(worker = %w.name, "worker failed; cluster degraded");
-            w.state = WState::Down;
-            w.rank = None;
-        }
+        let name = match g.workers.get_mut(&id) {
+            Some(w) => {
+                tracing::warn!(worker = %w.name, "worker failed; rebuilding the cluster");
+                w.state = WState::Down;
+                w.rank = None;
+                w.name.clone()
+            }
+            None => format!("#{id}"),
+        };
         g.loaded = false;
-        g.state = "degraded";
+        g.state = "recovering";
         drop(g);
-        self.scheduler.withdraw("degraded");
+        self.scheduler
+            .recover(&format!("recovering: worker {name} failed"));
         self.changed.notify_one();
     }
 
     /// A step failed: the worker it names is marked down; any other failure reloads the mesh.
+    /// Failures of a mesh already being replaced say nothing new (the others' all-reduces
+    /// fail after the first worker's) and are ignored.
     fn step_failed(&self, e: &ModelError) {
         let rank = match e {
             ModelError::Shard { rank, .. } => Some(*rank),
@@ -206,6 +221,9 @@ impl CoordinatorState {
         };
         let id = {
             let g = self.inner.lock().unwrap();
+            if g.state != "ready" {
+                return;
+            }
             rank.and_then(|r| {
                 g.workers
                     .values()
@@ -218,9 +236,9 @@ impl CoordinatorState {
             None => {
                 let mut g = self.inner.lock().unwrap();
                 g.loaded = false;
-                g.state = "degraded";
+                g.state = "recovering";
                 drop(g);
-                self.scheduler.withdraw("degraded");
+                self.scheduler.recover(&format!("recovering: {e}"));
                 self.changed.notify_one();
             }
         }
@@ -244,14 +262,36 @@ impl CoordinatorState {
                     self.n
                 };
                 let (queued, active, _) = self.scheduler.load();
-                let grow_now = self.grow
-                    && g.loaded
-                    && g.state == "ready"
-                    && want > g.mesh_size
-                    && queued == 0
-                    && active == 0;
-                if (!g.loaded && live.len() >= self.n) || grow_now {
-                    let k = want.max(self.n).min(live.len());
+                let serving = g.loaded && g.state == "ready";
+                let grow_now =
+                    self.grow && serving && want > g.mesh_size && queued == 0 && active == 0;
+                // Resharded over fewer workers after a failure, and one is back (or another
+                // joined): back to the full size at once (running sequences carry on).
+                let restore_now = serving
+                    && g.mesh_size < self.n
+                    && self.usable_shards(live.len().min(self.n)) > g.mesh_size;
+                // After a failure, whatever live workers there are carry on (if the model fits
+                // them); at the start, the cluster waits for all it was asked for.
+                let start = !g.loaded && !live.is_empty() && (live.len() >= self.n || g.served);
+                let pick = |k: usize| live[live.len() - k..].to_vec();
+                let k = if !(start || grow_now || restore_now) {
+                    None
+                } else if live.len() >= self.n {
+                    Some(want.max(self.n).min(live.len()))
+                } else {
+                    // Fewer than asked: the most of them the model splits over and fits.
+                    let most = self.usable_shards(live.len());
+                    (1..=most)
+                        .rev()
+                        .find(|&k| self.fit(&g, &pick(k)).is_ok())
+                        .or(Some(most))
+                };
+                // Growing must not cost the serving mesh: only onto a plan that fits.
+                let k = k.filter(|&k| start || (k > g.mesh_size && self.fit(&g, &pick(k)).is_ok()));
+                if !start && !g.loaded && g.served && g.state == "recovering" {
+                    g.state = "degraded";
+                }
+                if let Some(k) = k {
                     let before = g.mesh_size;
                     g.loaded = true;
                     g.mesh_size = k;
@@ -266,11 +306,14 @@ impl CoordinatorState {
                             w.shard = None;
                         }
                     }
-                    if grow_now {
+                    if grow_now || restore_now {
                         tracing::info!(from = before, to = k, "more workers: resharding");
                         eprintln!("{} workers registered: resharding over {k}", live.len());
+                    } else if k < self.n {
+                        tracing::warn!(workers = k, "resharding over the workers that remain");
+                        eprintln!("{k} of {} workers live: resharding over them", self.n);
                     }
-                    Some((live[live.len() - k..].to_vec(), g.mesh_id, grow_now))
+                    Some((pick(k), g.mesh_id, grow_now || restore_now))
                 } else {
                     None
                 }
@@ -287,11 +330,18 @@ impl CoordinatorState {
                         let why = e.to_string();
                         tracing::info!("{why}");
                         eprintln!("{why}");
-                        {
+                        let served = {
                             let mut g = self.inner.lock().unwrap();
                             g.state = "plan does not fit";
-                            g.refusal = Some(why);
+                            g.refusal = Some(why.clone());
                             g.loaded = false;
+                            g.served
+                        };
+                        if served {
+                            // No configuration of the workers left holds the model: the
+                            // requests that wait for one fail, saying so.
+                            self.scheduler
+                                .withdraw(&format!("no configuration can hold the model: {why}"));
                         }
                         self.changed.notified().await;
                     }
@@ -327,6 +377,48 @@ impl CoordinatorState {
             .unwrap_or(1)
     }
 
+    /// The plan over these workers (weighted by their declared memory), if every worker's
+    /// share fits what it offers; else a [`DoesNotFit`] naming who is short and by how much.
+    fn fit(&self, g: &Inner, ids: &[u64]) -> anyhow::Result<tessera_core::ShardPlan> {
+        // Weighted by declared memory: a bigger worker takes a bigger slice.
+        let weights: Vec<f64> = ids
+            .iter()
+            .map(|id| (g.workers[id].memory.max(1)) as f64)
+            .collect();
+        let plan = self
+            .files
+            .plan(&weights)
+            .or_else(|_| self.files.plan(&vec![1.0; ids.len()]))?;
+        let cfg = &self.files.cfg;
+        let positions = self.scheduler.config().kv_budget as u64;
+        let mut short = Vec::new();
+        for (rank, id) in ids.iter().enumerate() {
+            let spec = &plan.shards[rank];
+            let w = &g.workers[id];
+            let bytes = self.files.shard_bytes(spec)?;
+            let need = WorkerNeed::new(bytes, spec.cost(cfg, 4).kv_bytes_per_token, positions);
+            if let Some(s) = need.shortfall(w.memory) {
+                short.push(format!(
+                    "worker {} (rank {rank}) offers {:.1} MiB but its shard needs {}: {:.1} MiB short",
+                    w.name,
+                    w.memory as f64 / (1u64 << 20) as f64,
+                    need.describe(),
+                    s as f64 / (1u64 << 20) as f64
+                ));
+            }
+        }
+        if !short.is_empty() {
+            return Err(DoesNotFit(format!(
+                "the plan does not fit over {} worker(s): {}; add workers or memory \
+                 (or lower --kv-cache-gib)",
+                ids.len(),
+                short.join("; ")
+            ))
+            .into());
+        }
+        Ok(plan)
+    }
+
     async fn load_all(
         self: Arc<Self>,
         ids: &[u64],
@@ -350,48 +442,7 @@ impl CoordinatorState {
                     )
                 })
                 .collect();
-            // Weighted by declared memory: a bigger worker takes a bigger slice.
-            let weights: Vec<f64> = ids
-                .iter()
-                .map(|id| (g.workers[id].memory.max(1)) as f64)
-                .collect();
-            let plan = self
-                .files
-                .plan(&weights)
-                .or_else(|_| self.files.plan(&vec![1.0; ids.len()]))
-                .map_err(|e| (None, e.into()))?;
-            // Before anything is shipped: does every worker's share fit what it offers?
-            let cfg = &self.files.cfg;
-            let positions = self.scheduler.config().kv_budget as u64;
-            let mut short = Vec::new();
-            for (rank, id) in ids.iter().enumerate() {
-                let spec = &plan.shards[rank];
-                let w = &g.workers[id];
-                let bytes = self.files.shard_bytes(spec).map_err(|e| (None, e.into()))?;
-                let need = WorkerNeed::new(bytes, spec.cost(cfg, 4).kv_bytes_per_token, positions);
-                if let Some(s) = need.shortfall(w.memory) {
-                    short.push(format!(
-                        "worker {} (rank {rank}) offers {:.1} MiB but its shard needs {}: {:.1} MiB short",
-                        w.name,
-                        w.memory as f64 / (1u64 << 20) as f64,
-                        need.describe(),
-                        s as f64 / (1u64 << 20) as f64
-                    ));
-                }
-            }
-            if !short.is_empty() {
-                return Err((
-                    None,
-                    DoesNotFit(format!(
-                        "the plan does not fit over {} worker(s): {}; add workers or memory \
-                         (or lower --kv-cache-gib)",
-                        ids.len(),
-                        short.join("; ")
-                    ))
-                    .into(),
-                ));
-            }
-            (plan, members)
+            (self.fit(&g, ids).map_err(|e| (None, e))?, members)
         };
         let peers: Vec<Peer> = members
             .iter()
@@ -476,6 +527,7 @@ impl CoordinatorState {
         }
         g.state = "ready";
         g.refusal = None;
+        g.served = true;
         drop(g);
         self.scheduler.set_runner(Box::new(runner));
         tracing::info!(mesh = mesh_id, secs, "cluster ready");
@@ -813,7 +865,7 @@ impl CoordinatorService {
         }
         if replaced_ready {
             g.loaded = false;
-            g.state = "degraded";
+            g.state = "recovering";
         }
         g.workers.insert(
             id,
@@ -834,8 +886,9 @@ impl CoordinatorService {
         );
         drop(g);
         if replaced_ready {
-            // A worker back under its name: a planned reload, running sequences carry on.
-            self.state.scheduler.pause("degraded");
+            // A worker back under its name died: running sequences carry on on the new mesh.
+            st.scheduler
+                .recover(&format!("recovering: worker {} restarted", r.name));
         }
         tracing::info!(id, name = %r.name, "worker registered");
         st.changed.notify_one();

@@ -72,6 +72,79 @@ fn top_reply_fits(r: &StepReply, want: &[Want]) -> bool {
         && (r.top_lse_raw.len() == asked.len() || (r.top_lse_raw.is_empty() && !any_raw))
 }
 
+/// One worker's answer to a step, as [`gather_replies`] found it.
+enum Gathered {
+    Reply(StepReply),
+    /// The stream ended, or failed.
+    Closed,
+    Failed(tonic::Status),
+    /// Nothing within [`STEP_TIMEOUT`] (or [`GRACE_AFTER_ERROR`] after another's error).
+    TimedOut,
+    /// Not waited for: another worker's stream ended first.
+    Abandoned,
+}
+
+/// How long the other workers' replies are waited for once one worker reported a failed
+/// step: a worker cut off from the network sends nothing (its peers' all-reduces fail, and
+/// they say so), so it is blamed this long after them, not after the whole step timeout.
+const GRACE_AFTER_ERROR: Duration = Duration::from_secs(2);
+
+/// Every worker's next reply, waited for together: as soon as one worker's stream ends (a
+/// worker died), the others are not waited for (they are then stuck in, or failing, an
+/// all-reduce with it), so that the cluster is rebuilt at once, not after the step timeout;
+/// once one reports an error, the silent ones get [`GRACE_AFTER_ERROR`].
+async fn gather_replies(links: &mut [StepLink]) -> Vec<Gathered> {
+    use std::task::Poll;
+    use tokio_stream::Stream;
+    let mut got: Vec<Option<Gathered>> = links.iter().map(|_| None).collect();
+    let mut deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
+    let mut dead = false;
+    while got.iter().any(Option::is_none) {
+        // The next reply (or end) of any worker still awaited.
+        let next = std::future::poll_fn(|cx| {
+            for (l, slot) in links.iter_mut().zip(got.iter_mut()) {
+                if slot.is_some() {
+                    continue;
+                }
+                if let Poll::Ready(r) = std::pin::Pin::new(&mut l.rx).poll_next(cx) {
+                    *slot = Some(match r {
+                        Some(Ok(r)) => Gathered::Reply(r),
+                        Some(Err(s)) => Gathered::Failed(s),
+                        None => Gathered::Closed,
+                    });
+                    return Poll::Ready(());
+                }
+            }
+            Poll::Pending
+        });
+        if tokio::time::timeout_at(deadline, next).await.is_err() {
+            break;
+        }
+        if got
+            .iter()
+            .any(|g| matches!(g, Some(Gathered::Closed | Gathered::Failed(_))))
+        {
+            dead = true;
+            break;
+        }
+        if got
+            .iter()
+            .any(|g| matches!(g, Some(Gathered::Reply(r)) if !r.error.is_empty()))
+        {
+            deadline = deadline.min(tokio::time::Instant::now() + GRACE_AFTER_ERROR);
+        }
+    }
+    got.into_iter()
+        .map(|g| {
+            g.unwrap_or(if dead {
+                Gathered::Abandoned
+            } else {
+                Gathered::TimedOut
+            })
+        })
+        .collect()
+}
+
 /// A failure of the worker of rank `rank`, named.
 fn link_err(rank: usize, l: &StepLink, why: &str) -> ModelError {
     ModelError::Shard {
@@ -153,9 +226,12 @@ impl Runner for RemoteCluster {
             let mut reply_bytes = 0u64;
             let mut reduce = (0u64, 0u64);
             let mut worst: Option<(Blame, ModelError)> = None;
-            for (rank, l) in links.iter_mut().enumerate() {
-                let failure = match tokio::time::timeout(STEP_TIMEOUT, l.rx.message()).await {
-                    Ok(Ok(Some(r))) if r.error.is_empty() && !top_reply_fits(&r, want) => (
+            let replies = gather_replies(links).await;
+            for (rank, (l, reply)) in links.iter().zip(replies).enumerate() {
+                let failure = match reply {
+                    // Another worker's stream died first: this one's reply says nothing new.
+                    Gathered::Abandoned => continue,
+                    Gathered::Reply(r) if r.error.is_empty() && !top_reply_fits(&r, want) => (
                         Blame::Reported,
                         format!(
                             "sent {} candidate counts and {} candidates for {n_top} sequences",
@@ -163,7 +239,7 @@ impl Runner for RemoteCluster {
                             r.top_ids.len()
                         ),
                     ),
-                    Ok(Ok(Some(mut r))) if r.error.is_empty() => {
+                    Gathered::Reply(mut r) if r.error.is_empty() => {
                         reply_bytes += 4
                             * (r.logits.len()
                                 + r.top_counts.len()
@@ -181,10 +257,12 @@ impl Runner for RemoteCluster {
                         tops.push(r);
                         continue;
                     }
-                    Ok(Ok(Some(r))) => (Blame::Reported, format!("failed the step: {}", r.error)),
-                    Ok(Ok(None)) => (Blame::Dead, "closed its step stream".into()),
-                    Ok(Err(s)) => (Blame::Dead, format!("failed: {}", s.message())),
-                    Err(_) => (
+                    Gathered::Reply(r) => {
+                        (Blame::Reported, format!("failed the step: {}", r.error))
+                    }
+                    Gathered::Closed => (Blame::Dead, "closed its step stream".into()),
+                    Gathered::Failed(s) => (Blame::Dead, format!("failed: {}", s.message())),
+                    Gathered::TimedOut => (
                         Blame::Dead,
                         format!("did not answer within {STEP_TIMEOUT:?}"),
                     ),
@@ -248,10 +326,12 @@ impl Runner for RemoteCluster {
         let parts = self.handle.block_on(async {
             send_all(links, &req).await?;
             let mut parts = Vec::with_capacity(links.len());
-            for (rank, l) in links.iter_mut().enumerate() {
-                match tokio::time::timeout(STEP_TIMEOUT, l.rx.message()).await {
-                    Ok(Ok(Some(r))) if r.error.is_empty() => parts.push(r.logits),
-                    Ok(Ok(Some(r))) => return Err(link_err(rank, l, &r.error)),
+            let replies = gather_replies(links).await;
+            for (rank, (l, reply)) in links.iter().zip(replies).enumerate() {
+                match reply {
+                    Gathered::Reply(r) if r.error.is_empty() => parts.push(r.logits),
+                    Gathered::Reply(r) => return Err(link_err(rank, l, &r.error)),
+                    Gathered::Abandoned => {}
                     _ => return Err(link_err(rank, l, "did not send the logits")),
                 }
             }

@@ -92,9 +92,14 @@ struct Queued {
     queued_at: Instant,
 }
 
-/// How long running sequences wait for a cluster taken away for a planned reload before they
-/// fail.
-pub const RELOAD_WAIT: Duration = Duration::from_secs(60);
+/// How long running and queued requests wait for a cluster that was taken away (a planned
+/// reload, or a recovery from a failed worker) before they fail.
+pub const RELOAD_WAIT: Duration = Duration::from_secs(120);
+
+/// How often one sequence may be replayed after failed steps before it fails itself: a step
+/// that fails whatever the mesh (an error a worker reports for this batch every time) must
+/// not reload the cluster forever.
+pub const MAX_REPLAYS: u32 = 3;
 
 struct Active {
     seq: u64,
@@ -114,6 +119,8 @@ struct Active {
     /// When the request was queued, and when it last sent a token (for the latency histograms).
     queued_at: Instant,
     last_token: Option<Instant>,
+    /// Times this sequence was replayed after a failed step.
+    replays: u32,
 }
 
 impl Active {
@@ -141,6 +148,8 @@ pub struct Latency {
     pub request: Histogram,
     /// One forward step of the whole batch.
     pub step: Histogram,
+    /// From a failed step (or a worker found dead) to the next cluster taking over.
+    pub recovery: Histogram,
 }
 
 impl Default for Latency {
@@ -163,6 +172,7 @@ impl Default for Latency {
             time_per_output_token: Histogram::new(tpot),
             request: Histogram::new(e2e),
             step: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            recovery: Histogram::new(exponential_buckets(0.25, 2.0, 12)),
         }
     }
 }
@@ -193,6 +203,21 @@ pub struct Metrics {
     /// The most sequences one step has carried.
     pub max_batch: usize,
     pub comm: CommStats,
+    /// Clusters rebuilt after a failure, and the running sequences replayed on them.
+    pub recoveries: u64,
+    pub replayed_sequences: u64,
+}
+
+/// Why the cluster is taken away from the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Away {
+    /// It cannot come back: running and queued requests fail.
+    Fail,
+    /// A planned reload (more workers): requests wait for the next cluster.
+    Pause,
+    /// A worker failed and the coordinator rebuilds the cluster: requests wait, and the time
+    /// to the next cluster is a recovery.
+    Recover,
 }
 
 struct Shared {
@@ -206,6 +231,13 @@ struct Shared {
     resume: bool,
     ready: bool,
     state: String,
+    /// Since when requests wait for a cluster taken away (a pause or a recovery): new ones
+    /// queue meanwhile, and all of them fail if none comes within [`RELOAD_WAIT`].
+    waiting_since: Option<Instant>,
+    /// Since when a failure's recovery is under way (for the recovery histogram).
+    recovering_since: Option<Instant>,
+    /// Why the last cluster was withdrawn for good (the error its requests get).
+    fail_reason: String,
     active: usize,
     kv_reserved: usize,
     metrics: Metrics,
@@ -235,6 +267,9 @@ impl Scheduler {
                 resume: false,
                 ready: false,
                 state: "waiting for workers".into(),
+                waiting_since: None,
+                recovering_since: None,
+                fail_reason: String::new(),
                 active: 0,
                 kv_reserved: 0,
                 metrics: Metrics::default(),
@@ -267,38 +302,68 @@ impl Scheduler {
         g.resume = true;
         g.ready = true;
         g.state = "ready".into();
+        g.waiting_since = None;
+        if let Some(t) = g.recovering_since.take() {
+            g.metrics.recoveries += 1;
+            g.metrics
+                .latency
+                .recovery
+                .observe(t.elapsed().as_secs_f64());
+        }
         drop(g);
         self.wake.notify_all();
     }
 
-    /// Withdraws the cluster (a worker failed): active and queued requests fail, new ones are
-    /// refused until [`Scheduler::set_runner`].
-    pub fn withdraw(&self, state: &str) {
-        self.take_away(state, false);
+    /// Withdraws the cluster for good (nothing can serve the model): active, waiting and
+    /// queued requests fail with `reason`, new ones are refused until
+    /// [`Scheduler::set_runner`].
+    pub fn withdraw(&self, reason: &str) {
+        self.take_away(reason, Away::Fail);
     }
 
-    /// Takes the cluster away for a planned reload (more workers, a worker back under its
-    /// name): new and queued requests are refused as by [`Scheduler::withdraw`], but running
-    /// sequences wait for the next cluster (up to [`RELOAD_WAIT`]) and carry on there: it
-    /// prefills their prompt and the tokens already sent, so their clients see nothing but
-    /// a pause.
+    /// Takes the cluster away for a planned reload (more workers): running sequences wait for
+    /// the next cluster (up to [`RELOAD_WAIT`]) and carry on there: it prefills their prompt
+    /// and the tokens already sent, so their clients see nothing but a pause. Queued and new
+    /// requests wait too.
     pub fn pause(&self, state: &str) {
-        self.take_away(state, true);
+        self.take_away(state, Away::Pause);
     }
 
-    fn take_away(&self, state: &str, resume: bool) {
+    /// As [`Scheduler::pause`], after a failure (a worker died): the coordinator rebuilds the
+    /// cluster, and the wait counts as a recovery in the metrics.
+    pub fn recover(&self, state: &str) {
+        self.take_away(state, Away::Recover);
+    }
+
+    fn take_away(&self, state: &str, how: Away) {
         let mut g = self.shared.lock().unwrap();
         g.incoming = None;
         g.epoch += 1;
-        g.resume = resume;
+        g.resume = how != Away::Fail;
         g.ready = false;
         g.state = state.to_string();
-        let queued: Vec<Queued> = g.queue.drain(..).collect();
-        g.metrics.failed += queued.len() as u64;
+        let mut queued = Vec::new();
+        match how {
+            Away::Fail => {
+                g.waiting_since = None;
+                g.recovering_since = None;
+                g.fail_reason = state.to_string();
+                queued = g.queue.drain(..).collect();
+                g.metrics.failed += queued.len() as u64;
+            }
+            Away::Pause => {
+                g.waiting_since.get_or_insert_with(Instant::now);
+            }
+            Away::Recover => {
+                let now = Instant::now();
+                g.waiting_since.get_or_insert(now);
+                g.recovering_since.get_or_insert(now);
+            }
+        }
         drop(g);
         for q in queued {
             let _ = q.tx.send(Event::Error(ModelError::Backend(format!(
-                "the cluster is {state}"
+                "the cluster cannot serve: {state}"
             ))));
         }
         self.wake.notify_all();
@@ -356,7 +421,7 @@ impl Scheduler {
                 self.cfg.kv_budget
             )));
         }
-        if !g.ready {
+        if !g.ready && g.waiting_since.is_none() {
             g.metrics.rejected_not_ready += 1;
             return Err(SubmitError::NotReady(g.state.clone()));
         }
@@ -385,8 +450,6 @@ impl Scheduler {
         let mut active: Vec<Active> = Vec::new();
         let mut to_free: Vec<u64> = Vec::new();
         let mut next_seq = 1u64;
-        // Since when running sequences wait for a cluster that is being reloaded.
-        let mut parked: Option<Instant> = None;
         let latency = self.shared.lock().unwrap().metrics.latency.clone();
         loop {
             // Take in a new runner, new requests, and notice cancellations.
@@ -404,21 +467,15 @@ impl Scheduler {
                         if g.resume {
                             // The new cluster has none of their caches: each starts over.
                             active.iter_mut().for_each(Active::restart);
-                            if runner.is_none() && !active.is_empty() {
-                                parked.get_or_insert_with(Instant::now);
-                            }
                         } else if !active.is_empty() {
                             g.metrics.failed += active.len() as u64;
+                            let why = format!("the cluster cannot serve: {}", g.fail_reason);
                             for a in active.drain(..) {
-                                let _ = a.tx.send(Event::Error(ModelError::Backend(
-                                    "the cluster was reloaded".into(),
-                                )));
+                                let _ = a.tx.send(Event::Error(ModelError::Backend(why.clone())));
                             }
                         }
                         g.kv_reserved = active.iter().map(|a| a.reserved).sum();
-                    }
-                    if runner.is_some() {
-                        parked = None;
+                        g.active = active.len();
                     }
                     let cancelled = active.iter().any(|a| a.tx.is_closed());
                     let work = runner.is_some()
@@ -426,15 +483,20 @@ impl Scheduler {
                     if work || cancelled {
                         break;
                     }
-                    match parked {
+                    let waiting = runner.is_none() && (!active.is_empty() || !g.queue.is_empty());
+                    match g.waiting_since.filter(|_| waiting) {
                         Some(since) if since.elapsed() >= RELOAD_WAIT => {
-                            parked = None;
-                            g.metrics.failed += active.len() as u64;
-                            for a in active.drain(..) {
-                                let _ = a.tx.send(Event::Error(ModelError::Backend(format!(
-                                    "the cluster was reloaded and did not come back within {} s",
-                                    RELOAD_WAIT.as_secs()
-                                ))));
+                            g.waiting_since = None;
+                            let why = format!(
+                                "no cluster could take over within {} s ({})",
+                                RELOAD_WAIT.as_secs(),
+                                g.state
+                            );
+                            let queued: Vec<Queued> = g.queue.drain(..).collect();
+                            g.metrics.failed += (active.len() + queued.len()) as u64;
+                            let txs = active.drain(..).map(|a| a.tx);
+                            for tx in txs.chain(queued.into_iter().map(|q| q.tx)) {
+                                let _ = tx.send(Event::Error(ModelError::Backend(why.clone())));
                             }
                             g.kv_reserved = 0;
                             g.active = 0;
@@ -511,6 +573,7 @@ impl Scheduler {
                     comm0: comm_now,
                     queued_at: q.queued_at,
                     last_token: None,
+                    replays: 0,
                     job: q.job,
                     tx: q.tx,
                 });
@@ -569,19 +632,9 @@ impl Scheduler {
             let logits = match result {
                 Ok(l) => l,
                 Err(e) => {
-                    tracing::warn!("step failed: {e}");
-                    let mut g = self.shared.lock().unwrap();
-                    g.metrics.failed += active.len() as u64;
-                    for a in active.drain(..) {
-                        let _ = a.tx.send(Event::Error(clone_err(&e)));
-                    }
-                    g.kv_reserved = 0;
-                    g.active = 0;
-                    g.ready = false;
-                    g.state = "degraded".into();
                     runner = None;
-                    drop(g);
-                    (self.on_failure)(&e);
+                    to_free.clear();
+                    self.interrupted(&mut active, &e);
                     continue;
                 }
             };
@@ -590,6 +643,7 @@ impl Scheduler {
 
             // Sample, send, and retire.
             let mut generated = 0u64;
+            let mut failed: Option<ModelError> = None;
             for (k, &i) in owners.iter().enumerate() {
                 let a = &mut active[i];
                 let step = &steps[k];
@@ -609,13 +663,13 @@ impl Scheduler {
                     Pick::Top(c) => match a.sampler.sample_candidates(c) {
                         Draw::Token(t) => (t, a.sampler.logprobs(c, t)),
                         // A top-p nucleus wider than the candidates: this step's logits.
+                        // If that fails, the cluster is rebuilt as for a failed step, and this
+                        // sequence (its draw not made) replays with the others.
                         Draw::NeedLogits => match r.last_logits(&[a.seq]) {
                             Ok(l) => a.sampler.sample_with_logprobs(&l[0]),
                             Err(e) => {
                                 tracing::warn!("fetching logits for a nucleus failed: {e}");
-                                let _ = a.tx.send(Event::Error(e));
-                                a.stats.finish = Finish::Cancelled;
-                                done_now.push(i);
+                                failed.get_or_insert(e);
                                 continue;
                             }
                         },
@@ -698,7 +752,44 @@ impl Scheduler {
                 m.decode_seconds += took.as_secs_f64();
             }
             m.comm = comm;
+            drop(g);
+            if let Some(e) = failed {
+                runner = None;
+                to_free.clear();
+                self.interrupted(&mut active, &e);
+            }
         }
+    }
+
+    /// A step failed: the cluster is gone. Running sequences wait for the next one and replay
+    /// there (their prompt and the tokens already sent, as a prefill), unless they have been
+    /// replayed [`MAX_REPLAYS`] times already; queued and new requests wait; the coordinator
+    /// is told, so that it rebuilds the cluster (or withdraws it for good).
+    fn interrupted(&self, active: &mut Vec<Active>, e: &ModelError) {
+        tracing::warn!("step failed: {e}");
+        let mut g = self.shared.lock().unwrap();
+        let mut gave_up = 0;
+        active.retain_mut(|a| {
+            a.replays += 1;
+            if a.replays > MAX_REPLAYS {
+                let _ = a.tx.send(Event::Error(clone_err(e)));
+                gave_up += 1;
+                return false;
+            }
+            a.restart();
+            true
+        });
+        g.metrics.failed += gave_up;
+        g.metrics.replayed_sequences += active.len() as u64;
+        g.kv_reserved = active.iter().map(|a| a.reserved).sum();
+        g.active = active.len();
+        g.ready = false;
+        g.state = "recovering".into();
+        let now = Instant::now();
+        g.waiting_since.get_or_insert(now);
+        g.recovering_since.get_or_insert(now);
+        drop(g);
+        (self.on_failure)(e);
     }
 }
 
@@ -1012,30 +1103,109 @@ mod tests {
         assert!(len > 3, "prefilled {len} tokens of sequence {seq}");
     }
 
-    #[test]
-    fn a_failed_step_fails_every_active_request_and_refuses_new_ones() {
-        let r = rig(SchedulerConfig::default(), 2);
-        let mut a = r.sched.submit(&cfg(), job(vec![1], 60)).unwrap();
-        let mut b = r.sched.submit(&cfg(), job(vec![2], 60)).unwrap();
-        assert!(matches!(a.blocking_recv(), Some(Event::Token(..))));
-        r.fail.store(true, Ordering::SeqCst);
-        let ea = collect(&mut a).unwrap_err();
-        let eb = collect(&mut b).unwrap_err();
-        assert!(ea.contains("w1") && eb.contains("w1"), "{ea} / {eb}");
-        // The coordinator is told (right after the requests are).
+    fn fake(delay_ms: u64) -> (Fake, Batches, Arc<AtomicBool>) {
+        let f = Fake {
+            cfg: cfg(),
+            caches: Default::default(),
+            batches: Default::default(),
+            fail: Default::default(),
+            delay: Duration::from_millis(delay_ms),
+        };
+        let (b, fail) = (f.batches.clone(), f.fail.clone());
+        (f, b, fail)
+    }
+
+    fn wait_failures(r: &Rig, n: usize) {
         let t = Instant::now();
-        while r.failures.lock().unwrap().is_empty() {
+        while r.failures.lock().unwrap().len() < n {
             assert!(
                 t.elapsed() < Duration::from_secs(5),
                 "the failure was not reported"
             );
             std::thread::sleep(Duration::from_millis(2));
         }
-        assert_eq!(r.failures.lock().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_failed_step_replays_running_and_queued_requests_on_the_next_cluster() {
+        let c = SchedulerConfig {
+            max_seqs: 2,
+            ..Default::default()
+        };
+        let r = rig(c, 2);
+        let mut a = r.sched.submit(&cfg(), job(vec![1], 30)).unwrap();
+        let mut b = r.sched.submit(&cfg(), job(vec![3, 4], 30)).unwrap();
+        // Waits in the queue (two sequences at most run).
+        let mut q = r.sched.submit(&cfg(), job(vec![5], 4)).unwrap();
+        let mut first = Vec::new();
+        while first.len() < 4 {
+            match a.blocking_recv() {
+                Some(Event::Token(t, _)) => first.push(t),
+                other => panic!("expected a token, got {:?}", other.is_some()),
+            }
+        }
+        r.fail.store(true, Ordering::SeqCst);
+        wait_failures(&r, 1);
+        assert!(r.failures.lock().unwrap()[0].contains("w1"));
         assert!(!r.sched.is_ready());
+        // While the cluster is rebuilt, a new request waits too.
+        let mut late = r.sched.submit(&cfg(), job(vec![7], 3)).unwrap();
+        r.sched.recover("recovering: worker w1 failed");
+        std::thread::sleep(Duration::from_millis(20));
+        let (fresh, batches, _) = fake(1);
+        r.sched.set_runner(Box::new(fresh));
+        let (rest, done) = collect(&mut a).unwrap();
+        first.extend(rest);
+        // Exactly the undisturbed tokens: 1 -> 2, 3, ... (mod 16; 15 is the stop token, and
+        // this sequence stops there), none repeated, none lost.
+        assert_eq!(first, (2..=15).collect::<Vec<u32>>());
+        assert_eq!(done.stats.finish, Finish::Stop);
+        assert_eq!(done.stats.generated, 14);
+        assert_eq!(done.stats.prompt_tokens, 1);
+        let (tb, _) = collect(&mut b).unwrap();
+        assert_eq!(tb, (5..=15).collect::<Vec<u32>>());
+        assert_eq!(collect(&mut q).unwrap().0, vec![6, 7, 8, 9]);
+        assert_eq!(collect(&mut late).unwrap().0, vec![8, 9, 10]);
+        // The fresh cluster prefilled each running sequence's prompt and tokens from 0.
+        let first_step = batches.lock().unwrap()[0].clone();
+        assert!(first_step.iter().all(|&(_, pos, len)| pos == 0 && len > 1));
+        let m = r.sched.metrics();
+        assert_eq!((m.recoveries, m.replayed_sequences, m.failed), (1, 2, 0));
+        assert_eq!(m.completed, 4);
+    }
+
+    #[test]
+    fn a_withdrawn_cluster_fails_waiting_requests_with_the_reason() {
+        let r = rig(SchedulerConfig::default(), 2);
+        let mut a = r.sched.submit(&cfg(), job(vec![1], 60)).unwrap();
+        assert!(matches!(a.blocking_recv(), Some(Event::Token(..))));
+        r.fail.store(true, Ordering::SeqCst);
+        wait_failures(&r, 1);
+        r.sched
+            .withdraw("no configuration of the 1 live worker(s) can hold the model");
+        let e = collect(&mut a).unwrap_err();
+        assert!(e.contains("no configuration"), "{e}");
         assert!(matches!(
             r.sched.submit(&cfg(), job(vec![1], 1)),
             Err(SubmitError::NotReady(_))
         ));
+        assert_eq!(r.sched.metrics().failed, 1);
+    }
+
+    #[test]
+    fn a_step_that_fails_on_every_cluster_fails_its_request_after_a_few_replays() {
+        let r = rig(SchedulerConfig::default(), 1);
+        let mut a = r.sched.submit(&cfg(), job(vec![1], 60)).unwrap();
+        assert!(matches!(a.blocking_recv(), Some(Event::Token(..))));
+        r.fail.store(true, Ordering::SeqCst);
+        for n in 1..=MAX_REPLAYS as usize {
+            wait_failures(&r, n);
+            let (f, _, fail) = fake(1);
+            fail.store(true, Ordering::SeqCst);
+            r.sched.set_runner(Box::new(f));
+        }
+        let e = collect(&mut a).unwrap_err();
+        assert!(e.contains("w1"), "{e}");
+        wait_failures(&r, MAX_REPLAYS as usize + 1);
     }
 }
