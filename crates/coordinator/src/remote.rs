@@ -74,7 +74,7 @@ fn top_reply_fits(r: &StepReply, want: &[Want]) -> bool {
 
 /// One worker's answer to a step, as [`gather_replies`] found it.
 enum Gathered {
-    Reply(StepReply),
+    Reply(Box<StepReply>),
     /// The stream ended, or failed.
     Closed,
     Failed(tonic::Status),
@@ -108,7 +108,7 @@ async fn gather_replies(links: &mut [StepLink]) -> Vec<Gathered> {
                 }
                 if let Poll::Ready(r) = std::pin::Pin::new(&mut l.rx).poll_next(cx) {
                     *slot = Some(match r {
-                        Some(Ok(r)) => Gathered::Reply(r),
+                        Some(Ok(r)) => Gathered::Reply(Box::new(r)),
                         Some(Err(s)) => Gathered::Failed(s),
                         None => Gathered::Closed,
                     });
@@ -254,7 +254,7 @@ impl Runner for RemoteCluster {
                             .unwrap()
                             .insert(l.id, (r.cached_sequences, r.cached_positions));
                         parts.push(std::mem::take(&mut r.logits));
-                        tops.push(r);
+                        tops.push(*r);
                         continue;
                     }
                     Gathered::Reply(r) => {
