@@ -770,9 +770,13 @@ fn grpc_tokens_with(
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut client = CoordinatorClient::connect(format!("http://{}", s.grpc))
-            .await
-            .expect("connect to the coordinator");
+        // TLS trusted from the cluster token, as every gRPC client of the cluster.
+        let keys = tessera_proto::secure::ClusterKeys::from_secret(&s.token).unwrap();
+        let mut client = CoordinatorClient::new(
+            keys.channel(&s.grpc, |e| e)
+                .await
+                .expect("connect to the coordinator"),
+        );
         let req = GenerateRequest {
             prompt: prompt.into(),
             max_tokens,
@@ -780,10 +784,7 @@ fn grpc_tokens_with(
             logprobs,
             ..Default::default()
         };
-        let mut stream = client
-            .generate(tessera_worker::with_token(&s.token, req))
-            .await?
-            .into_inner();
+        let mut stream = client.generate(keys.request(req)).await?.into_inner();
         let mut tokens = Vec::new();
         while let Some(ev) = stream.message().await? {
             match ev.event {

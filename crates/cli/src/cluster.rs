@@ -13,8 +13,9 @@ use tessera_coordinator::http::HttpConfig;
 use tessera_coordinator::{CoordinatorConfig, CoordinatorState, SchedulerConfig};
 use tessera_model::Backend;
 use tessera_proto::coordinator_client::CoordinatorClient;
+use tessera_proto::secure::ClusterKeys;
 use tessera_proto::{Empty, GenerateRequest, generate_event};
-use tessera_worker::{WorkerConfig, with_token};
+use tessera_worker::WorkerConfig;
 
 #[derive(Args)]
 pub struct TokenArg {
@@ -295,13 +296,7 @@ pub struct Local {
 }
 
 fn random_token() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos() ^ std::process::id() as u128);
-    let a = h.finish();
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(a);
-    format!("{a:016x}{:016x}", h.finish())
+    tessera_proto::secure::fresh_secret().expect("the system's random source")
 }
 
 pub fn start_local(
@@ -553,15 +548,19 @@ pub async fn remote_stream(
     Ok(done)
 }
 
-async fn connect(addr: &str) -> anyhow::Result<CoordinatorClient<tonic::transport::Channel>> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    CoordinatorClient::connect(url.clone())
+/// A client of the coordinator at `addr`, over TLS trusted from the cluster token, and the
+/// keys that authorize its calls.
+async fn connect(
+    addr: &str,
+    token: &str,
+) -> anyhow::Result<(CoordinatorClient<tonic::transport::Channel>, ClusterKeys)> {
+    let keys = ClusterKeys::from_secret(token).map_err(anyhow::Error::msg)?;
+    let ch = keys
+        .channel(addr, |e| e)
         .await
-        .with_context(|| format!("connecting to {url}"))
+        .map_err(|e| anyhow::anyhow!("{}", tessera_proto::secure::describe(&e)))
+        .with_context(|| format!("connecting to the coordinator at {addr}"))?;
+    Ok((CoordinatorClient::new(ch), keys))
 }
 
 /// Streams one request's answer (printed when `print`, as ids when `ids`); returns the
@@ -573,9 +572,9 @@ async fn stream_request(
     print: bool,
     ids_mode: bool,
 ) -> anyhow::Result<(tessera_proto::Done, String)> {
-    let mut client = connect(addr).await?;
+    let (mut client, keys) = connect(addr, token).await?;
     let mut stream = client
-        .generate(with_token(token, req))
+        .generate(keys.request(req))
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?
         .into_inner();
@@ -706,9 +705,9 @@ pub fn chat(a: ChatArgs) -> anyhow::Result<()> {
 
 pub fn status(addr: &str, token: &str) -> anyhow::Result<()> {
     runtime()?.block_on(async {
-        let mut c = connect(addr).await?;
+        let (mut c, keys) = connect(addr, token).await?;
         let s = c
-            .status(with_token(token, Empty {}))
+            .status(keys.request(Empty {}))
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?
             .into_inner();

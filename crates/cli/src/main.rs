@@ -56,6 +56,9 @@ enum Command {
     /// One peer process of `bench --collective` (started by it; reads its identity on stdin)
     #[command(hide = true)]
     CollectivePeer,
+    /// Print a fresh cluster token (the secret every coordinator, worker and client of one
+    /// cluster shares as TESSERA_TOKEN; the control plane's TLS is trusted from it)
+    Token,
     /// Show a running cluster's state and workers
     Status {
         /// The coordinator's address
@@ -424,6 +427,9 @@ fn main() -> ExitCode {
             die_quietly_on_closed_stdout();
             run_tokenize(a)
         }
+        Command::Token => tessera_proto::secure::fresh_secret()
+            .map(|t| println!("{t}"))
+            .map_err(anyhow::Error::msg),
         Command::Status { coordinator, token } => cluster::status(&coordinator, &token),
     };
     match result {

@@ -46,6 +46,22 @@ impl ClusterCa {
         Ok(ClusterCa { issuer })
     }
 
+    /// The cluster CA for a given Ed25519 key (PKCS#8): the one every holder of the cluster
+    /// secret derives (`tessera_proto::secure`), so the CA outlives a coordinator restart.
+    pub fn from_ed25519_key(pkcs8: &[u8]) -> Result<ClusterCa, rcgen::Error> {
+        let key = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(
+            &rustls::pki_types::PrivatePkcs8KeyDer::from(pkcs8.to_vec()),
+            &rcgen::PKCS_ED25519,
+        )?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Tessera cluster CA");
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, key)?;
+        Ok(ClusterCa { issuer })
+    }
+
     pub fn ca_der(&self) -> Vec<u8> {
         self.issuer.der().to_vec()
     }

@@ -22,9 +22,9 @@ use tessera_model::{
     shard_reads,
 };
 use tessera_proto::coordinator_server::{Coordinator, CoordinatorServer};
+use tessera_proto::secure::ClusterKeys;
 use tessera_proto::worker_client::WorkerClient;
 use tessera_proto::*;
-use tessera_worker::{check_token, with_token};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::Stream;
 use tonic::transport::Channel;
@@ -121,7 +121,8 @@ pub struct CoordinatorState {
     grow: bool,
     exact: bool,
     wire: tessera_collective::Wire,
-    token: String,
+    /// What the cluster secret gives: TLS both ways, the bearer value, the CA.
+    keys: Arc<ClusterKeys>,
     ca: ClusterCa,
     inner: Mutex<Inner>,
     changed: Notify,
@@ -137,7 +138,8 @@ impl CoordinatorState {
         } else {
             String::new()
         };
-        let ca = ClusterCa::new()?;
+        let keys = Arc::new(ClusterKeys::from_secret(&cfg.token).map_err(anyhow::Error::msg)?);
+        let ca = ClusterCa::from_ed25519_key(keys.ca_key())?;
         let files = Arc::new(files);
         Ok(Arc::new_cyclic(|me: &std::sync::Weak<CoordinatorState>| {
             let me = me.clone();
@@ -160,7 +162,7 @@ impl CoordinatorState {
                 grow: cfg.grow,
                 exact: cfg.exact,
                 wire: cfg.wire,
-                token: cfg.token.clone(),
+                keys,
                 ca,
                 inner: Mutex::new(Inner {
                     workers: BTreeMap::new(),
@@ -495,7 +497,7 @@ impl CoordinatorState {
             let (tx, rx) = mpsc::channel::<StepRequest>(4);
             let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
             let resp = client
-                .step(with_token(&self.token, stream))
+                .step(self.keys.request(stream))
                 .await
                 .map_err(|s| (Some(id), anyhow::anyhow!("{}", s.message())))?;
             links.push(StepLink {
@@ -546,11 +548,12 @@ impl CoordinatorState {
         mesh_id: u64,
         local: bool,
     ) -> anyhow::Result<(LoadReply, WorkerClient<Channel>)> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
-            .initial_stream_window_size(tessera_worker::STREAM_WINDOW)
-            .initial_connection_window_size(tessera_worker::STREAM_WINDOW)
-            .tcp_nodelay(true)
-            .connect()
+        let channel = self
+            .keys
+            .channel(addr, |e| {
+                e.initial_stream_window_size(tessera_worker::STREAM_WINDOW)
+                    .initial_connection_window_size(tessera_worker::STREAM_WINDOW)
+            })
             .await
             .with_context(|| format!("connecting to worker {addr}"))?;
         let mut client = WorkerClient::new(channel)
@@ -638,12 +641,9 @@ impl CoordinatorState {
                 }
             }),
         );
-        let reply = client
-            .load(with_token(&self.token, stream))
-            .await
-            .map_err(|s| {
-                anyhow::anyhow!("worker {addr} could not load its shard: {}", s.message())
-            })?;
+        let reply = client.load(self.keys.request(stream)).await.map_err(|s| {
+            anyhow::anyhow!("worker {addr} could not load its shard: {}", s.message())
+        })?;
         bar.finish_and_clear();
         let reply = reply.into_inner();
         if local {
@@ -683,11 +683,14 @@ impl CoordinatorState {
             };
             let mut checks = Vec::new();
             for (id, addr, was) in watch {
-                let token = self.token.clone();
+                let keys = self.keys.clone();
                 checks.push(tokio::spawn(async move {
                     let reply = tokio::time::timeout(Duration::from_secs(3), async {
-                        let mut c = WorkerClient::connect(format!("http://{addr}")).await.ok()?;
-                        c.health(with_token(&token, Empty {})).await.ok()
+                        let ch = keys.channel(&addr, |e| e).await.ok()?;
+                        WorkerClient::new(ch)
+                            .health(keys.request(Empty {}))
+                            .await
+                            .ok()
                     })
                     .await
                     .ok()
@@ -825,7 +828,7 @@ impl CoordinatorService {
     ) -> Result<Response<RegisterReply>, Status> {
         let st = &self.state;
         let remote = req.remote_addr();
-        if let Err(e) = check_token(&st.token, req.metadata()) {
+        if let Err(e) = st.keys.check(req.metadata()) {
             tracing::warn!(?remote, "refused a registration without the cluster token");
             eprintln!(
                 "refused a worker registration from {remote:?}: wrong or missing cluster token"
@@ -916,7 +919,7 @@ impl Coordinator for CoordinatorService {
 
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenStream>, Status> {
         let st = self.state.clone();
-        check_token(&st.token, req.metadata())?;
+        st.keys.check(req.metadata())?;
         let r = req.into_inner();
         let chat = r.chat || !r.messages.is_empty();
         let input = if !r.prompt_ids.is_empty() {
@@ -1109,7 +1112,7 @@ impl Coordinator for CoordinatorService {
     }
 
     async fn status(&self, req: Request<Empty>) -> Result<Response<ClusterStatus>, Status> {
-        check_token(&self.state.token, req.metadata())?;
+        self.state.keys.check(req.metadata())?;
         let workers = self
             .state
             .workers()
@@ -1151,12 +1154,11 @@ pub async fn serve(
             }
         });
     }
+    let keys = state.keys.clone();
     let svc = CoordinatorServer::new(CoordinatorService { state });
     tonic::transport::Server::builder()
         .add_service(svc)
-        .serve_with_incoming(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-        )
+        .serve_with_incoming(keys.incoming(listener))
         .await?;
     Ok(())
 }

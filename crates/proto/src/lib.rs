@@ -1,6 +1,9 @@
-//! The gRPC schemas of proto/tessera.proto, generated at build time.
+//! The gRPC control plane: the schemas of proto/tessera.proto, generated at build time, and
+//! [`secure`], its TLS and authorization, trusted from the cluster secret.
+
+pub mod secure;
 
 tonic::include_proto!("tessera.v1");
 
 /// Bumped on any incompatible change; a peer of another version is refused at registration.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;

@@ -16,6 +16,7 @@ use tessera_model::gguf::GgmlType;
 use tessera_model::weights::{Bytes, RawTensor, Weights};
 use tessera_model::{Backend, ModelFiles, Precision, SeqStep, ShardModel, TopSpec};
 use tessera_proto::coordinator_client::CoordinatorClient;
+use tessera_proto::secure::ClusterKeys;
 use tessera_proto::worker_server::{Worker, WorkerServer};
 use tessera_proto::*;
 use tokio::sync::{mpsc, oneshot};
@@ -36,33 +37,6 @@ pub struct WorkerConfig {
     pub memory_bytes: u64,
     /// Serve `GET /health` over plain HTTP here (for container and Kubernetes probes).
     pub health_listen: Option<SocketAddr>,
-}
-
-/// Checks the `authorization` metadata against the cluster token.
-pub fn check_token(token: &str, meta: &tonic::metadata::MetadataMap) -> Result<(), Status> {
-    let want = format!("Bearer {token}");
-    match meta.get("authorization").and_then(|v| v.to_str().ok()) {
-        Some(got)
-            if got.len() == want.len()
-                && got
-                    .bytes()
-                    .zip(want.bytes())
-                    .fold(0u8, |a, (x, y)| a | (x ^ y))
-                    == 0 =>
-        {
-            Ok(())
-        }
-        _ => Err(Status::unauthenticated("missing or wrong cluster token")),
-    }
-}
-
-pub fn with_token<T>(token: &str, msg: T) -> Request<T> {
-    let mut r = Request::new(msg);
-    r.metadata_mut().insert(
-        "authorization",
-        format!("Bearer {token}").parse().expect("token is ASCII"),
-    );
-    r
 }
 
 pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
@@ -94,7 +68,7 @@ struct State {
     /// has lost this worker (restarted, or the network changed), and the worker registers again.
     last_contact: std::sync::atomic::AtomicU64,
     born: Instant,
-    token: String,
+    keys: Arc<ClusterKeys>,
     backend: Backend,
     node: Arc<QuicNode>,
     local_model: Option<PathBuf>,
@@ -128,7 +102,7 @@ impl Worker for WorkerService {
         &self,
         req: Request<Streaming<LoadChunk>>,
     ) -> Result<Response<LoadReply>, Status> {
-        check_token(&self.state.token, req.metadata())?;
+        self.state.keys.check(req.metadata())?;
         self.state.touch();
         let started = Instant::now();
         let mut stream = req.into_inner();
@@ -279,7 +253,7 @@ impl Worker for WorkerService {
         &self,
         req: Request<Streaming<StepRequest>>,
     ) -> Result<Response<StepStream>, Status> {
-        check_token(&self.state.token, req.metadata())?;
+        self.state.keys.check(req.metadata())?;
         self.state.touch();
         let tx = {
             let g = self.state.shard.lock().unwrap();
@@ -319,7 +293,7 @@ impl Worker for WorkerService {
     }
 
     async fn health(&self, req: Request<Empty>) -> Result<Response<HealthReply>, Status> {
-        check_token(&self.state.token, req.metadata())?;
+        self.state.keys.check(req.metadata())?;
         self.state.touch();
         let g = self.state.shard.lock().unwrap();
         Ok(Response::new(match g.as_ref() {
@@ -575,6 +549,7 @@ async fn route_to(coordinator: &str) -> Option<std::net::IpAddr> {
 /// Runs a worker until the process is stopped: serves the Worker API and registers with the
 /// coordinator (retrying while it is unreachable). A refused registration is an error.
 pub async fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
+    let keys = Arc::new(ClusterKeys::from_secret(&cfg.token).map_err(anyhow::Error::msg)?);
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
@@ -591,7 +566,7 @@ pub async fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
     let state = Arc::new(State {
         last_contact: Default::default(),
         born: Instant::now(),
-        token: cfg.token.clone(),
+        keys: keys.clone(),
         backend: cfg.backend,
         node: node.clone(),
         local_model: cfg.model.clone(),
@@ -609,9 +584,7 @@ pub async fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
             .initial_stream_window_size(STREAM_WINDOW)
             .initial_connection_window_size(STREAM_WINDOW)
             .add_service(svc)
-            .serve_with_incoming(
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            ),
+            .serve_with_incoming(keys.incoming(listener)),
     );
     if let Some(addr) = cfg.health_listen {
         let l = tokio::net::TcpListener::bind(addr)
@@ -636,6 +609,7 @@ pub async fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
     let (key, spki) = generate_key()?;
     let reg = Registration {
         cfg: &cfg,
+        keys: &keys,
         grpc_port: grpc_addr.port(),
         quic_port: quic_addr.port(),
         bound: grpc_addr.ip(),
@@ -683,6 +657,7 @@ const REREGISTER_AFTER: Duration = Duration::from_secs(10);
 
 struct Registration<'a> {
     cfg: &'a WorkerConfig,
+    keys: &'a ClusterKeys,
     grpc_port: u16,
     quic_port: u16,
     bound: std::net::IpAddr,
@@ -695,11 +670,7 @@ impl Registration<'_> {
     /// error. The address is worked out anew each time (it may have changed).
     async fn register(&self) -> anyhow::Result<RegisterReply> {
         let cfg = self.cfg;
-        let coordinator = if cfg.coordinator.contains("://") {
-            cfg.coordinator.clone()
-        } else {
-            format!("http://{}", cfg.coordinator)
-        };
+        let coordinator = &cfg.coordinator;
         loop {
             // Where the coordinator and peers reach this worker: TESSERA_ADVERTISE, else the
             // bound address, else (bound to 0.0.0.0, as in a container) the interface that
@@ -730,8 +701,11 @@ impl Registration<'_> {
                 public_key_der: self.spki.clone(),
                 model_sha256: self.model_sha256.clone(),
             };
-            match CoordinatorClient::connect(coordinator.clone()).await {
-                Ok(mut c) => match c.register(with_token(&cfg.token, reg.clone())).await {
+            match self.keys.channel(coordinator, |e| e).await {
+                Ok(ch) => match CoordinatorClient::new(ch)
+                    .register(self.keys.request(reg.clone()))
+                    .await
+                {
                     Ok(r) => {
                         let r = r.into_inner();
                         tracing::info!(id = r.worker_id, grpc = %reg.grpc_addr, quic = %reg.quic_addr, "registered");
@@ -749,7 +723,17 @@ impl Registration<'_> {
                     }
                     Err(s) => tracing::warn!("registration failed, retrying: {}", s.message()),
                 },
-                Err(e) => tracing::warn!("coordinator {coordinator} unreachable, retrying: {e}"),
+                // A server that is not this cluster's (a wrong secret here or there, or a
+                // man in the middle): no use retrying.
+                Err(e) if tessera_proto::secure::is_untrusted(&e) => bail!(
+                    "refused the coordinator at {coordinator}: {} (is TESSERA_TOKEN this \
+                     cluster's token?)",
+                    tessera_proto::secure::describe(&e)
+                ),
+                Err(e) => tracing::warn!(
+                    "coordinator {coordinator} unreachable, retrying: {}",
+                    tessera_proto::secure::describe(&e)
+                ),
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
