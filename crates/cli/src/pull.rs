@@ -110,7 +110,7 @@ pub fn run(a: PullArgs) -> anyhow::Result<()> {
     };
     let dest = cached_path(k.name).expect("known model");
     if dest.exists() {
-        if tessera_worker::sha256_file(&dest)? == k.sha256 {
+        if tessera_model::sha256_file(&dest)? == k.sha256 {
             eprintln!("{} is already pulled and verified", k.name);
             println!("{}", dest.display());
             return Ok(());

@@ -134,7 +134,7 @@ impl CoordinatorState {
         let files = ModelFiles::open(&cfg.model)?;
         files.plan(&vec![1.0; cfg.workers])?;
         let model_sha256 = if cfg.model.is_file() {
-            tessera_worker::sha256_file(&cfg.model)?
+            tessera_model::sha256_file(&cfg.model)?
         } else {
             String::new()
         };
@@ -551,8 +551,8 @@ impl CoordinatorState {
         let channel = self
             .keys
             .channel(addr, |e| {
-                e.initial_stream_window_size(tessera_worker::STREAM_WINDOW)
-                    .initial_connection_window_size(tessera_worker::STREAM_WINDOW)
+                e.initial_stream_window_size(tessera_proto::STREAM_WINDOW)
+                    .initial_connection_window_size(tessera_proto::STREAM_WINDOW)
             })
             .await
             .with_context(|| format!("connecting to worker {addr}"))?;

@@ -23,7 +23,7 @@ pub use engine::{
     check_steps, gather_logits, generate,
 };
 pub use error::{ModelError, Result};
-pub use loader::ModelFiles;
+pub use loader::{ModelFiles, sha256_file};
 pub use sampling::{
     Candidates, Draw, MAX_CANDIDATES, MAX_LOGPROBS, NUCLEUS_CANDIDATES, Sampler, SamplingParams,
     TokenLogprobs, TopSpec, Want, candidates,

@@ -425,3 +425,21 @@ fn gguf_config(g: &GgufFile) -> Result<ModelConfig, ConfigError> {
     cfg.validate()?;
     Ok(cfg)
 }
+
+/// The sha256 of a file, in hex: a model file's identity (a worker with the same file reads its
+/// slice locally; `tessera pull` checks downloads against it).
+pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(format!("{:x}", h.finalize()))
+}

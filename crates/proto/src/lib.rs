@@ -7,3 +7,7 @@ tonic::include_proto!("tessera.v1");
 
 /// Bumped on any incompatible change; a peer of another version is refused at registration.
 pub const PROTOCOL_VERSION: u32 = 6;
+
+/// HTTP/2 flow-control window for the step stream (both directions): a step's logits (4 bytes
+/// x vocabulary slice x sequences) in one window.
+pub const STREAM_WINDOW: u32 = 16 << 20;

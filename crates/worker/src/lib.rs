@@ -39,21 +39,6 @@ pub struct WorkerConfig {
     pub health_listen: Option<SocketAddr>,
 }
 
-pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
-    Ok(format!("{:x}", h.finalize()))
-}
-
 enum ShardCmd {
     Step(StepRequest, oneshot::Sender<StepReply>),
 }
@@ -560,7 +545,9 @@ pub async fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
     );
     let quic_addr = node.local_addr()?;
     let model_sha256 = match &cfg.model {
-        Some(p) => sha256_file(p).with_context(|| format!("reading {}", p.display()))?,
+        Some(p) => {
+            tessera_model::sha256_file(p).with_context(|| format!("reading {}", p.display()))?
+        }
         None => String::new(),
     };
     let state = Arc::new(State {
@@ -581,8 +568,8 @@ pub async fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
         tonic::transport::Server::builder()
             // A step's logits (4 bytes x vocabulary slice x sequences) in one window, and no
             // Nagle delay on the small frames that end each reply.
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(STREAM_WINDOW)
+            .initial_stream_window_size(tessera_proto::STREAM_WINDOW)
+            .initial_connection_window_size(tessera_proto::STREAM_WINDOW)
             .add_service(svc)
             .serve_with_incoming(keys.incoming(listener)),
     );
@@ -648,9 +635,6 @@ pub async fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
     }
     Ok(())
 }
-
-/// HTTP/2 flow-control window for the step stream (both directions).
-pub const STREAM_WINDOW: u32 = 16 << 20;
 
 /// The coordinator checks every worker each second; this much silence means it lost us.
 const REREGISTER_AFTER: Duration = Duration::from_secs(10);
