@@ -126,6 +126,15 @@ fn run_gemma3_270m_on_1_and_2_worker_processes() {
     check_run(&gemma3(), "gemma3-270m-q4_k_m", &[1, 2], 4);
 }
 
+/// `tessera coordinator` for `model` on `addr`, waiting for `n` workers (exact path).
+fn coordinator_cmd(model: &Path, n: usize, addr: &str, token: &str) -> Command {
+    let mut c = tessera();
+    c.args(["coordinator", "--model", model.to_str().unwrap(), "--exact"])
+        .args(["--workers", &n.to_string(), "--listen", addr])
+        .env("TESSERA_TOKEN", token);
+    c
+}
+
 /// A coordinator and its workers as separate processes, killed when the test ends.
 struct Cluster {
     addr: String,
@@ -143,19 +152,8 @@ impl Cluster {
     fn start_with(model: &Path, n: usize, extra: &[&str]) -> Cluster {
         let addr = format!("127.0.0.1:{}", free_port());
         let token = format!("test-token-{}", std::process::id());
-        let coordinator = tessera()
-            .args([
-                "coordinator",
-                "--model",
-                model.to_str().unwrap(),
-                "--exact",
-                "--workers",
-                &n.to_string(),
-                "--listen",
-                &addr,
-            ])
+        let coordinator = coordinator_cmd(model, n, &addr, &token)
             .args(extra)
-            .env("TESSERA_TOKEN", &token)
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
@@ -400,6 +398,78 @@ fn a_killed_worker_that_nothing_can_replace_fails_the_request_saying_so_and_rejo
     c.workers[1] = Some(back);
     c.wait_ready();
     c.expect_reference(case);
+}
+
+/// The coordinator dies (SIGKILL) and a new one starts with the same model and token: its
+/// request in flight fails (the client retries), the workers keep their shards and register
+/// again, and the new coordinator adopts them (sha256, configuration and shard specs checked)
+/// without shipping a byte, serving the reference text again within seconds.
+#[test]
+fn a_restarted_coordinator_adopts_the_shards_the_workers_hold() {
+    let r = reference("smollm2-135m-q4_1");
+    let case = &r.cases[0];
+    let mut c = Cluster::start(&smollm2(), 2);
+    c.expect_reference(case);
+    // Text output (not --ids), so that it streams.
+    let mut long = tessera()
+        .args(["generate", "--coordinator", &c.addr, "--ignore-eos"])
+        .args([
+            "--prompt",
+            "Write a very long story about a lighthouse keeper.",
+        ])
+        .args(["--max-tokens", "1000"])
+        .env("TESSERA_TOKEN", &c.token)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 4];
+    long.stdout.as_mut().unwrap().read_exact(&mut first).ok();
+    c.coordinator.kill().unwrap();
+    c.coordinator.wait().unwrap();
+    assert!(
+        !long.wait().unwrap().success(),
+        "the request outlived its coordinator"
+    );
+    let restarted = Instant::now();
+    c.coordinator = coordinator_cmd(&smollm2(), 2, &c.addr, &c.token)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    let err = c.coordinator.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for l in std::io::BufRead::lines(std::io::BufReader::new(err)).map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let ready = loop {
+        let l = lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the restarted coordinator said nothing for 60 s");
+        // "shard N -> ADDR: shipped ... MB" or "...: read from the worker's own copy".
+        assert!(!l.contains("shard ") || !l.contains(" -> "), "{l}");
+        if l.contains("cluster ready") {
+            break l;
+        }
+    };
+    let took = restarted.elapsed();
+    assert!(
+        ready.contains("adopted") && ready.contains("nothing shipped"),
+        "{ready}"
+    );
+    assert!(
+        took < Duration::from_secs(20),
+        "serving again took {took:?}"
+    );
+    eprintln!("the restarted coordinator served again after {took:.2?}: {ready}");
+    c.expect_reference(case);
+    assert!(
+        lines
+            .try_iter()
+            .all(|l| !l.contains("shard ") || !l.contains(" -> ")),
+        "a shard was loaded after all"
+    );
 }
 
 #[test]

@@ -92,6 +92,8 @@ struct WorkerEntry {
     /// From its last load: bytes of weights held, and the process's resident memory.
     weight_bytes_held: u64,
     rss_bytes: u64,
+    /// The shard it said it holds when it registered (a restarted coordinator may adopt it).
+    held: Option<HeldShard>,
 }
 
 struct Inner {
@@ -167,7 +169,11 @@ impl CoordinatorState {
                 inner: Mutex::new(Inner {
                     workers: BTreeMap::new(),
                     next_id: 1,
-                    mesh_id: 0,
+                    // From the clock: a restarted coordinator's meshes are never numbered like
+                    // its previous life's (registrations raise it past any a worker holds).
+                    mesh_id: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
                     loaded: false,
                     mesh_size: 0,
                     served: false,
@@ -293,7 +299,19 @@ impl CoordinatorState {
                 if !start && !g.loaded && g.served && g.state == "recovering" {
                     g.state = "degraded";
                 }
-                if let Some(k) = k {
+                // Workers that still hold a whole mesh of this model (this coordinator
+                // restarted): adopted as they are.
+                let adopt = if start {
+                    self.adoptable(&g, &live)
+                } else {
+                    None
+                };
+                if let Some((ids, mesh)) = adopt {
+                    g.loaded = true;
+                    g.mesh_size = ids.len();
+                    g.state = "loading";
+                    Some((ids, mesh, false, true))
+                } else if let Some(k) = k {
                     let before = g.mesh_size;
                     g.loaded = true;
                     g.mesh_size = k;
@@ -315,12 +333,28 @@ impl CoordinatorState {
                         tracing::warn!(workers = k, "resharding over the workers that remain");
                         eprintln!("{k} of {} workers live: resharding over them", self.n);
                     }
-                    Some((pick(k), g.mesh_id, grow_now || restore_now))
+                    Some((pick(k), g.mesh_id, grow_now || restore_now, false))
                 } else {
                     None
                 }
             };
-            if let Some((ids, mesh, growing)) = todo {
+            if let Some((ids, mesh, growing, adopting)) = todo {
+                if adopting {
+                    if let Err((_, e)) = self.adopt(&ids, mesh).await {
+                        // Load them anew instead.
+                        tracing::warn!("adopting the workers' shards failed: {e:#}");
+                        eprintln!("adopting the workers' shards failed, loading anew: {e:#}");
+                        let mut g = self.inner.lock().unwrap();
+                        for id in &ids {
+                            if let Some(w) = g.workers.get_mut(id) {
+                                w.held = None;
+                            }
+                        }
+                        g.loaded = false;
+                        g.state = "waiting for workers";
+                    }
+                    continue;
+                }
                 if growing {
                     // The old mesh stops serving (the scheduler is idle) while the new loads.
                     self.scheduler.pause("loading");
@@ -492,6 +526,31 @@ impl CoordinatorState {
         if let Some(e) = first_err {
             return Err(e);
         }
+        let names: Vec<(String, String)> =
+            members.iter().map(|m| (m.1.clone(), m.2.clone())).collect();
+        let secs = started.elapsed().as_secs_f64();
+        self.serve_mesh(ids, clients, &names, bytes, plan.shards, mesh_id)
+            .await?;
+        *self.load_seconds.lock().unwrap() = Some(secs);
+        tracing::info!(mesh = mesh_id, secs, "cluster ready");
+        eprintln!(
+            "cluster ready: {} worker(s), shards loaded in {secs:.2} s",
+            ids.len()
+        );
+        Ok(())
+    }
+
+    /// Opens every worker's step stream and hands the scheduler the mesh: `ids[r]` holds
+    /// `shards[r]`, and is `names[r]` (its name and address).
+    async fn serve_mesh(
+        &self,
+        ids: &[u64],
+        clients: Vec<(u64, WorkerClient<Channel>)>,
+        names: &[(String, String)],
+        bytes: u64,
+        shards: Vec<tessera_core::ShardSpec>,
+        mesh_id: u64,
+    ) -> Result<(), (Option<u64>, anyhow::Error)> {
         let mut links = Vec::new();
         for (rank, (id, mut client)) in clients.into_iter().enumerate() {
             let (tx, rx) = mpsc::channel::<StepRequest>(4);
@@ -501,8 +560,8 @@ impl CoordinatorState {
                 .await
                 .map_err(|s| (Some(id), anyhow::anyhow!("{}", s.message())))?;
             links.push(StepLink {
-                name: members[rank].1.clone(),
-                addr: members[rank].2.clone(),
+                name: names[rank].0.clone(),
+                addr: names[rank].1.clone(),
                 id,
                 tx,
                 rx: resp.into_inner(),
@@ -517,14 +576,13 @@ impl CoordinatorState {
             comm: Default::default(),
             usage: self.cache_usage.clone(),
         };
-        let secs = started.elapsed().as_secs_f64();
-        *self.load_seconds.lock().unwrap() = Some(secs);
         let mut g = self.inner.lock().unwrap();
+        g.mesh_id = g.mesh_id.max(mesh_id);
         for (rank, id) in ids.iter().enumerate() {
             if let Some(w) = g.workers.get_mut(id) {
                 w.state = WState::Ready;
                 w.rank = Some(rank);
-                w.shard = Some(plan.shards[rank].clone());
+                w.shard = Some(shards[rank].clone());
             }
         }
         g.state = "ready";
@@ -532,9 +590,115 @@ impl CoordinatorState {
         g.served = true;
         drop(g);
         self.scheduler.set_runner(Box::new(runner));
-        tracing::info!(mesh = mesh_id, secs, "cluster ready");
+        Ok(())
+    }
+
+    /// Live workers that together still hold a whole mesh of this model, cut as this
+    /// coordinator would cut it now (same file by sha256, configuration, precision, wire,
+    /// plan, and peers at the addresses they registered): their ids in rank order, and the
+    /// mesh. A restarted coordinator adopts them instead of shipping the shards again.
+    fn adoptable(&self, g: &Inner, live: &[u64]) -> Option<(Vec<u64>, u64)> {
+        if self.model_sha256.is_empty() {
+            return None;
+        }
+        let cfg_json = serde_json::to_string(&self.files.cfg).ok()?;
+        let mut meshes: BTreeMap<u64, Vec<(usize, u64)>> = BTreeMap::new();
+        for id in live {
+            let Some(h) = &g.workers[id].held else {
+                continue;
+            };
+            let Ok(spec) = serde_json::from_str::<tessera_core::ShardSpec>(&h.spec_json) else {
+                continue;
+            };
+            if h.model_sha256 == self.model_sha256
+                && h.config_json == cfg_json
+                && h.exact == self.exact
+                && h.wire == self.wire.name()
+            {
+                meshes.entry(h.mesh_id).or_default().push((spec.rank, *id));
+            }
+        }
+        // The newest mesh first.
+        meshes.into_iter().rev().find_map(|(mesh, mut members)| {
+            members.sort_unstable();
+            let ids: Vec<u64> = members.iter().map(|m| m.1).collect();
+            let ranks_ok = members.iter().enumerate().all(|(r, m)| m.0 == r);
+            if !ranks_ok || ids.len() != self.n {
+                return None;
+            }
+            let plan = self.fit(g, &ids).ok()?;
+            let whole = ids.iter().enumerate().all(|(r, id)| {
+                let h = g.workers[id].held.as_ref().expect("held");
+                serde_json::to_string(&plan.shards[r]).is_ok_and(|j| j == h.spec_json)
+                    && h.peers.len() == ids.len()
+                    && h.peers
+                        .iter()
+                        .zip(&ids)
+                        .all(|(p, pid)| p.quic_addr == g.workers[pid].quic_addr)
+            });
+            whole.then_some((ids, mesh))
+        })
+    }
+
+    /// Serves with the shards the workers `ids` already hold (see [`Self::adoptable`]):
+    /// nothing is shipped or read, the step streams open and the cluster is ready.
+    async fn adopt(&self, ids: &[u64], mesh_id: u64) -> Result<(), (Option<u64>, anyhow::Error)> {
+        let started = Instant::now();
+        let members: Vec<(u64, String, String, HeldShard)> = {
+            let g = self.inner.lock().unwrap();
+            ids.iter()
+                .map(|id| {
+                    let w = &g.workers[id];
+                    let h = w.held.clone().unwrap_or_default();
+                    (w.id, w.name.clone(), w.grpc_addr.clone(), h)
+                })
+                .collect()
+        };
+        let mut clients = Vec::new();
+        let mut shards = Vec::new();
+        let mut bytes = 0;
+        for (id, _, addr, h) in &members {
+            let ch = self
+                .keys
+                .channel(addr, |e| {
+                    e.initial_stream_window_size(tessera_proto::STREAM_WINDOW)
+                        .initial_connection_window_size(tessera_proto::STREAM_WINDOW)
+                })
+                .await
+                .map_err(|e| {
+                    (
+                        Some(*id),
+                        anyhow::anyhow!("connecting to worker {addr}: {e}"),
+                    )
+                })?;
+            let client = WorkerClient::new(ch)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20);
+            clients.push((*id, client));
+            shards.push(
+                serde_json::from_str(&h.spec_json)
+                    .map_err(|e| (Some(*id), anyhow::anyhow!("its shard: {e}")))?,
+            );
+            bytes += h.weight_bytes_per_token;
+        }
+        let names: Vec<(String, String)> =
+            members.iter().map(|m| (m.1.clone(), m.2.clone())).collect();
+        self.serve_mesh(ids, clients, &names, bytes, shards, mesh_id)
+            .await?;
+        {
+            let mut g = self.inner.lock().unwrap();
+            for m in &members {
+                if let Some(w) = g.workers.get_mut(&m.0) {
+                    w.weight_bytes_held = m.3.weight_bytes_held;
+                }
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        *self.load_seconds.lock().unwrap() = Some(secs);
+        tracing::info!(mesh = mesh_id, secs, "cluster ready (adopted)");
         eprintln!(
-            "cluster ready: {} worker(s), shards loaded in {secs:.2} s",
+            "cluster ready: adopted the shards {} worker(s) already hold (mesh {mesh_id}, \
+             sha256 and shard specs checked; nothing shipped) in {secs:.2} s",
             ids.len()
         );
         Ok(())
@@ -620,6 +784,7 @@ impl CoordinatorState {
             sha256: sha,
             exact: self.exact,
             wire: self.wire.name().into(),
+            model_sha256: self.model_sha256.clone(),
         };
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
@@ -851,6 +1016,33 @@ impl CoordinatorService {
             .issue(&r.public_key_der, &r.name)
             .map_err(|e| Status::invalid_argument(format!("public key: {e}")))?;
         let mut g = st.inner.lock().unwrap();
+        // Mesh ids only grow, past any a worker still holds (from this coordinator's previous
+        // life), so that a new mesh is never confused with an old one.
+        if let Some(h) = &r.held {
+            g.mesh_id = g.mesh_id.max(h.mesh_id);
+        }
+        // A serving worker that registers again (it missed the health checks for a while)
+        // with the shard of the serving mesh, at the same addresses: nothing changed.
+        let same = g
+            .workers
+            .values()
+            .find(|w| {
+                w.name == r.name
+                    && w.state == WState::Ready
+                    && w.grpc_addr == r.grpc_addr
+                    && w.quic_addr == r.quic_addr
+                    && r.held.as_ref().is_some_and(|h| h.mesh_id == g.mesh_id)
+            })
+            .map(|w| w.id);
+        if let Some(id) = same {
+            drop(g);
+            tracing::info!(id, name = %r.name, "serving worker registered again");
+            return Ok(Response::new(RegisterReply {
+                worker_id: id,
+                certificate_der: cert,
+                ca_der: st.ca.ca_der(),
+            }));
+        }
         let id = g.next_id;
         g.next_id += 1;
         // A worker that comes back under the same name replaces its old entry.
@@ -885,6 +1077,7 @@ impl CoordinatorService {
                 shard: None,
                 weight_bytes_held: 0,
                 rss_bytes: 0,
+                held: r.held,
             },
         );
         drop(g);

@@ -446,6 +446,11 @@ impl ShardModel {
         self.precision
     }
 
+    /// Drops every sequence's KV cache.
+    pub fn free_all(&mut self) {
+        self.caches.clear();
+    }
+
     pub fn free(&mut self, seq: u64) {
         self.caches.remove(&seq);
     }

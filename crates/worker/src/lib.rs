@@ -41,11 +41,16 @@ pub struct WorkerConfig {
 
 enum ShardCmd {
     Step(StepRequest, oneshot::Sender<StepReply>),
+    /// A new coordinator session: drop every KV cache (its sequence ids start over).
+    Reset,
 }
 
 struct Loaded {
     tx: std::sync::mpsc::Sender<ShardCmd>,
     mesh_id: u64,
+    /// What registration tells a restarted coordinator, so that it can adopt this shard
+    /// (none when the coordinator's model had no file hash to check it by).
+    held: Option<HeldShard>,
 }
 
 struct State {
@@ -218,7 +223,22 @@ impl Worker for WorkerService {
             .await
             .map_err(|_| Status::internal("shard thread died"))?
             .map_err(Status::failed_precondition)?;
-        *self.state.shard.lock().unwrap() = Some(Loaded { tx, mesh_id });
+        let adoptable = (!a.model_sha256.is_empty()).then(|| HeldShard {
+            mesh_id,
+            config_json: a.config_json.clone(),
+            spec_json: a.spec_json.clone(),
+            model_sha256: a.model_sha256.clone(),
+            exact: a.exact,
+            wire: a.wire.clone(),
+            peers: a.peers.clone(),
+            weight_bytes_per_token: bytes,
+            weight_bytes_held: held,
+        });
+        *self.state.shard.lock().unwrap() = Some(Loaded {
+            tx,
+            mesh_id,
+            held: adoptable,
+        });
         tracing::info!(
             mesh = mesh_id,
             secs = started.elapsed().as_secs_f64(),
@@ -247,6 +267,7 @@ impl Worker for WorkerService {
                 .tx
                 .clone()
         };
+        let _ = tx.send(ShardCmd::Reset);
         let mut input = req.into_inner();
         let (out_tx, out_rx) = mpsc::channel(4);
         tokio::spawn(async move {
@@ -397,7 +418,15 @@ fn shard_thread(
     drop(weights);
     // The last step's rows that asked for a nucleus's candidates, by sequence.
     let mut kept: Vec<(u64, Vec<f32>)> = Vec::new();
-    while let Ok(ShardCmd::Step(req, reply)) = rx.recv() {
+    while let Ok(cmd) = rx.recv() {
+        let (req, reply) = match cmd {
+            ShardCmd::Step(req, reply) => (req, reply),
+            ShardCmd::Reset => {
+                model.free_all();
+                kept.clear();
+                continue;
+            }
+        };
         let before = coll.stats();
         let mut out = StepReply::default();
         for seq in &req.free {
@@ -597,6 +626,7 @@ pub async fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
     let reg = Registration {
         cfg: &cfg,
         keys: &keys,
+        state: &state,
         grpc_port: grpc_addr.port(),
         quic_port: quic_addr.port(),
         bound: grpc_addr.ip(),
@@ -637,11 +667,12 @@ pub async fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
 }
 
 /// The coordinator checks every worker each second; this much silence means it lost us.
-const REREGISTER_AFTER: Duration = Duration::from_secs(10);
+const REREGISTER_AFTER: Duration = Duration::from_secs(3);
 
 struct Registration<'a> {
     cfg: &'a WorkerConfig,
     keys: &'a ClusterKeys,
+    state: &'a State,
     grpc_port: u16,
     quic_port: u16,
     bound: std::net::IpAddr,
@@ -684,6 +715,13 @@ impl Registration<'_> {
                 memory_bytes: cfg.memory_bytes,
                 public_key_der: self.spki.clone(),
                 model_sha256: self.model_sha256.clone(),
+                held: self
+                    .state
+                    .shard
+                    .lock()
+                    .unwrap()
+                    .as_ref()
+                    .and_then(|l| l.held.clone()),
             };
             match self.keys.channel(coordinator, |e| e).await {
                 Ok(ch) => match CoordinatorClient::new(ch)
