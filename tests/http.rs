@@ -1058,3 +1058,227 @@ fn a_worker_killed_mid_stream_costs_a_delay_not_an_error() {
         let _ = w.wait();
     }
 }
+
+/// Resident memory of process `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = s
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb << 10
+}
+
+/// A TCP connection whose receive buffer is 4 KiB: a client that never reads fills it fast.
+fn tiny_buffer_connection(addr: &str) -> std::net::TcpStream {
+    use std::os::fd::FromRawFd;
+    let addr: std::net::SocketAddrV4 = addr.parse().unwrap();
+    // SAFETY: plain socket calls on a descriptor this function owns until it is wrapped.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let size: libc::c_int = 4096;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &size as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: addr.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(*addr.ip()).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let r = libc::connect(
+            fd,
+            &sa as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(r, 0, "connect: {}", std::io::Error::last_os_error());
+        std::net::TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// The HTTP server under load: 64 concurrent streaming clients, alone and then beside 16
+/// slow ones (6 that send their headers a byte at a time, 5 whose body never finishes, 5 that
+/// do not read their stream until it is over, 3 of those with a 4 KiB receive buffer). The
+/// slow senders are cut off by the read timeout (408 for a body), the 64 get the same text
+/// either way, /metrics answers meanwhile, and the coordinator's memory stays bounded. Prints
+/// both loads' tokens/s and the latency histograms' p50/p99.
+#[test]
+fn sixty_four_streams_beside_sixteen_slow_clients() {
+    let s = Server::run(&[
+        "--http-read-timeout",
+        "2",
+        "--http-write-timeout",
+        "3",
+        "--http-max-body-mib",
+        "1",
+    ]);
+    let http = s.http.clone();
+    let n_tok = 16;
+    let body = |i: usize| {
+        json!({"prompt": format!("Client {i} asks: what is the best thing about {}?",
+                                 ["rain", "maps", "owls", "tea"][i % 4]),
+               "max_tokens": n_tok, "temperature": 0, "ignore_eos": true, "stream": true,
+               "stream_options": {"include_usage": true}})
+    };
+    let load = |label: &str| -> (Vec<String>, f64) {
+        let t = Instant::now();
+        let handles: Vec<_> = (0..64)
+            .map(|i| {
+                let (http, b) = (http.clone(), body(i));
+                std::thread::spawn(move || stream_completion(&http, &b, |_| {}))
+            })
+            .collect();
+        let texts: Vec<String> = handles
+            .into_iter()
+            .map(|h| {
+                let r = h.join().unwrap();
+                assert_eq!(r.finish, "length");
+                assert_eq!(r.usage["completion_tokens"], n_tok);
+                r.text
+            })
+            .collect();
+        let rate = (64 * n_tok) as f64 / t.elapsed().as_secs_f64();
+        eprintln!("{label}: 64 streams x {n_tok} tokens at {rate:.1} tokens/s");
+        (texts, rate)
+    };
+    let (alone, rate_alone) = load("alone");
+    let rss_before = rss(s.child.id());
+
+    // The slow clients, each in its own thread, reporting what the server did to it.
+    let slow: Vec<std::thread::JoinHandle<String>> = (0..16)
+        .map(|i| {
+            let http = http.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                match i {
+                    // Slowloris: a header line a byte every 300 ms, never finished.
+                    0..6 => {
+                        let mut c = std::net::TcpStream::connect(&http).unwrap();
+                        let head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+                        for b in head {
+                            if c.write_all(&[*b]).is_err() {
+                                return format!("headers cut off after {:.1?}", t.elapsed());
+                            }
+                            std::thread::sleep(Duration::from_millis(300));
+                        }
+                        format!("headers never cut off ({:.1?})", t.elapsed())
+                    }
+                    // A body that never finishes.
+                    6..11 => {
+                        let mut c = std::net::TcpStream::connect(&http).unwrap();
+                        c.write_all(
+                            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n\
+                              Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\":",
+                        )
+                        .unwrap();
+                        let mut answer = String::new();
+                        let _ = c.read_to_string(&mut answer);
+                        let status = answer.lines().next().unwrap_or("").to_string();
+                        format!("body: {status} after {:.1?}", t.elapsed())
+                    }
+                    // Never reads (until the end): a short answer, or a longer one into a 4 KiB
+                    // receive buffer. Either waits in the kernel's socket buffers; the server
+                    // goes on (a write that stalls for the write timeout drops the connection:
+                    // the unit test of `WriteTimeout`).
+                    _ => {
+                        let long = i >= 13;
+                        let mut c = if long {
+                            tiny_buffer_connection(&http)
+                        } else {
+                            std::net::TcpStream::connect(&http).unwrap()
+                        };
+                        let b = json!({"prompt": "Tell me everything.", "stream": true,
+                                       "max_tokens": if long { 64 } else { 16 },
+                                       "ignore_eos": true})
+                        .to_string();
+                        write!(
+                            c,
+                            "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+                            b.len()
+                        )
+                        .unwrap();
+                        std::thread::sleep(Duration::from_secs(12));
+                        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        let mut all = Vec::new();
+                        let _ = c.read_to_end(&mut all);
+                        let all = String::from_utf8_lossy(&all);
+                        let done = all.contains("[DONE]");
+                        format!("never read ({}): done {done}", if long { "long" } else { "short" })
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // /metrics answers while all of that goes on.
+    let (mtx, mrx) = mpsc::channel();
+    let http2 = http.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(800));
+        let t = Instant::now();
+        let r = get(&http2, "/metrics");
+        let _ = mtx.send((r.status, t.elapsed()));
+    });
+    let (beside, rate_beside) = load("beside 16 slow clients");
+    assert_eq!(
+        beside, alone,
+        "the slow clients changed the others' answers"
+    );
+    let (status, took) = mrx.recv().unwrap();
+    assert_eq!(status, 200);
+    eprintln!("/metrics answered in {took:.1?} under load");
+    let outcomes: Vec<String> = slow.into_iter().map(|h| h.join().unwrap()).collect();
+    eprintln!("slow clients: {outcomes:#?}");
+    for (i, o) in outcomes.iter().enumerate() {
+        match i {
+            0..6 => assert!(o.starts_with("headers cut off"), "{o}"),
+            6..11 => assert!(o.starts_with("body: HTTP/1.1 408"), "{o}"),
+            _ => assert!(o.ends_with("done true"), "{o}"),
+        }
+    }
+    // A body over --http-max-body-mib (1): 413, without the server reading it all.
+    let mut c = std::net::TcpStream::connect(&http).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let _ = c.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+          Content-Type: application/json\r\nContent-Length: 2097152\r\n\r\n",
+    );
+    let _ = c.write_all(&vec![b' '; 3 << 19]);
+    let mut answer = Vec::new();
+    let _ = c.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let m = s.metrics();
+    let rss_after = rss(s.child.id());
+    assert!(
+        rss_after < rss_before + (64 << 20),
+        "the coordinator grew from {rss_before} to {rss_after} bytes"
+    );
+    for name in [
+        "tessera_time_to_first_token_seconds",
+        "tessera_time_per_output_token_seconds",
+        "tessera_e2e_request_latency_seconds",
+    ] {
+        eprintln!(
+            "{name}: p50 <= {} s, p99 <= {} s",
+            quantile(&m, name, 0.5),
+            quantile(&m, name, 0.99)
+        );
+    }
+    eprintln!(
+        "tokens/s beside the slow clients / alone: {:.2}; coordinator RSS {} -> {} MiB",
+        rate_beside / rate_alone,
+        rss_before >> 20,
+        rss_after >> 20
+    );
+}

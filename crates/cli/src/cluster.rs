@@ -79,6 +79,19 @@ pub struct ServeArgs {
     /// a quarter of the bytes); every worker still sums the same bits
     #[arg(long, default_value = "f32")]
     wire: tessera_collective::Wire,
+    /// Seconds an HTTP client may take to send a request's headers, and then its body (a
+    /// slow or stalled client is answered 408 and dropped)
+    #[arg(long, default_value_t = 10.0)]
+    http_read_timeout: f64,
+    /// Seconds an HTTP client may leave the answer unread before the connection is dropped
+    #[arg(long, default_value_t = 60.0)]
+    http_write_timeout: f64,
+    /// Largest HTTP request body, in MiB (larger: 413)
+    #[arg(long, default_value_t = 8)]
+    http_max_body_mib: usize,
+    /// Open HTTP connections at most; more are closed at once
+    #[arg(long, default_value_t = 1024)]
+    http_max_connections: usize,
 }
 
 impl Default for ServeArgs {
@@ -90,6 +103,10 @@ impl Default for ServeArgs {
             kv_cache_gib: 2.0,
             prefill_chunk: 512,
             wire: tessera_collective::Wire::F32,
+            http_read_timeout: 10.0,
+            http_write_timeout: 60.0,
+            http_max_body_mib: 8,
+            http_max_connections: 1024,
         }
     }
 }
@@ -128,8 +145,13 @@ impl ServeArgs {
     }
 
     fn http(&self) -> HttpConfig {
+        let secs = |s: f64| Duration::from_secs_f64(s.clamp(0.05, 86400.0));
         HttpConfig {
             api_key: self.api_key.clone(),
+            read_timeout: secs(self.http_read_timeout),
+            write_timeout: secs(self.http_write_timeout),
+            max_body: self.http_max_body_mib.max(1) << 20,
+            max_connections: self.http_max_connections.max(1),
         }
     }
 }

@@ -31,15 +31,36 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tessera_model::chat::Message;
 use tessera_model::{GenerateParams, MAX_LOGPROBS, ModelError, SamplingParams, TokenLogprobs};
 use tokio::sync::mpsc;
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct HttpConfig {
     /// When set, `/v1/*` needs `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
+    /// How long a client may take to send a request's headers, and then its body.
+    pub read_timeout: Duration,
+    /// How long an answer's bytes may wait for the client to read them before the
+    /// connection is dropped (and its sequence cancelled).
+    pub write_timeout: Duration,
+    /// The largest request body, in bytes.
+    pub max_body: usize,
+    /// Connections open at once; more are closed as they come.
+    pub max_connections: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            api_key: None,
+            read_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(60),
+            max_body: 8 << 20,
+            max_connections: 1024,
+        }
+    }
 }
 
 struct App {
@@ -58,8 +79,152 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     cfg: HttpConfig,
 ) -> anyhow::Result<()> {
-    axum::serve(listener, router(st, cfg)).await?;
-    Ok(())
+    let app = router(st, cfg.clone());
+    let open = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: try again shortly.
+                tracing::warn!("HTTP accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Over the limit: closed at once, so that a flood of idle connections cannot hold
+        // memory or descriptors the others need.
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "HTTP connection refused: {} open", cfg.max_connections);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let io = hyper_util::rt::TokioIo::new(WriteTimeout::new(tcp, cfg.write_timeout));
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let read_timeout = cfg.read_timeout;
+        tokio::spawn(async move {
+            // Headers within the read timeout (else the connection is dropped); hyper
+            // answers oversized or malformed heads itself.
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(read_timeout)
+                .max_buf_size(64 << 10)
+                .serve_connection(io, svc);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, "HTTP connection ended: {e}");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// A request's body, read within the read timeout and up to the size limit.
+async fn read_body(app: &App, body: axum::body::Body) -> Result<Bytes, ApiError> {
+    let limit = app.cfg.max_body;
+    match tokio::time::timeout(app.cfg.read_timeout, axum::body::to_bytes(body, limit)).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(e)) => {
+            let too_big = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if too_big {
+                Err(ApiError {
+                    status: StatusCode::PAYLOAD_TOO_LARGE,
+                    message: format!("the request body is over {limit} bytes"),
+                    kind: "invalid_request_error",
+                    param: None,
+                    code: Some("body_too_large"),
+                })
+            } else {
+                Err(ApiError::bad(format!("reading the request body: {e}")))
+            }
+        }
+        Err(_) => Err(ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: format!(
+                "the request body did not arrive within {:?}",
+                app.cfg.read_timeout
+            ),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+        }),
+    }
+}
+
+/// A connection whose writes fail once they have waited `limit` for the peer to read: a
+/// client that stops reading its stream is dropped (its sequence then cancelled), not kept
+/// forever.
+struct WriteTimeout {
+    io: tokio::net::TcpStream,
+    limit: Duration,
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteTimeout {
+    fn new(io: tokio::net::TcpStream, limit: Duration) -> WriteTimeout {
+        WriteTimeout {
+            io,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// After a write that could not proceed: an error once it has waited too long.
+    fn check(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let limit = self.limit;
+        let sleep = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match sleep.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client did not read for the write timeout",
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+use std::future::Future as _;
+
+impl tokio::io::AsyncRead for WriteTimeout {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteTimeout {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match std::pin::Pin::new(&mut self.io).poll_write(cx, buf) {
+            std::task::Poll::Pending => self.check(cx),
+            done => {
+                self.stalled = None;
+                done
+            }
+        }
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
 }
 
 pub fn router(st: Arc<CoordinatorState>, cfg: HttpConfig) -> Router {
@@ -728,8 +893,9 @@ fn plan(app: &App, c: GenRequest, input: PromptInput, chat: bool) -> Result<Plan
 async fn completions(
     State(app): State<Shared>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
+    let body = read_body(&app, body).await?;
     let mut r = parse(&headers, &body)?;
     let input = match r.prompt.take() {
         None => return Err(ApiError::bad("\"prompt\" is required").param("prompt")),
@@ -747,8 +913,9 @@ async fn completions(
 async fn chat_completions(
     State(app): State<Shared>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
+    let body = read_body(&app, body).await?;
     let mut r = parse(&headers, &body)?;
     let msgs = r.messages.take().unwrap_or_default();
     if msgs.is_empty() {
@@ -1057,4 +1224,35 @@ async fn run(app: Shared, p: Plan) -> Result<Response, ApiError> {
     Ok(Sse::new(tokio_stream::wrappers::ReceiverStream::new(rx))
         .keep_alive(KeepAlive::default())
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_write_the_peer_never_reads_fails_after_the_write_timeout() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        let mut w = WriteTimeout::new(server, Duration::from_millis(300));
+        let chunk = vec![7u8; 64 << 10];
+        let t = std::time::Instant::now();
+        let mut sent = 0usize;
+        let err = loop {
+            match w.write_all(&chunk).await {
+                Ok(()) => sent += chunk.len(),
+                Err(e) => break e,
+            }
+            assert!(sent < 1 << 30, "1 GiB went into a peer that reads nothing");
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(t.elapsed() >= Duration::from_millis(300));
+        // The socket buffers took what they could before the stall.
+        assert!(sent > 0);
+        drop(peer);
+    }
 }
