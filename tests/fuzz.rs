@@ -184,3 +184,231 @@ fn crashes_found_by_fuzzing_stay_errors() {
         .expect("refused");
     assert!(e.to_string().contains("tokenizer"), "{e}");
 }
+
+/// One arbitrary step message, as an authenticated coordinator could send it: sequence ids
+/// that collide, positions past the cache or the context, token ids past the vocabulary,
+/// candidate counts up to u32::MAX, temperatures that are 0, negative, NaN or infinite, and
+/// requests for kept rows that may not exist.
+fn step_request(vocab: u32) -> impl Strategy<Value = tessera_proto::StepRequest> {
+    let seq_step = (
+        0..4u64,
+        prop_oneof![8 => Just(0u32), 2 => 0..80u32, 1 => any::<u32>()],
+        prop_oneof![
+            9 => proptest::collection::vec(
+                prop_oneof![16 => 0..vocab, 1 => vocab..vocab + 4, 1 => any::<u32>()],
+                1..6
+            ),
+            1 => Just(vec![])
+        ],
+        prop_oneof![2 => Just(0u32), 2 => 1..3u32, 1 => any::<u32>()],
+        prop_oneof![
+            Just(0.0f32),
+            Just(-1.0),
+            Just(f32::NAN),
+            Just(f32::INFINITY),
+            0.05f32..2.0
+        ],
+        (
+            any::<bool>(),
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>(),
+            any::<bool>(),
+        ),
+    )
+        .prop_map(
+            |(seq, pos, ids, top, temperature, (gumbel, seed, draw, mass, raw_lse))| {
+                tessera_proto::SeqStep {
+                    seq,
+                    pos,
+                    ids,
+                    top,
+                    temperature,
+                    gumbel,
+                    seed,
+                    draw,
+                    mass,
+                    raw_lse,
+                }
+            },
+        );
+    (
+        proptest::collection::vec(seq_step, 0..3),
+        proptest::collection::vec(0..6u64, 0..3),
+        prop_oneof![4 => Just(vec![]), 1 => proptest::collection::vec(0..6u64, 0..4)],
+    )
+        .prop_map(|(steps, free, last_logits)| tessera_proto::StepRequest {
+            steps,
+            free,
+            last_logits,
+        })
+}
+
+/// The step messages a worker accepts from its (authenticated) coordinator, fuzzed through
+/// the worker's own step function on a real shard: every message gets a reply, an error one
+/// where it asks for the impossible, never a panic, and no reply larger than its steps'
+/// candidates or logits allow.
+#[test]
+fn mutated_step_messages_get_a_reply_or_an_error() {
+    let files = ModelFiles::open(&common::fixtures().join("tiny-llama")).unwrap();
+    let plan = files.plan(&[1.0]).unwrap();
+    let spec = plan.shards[0].clone();
+    let device = tessera_model::Backend::Cpu.device().unwrap();
+    let model = tessera_model::ShardModel::load(
+        &files.weights,
+        &files.cfg,
+        &spec,
+        &device,
+        Precision::Exact,
+    )
+    .unwrap();
+    let vocab = files.cfg.vocab as u32;
+    let state = std::sync::Mutex::new((model, tessera_collective::Single));
+    let strategy = proptest::collection::vec(step_request(vocab), 1..6);
+    fuzz(
+        file!(),
+        "step messages",
+        cases(256),
+        strategy,
+        0.3,
+        |reqs: Vec<tessera_proto::StepRequest>| {
+            let mut g = state.lock().unwrap_or_else(|p| p.into_inner());
+            let (model, coll) = &mut *g;
+            model.free_all();
+            let mut kept = tessera_worker::KeptRows::new();
+            let mut answered = false;
+            for req in reqs {
+                let n_steps = req.steps.len();
+                let n_rows = req.last_logits.len();
+                let t0 = Instant::now();
+                let (out, broken) = tessera_worker::run_step(model, coll, req, &mut kept);
+                assert!(t0.elapsed() < Duration::from_secs(10));
+                assert!(!broken, "a single shard's mesh cannot break");
+                let room = (n_steps + n_rows) * files.cfg.vocab;
+                assert!(out.logits.len() <= room, "{} logits", out.logits.len());
+                assert!(
+                    out.top_ids.len() <= n_steps * (tessera_model::MAX_CANDIDATES + 1),
+                    "{} candidates",
+                    out.top_ids.len()
+                );
+                answered |= out.error.is_empty() && n_steps > 0;
+            }
+            answered
+        },
+    );
+}
+
+/// The assignment a worker accepts with its shard (the model configuration and the shard
+/// spec, as JSON), mutated: each must load a shard that then answers a step, or be refused
+/// with an error: never a panic or an allocation that a field asked for.
+#[test]
+fn mutated_assignments_error_or_load() {
+    let files = ModelFiles::open(&common::fixtures().join("tiny-llama")).unwrap();
+    let plan = files.plan(&[1.0, 1.0]).unwrap();
+    let cfg_json = serde_json::to_string(&files.cfg).unwrap();
+    let spec_json = serde_json::to_string(&plan.shards[1]).unwrap();
+    let device = tessera_model::Backend::Cpu.device().unwrap();
+    let strategy = prop_oneof![
+        json_edits(cfg_json.len()).prop_map(|e| (true, e)),
+        json_edits(spec_json.len()).prop_map(|e| (false, e)),
+    ];
+    fuzz(
+        file!(),
+        "assignments",
+        cases(256),
+        strategy,
+        0.05,
+        |(in_cfg, e)| {
+            let (c, s) = if in_cfg {
+                (
+                    apply(cfg_json.clone().into_bytes(), &e),
+                    spec_json.clone().into_bytes(),
+                )
+            } else {
+                (
+                    cfg_json.clone().into_bytes(),
+                    apply(spec_json.clone().into_bytes(), &e),
+                )
+            };
+            let Ok(cfg) = serde_json::from_slice::<tessera_core::ModelConfig>(&c) else {
+                return false;
+            };
+            let Ok(spec) = serde_json::from_slice::<tessera_core::ShardSpec>(&s) else {
+                return false;
+            };
+            let t0 = Instant::now();
+            let Ok(mut model) = tessera_model::ShardModel::load(
+                &files.weights,
+                &cfg,
+                &spec,
+                &device,
+                Precision::Exact,
+            ) else {
+                return false;
+            };
+            let req = tessera_proto::StepRequest {
+                steps: vec![tessera_proto::SeqStep {
+                    seq: 1,
+                    ids: vec![1, 2, 3],
+                    top: 1,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            // One shard of two, alone: its all-reduces are local (a single-shard stand-in).
+            let (_out, _) = tessera_worker::run_step(
+                &mut model,
+                &mut tessera_collective::Single,
+                req,
+                &mut Default::default(),
+            );
+            assert!(t0.elapsed() < Duration::from_secs(20));
+            true
+        },
+    );
+}
+
+/// The crash the assignment fuzzer found (seed 2: a head_dim of 10^12 sized the RoPE table
+/// before any weight was checked, and the allocation aborted the worker), and its kin: each
+/// is refused before anything is sized by it.
+#[test]
+fn assignments_that_claim_huge_sizes_are_refused_before_allocation() {
+    let files = ModelFiles::open(&common::fixtures().join("tiny-llama")).unwrap();
+    let spec = files.plan(&[1.0]).unwrap().shards[0].clone();
+    let device = tessera_model::Backend::Cpu.device().unwrap();
+    let huge = 999_999_999_998usize;
+    let mut cases = Vec::new();
+    for field in [
+        "head_dim",
+        "layers",
+        "hidden",
+        "intermediate",
+        "vocab",
+        "heads",
+    ] {
+        let mut c = files.cfg.clone();
+        match field {
+            "head_dim" => c.head_dim = huge,
+            "layers" => c.layers = huge,
+            "hidden" => c.hidden = huge,
+            "intermediate" => c.intermediate = huge,
+            "vocab" => c.vocab = huge,
+            _ => c.heads = huge,
+        }
+        cases.push((field, c, spec.clone()));
+    }
+    let mut s = spec.clone();
+    s.vocab = 0..huge;
+    cases.push(("spec vocab", files.cfg.clone(), s));
+    let mut s = spec.clone();
+    s.rank = 3;
+    cases.push(("spec rank", files.cfg.clone(), s));
+    for (what, cfg, spec) in cases {
+        let t0 = Instant::now();
+        let r =
+            tessera_model::ShardModel::load(&files.weights, &cfg, &spec, &device, Precision::Exact);
+        let e = r.err().unwrap_or_else(|| panic!("{what}: loaded"));
+        assert!(t0.elapsed() < Duration::from_secs(2), "{what}: {e}");
+        eprintln!("{what}: {e}");
+    }
+}

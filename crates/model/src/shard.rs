@@ -126,6 +126,50 @@ pub fn inv_freq_at(cfg: &ModelConfig, theta: f64, global: bool) -> Vec<f32> {
         .collect()
 }
 
+/// A configuration and shard spec (as a worker receives them from its coordinator) checked
+/// against the weights before anything is sized by them: the configuration's own rules, the
+/// embedding, first and last layers' shapes (so the layer count, widths and heads describe
+/// these weights), and the spec's ranges within them.
+fn check_assignment(weights: &Weights, cfg: &ModelConfig, spec: &ShardSpec) -> Result<()> {
+    cfg.validate()?;
+    let bad = |why: String| Err(ModelError::Backend(format!("shard spec: {why}")));
+    let q_width = cfg
+        .heads
+        .checked_mul(cfg.head_dim)
+        .ok_or_else(|| ModelError::Backend("heads x head_dim overflows".into()))?;
+    // A tied or separate LM head: the embedding is [vocab, hidden] either way.
+    weights.expect_shape(W::Embed, &[cfg.vocab, cfg.hidden])?;
+    for l in [0, cfg.layers - 1] {
+        weights.expect_shape(W::Q(l), &[q_width, cfg.hidden])?;
+    }
+    let ffn = match &cfg.opts.moe {
+        Some(m) if cfg.moe_at(0).is_some() => m.expert_ffn.max(cfg.intermediate),
+        _ => cfg.intermediate,
+    };
+    for (what, r, n) in [
+        ("query heads", &spec.q_heads, cfg.heads),
+        ("KV heads", &spec.kv_heads, cfg.kv_heads),
+        ("FFN columns", &spec.ffn, ffn.max(cfg.intermediate)),
+        ("vocabulary rows", &spec.vocab, cfg.vocab),
+    ] {
+        if r.start > r.end || r.end > n {
+            return bad(format!("{what} {r:?} outside 0..{n}"));
+        }
+    }
+    if let Some(m) = &cfg.opts.moe
+        && (spec.expert_ffn.start > spec.expert_ffn.end || spec.expert_ffn.end > m.expert_ffn)
+    {
+        return bad(format!(
+            "expert FFN columns {:?} outside 0..{}",
+            spec.expert_ffn, m.expert_ffn
+        ));
+    }
+    if spec.world == 0 || spec.rank >= spec.world {
+        return bad(format!("rank {} of {} shards", spec.rank, spec.world));
+    }
+    Ok(())
+}
+
 /// Every (tensor, rows, cols) block [`ShardModel::load`] reads for `spec`: what a coordinator
 /// ships a worker that does not have the model file.
 pub fn shard_reads(
@@ -209,6 +253,7 @@ impl ShardModel {
         device: &Device,
         precision: Precision,
     ) -> Result<ShardModel> {
+        check_assignment(weights, cfg, spec)?;
         let (h, hd) = (cfg.hidden, cfg.head_dim);
         let q_rows = spec.q_heads.start * hd..spec.q_heads.end * hd;
         let kv_rows = spec.kv_heads.start * hd..spec.kv_heads.end * hd;

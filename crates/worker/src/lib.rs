@@ -324,7 +324,7 @@ fn pick(
     want: &[(u64, Option<TopSpec>)],
     first: usize,
     out: &mut StepReply,
-    kept: &mut Vec<(u64, Vec<f32>)>,
+    kept: &mut KeptRows,
 ) {
     kept.clear();
     let any_mass = want.iter().any(|w| w.1.is_some_and(|s| s.mass));
@@ -416,8 +416,7 @@ fn shard_thread(
         }
     };
     drop(weights);
-    // The last step's rows that asked for a nucleus's candidates, by sequence.
-    let mut kept: Vec<(u64, Vec<f32>)> = Vec::new();
+    let mut kept = KeptRows::new();
     while let Ok(cmd) = rx.recv() {
         let (req, reply) = match cmd {
             ShardCmd::Step(req, reply) => (req, reply),
@@ -427,67 +426,83 @@ fn shard_thread(
                 continue;
             }
         };
-        let before = coll.stats();
-        let mut out = StepReply::default();
-        for seq in &req.free {
-            model.free(*seq);
-        }
-        if !req.last_logits.is_empty() {
-            // Each kept row at most once: the request cannot make the reply large.
-            if req.last_logits.len() > kept.len() {
-                out.error = format!(
-                    "asked for {} rows of logits, {} are kept",
-                    req.last_logits.len(),
-                    kept.len()
-                );
-                let _ = reply.send(out);
-                continue;
-            }
-            for seq in &req.last_logits {
-                match kept.iter().find(|k| k.0 == *seq) {
-                    Some((_, row)) => out.logits.extend_from_slice(row),
-                    None => {
-                        out.logits.clear();
-                        out.error = format!("no logits kept for sequence {seq}");
-                        break;
-                    }
-                }
-            }
-            let _ = reply.send(out);
-            continue;
-        }
-        let want: Vec<(u64, Option<TopSpec>)> =
-            req.steps.iter().map(|s| (s.seq, top_spec(s))).collect();
-        kept.clear();
-        let steps: Vec<SeqStep> = req
-            .steps
-            .into_iter()
-            .map(|s| SeqStep {
-                seq: s.seq,
-                ids: s.ids,
-                pos: s.pos as usize,
-            })
-            .collect();
-        // A collective error means the mesh is broken: this shard is of no use until reloaded.
-        let mut mesh_broken = false;
-        match tessera_quant::install(|| model.forward_batch(&steps, coll.as_mut())) {
-            Ok(l) => pick(&l, &want, model.spec.vocab.start, &mut out, &mut kept),
-            Err(e) => {
-                mesh_broken = matches!(e, tessera_model::ModelError::Collective(_));
-                out.error = e.to_string();
-            }
-        }
-        let after = coll.stats();
-        out.allreduce_ns = after.nanos - before.nanos;
-        out.allreduce_count = (after.count - before.count) as u32;
-        let (seqs, positions) = model.cache_usage();
-        out.cached_sequences = seqs as u32;
-        out.cached_positions = positions as u64;
+        let (out, mesh_broken) = run_step(&mut model, coll.as_mut(), req, &mut kept);
         let _ = reply.send(out);
         if mesh_broken {
             return;
         }
     }
+}
+
+/// The rows of the last step that asked for a nucleus's candidates, by sequence (kept for a
+/// `last_logits` request).
+pub type KeptRows = Vec<(u64, Vec<f32>)>;
+
+/// One step request from the coordinator, as a shard runs it: frees the listed caches, then
+/// either returns kept rows (`last_logits`) or runs the batch and picks each sequence's
+/// candidates or logits. Every field is checked (a malformed request gets an error reply,
+/// never a panic, and cannot make the reply large). Also says whether the mesh broke (a
+/// collective error: the shard is of no use until reloaded).
+pub fn run_step(
+    model: &mut ShardModel,
+    coll: &mut dyn Collective,
+    req: StepRequest,
+    kept: &mut KeptRows,
+) -> (StepReply, bool) {
+    let before = coll.stats();
+    let mut out = StepReply::default();
+    for seq in &req.free {
+        model.free(*seq);
+    }
+    if !req.last_logits.is_empty() {
+        // Each kept row at most once: the request cannot make the reply large.
+        if req.last_logits.len() > kept.len() {
+            out.error = format!(
+                "asked for {} rows of logits, {} are kept",
+                req.last_logits.len(),
+                kept.len()
+            );
+            return (out, false);
+        }
+        for seq in &req.last_logits {
+            match kept.iter().find(|k| k.0 == *seq) {
+                Some((_, row)) => out.logits.extend_from_slice(row),
+                None => {
+                    out.logits.clear();
+                    out.error = format!("no logits kept for sequence {seq}");
+                    break;
+                }
+            }
+        }
+        return (out, false);
+    }
+    let want: Vec<(u64, Option<TopSpec>)> =
+        req.steps.iter().map(|s| (s.seq, top_spec(s))).collect();
+    kept.clear();
+    let steps: Vec<SeqStep> = req
+        .steps
+        .into_iter()
+        .map(|s| SeqStep {
+            seq: s.seq,
+            ids: s.ids,
+            pos: s.pos as usize,
+        })
+        .collect();
+    let mut mesh_broken = false;
+    match tessera_quant::install(|| model.forward_batch(&steps, coll)) {
+        Ok(l) => pick(&l, &want, model.spec.vocab.start, &mut out, kept),
+        Err(e) => {
+            mesh_broken = matches!(e, tessera_model::ModelError::Collective(_));
+            out.error = e.to_string();
+        }
+    }
+    let after = coll.stats();
+    out.allreduce_ns = after.nanos - before.nanos;
+    out.allreduce_count = (after.count - before.count) as u32;
+    let (seqs, positions) = model.cache_usage();
+    out.cached_sequences = seqs as u32;
+    out.cached_positions = positions as u64;
+    (out, mesh_broken)
 }
 
 /// The tensor slice a block's first chunk describes, and the bytes it must carry in all.
