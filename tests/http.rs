@@ -1053,6 +1053,62 @@ fn a_worker_killed_mid_stream_costs_a_delay_not_an_error() {
     s.wait_cluster("back to two workers", serving(2));
     let again = stream_completion(&s.http, &bodies[0], |_| {});
     assert_eq!(again.text, undisturbed_one.text);
+
+    // The other two cases: (a) one stream with no stand-by (resharded over one), then, with
+    // two more workers (back to two, one standing by), (b) eight streams onto the stand-by.
+    let (tx, rx) = mpsc::channel();
+    let (http2, b) = (s.http.clone(), bodies[0].clone());
+    let one = std::thread::spawn(move || {
+        stream_completion(&http2, &b, |n| {
+            if n == 6 {
+                let _ = tx.send(());
+            }
+        })
+    });
+    rx.recv_timeout(Duration::from_secs(120)).unwrap();
+    let (_, killed_at) = kill_one_serving(&mut workers);
+    check(
+        &one.join().unwrap(),
+        &undisturbed_one,
+        killed_at,
+        "one stream, resharded",
+    );
+    s.wait_cluster("resharded over one again", serving(1));
+    workers.insert("w4".into(), worker("w4"));
+    s.wait_cluster("back to two workers again", serving(2));
+    workers.insert("w5".into(), worker("w5"));
+    s.wait_cluster("a stand-by registered", |c: &Value| {
+        c["workers"].as_array().unwrap().len() >= 3 && ready_names(c).len() == 2
+    });
+    let (tx, rx) = mpsc::channel::<usize>();
+    let tx = std::sync::Mutex::new(tx);
+    let on_token = std::sync::Arc::new(move |i: usize, n: usize| {
+        if n == 4 {
+            let _ = tx.lock().unwrap().send(i);
+        }
+    });
+    let (ws, kill) = (&mut workers, &kill_one_serving);
+    std::thread::scope(|sc| {
+        let killer = sc.spawn(move || {
+            for _ in 0..8 {
+                rx.recv_timeout(Duration::from_secs(120)).unwrap();
+            }
+            kill(ws).1
+        });
+        let got = run_all(on_token);
+        let killed_at = killer.join().unwrap();
+        for (i, (g, u)) in got.iter().zip(&undisturbed).enumerate() {
+            check(g, u, killed_at, &format!("stream {i} of 8, stand-by"));
+        }
+    });
+    let c = s.wait_cluster("the stand-by serving", serving(2));
+    assert!(ready_names(&c).contains(&"w5".to_string()), "{c:#}");
+    let m = s.metrics();
+    assert_eq!(sample(&m, "tessera_recoveries_total"), 4.0, "{m}");
+    assert_eq!(
+        sample(&m, "tessera_requests_finished_total{outcome=\"failed\"}"),
+        0.0
+    );
     for (_, mut w) in workers {
         let _ = w.kill();
         let _ = w.wait();
