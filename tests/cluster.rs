@@ -309,22 +309,8 @@ fn a_killed_worker_that_nothing_can_replace_fails_the_request_saying_so_and_rejo
     let mem = format!("{}", 140.0 / 1024.0);
     let addr = format!("127.0.0.1:{}", free_port());
     let token = format!("test-token-{}", std::process::id());
-    let coordinator = tessera()
-        .args([
-            "coordinator",
-            "--model",
-            smollm2().to_str().unwrap(),
-            "--exact",
-        ])
-        .args([
-            "--workers",
-            "2",
-            "--listen",
-            &addr,
-            "--kv-cache-gib",
-            "0.05",
-        ])
-        .env("TESSERA_TOKEN", &token)
+    let coordinator = coordinator_cmd(&smollm2(), 2, &addr, &token)
+        .args(["--kv-cache-gib", "0.05"])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();

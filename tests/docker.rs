@@ -337,7 +337,14 @@ fn wait_serving(p: &Project, n: usize, what: &str) {
         if ready == n && c["ready"] == true {
             return;
         }
-        assert!(t.elapsed() < Duration::from_secs(180), "{what}: {c:#}");
+        if t.elapsed() > Duration::from_secs(180) {
+            let logs = p.compose(&["logs", "--tail", "60"]).output().unwrap();
+            panic!(
+                "{what}: {c:#}\n{}{}",
+                String::from_utf8_lossy(&logs.stdout),
+                String::from_utf8_lossy(&logs.stderr)
+            );
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
 }
@@ -477,24 +484,7 @@ fn compose_cluster_serves_survives_a_crash_an_intruder_and_a_network_cut_and_gro
 
     // Growing: a fourth worker container joins and the coordinator reshards over all four.
     run(&mut p.compose(&["up", "-d", "--scale", "worker=4"]));
-    let t = Instant::now();
-    loop {
-        let c = get(&p.http, "/v1/cluster").json();
-        let ready = c["workers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|w| w["state"] == "ready")
-            .count();
-        if ready == 4 && c["ready"] == true {
-            break;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "did not grow: {c:#}"
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_serving(&p, 4, "did not grow");
     let (status, v) = completion(&p, &case.prompt, case.greedy_ids.len());
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["choices"][0]["text"], want);

@@ -5,7 +5,7 @@
 mod common;
 
 use common::http::{get, post, read_response, request, send};
-use common::{free_port, reference, smollm2, tessera};
+use common::{reference, smollm2, tessera};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
@@ -20,10 +20,14 @@ struct Server {
     token: String,
     model: String,
     lines: mpsc::Receiver<String>,
+    /// What it said so far (for a failure's message).
+    seen: Vec<String>,
 }
 
 impl Server {
-    fn spawn(mut cmd: Command, grpc: String, token: &str, wait_ready: bool) -> Server {
+    /// Starts `cmd` (whose gRPC listener is on port 0: the address comes from its log, so
+    /// that no port picked in advance can be taken meanwhile by another test).
+    fn spawn(mut cmd: Command, token: &str, wait_ready: bool) -> Server {
         let mut child = cmd
             .env("TESSERA_TOKEN", token)
             .stdin(Stdio::null())
@@ -41,10 +45,11 @@ impl Server {
         let mut s = Server {
             child,
             http: String::new(),
-            grpc,
+            grpc: String::new(),
             token: token.into(),
             model: String::new(),
             lines,
+            seen: Vec::new(),
         };
         s.http = s
             .wait_line("HTTP API on http://")
@@ -52,6 +57,17 @@ impl Server {
             .nth(1)
             .unwrap()
             .trim_end_matches("/v1")
+            .to_string();
+        // "coordinator listening on ADDR, ..." or (`tessera run`) "coordinator on ADDR: ...".
+        s.grpc = s
+            .wait_line("coordinator ")
+            .split(" on ")
+            .nth(1)
+            .unwrap()
+            .split([',', ' '])
+            .next()
+            .unwrap()
+            .trim_end_matches(':')
             .to_string();
         if wait_ready {
             s.wait_line("serving on");
@@ -64,12 +80,12 @@ impl Server {
 
     /// `tessera run` with SmolLM2 on two worker processes.
     fn run(extra: &[&str]) -> Server {
-        let grpc = format!("127.0.0.1:{}", free_port());
         let mut cmd = tessera();
         cmd.args(["run", "--model", smollm2().to_str().unwrap(), "--exact"])
-            .args(["--workers", "2", "--listen", &grpc, "--http", "127.0.0.1:0"])
+            .args(["--workers", "2", "--listen", "127.0.0.1:0"])
+            .args(["--http", "127.0.0.1:0"])
             .args(extra);
-        Server::spawn(cmd, grpc, "http-test-token", true)
+        Server::spawn(cmd, "http-test-token", true)
     }
 
     fn wait_line(&mut self, needle: &str) -> String {
@@ -77,9 +93,15 @@ impl Server {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
-                Err(e) => panic!("no line with {needle:?} from tessera: {e}"),
+                Ok(l) if l.contains(needle) => {
+                    self.seen.push(l.clone());
+                    return l;
+                }
+                Ok(l) => self.seen.push(l),
+                Err(e) => panic!(
+                    "no line with {needle:?} from tessera ({e}); it said:\n{}",
+                    self.seen.join("\n")
+                ),
             }
         }
     }
@@ -481,11 +503,11 @@ fn bad_requests_get_the_right_status_and_a_hung_up_stream_is_freed() {
 #[test]
 fn a_cluster_that_is_not_ready_answers_503() {
     // A coordinator waiting for a worker that never comes.
-    let grpc = format!("127.0.0.1:{}", free_port());
     let mut cmd = tessera();
     cmd.args(["coordinator", "--model", smollm2().to_str().unwrap()])
-        .args(["--workers", "1", "--listen", &grpc, "--http", "127.0.0.1:0"]);
-    let s = Server::spawn(cmd, grpc, "t", false);
+        .args(["--workers", "1", "--listen", "127.0.0.1:0"])
+        .args(["--http", "127.0.0.1:0"]);
+    let s = Server::spawn(cmd, "t", false);
     let h = get(&s.http, "/health");
     assert_eq!(h.status, 503, "{}", h.body);
     assert_eq!(h.json()["state"], "waiting for workers");
@@ -888,7 +910,6 @@ fn stream_completion(http: &str, body: &Value, mut tokens: impl FnMut(usize)) ->
 #[test]
 fn a_worker_killed_mid_stream_costs_a_delay_not_an_error() {
     // A coordinator asked for 2 workers, and 3 worker processes: one waits as a stand-by.
-    let grpc = format!("127.0.0.1:{}", free_port());
     let token = "survival-test-token";
     let mut cmd = tessera();
     cmd.args([
@@ -897,8 +918,10 @@ fn a_worker_killed_mid_stream_costs_a_delay_not_an_error() {
         smollm2().to_str().unwrap(),
         "--exact",
     ])
-    .args(["--workers", "2", "--listen", &grpc, "--http", "127.0.0.1:0"]);
-    let s = Server::spawn(cmd, grpc.clone(), token, false);
+    .args(["--workers", "2", "--listen", "127.0.0.1:0"])
+    .args(["--http", "127.0.0.1:0"]);
+    let s = Server::spawn(cmd, token, false);
+    let grpc = s.grpc.clone();
     let worker = |name: &str| -> Child {
         tessera()
             .args([
@@ -991,20 +1014,51 @@ fn a_worker_killed_mid_stream_costs_a_delay_not_an_error() {
         );
     };
 
-    // (a) One greedy stream; the stand-by takes the dead worker's place.
-    let (tx, rx) = mpsc::channel();
-    let (http, b) = (s.http.clone(), bodies[0].clone());
-    let one = std::thread::spawn(move || {
-        stream_completion(&http, &b, |n| {
-            if n == 6 {
-                let _ = tx.send(());
+    // A worker of the serving mesh killed while one greedy stream runs (after its 6th token),
+    // or while eight run (after each one's 4th): every stream keeps the undisturbed text.
+    let one_stream_and_a_kill =
+        |workers: &mut std::collections::BTreeMap<String, Child>, what: &str| -> String {
+            let (tx, rx) = mpsc::channel();
+            let (http, b) = (s.http.clone(), bodies[0].clone());
+            let one = std::thread::spawn(move || {
+                stream_completion(&http, &b, |n| {
+                    if n == 6 {
+                        let _ = tx.send(());
+                    }
+                })
+            });
+            rx.recv_timeout(Duration::from_secs(120)).unwrap();
+            let (victim, killed_at) = kill_one_serving(workers);
+            check(&one.join().unwrap(), &undisturbed_one, killed_at, what);
+            victim
+        };
+    let eight_streams_and_a_kill = |workers: &mut std::collections::BTreeMap<String, Child>,
+                                    what: &str| {
+        let (tx, rx) = mpsc::channel::<usize>();
+        let tx = std::sync::Mutex::new(tx);
+        let on_token = std::sync::Arc::new(move |i: usize, n: usize| {
+            if n == 4 {
+                let _ = tx.lock().unwrap().send(i);
             }
-        })
-    });
-    rx.recv_timeout(Duration::from_secs(120)).unwrap();
-    let (victim, killed_at) = kill_one_serving(&mut workers);
-    let got = one.join().unwrap();
-    check(&got, &undisturbed_one, killed_at, "one stream, stand-by");
+        });
+        let kill = &kill_one_serving;
+        std::thread::scope(|sc| {
+            let killer = sc.spawn(move || {
+                for _ in 0..8 {
+                    rx.recv_timeout(Duration::from_secs(120)).unwrap();
+                }
+                kill(workers).1
+            });
+            let got = run_all(on_token);
+            let killed_at = killer.join().unwrap();
+            for (i, (g, u)) in got.iter().zip(&undisturbed).enumerate() {
+                check(g, u, killed_at, &format!("stream {i} of 8, {what}"));
+            }
+        });
+    };
+
+    // (a) One greedy stream; the stand-by takes the dead worker's place.
+    let victim = one_stream_and_a_kill(&mut workers, "one stream, stand-by");
     let c = s.wait_cluster("the stand-by serving", serving(2));
     assert!(!ready_names(&c).contains(&victim), "{c:#}");
     let m = s.metrics();
@@ -1013,27 +1067,7 @@ fn a_worker_killed_mid_stream_costs_a_delay_not_an_error() {
 
     // (b) Eight streams at once, greedy and seeded; no stand-by is left, so the cluster
     // reshards over the one worker that remains.
-    let (tx, rx) = mpsc::channel::<usize>();
-    let tx = std::sync::Mutex::new(tx);
-    let on_token = std::sync::Arc::new(move |i: usize, n: usize| {
-        if n == 4 {
-            let _ = tx.lock().unwrap().send(i);
-        }
-    });
-    let (ws, kill) = (&mut workers, &kill_one_serving);
-    std::thread::scope(|sc| {
-        let killer = sc.spawn(move || {
-            for _ in 0..8 {
-                rx.recv_timeout(Duration::from_secs(120)).unwrap();
-            }
-            kill(ws).1
-        });
-        let got = run_all(on_token);
-        let killed_at = killer.join().unwrap();
-        for (i, (g, u)) in got.iter().zip(&undisturbed).enumerate() {
-            check(g, u, killed_at, &format!("stream {i} of 8, resharded"));
-        }
-    });
+    eight_streams_and_a_kill(&mut workers, "resharded");
     let c = s.wait_cluster("resharded over one", serving(1));
     let m = s.metrics();
     assert_eq!(sample(&m, "tessera_recoveries_total"), 2.0, "{m}\n{c:#}");
@@ -1056,23 +1090,7 @@ fn a_worker_killed_mid_stream_costs_a_delay_not_an_error() {
 
     // The other two cases: (a) one stream with no stand-by (resharded over one), then, with
     // two more workers (back to two, one standing by), (b) eight streams onto the stand-by.
-    let (tx, rx) = mpsc::channel();
-    let (http2, b) = (s.http.clone(), bodies[0].clone());
-    let one = std::thread::spawn(move || {
-        stream_completion(&http2, &b, |n| {
-            if n == 6 {
-                let _ = tx.send(());
-            }
-        })
-    });
-    rx.recv_timeout(Duration::from_secs(120)).unwrap();
-    let (_, killed_at) = kill_one_serving(&mut workers);
-    check(
-        &one.join().unwrap(),
-        &undisturbed_one,
-        killed_at,
-        "one stream, resharded",
-    );
+    one_stream_and_a_kill(&mut workers, "one stream, resharded");
     s.wait_cluster("resharded over one again", serving(1));
     workers.insert("w4".into(), worker("w4"));
     s.wait_cluster("back to two workers again", serving(2));
@@ -1080,27 +1098,7 @@ fn a_worker_killed_mid_stream_costs_a_delay_not_an_error() {
     s.wait_cluster("a stand-by registered", |c: &Value| {
         c["workers"].as_array().unwrap().len() >= 3 && ready_names(c).len() == 2
     });
-    let (tx, rx) = mpsc::channel::<usize>();
-    let tx = std::sync::Mutex::new(tx);
-    let on_token = std::sync::Arc::new(move |i: usize, n: usize| {
-        if n == 4 {
-            let _ = tx.lock().unwrap().send(i);
-        }
-    });
-    let (ws, kill) = (&mut workers, &kill_one_serving);
-    std::thread::scope(|sc| {
-        let killer = sc.spawn(move || {
-            for _ in 0..8 {
-                rx.recv_timeout(Duration::from_secs(120)).unwrap();
-            }
-            kill(ws).1
-        });
-        let got = run_all(on_token);
-        let killed_at = killer.join().unwrap();
-        for (i, (g, u)) in got.iter().zip(&undisturbed).enumerate() {
-            check(g, u, killed_at, &format!("stream {i} of 8, stand-by"));
-        }
-    });
+    eight_streams_and_a_kill(&mut workers, "stand-by");
     let c = s.wait_cluster("the stand-by serving", serving(2));
     assert!(ready_names(&c).contains(&"w5".to_string()), "{c:#}");
     let m = s.metrics();

@@ -321,19 +321,17 @@ fn a_man_in_the_middle_with_its_own_certificate_is_refused_by_clients_and_worker
     let (port, log) = man_in_the_middle(addr.clone());
     let mitm = format!("127.0.0.1:{port}");
 
+    // `tessera generate` against `at` with `token`.
+    let generate = |at: &str, token: &str| {
+        tessera()
+            .args(["generate", "--coordinator", at, "--prompt", "hello there"])
+            .args(["--max-tokens", "2"])
+            .env("TESSERA_TOKEN", token)
+            .output()
+            .unwrap()
+    };
     // A client sent to the impostor: refused before it sends its request.
-    let o = tessera()
-        .args([
-            "generate",
-            "--coordinator",
-            &mitm,
-            "--prompt",
-            "hello there",
-        ])
-        .args(["--max-tokens", "2"])
-        .env("TESSERA_TOKEN", &secret)
-        .output()
-        .unwrap();
+    let o = generate(&mitm, &secret);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "the client talked to the impostor");
     assert!(err.contains("certificate") || err.contains("TLS"), "{err}");
@@ -362,30 +360,8 @@ fn a_man_in_the_middle_with_its_own_certificate_is_refused_by_clients_and_worker
         "the impostor got data: {log:?}"
     );
     // The real coordinator, meanwhile, serves.
-    let o = tessera()
-        .args([
-            "generate",
-            "--coordinator",
-            &addr,
-            "--prompt",
-            "hello there",
-        ])
-        .args(["--max-tokens", "2"])
-        .env("TESSERA_TOKEN", &secret)
-        .output()
-        .unwrap();
+    let o = generate(&addr, &secret);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // And a client with the wrong secret is refused by the real one.
-    let o = tessera()
-        .args([
-            "generate",
-            "--coordinator",
-            &addr,
-            "--prompt",
-            "hello there",
-        ])
-        .env("TESSERA_TOKEN", "not-the-secret")
-        .output()
-        .unwrap();
-    assert!(!o.status.success());
+    assert!(!generate(&addr, "not-the-secret").status.success());
 }

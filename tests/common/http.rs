@@ -62,9 +62,8 @@ pub fn post(addr: &str, path: &str, body: &Value) -> Response {
     request(addr, "POST", path, Some(&body.to_string()))
 }
 
-/// Reads a whole response (the server closes the connection), undoing chunked encoding.
-pub fn read_response(s: TcpStream) -> Response {
-    let mut r = BufReader::new(s);
+/// A response's status and headers.
+fn read_head(r: &mut BufReader<TcpStream>) -> (u16, Vec<(String, String)>) {
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
     let status: u16 = line
@@ -83,6 +82,13 @@ pub fn read_response(s: TcpStream) -> Response {
         let (k, v) = h.split_once(':').expect("header");
         headers.push((k.trim().to_string(), v.trim().to_string()));
     }
+    (status, headers)
+}
+
+/// Reads a whole response (the server closes the connection), undoing chunked encoding.
+pub fn read_response(s: TcpStream) -> Response {
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r);
     let chunked = headers.iter().any(|(k, v)| {
         k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
     });
@@ -114,20 +120,7 @@ pub fn read_response(s: TcpStream) -> Response {
 /// chunk is in. Returns the status.
 pub fn stream_events(s: TcpStream, mut each: impl FnMut(String)) -> u16 {
     let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {line:?}"));
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h).unwrap();
-        if h.trim_end().is_empty() {
-            break;
-        }
-    }
+    let (status, _) = read_head(&mut r);
     let mut pending = String::new();
     loop {
         let mut size = String::new();

@@ -43,6 +43,15 @@ use text::StopText;
 
 const CHUNK: usize = 2 << 20;
 
+/// How long connecting to a worker may take (a worker whose machine vanished answers nothing;
+/// without a bound the connection would wait for the kernel's minutes-long TCP timeout).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A worker picked for a mesh that left (or was replaced) before it was loaded.
+fn gone(id: u64) -> anyhow::Error {
+    anyhow::anyhow!("worker #{id} left (or registered again as a new process) before loading")
+}
+
 /// A plan refused before loading: some worker would be short of memory.
 #[derive(Debug)]
 struct DoesNotFit(String);
@@ -94,6 +103,8 @@ struct WorkerEntry {
     rss_bytes: u64,
     /// The shard it said it holds when it registered (a restarted coordinator may adopt it).
     held: Option<HeldShard>,
+    /// Its QUIC public key: the same process registering again presents the same one.
+    public_key: Vec<u8>,
 }
 
 struct Inner {
@@ -417,10 +428,11 @@ impl CoordinatorState {
     /// share fits what it offers; else a [`DoesNotFit`] naming who is short and by how much.
     fn fit(&self, g: &Inner, ids: &[u64]) -> anyhow::Result<tessera_core::ShardPlan> {
         // Weighted by declared memory: a bigger worker takes a bigger slice.
-        let weights: Vec<f64> = ids
+        let workers: Vec<&WorkerEntry> = ids
             .iter()
-            .map(|id| (g.workers[id].memory.max(1)) as f64)
-            .collect();
+            .map(|id| g.workers.get(id).ok_or_else(|| gone(*id)))
+            .collect::<anyhow::Result<_>>()?;
+        let weights: Vec<f64> = workers.iter().map(|w| w.memory.max(1) as f64).collect();
         let plan = self
             .files
             .plan(&weights)
@@ -428,9 +440,8 @@ impl CoordinatorState {
         let cfg = &self.files.cfg;
         let positions = self.scheduler.config().kv_budget as u64;
         let mut short = Vec::new();
-        for (rank, id) in ids.iter().enumerate() {
+        for (rank, w) in workers.iter().enumerate() {
             let spec = &plan.shards[rank];
-            let w = &g.workers[id];
             let bytes = self.files.shard_bytes(spec)?;
             let need = WorkerNeed::new(bytes, spec.cost(cfg, 4).kv_bytes_per_token, positions);
             if let Some(s) = need.shortfall(w.memory) {
@@ -463,21 +474,23 @@ impl CoordinatorState {
         let started = Instant::now();
         let (plan, members) = {
             let g = self.inner.lock().unwrap();
+            // A worker may have been replaced (restarted under its name) since it was picked:
+            // then this plan is void, and the supervisor plans again.
             let members: Vec<(u64, String, String, String, bool)> = ids
                 .iter()
                 .map(|id| {
-                    let w = &g.workers[id];
+                    let w = g.workers.get(id).ok_or_else(|| (None, gone(*id)))?;
                     let local =
                         !self.model_sha256.is_empty() && w.model_sha256 == self.model_sha256;
-                    (
+                    Ok((
                         w.id,
                         w.name.clone(),
                         w.grpc_addr.clone(),
                         w.quic_addr.clone(),
                         local,
-                    )
+                    ))
                 })
-                .collect();
+                .collect::<Result<_, _>>()?;
             (self.fit(&g, ids).map_err(|e| (None, e))?, members)
         };
         let peers: Vec<Peer> = members
@@ -577,6 +590,11 @@ impl CoordinatorState {
             usage: self.cache_usage.clone(),
         };
         let mut g = self.inner.lock().unwrap();
+        // A worker replaced (restarted under its name) while the mesh was loading: the plan
+        // is void, the supervisor plans again.
+        if let Some(id) = ids.iter().find(|id| !g.workers.contains_key(id)) {
+            return Err((None, gone(*id)));
+        }
         g.mesh_id = g.mesh_id.max(mesh_id);
         for (rank, id) in ids.iter().enumerate() {
             if let Some(w) = g.workers.get_mut(id) {
@@ -648,11 +666,11 @@ impl CoordinatorState {
             let g = self.inner.lock().unwrap();
             ids.iter()
                 .map(|id| {
-                    let w = &g.workers[id];
+                    let w = g.workers.get(id).ok_or_else(|| (None, gone(*id)))?;
                     let h = w.held.clone().unwrap_or_default();
-                    (w.id, w.name.clone(), w.grpc_addr.clone(), h)
+                    Ok((w.id, w.name.clone(), w.grpc_addr.clone(), h))
                 })
-                .collect()
+                .collect::<Result<_, _>>()?
         };
         let mut clients = Vec::new();
         let mut shards = Vec::new();
@@ -661,7 +679,8 @@ impl CoordinatorState {
             let ch = self
                 .keys
                 .channel(addr, |e| {
-                    e.initial_stream_window_size(tessera_proto::STREAM_WINDOW)
+                    e.connect_timeout(CONNECT_TIMEOUT)
+                        .initial_stream_window_size(tessera_proto::STREAM_WINDOW)
                         .initial_connection_window_size(tessera_proto::STREAM_WINDOW)
                 })
                 .await
@@ -715,7 +734,8 @@ impl CoordinatorState {
         let channel = self
             .keys
             .channel(addr, |e| {
-                e.initial_stream_window_size(tessera_proto::STREAM_WINDOW)
+                e.connect_timeout(CONNECT_TIMEOUT)
+                    .initial_stream_window_size(tessera_proto::STREAM_WINDOW)
                     .initial_connection_window_size(tessera_proto::STREAM_WINDOW)
             })
             .await
@@ -851,7 +871,10 @@ impl CoordinatorState {
                 let keys = self.keys.clone();
                 checks.push(tokio::spawn(async move {
                     let reply = tokio::time::timeout(Duration::from_secs(3), async {
-                        let ch = keys.channel(&addr, |e| e).await.ok()?;
+                        let ch = keys
+                            .channel(&addr, |e| e.connect_timeout(CONNECT_TIMEOUT))
+                            .await
+                            .ok()?;
                         WorkerClient::new(ch)
                             .health(keys.request(Empty {}))
                             .await
@@ -860,7 +883,7 @@ impl CoordinatorState {
                     .await
                     .ok()
                     .flatten()
-                    .map(|r| r.into_inner().state);
+                    .map(|r| r.into_inner());
                     (id, was, reply)
                 }));
             }
@@ -878,8 +901,11 @@ impl CoordinatorState {
                 if w.state != was {
                     continue;
                 }
+                // A process restarted at the same address answers too, but it is not the
+                // worker of this entry (it has another id, or none yet): it registers anew.
+                let itself = reply.as_ref().is_some_and(|r| r.worker_id == id);
                 match (was, reply) {
-                    (WState::Ready, Some(s)) if s == "ready" => {}
+                    (WState::Ready, Some(r)) if r.state == "ready" && itself => {}
                     (WState::Ready, _) => {
                         drop(g);
                         self.fail_worker(id);
@@ -888,7 +914,7 @@ impl CoordinatorState {
                         tracing::warn!(worker = %w.name, "registered worker does not answer");
                         w.state = WState::Down;
                     }
-                    (WState::Down, Some(_)) => {
+                    (WState::Down, Some(_)) if itself => {
                         tracing::info!(worker = %w.name, "worker answers again");
                         w.state = WState::Registered;
                         drop(g);
@@ -1021,22 +1047,29 @@ impl CoordinatorService {
         if let Some(h) = &r.held {
             g.mesh_id = g.mesh_id.max(h.mesh_id);
         }
-        // A serving worker that registers again (it missed the health checks for a while)
-        // with the shard of the serving mesh, at the same addresses: nothing changed.
+        // The same process registering again (same name, QUIC key and addresses: it missed
+        // the health checks for a while, under load or a short network cut): nothing about
+        // it changed, whatever it is doing (serving, or taking a shard being loaded). A
+        // restarted process has a new key, and replaces the entry below.
         let same = g
             .workers
-            .values()
+            .values_mut()
             .find(|w| {
                 w.name == r.name
-                    && w.state == WState::Ready
+                    && w.public_key == r.public_key_der
                     && w.grpc_addr == r.grpc_addr
                     && w.quic_addr == r.quic_addr
-                    && r.held.as_ref().is_some_and(|h| h.mesh_id == g.mesh_id)
             })
-            .map(|w| w.id);
+            .map(|w| {
+                if w.state == WState::Down {
+                    w.state = WState::Registered;
+                }
+                w.id
+            });
         if let Some(id) = same {
             drop(g);
-            tracing::info!(id, name = %r.name, "serving worker registered again");
+            tracing::info!(id, name = %r.name, "worker registered again");
+            st.changed.notify_one();
             return Ok(Response::new(RegisterReply {
                 worker_id: id,
                 certificate_der: cert,
@@ -1078,6 +1111,7 @@ impl CoordinatorService {
                 weight_bytes_held: 0,
                 rss_bytes: 0,
                 held: r.held,
+                public_key: r.public_key_der,
             },
         );
         drop(g);

@@ -504,7 +504,7 @@ impl Scheduler {
                         Some(since) => {
                             g = self
                                 .wake
-                                .wait_timeout(g, RELOAD_WAIT - since.elapsed())
+                                .wait_timeout(g, RELOAD_WAIT.saturating_sub(since.elapsed()))
                                 .unwrap()
                                 .0;
                         }

@@ -59,6 +59,8 @@ struct State {
     last_contact: std::sync::atomic::AtomicU64,
     born: Instant,
     keys: Arc<ClusterKeys>,
+    /// The id the coordinator gave this process at its last registration (0: none yet).
+    worker_id: std::sync::atomic::AtomicU64,
     backend: Backend,
     node: Arc<QuicNode>,
     local_model: Option<PathBuf>,
@@ -301,15 +303,21 @@ impl Worker for WorkerService {
     async fn health(&self, req: Request<Empty>) -> Result<Response<HealthReply>, Status> {
         self.state.keys.check(req.metadata())?;
         self.state.touch();
+        let worker_id = self
+            .state
+            .worker_id
+            .load(std::sync::atomic::Ordering::Relaxed);
         let g = self.state.shard.lock().unwrap();
         Ok(Response::new(match g.as_ref() {
             Some(l) => HealthReply {
                 state: "ready".into(),
                 mesh_id: l.mesh_id,
+                worker_id,
             },
             None => HealthReply {
                 state: "idle".into(),
                 mesh_id: 0,
+                worker_id,
             },
         }))
     }
@@ -598,6 +606,7 @@ pub async fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
         last_contact: Default::default(),
         born: Instant::now(),
         keys: keys.clone(),
+        worker_id: Default::default(),
         backend: cfg.backend,
         node: node.clone(),
         local_model: cfg.model.clone(),
@@ -651,6 +660,9 @@ pub async fn run(cfg: WorkerConfig) -> anyhow::Result<()> {
     // Registers and installs the QUIC certificate the coordinator issued for our key.
     let join = || async {
         let reply = reg.register().await?;
+        state
+            .worker_id
+            .store(reply.worker_id, std::sync::atomic::Ordering::Relaxed);
         node.set_identity(&Identity {
             key_pkcs8: key.clone(),
             cert_der: reply.certificate_der,
