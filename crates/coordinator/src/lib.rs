@@ -676,23 +676,7 @@ impl CoordinatorState {
         let mut shards = Vec::new();
         let mut bytes = 0;
         for (id, _, addr, h) in &members {
-            let ch = self
-                .keys
-                .channel(addr, |e| {
-                    e.connect_timeout(CONNECT_TIMEOUT)
-                        .initial_stream_window_size(tessera_proto::STREAM_WINDOW)
-                        .initial_connection_window_size(tessera_proto::STREAM_WINDOW)
-                })
-                .await
-                .map_err(|e| {
-                    (
-                        Some(*id),
-                        anyhow::anyhow!("connecting to worker {addr}: {e}"),
-                    )
-                })?;
-            let client = WorkerClient::new(ch)
-                .max_decoding_message_size(64 << 20)
-                .max_encoding_message_size(64 << 20);
+            let client = self.worker_client(addr).await.map_err(|e| (Some(*id), e))?;
             clients.push((*id, client));
             shards.push(
                 serde_json::from_str(&h.spec_json)
@@ -723,14 +707,8 @@ impl CoordinatorState {
         Ok(())
     }
 
-    async fn load_one(
-        &self,
-        addr: &str,
-        spec: &tessera_core::ShardSpec,
-        peers: Vec<Peer>,
-        mesh_id: u64,
-        local: bool,
-    ) -> anyhow::Result<(LoadReply, WorkerClient<Channel>)> {
+    /// A client of the worker at `addr`, for loading and the step stream.
+    async fn worker_client(&self, addr: &str) -> anyhow::Result<WorkerClient<Channel>> {
         let channel = self
             .keys
             .channel(addr, |e| {
@@ -740,9 +718,20 @@ impl CoordinatorState {
             })
             .await
             .with_context(|| format!("connecting to worker {addr}"))?;
-        let mut client = WorkerClient::new(channel)
+        Ok(WorkerClient::new(channel)
             .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
+            .max_encoding_message_size(64 << 20))
+    }
+
+    async fn load_one(
+        &self,
+        addr: &str,
+        spec: &tessera_core::ShardSpec,
+        peers: Vec<Peer>,
+        mesh_id: u64,
+        local: bool,
+    ) -> anyhow::Result<(LoadReply, WorkerClient<Channel>)> {
+        let mut client = self.worker_client(addr).await?;
         // Two passes over the shard's slices, off the async runtime: one to hash them (for the
         // assignment), one to stream them; whole rows are views of the memory map, so neither
         // holds the shard in memory.
