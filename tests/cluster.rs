@@ -627,7 +627,7 @@ fn tessera_run_takes_its_workers_down_when_stopped_or_killed() {
 }
 
 #[test]
-fn with_grow_a_joining_worker_is_sharded_in() {
+fn with_grow_a_joining_worker_is_sharded_in_and_a_standby_only_replaces() {
     let r = reference("tiny-llama");
     let case = &r.cases[0];
     let mut c = Cluster::start_with(&fixtures().join("tiny-llama"), 2, &["--grow"]);
@@ -646,6 +646,55 @@ fn with_grow_a_joining_worker_is_sharded_in() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(c.status().contains("rank 2"), "{}", c.status());
+    c.expect_reference(case);
+
+    // A stand-by joins: it is not grown into, and takes a dead worker's place.
+    let spare = tessera()
+        .args([
+            "worker",
+            "--listen",
+            "127.0.0.1:0",
+            "--quic-listen",
+            "127.0.0.1:0",
+        ])
+        .args([
+            "--coordinator",
+            &c.addr,
+            "--name",
+            "spare",
+            "--memory-gib",
+            "4",
+        ])
+        .arg("--standby")
+        .env("TESSERA_TOKEN", &c.token)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    c.workers.push(Some(spare));
+    let t = Instant::now();
+    while !c.status().contains("spare") {
+        assert!(t.elapsed() < Duration::from_secs(30), "{}", c.status());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Growth looks every 2 s: three looks.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(ready(&c), 3, "the stand-by was grown into: {}", c.status());
+    let mut victim = c.workers[0].take().unwrap();
+    victim.kill().unwrap();
+    victim.wait().unwrap();
+    let t = Instant::now();
+    loop {
+        let st = c.status();
+        let spare_ready = st
+            .lines()
+            .any(|l| l.contains("spare") && l.contains(" ready "));
+        if spare_ready && ready(&c) == 3 && st.starts_with("cluster: ready") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "{st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     c.expect_reference(case);
 }
 

@@ -55,6 +55,10 @@ pub struct WorkerArgs {
     /// Threads for the CPU kernels (default: the cores this process may use)
     #[arg(long)]
     threads: Option<usize>,
+    /// Stand by: registered and checked, but used only to replace a failed worker (or to
+    /// reach the coordinator's --workers), never grown into with --grow
+    #[arg(long)]
+    standby: bool,
 }
 
 /// How the coordinator serves requests: the HTTP API and the batching scheduler.
@@ -241,6 +245,7 @@ pub fn worker(a: WorkerArgs) -> anyhow::Result<()> {
             .memory_gib
             .map_or_else(machine_memory, |g| (g * (1u64 << 30) as f64) as u64),
         health_listen: a.health_listen,
+        standby: a.standby,
     };
     runtime()?.block_on(tessera_worker::run(cfg))
 }

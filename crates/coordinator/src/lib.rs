@@ -105,6 +105,8 @@ struct WorkerEntry {
     held: Option<HeldShard>,
     /// Its QUIC public key: the same process registering again presents the same one.
     public_key: Vec<u8>,
+    /// A spare (`tessera worker --standby`): picked last, never grown into.
+    standby: bool,
 }
 
 struct Inner {
@@ -268,15 +270,21 @@ impl CoordinatorState {
         loop {
             let todo = {
                 let mut g = self.inner.lock().unwrap();
-                let live: Vec<u64> = g
+                // Stand-bys first: a mesh of k takes the last k, so spares only where the
+                // others do not reach k.
+                let mut live: Vec<(bool, u64)> = g
                     .workers
                     .values()
                     .filter(|w| w.state != WState::Down)
-                    .map(|w| w.id)
+                    .map(|w| (!w.standby, w.id))
                     .collect();
-                // With --grow, every live worker the plan can use; else exactly n.
+                live.sort_unstable();
+                let regular = live.iter().filter(|w| w.0).count();
+                let live: Vec<u64> = live.into_iter().map(|w| w.1).collect();
+                // With --grow, every live worker the plan can use (stand-bys aside); else
+                // exactly n.
                 let want = if self.grow {
-                    self.usable_shards(live.len())
+                    self.usable_shards(regular.max(1))
                 } else {
                     self.n
                 };
@@ -296,7 +304,9 @@ impl CoordinatorState {
                 let k = if !(start || grow_now || restore_now) {
                     None
                 } else if live.len() >= self.n {
-                    Some(want.max(self.n).min(live.len()))
+                    // After a failure, as many as the mesh had (a stand-by fills the gap).
+                    let had = if g.served { g.mesh_size } else { 0 };
+                    Some(self.usable_shards(want.max(self.n).max(had).min(live.len())))
                 } else {
                     // Fewer than asked: the most of them the model splits over and fits.
                     let most = self.usable_shards(live.len());
@@ -1101,6 +1111,7 @@ impl CoordinatorService {
                 rss_bytes: 0,
                 held: r.held,
                 public_key: r.public_key_der,
+                standby: r.standby,
             },
         );
         drop(g);

@@ -37,6 +37,8 @@ pub struct WorkerConfig {
     pub memory_bytes: u64,
     /// Serve `GET /health` over plain HTTP here (for container and Kubernetes probes).
     pub health_listen: Option<SocketAddr>,
+    /// A spare: the coordinator uses it only to replace a failed worker.
+    pub standby: bool,
 }
 
 enum ShardCmd {
@@ -742,6 +744,7 @@ impl Registration<'_> {
                 memory_bytes: cfg.memory_bytes,
                 public_key_der: self.spki.clone(),
                 model_sha256: self.model_sha256.clone(),
+                standby: cfg.standby,
                 held: self
                     .state
                     .shard
