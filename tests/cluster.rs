@@ -150,6 +150,11 @@ impl Cluster {
 
     /// With extra coordinator flags.
     fn start_with(model: &Path, n: usize, extra: &[&str]) -> Cluster {
+        Cluster::start_opts(model, n, extra, "4")
+    }
+
+    /// With extra coordinator flags, each worker offering `memory_gib` GiB.
+    fn start_opts(model: &Path, n: usize, extra: &[&str], memory_gib: &str) -> Cluster {
         let addr = format!("127.0.0.1:{}", free_port());
         let token = format!("test-token-{}", std::process::id());
         let coordinator = coordinator_cmd(model, n, &addr, &token)
@@ -164,7 +169,7 @@ impl Cluster {
             workers: vec![],
         };
         for i in 0..n {
-            let w = c.worker(i, &c.token.clone());
+            let w = c.worker_with(i, &c.token.clone(), memory_gib, &[]);
             c.workers.push(Some(w));
         }
         c.wait_ready();
@@ -172,23 +177,14 @@ impl Cluster {
     }
 
     fn worker(&self, i: usize, token: &str) -> Child {
-        self.worker_with(i, token, "4")
+        self.worker_with(i, token, "4", &[])
     }
 
-    /// A worker offering `memory_gib` GiB.
-    fn worker_with(&self, i: usize, token: &str, memory_gib: &str) -> Child {
-        tessera()
-            .args([
-                "worker",
-                "--listen",
-                "127.0.0.1:0",
-                "--quic-listen",
-                "127.0.0.1:0",
-                "--coordinator",
-                &self.addr,
-            ])
-            .args(["--name", &format!("worker-{i}"), "--memory-gib", memory_gib])
-            .env("TESSERA_TOKEN", token)
+    /// A worker offering `memory_gib` GiB, with `extra` flags.
+    fn worker_with(&self, i: usize, token: &str, memory_gib: &str, extra: &[&str]) -> Child {
+        let name = format!("worker-{i}");
+        common::worker_cmd(&self.addr, token, &name, memory_gib, "127.0.0.1:0")
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -307,24 +303,7 @@ fn a_killed_worker_that_nothing_can_replace_fails_the_request_saying_so_and_rejo
     let r = reference("smollm2-135m-q4_1");
     let case = &r.cases[0];
     let mem = format!("{}", 140.0 / 1024.0);
-    let addr = format!("127.0.0.1:{}", free_port());
-    let token = format!("test-token-{}", std::process::id());
-    let coordinator = coordinator_cmd(&smollm2(), 2, &addr, &token)
-        .args(["--kv-cache-gib", "0.05"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut c = Cluster {
-        addr,
-        token,
-        coordinator,
-        workers: vec![],
-    };
-    for i in 0..2 {
-        let w = c.worker_with(i, &c.token.clone(), &mem);
-        c.workers.push(Some(w));
-    }
-    c.wait_ready();
+    let mut c = Cluster::start_opts(&smollm2(), 2, &["--kv-cache-gib", "0.05"], &mem);
     // A long generation, with one worker killed (SIGKILL) while it streams.
     // Text output (not --ids), so that it streams and shows the generation is under way.
     let mut long = tessera()
@@ -380,7 +359,7 @@ fn a_killed_worker_that_nothing_can_replace_fails_the_request_saying_so_and_rejo
         "a cluster that cannot hold the model answered"
     );
     // The worker comes back under the same name; the cluster reloads and serves again.
-    let back = c.worker_with(1, &c.token.clone(), &mem);
+    let back = c.worker_with(1, &c.token.clone(), &mem, &[]);
     c.workers[1] = Some(back);
     c.wait_ready();
     c.expect_reference(case);
@@ -649,31 +628,10 @@ fn with_grow_a_joining_worker_is_sharded_in_and_a_standby_only_replaces() {
     c.expect_reference(case);
 
     // A stand-by joins: it is not grown into, and takes a dead worker's place.
-    let spare = tessera()
-        .args([
-            "worker",
-            "--listen",
-            "127.0.0.1:0",
-            "--quic-listen",
-            "127.0.0.1:0",
-        ])
-        .args([
-            "--coordinator",
-            &c.addr,
-            "--name",
-            "spare",
-            "--memory-gib",
-            "4",
-        ])
-        .arg("--standby")
-        .env("TESSERA_TOKEN", &c.token)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let spare = c.worker_with(9, &c.token.clone(), "4", &["--standby"]);
     c.workers.push(Some(spare));
     let t = Instant::now();
-    while !c.status().contains("spare") {
+    while !c.status().contains("worker-9") {
         assert!(t.elapsed() < Duration::from_secs(30), "{}", c.status());
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -688,7 +646,7 @@ fn with_grow_a_joining_worker_is_sharded_in_and_a_standby_only_replaces() {
         let st = c.status();
         let spare_ready = st
             .lines()
-            .any(|l| l.contains("spare") && l.contains(" ready "));
+            .any(|l| l.contains("worker-9") && l.contains(" ready "));
         if spare_ready && ready(&c) == 3 && st.starts_with("cluster: ready") {
             break;
         }

@@ -923,17 +923,8 @@ fn a_worker_killed_mid_stream_costs_a_delay_not_an_error() {
     let s = Server::spawn(cmd, token, false);
     let grpc = s.grpc.clone();
     let worker = |name: &str| -> Child {
-        tessera()
-            .args([
-                "worker",
-                "--listen",
-                "127.0.0.1:0",
-                "--quic-listen",
-                "127.0.0.1:0",
-            ])
-            .args(["--coordinator", &grpc, "--name", name, "--memory-gib", "4"])
+        common::worker_cmd(&grpc, token, name, "4", "127.0.0.1:0")
             .args(["--threads", "1"])
-            .env("TESSERA_TOKEN", token)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -67,15 +67,17 @@ fn wait_ready(addr: &str, token: &str) {
 }
 
 fn worker(coordinator: &str, token: &str, name: &str, grpc_port: u16) -> Child {
-    tessera()
-        .args(["worker", "--coordinator", coordinator, "--name", name])
-        .args(["--listen", &format!("127.0.0.1:{grpc_port}")])
-        .args(["--quic-listen", "127.0.0.1:0", "--memory-gib", "4"])
-        .env("TESSERA_TOKEN", token)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
+    common::worker_cmd(
+        coordinator,
+        token,
+        name,
+        "4",
+        &format!("127.0.0.1:{grpc_port}"),
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap()
 }
 
 #[test]

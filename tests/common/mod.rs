@@ -7,6 +7,23 @@ pub mod mutate;
 use serde_json::Value;
 use std::path::PathBuf;
 
+/// `tessera worker` joining `coordinator` as `name`, its gRPC service on `listen` and QUIC
+/// on any free loopback port, offering `memory_gib` GiB; the caller adds flags and stdio.
+pub fn worker_cmd(
+    coordinator: &str,
+    token: &str,
+    name: &str,
+    memory_gib: &str,
+    listen: &str,
+) -> std::process::Command {
+    let mut c = tessera();
+    c.args(["worker", "--coordinator", coordinator, "--name", name])
+        .args(["--listen", listen, "--quic-listen", "127.0.0.1:0"])
+        .args(["--memory-gib", memory_gib])
+        .env("TESSERA_TOKEN", token);
+    c
+}
+
 /// The `tessera` binary of this build.
 pub fn tessera() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
