@@ -244,6 +244,15 @@ struct Shared {
     stop: bool,
 }
 
+impl Shared {
+    /// A failure's recovery starts (unless one is under way): requests wait from now.
+    fn recovering(&mut self) {
+        let now = Instant::now();
+        self.waiting_since.get_or_insert(now);
+        self.recovering_since.get_or_insert(now);
+    }
+}
+
 pub struct Scheduler {
     cfg: SchedulerConfig,
     shared: Mutex<Shared>,
@@ -354,11 +363,7 @@ impl Scheduler {
             Away::Pause => {
                 g.waiting_since.get_or_insert_with(Instant::now);
             }
-            Away::Recover => {
-                let now = Instant::now();
-                g.waiting_since.get_or_insert(now);
-                g.recovering_since.get_or_insert(now);
-            }
+            Away::Recover => g.recovering(),
         }
         drop(g);
         for q in queued {
@@ -785,9 +790,7 @@ impl Scheduler {
         g.active = active.len();
         g.ready = false;
         g.state = "recovering".into();
-        let now = Instant::now();
-        g.waiting_since.get_or_insert(now);
-        g.recovering_since.get_or_insert(now);
+        g.recovering();
         drop(g);
         (self.on_failure)(e);
     }

@@ -65,7 +65,6 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// TLS configurations, and the bearer value of its calls.
 pub struct ClusterKeys {
     ca_key: Vec<u8>,
-    ca_der: Vec<u8>,
     bearer: String,
     server: Arc<rustls::ServerConfig>,
     client: Arc<rustls::ClientConfig>,
@@ -122,7 +121,7 @@ impl ClusterKeys {
         server.alpn_protocols = vec![b"h2".to_vec()];
         let mut roots = rustls::RootCertStore::empty();
         roots
-            .add(CertificateDer::from(ca_der.clone()))
+            .add(CertificateDer::from(ca_der))
             .map_err(|e| err(&e))?;
         let mut client = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -136,7 +135,6 @@ impl ClusterKeys {
             .collect();
         Ok(ClusterKeys {
             ca_key,
-            ca_der,
             bearer,
             server: Arc::new(server),
             client: Arc::new(client),
@@ -146,11 +144,6 @@ impl ClusterKeys {
     /// The cluster CA's private key (PKCS#8), for issuing the workers' QUIC certificates.
     pub fn ca_key(&self) -> &[u8] {
         &self.ca_key
-    }
-
-    /// The cluster CA's certificate.
-    pub fn ca_der(&self) -> &[u8] {
-        &self.ca_der
     }
 
     /// `msg` as a request carrying this cluster's bearer value.
@@ -193,16 +186,6 @@ impl ClusterKeys {
     ) -> Result<Channel, tonic::transport::Error> {
         let endpoint = tune(Endpoint::from_shared(plain_url(addr))?);
         endpoint.connect_with_connector(self.connector()).await
-    }
-
-    /// As [`ClusterKeys::channel`], connecting on first use.
-    pub fn channel_lazy(
-        &self,
-        addr: &str,
-        tune: impl FnOnce(Endpoint) -> Endpoint,
-    ) -> Result<Channel, tonic::transport::Error> {
-        let endpoint = tune(Endpoint::from_shared(plain_url(addr))?);
-        Ok(endpoint.connect_with_connector_lazy(self.connector()))
     }
 
     fn connector(
