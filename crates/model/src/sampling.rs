@@ -80,9 +80,14 @@ fn gumbel_key(x: f32, temperature: f32, seed: u64, draw: u64, id: u32) -> f64 {
 }
 
 /// The `(id, logit)` with the largest Gumbel-max key (the lower id on a tie).
-fn gumbel_winner(c: &[(u32, f32)], t: f32, seed: u64, draw: u64) -> Option<(u32, f32)> {
-    c.iter()
-        .map(|&(id, x)| ((id, x), gumbel_key(x, t, seed, draw, id)))
+fn gumbel_winner(
+    c: impl IntoIterator<Item = (u32, f32)>,
+    t: f32,
+    seed: u64,
+    draw: u64,
+) -> Option<(u32, f32)> {
+    c.into_iter()
+        .map(|(id, x)| ((id, x), gumbel_key(x, t, seed, draw, id)))
         .min_by(|a, b| b.1.total_cmp(&a.1).then(a.0.0.cmp(&b.0.0)))
         .map(|w| w.0)
 }
@@ -231,7 +236,8 @@ impl Sampler {
             cand.len()
         };
         self.draws += 1;
-        let best = gumbel_winner(&cand[..keep], t, p.seed, draw).expect("at least one kept");
+        let best = gumbel_winner(cand[..keep].iter().copied(), t, p.seed, draw)
+            .expect("at least one kept");
         Draw::Token(best.0)
     }
 }
@@ -378,19 +384,22 @@ fn log_add_exp(a: f64, b: f64) -> f64 {
     m + ((a - m).exp() + (b - m).exp()).ln()
 }
 
-/// A slice's candidates for `spec`; `logits[i]` is token `first + i`.
+/// A slice's candidates for `spec`; `logits[i]` is token `first + i`. One pass over the
+/// slice, keeping at most `2 n` candidates at a time (a greedy step of a 128k-token slice must
+/// not build and partition a vector of all of them).
 pub fn candidates(logits: &[f32], spec: &TopSpec, first: u32) -> Candidates {
     let t = spec.temperature;
     // Sampling considers finite logits only; greedy decoding any but NaN (as `argmax`).
-    let mut c: Vec<(u32, f32)> = logits
-        .iter()
-        .enumerate()
-        .filter(|(_, x)| if t > 0.0 { x.is_finite() } else { !x.is_nan() })
-        .map(|(i, &x)| (first + i as u32, x))
-        .collect();
+    let all = || {
+        logits
+            .iter()
+            .enumerate()
+            .filter(move |(_, x)| if t > 0.0 { x.is_finite() } else { !x.is_nan() })
+            .map(move |(i, &x)| (first + i as u32, x))
+    };
     let mut out = Candidates::empty();
     if spec.mass && t > 0.0 {
-        out.lse = log_sum_exp(c.iter().map(|x| x.1), t);
+        out.lse = log_sum_exp(all().map(|x| x.1), t);
     }
     if spec.raw_lse {
         out.lse_raw = log_sum_exp(logits.iter().copied().filter(|x| x.is_finite()), 1.0);
@@ -398,18 +407,60 @@ pub fn candidates(logits: &[f32], spec: &TopSpec, first: u32) -> Candidates {
     let winner = spec
         .gumbel
         .filter(|_| t > 0.0)
-        .and_then(|(seed, draw)| gumbel_winner(&c, t, seed, draw));
-    if c.len() > spec.n {
-        if spec.n > 0 {
-            c.select_nth_unstable_by(spec.n - 1, best_first);
+        .and_then(|(seed, draw)| gumbel_winner(all(), t, seed, draw));
+    let n = spec.n;
+    // The best n so far (unordered) and, once n are held, the worst of them: a later token
+    // enters only if it is better. `floor`: the largest logit left out.
+    let mut c: Vec<(u32, f32)> = Vec::with_capacity(2 * n);
+    let mut floor = f32::NEG_INFINITY;
+    let cut = |c: &mut Vec<(u32, f32)>, floor: &mut f32| {
+        if c.len() > n {
+            if n > 0 {
+                c.select_nth_unstable_by(n - 1, best_first);
+            }
+            *floor = c[n..].iter().map(|x| x.1).fold(*floor, f32::max);
+            c.truncate(n);
         }
-        if spec.mass {
-            out.floor = c[spec.n..]
-                .iter()
-                .map(|x| x.1)
-                .fold(f32::NEG_INFINITY, f32::max);
+    };
+    let keep = |x: f32| if t > 0.0 { x.is_finite() } else { !x.is_nan() };
+    if n == 0 {
+        floor = all().map(|x| x.1).fold(floor, f32::max);
+    } else {
+        let mut worst: Option<(u32, f32)> = None;
+        // By blocks: a block whose largest logit is below the worst held is passed over
+        // whole (a comparison the compiler vectorizes), which is nearly every block.
+        const BLOCK: usize = 64;
+        for (bi, block) in logits.chunks(BLOCK).enumerate() {
+            if let Some(w) = worst {
+                // NaNs never win `>`: they are passed over, as the filter would.
+                let m = block
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+                if m < w.1 {
+                    floor = floor.max(m);
+                    continue;
+                }
+            }
+            for (j, &v) in block.iter().enumerate() {
+                if !keep(v) {
+                    continue;
+                }
+                let x = (first + (bi * BLOCK + j) as u32, v);
+                if worst.is_some_and(|w| best_first(&x, &w) != std::cmp::Ordering::Less) {
+                    floor = floor.max(x.1);
+                    continue;
+                }
+                c.push(x);
+                if c.len() == 2 * n {
+                    cut(&mut c, &mut floor);
+                    worst = c.last().copied();
+                }
+            }
         }
-        c.truncate(spec.n);
+    }
+    cut(&mut c, &mut floor);
+    if spec.mass {
+        out.floor = floor;
     }
     c.sort_by(best_first);
     if let Some(w) = winner
@@ -583,6 +634,60 @@ mod tests {
         let z: f64 = [1.0f64, 5.0, 3.0, 4.0, 2.0].iter().map(|x| x.exp()).sum();
         assert!((c.lse - z.ln()).abs() < 1e-9);
         assert!((c.lse_raw - z.ln()).abs() < 1e-9);
+    }
+
+    /// The one-pass selection against sorting everything: the same candidates in the same
+    /// order and the same largest left-out logit, with ties, infinities and NaNs, for greedy
+    /// and sampling and every n from 0 to past the slice's length.
+    #[test]
+    fn one_pass_candidates_equal_a_full_sort() {
+        let mut z = 7u64;
+        for case in 0..400 {
+            let len = 1 + (mix(case) % 300) as usize;
+            let logits: Vec<f32> = (0..len)
+                .map(|_| {
+                    z = mix(z);
+                    match z % 23 {
+                        0 => f32::NEG_INFINITY,
+                        1 => f32::INFINITY,
+                        2 => f32::NAN,
+                        // Few distinct values: many ties.
+                        r => ((r % 7) as f32) * 0.5 - 1.0,
+                    }
+                })
+                .collect();
+            for &t in &[0.0f32, 0.8] {
+                for n in [0, 1, 2, 3, 5, 64, len - 1, len, len + 3] {
+                    let spec = TopSpec {
+                        n,
+                        temperature: t,
+                        gumbel: None,
+                        mass: true,
+                        raw_lse: false,
+                    };
+                    let got = candidates(&logits, &spec, 100);
+                    let mut all: Vec<(u32, f32)> = logits
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, x)| if t > 0.0 { x.is_finite() } else { !x.is_nan() })
+                        .map(|(i, &x)| (100 + i as u32, x))
+                        .collect();
+                    all.sort_by(best_first);
+                    let floor = all
+                        .get(n..)
+                        .unwrap_or(&[])
+                        .iter()
+                        .map(|x| x.1)
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    all.truncate(n);
+                    let bits = |v: &[(u32, f32)]| -> Vec<(u32, u32)> {
+                        v.iter().map(|x| (x.0, x.1.to_bits())).collect()
+                    };
+                    assert_eq!(bits(&got.top), bits(&all), "case {case}, t {t}, n {n}");
+                    assert_eq!(got.floor.to_bits(), floor.to_bits(), "case {case}, n {n}");
+                }
+            }
+        }
     }
 
     #[test]
