@@ -6,7 +6,7 @@
 
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgmlType, GgufFile};
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapMut, MmapOptions};
 use safetensors::{Dtype, SafeTensors, tensor::Metadata};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -212,7 +212,8 @@ impl Bytes {
     pub fn is_empty(&self) -> bool {
         self.range.is_empty()
     }
-    /// Whether these bytes are a view of a memory-mapped file (else a buffer of their own).
+    /// Whether these bytes are a view of a memory map (a model file, or a [`WeightArena`]) rather
+    /// than a buffer of their own.
     pub fn is_mapped(&self) -> bool {
         matches!(self.owner, Owner::Map(_))
     }
@@ -223,6 +224,83 @@ impl Bytes {
             owner: self.owner.clone(),
             range: self.range.start + r.start..self.range.start + r.end,
         }
+    }
+}
+
+/// Where a worker puts the weights it receives: one anonymous mapping for the whole shard,
+/// which the kernel is asked to back with 2 MiB pages. Decode streams every weight once per
+/// token; on 4 KiB pages that is a TLB miss (a two-level page walk inside a VM) every 4 KiB and
+/// a hardware prefetcher that stops at every page edge, which costs most when several cores
+/// stream at once. The capacity is fixed at creation: nothing grows from what a sender claims.
+pub struct WeightArena {
+    map: MmapMut,
+    /// Offset of the first 2 MiB boundary in the mapping; ranges handed out are relative to it.
+    base: usize,
+    next: usize,
+    cap: usize,
+}
+
+const HUGE_PAGE: usize = 2 << 20;
+
+impl WeightArena {
+    /// Room for `bytes` of weights (plus alignment of each tensor to a cache line while the
+    /// slack lasts). Pages are only taken as they are written.
+    pub fn new(bytes: usize) -> std::io::Result<WeightArena> {
+        let cap = bytes.saturating_add(1 << 20);
+        let len = cap.saturating_add(HUGE_PAGE).max(1);
+        let map = MmapOptions::new().len(len).map_anon()?;
+        // A hint: where the kernel has no transparent huge pages this changes nothing.
+        // `TESSERA_HUGE_PAGES=0` leaves the kernel's default (to compare, or where collapsing
+        // pages stalls the machine).
+        #[cfg(target_os = "linux")]
+        if std::env::var("TESSERA_HUGE_PAGES").map_or(true, |v| v != "0") {
+            let _ = map.advise(memmap2::Advice::HugePage);
+        }
+        let base = map.as_ptr().align_offset(HUGE_PAGE).min(HUGE_PAGE);
+        Ok(WeightArena {
+            map,
+            base,
+            next: 0,
+            cap,
+        })
+    }
+
+    /// A range of `len` bytes for one tensor, or `None` when the arena is full.
+    pub fn reserve(&mut self, len: usize) -> Option<Range<usize>> {
+        let aligned = self.next.next_multiple_of(64);
+        let start = if aligned.checked_add(len)? <= self.cap {
+            aligned
+        } else {
+            self.next
+        };
+        let end = start.checked_add(len).filter(|&e| e <= self.cap)?;
+        self.next = end;
+        Some(start..end)
+    }
+
+    /// The bytes of a reserved range, to be filled.
+    pub fn slice_mut(&mut self, r: Range<usize>) -> &mut [u8] {
+        &mut self.map[self.base + r.start..self.base + r.end]
+    }
+
+    /// Read-only from here on; each reserved range becomes its tensor's [`Bytes`].
+    pub fn freeze(self) -> std::io::Result<FrozenArena> {
+        Ok(FrozenArena {
+            map: Arc::new(self.map.make_read_only()?),
+            base: self.base,
+        })
+    }
+}
+
+/// A filled [`WeightArena`].
+pub struct FrozenArena {
+    map: Arc<Mmap>,
+    base: usize,
+}
+
+impl FrozenArena {
+    pub fn bytes(&self, r: Range<usize>) -> Bytes {
+        Bytes::mapped(self.map.clone(), self.base + r.start..self.base + r.end)
     }
 }
 

@@ -13,7 +13,7 @@ use tessera_collective::quic::{Identity, QuicNode, generate_key, token_proof};
 use tessera_collective::{Collective, Mesh, Single, Wire};
 use tessera_core::{ModelConfig, ShardSpec};
 use tessera_model::gguf::GgmlType;
-use tessera_model::weights::{Bytes, RawTensor, Weights};
+use tessera_model::weights::{Bytes, RawTensor, WeightArena, Weights};
 use tessera_model::{Backend, ModelFiles, Precision, SeqStep, ShardModel, TopSpec};
 use tessera_proto::coordinator_client::CoordinatorClient;
 use tessera_proto::secure::ClusterKeys;
@@ -141,7 +141,16 @@ impl Worker for WorkerService {
                 .map_err(|e| Status::failed_precondition(e.to_string()))?
                 .weights
         } else {
-            let mut blocks: HashMap<String, (RawTensor, Vec<u8>, usize)> = HashMap::new();
+            // The whole shard in one arena on 2 MiB pages, sized by what was announced.
+            let total = usize::try_from(a.total_bytes).map_err(|_| {
+                Status::invalid_argument("the announced shard size is out of range")
+            })?;
+            let mut arena = WeightArena::new(total).map_err(|e| {
+                Status::resource_exhausted(format!("no memory for a shard of {total} bytes: {e}"))
+            })?;
+            // Per tensor: its header, its range in the arena and the bytes filled so far.
+            let mut blocks: HashMap<String, (RawTensor, std::ops::Range<usize>, usize)> =
+                HashMap::new();
             let mut hasher = sha2::Sha256::new();
             let mut received = 0u64;
             while let Some(chunk) = stream.message().await? {
@@ -159,23 +168,28 @@ impl Worker for WorkerService {
                     )));
                 }
                 if !blocks.contains_key(&b.name) {
-                    let raw = block_header(&b)
+                    let (expected, raw) = block_header(&b)
                         .map_err(|e| Status::invalid_argument(format!("block {}: {e}", b.name)))?;
-                    let expected = raw.0;
-                    // Room for the whole slice at once (no regrowth, no spare capacity), but
-                    // never more than the bytes still announced.
-                    let left = (a.total_bytes - (received - b.data.len() as u64)) as usize;
-                    let data = Vec::with_capacity(expected.min(left));
-                    blocks.insert(b.name.clone(), (raw.1, data, expected));
+                    let range = arena.reserve(expected).ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "block {}: its {expected} bytes overrun the {} bytes announced",
+                            b.name, a.total_bytes
+                        ))
+                    })?;
+                    blocks.insert(b.name.clone(), (raw, range, 0));
                 }
-                let (_, data, expected) = blocks.get_mut(&b.name).expect("inserted");
-                if b.offset as usize != data.len() || data.len() + b.data.len() > *expected {
+                let (_, range, filled) = blocks.get_mut(&b.name).expect("inserted");
+                if b.offset as usize != *filled || *filled + b.data.len() > range.len() {
                     return Err(Status::invalid_argument(format!(
                         "block {} arrived out of order or oversized",
                         b.name
                     )));
                 }
-                data.extend_from_slice(&b.data);
+                let at = range.start + *filled;
+                arena
+                    .slice_mut(at..at + b.data.len())
+                    .copy_from_slice(&b.data);
+                *filled += b.data.len();
             }
             let sum = format!("{:x}", hasher.finalize());
             if received != a.total_bytes || sum != a.sha256 {
@@ -184,15 +198,18 @@ impl Worker for WorkerService {
                     a.total_bytes, a.sha256
                 )));
             }
+            let arena = arena
+                .freeze()
+                .map_err(|e| Status::internal(format!("shard memory: {e}")))?;
             let mut done = HashMap::new();
-            for (name, (mut raw, data, expected)) in blocks {
-                if data.len() != expected {
+            for (name, (mut raw, range, filled)) in blocks {
+                if filled != range.len() {
                     return Err(Status::data_loss(format!(
-                        "block {name}: {} of {expected} bytes arrived",
-                        data.len()
+                        "block {name}: {filled} of {} bytes arrived",
+                        range.len()
                     )));
                 }
-                raw.data = Bytes::from_vec(data);
+                raw.data = arena.bytes(range);
                 done.insert(name, raw);
             }
             Weights::Blocks(Arc::new(done))
