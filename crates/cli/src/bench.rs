@@ -461,6 +461,12 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
         100.0 * d.comm_fraction
     );
     println!(
+        "decode step time: {:.0}% on the workers' kernels and their own work, {:.0}% in all-reduces, {:.0}% on the control plane (request, reply, merge)",
+        100.0 * d.compute_fraction,
+        100.0 * d.comm_fraction,
+        100.0 * d.control_fraction
+    );
+    println!(
         "logits sent per step: {:.0} bytes per worker (greedy: each worker's best token; a whole vocabulary slice would be {} bytes)",
         d.logits_bytes_per_step,
         vocab * 4 / n as u64
@@ -498,6 +504,8 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
         "worker_rss_bytes": worker_rss,
         "rss_bytes": worker_rss.iter().sum::<u64>(),
         "comm_share": d.comm_fraction,
+        "compute_share": d.compute_fraction,
+        "control_share": d.control_fraction,
         "allreduce_mean_us": d.allreduce_mean_us,
         "logits_bytes_per_step": d.logits_bytes_per_step,
         "wire": a.wire.name(),
@@ -581,6 +589,8 @@ fn run_remote(a: &BenchArgs, addr: &str) -> anyhow::Result<serde_json::Value> {
         "decode_tok_s": decode,
         "weight_bytes_per_token": d.weight_bytes_per_token,
         "comm_share": d.comm_fraction,
+        "compute_share": d.compute_fraction,
+        "control_share": d.control_fraction,
         "allreduce_mean_us": d.allreduce_mean_us,
         "logits_bytes_per_step": d.logits_bytes_per_step,
     }))

@@ -1312,6 +1312,18 @@ impl Coordinator for CoordinatorService {
                             },
                             logits_bytes_per_step: d.comm.logits_bytes as f64
                                 / d.comm.steps.max(1) as f64,
+                            compute_fraction: if d.comm.step_ns > 0 {
+                                d.comm.shard_step_ns.saturating_sub(d.comm.allreduce_ns) as f64
+                                    / d.comm.step_ns as f64
+                            } else {
+                                0.0
+                            },
+                            control_fraction: if d.comm.step_ns > 0 {
+                                d.comm.step_ns.saturating_sub(d.comm.shard_step_ns) as f64
+                                    / d.comm.step_ns as f64
+                            } else {
+                                0.0
+                            },
                         };
                         let _ = tx
                             .send(Ok(GenerateEvent {

@@ -219,12 +219,13 @@ impl Runner for RemoteCluster {
         let handle = self.handle.clone();
         let links = &mut self.links;
         let usage = self.usage.clone();
-        let result: Result<(Vec<Pick>, u64, u64, u64), ModelError> = handle.block_on(async {
+        let result: Result<(Vec<Pick>, u64, u64, u64, u64), ModelError> = handle.block_on(async {
             send_all(links, &req).await?;
             let mut parts = Vec::with_capacity(links.len());
             let mut tops = Vec::with_capacity(links.len());
             let mut reply_bytes = 0u64;
             let mut reduce = (0u64, 0u64);
+            let mut shard_ns = 0u64;
             let mut worst: Option<(Blame, ModelError)> = None;
             let replies = gather_replies(links).await;
             for (rank, (l, reply)) in links.iter().zip(replies).enumerate() {
@@ -249,6 +250,7 @@ impl Runner for RemoteCluster {
                                 + 2 * r.top_lse_raw.len()) as u64;
                         reduce.0 += r.allreduce_ns;
                         reduce.1 += r.allreduce_count as u64;
+                        shard_ns += r.step_ns;
                         usage
                             .lock()
                             .unwrap()
@@ -306,12 +308,19 @@ impl Runner for RemoteCluster {
                 .collect();
             // Per worker means: every worker runs the same all-reduces.
             let n = links.len() as u64;
-            Ok((picks, reduce.0 / n, reduce.1 / n, reply_bytes / n))
+            Ok((
+                picks,
+                reduce.0 / n,
+                reduce.1 / n,
+                reply_bytes / n,
+                shard_ns / n,
+            ))
         });
-        let (picks, ns, count, bytes) = result?;
+        let (picks, ns, count, bytes, shard_ns) = result?;
         self.comm.allreduce_ns += ns;
         self.comm.allreduce_count += count;
         self.comm.step_ns += started.elapsed().as_nanos() as u64;
+        self.comm.shard_step_ns += shard_ns;
         self.comm.steps += 1;
         self.comm.logits_bytes += bytes;
         Ok(picks)

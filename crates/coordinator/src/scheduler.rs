@@ -659,6 +659,8 @@ impl Scheduler {
                         continue;
                     }
                     a.pos = a.prefilled;
+                    // The communication counters a sequence reports are its decode's.
+                    a.comm0 = comm;
                 } else {
                     a.stats.decode += took;
                     a.stats.decode_steps += 1;
@@ -728,6 +730,7 @@ impl Scheduler {
                     allreduce_ns: comm.allreduce_ns - a.comm0.allreduce_ns,
                     allreduce_count: comm.allreduce_count - a.comm0.allreduce_count,
                     step_ns: comm.step_ns - a.comm0.step_ns,
+                    shard_step_ns: comm.shard_step_ns - a.comm0.shard_step_ns,
                     steps: comm.steps - a.comm0.steps,
                     logits_bytes: comm.logits_bytes - a.comm0.logits_bytes,
                 };

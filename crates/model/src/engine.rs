@@ -115,6 +115,8 @@ pub struct CommStats {
     pub allreduce_ns: u64,
     pub allreduce_count: u64,
     pub step_ns: u64,
+    /// Wall time of the steps on the shards themselves (mean per shard).
+    pub shard_step_ns: u64,
     pub steps: u64,
     /// Bytes of logits (or greedy picks) a shard sent back (mean per shard).
     pub logits_bytes: u64,

@@ -476,6 +476,7 @@ pub fn run_step(
     req: StepRequest,
     kept: &mut KeptRows,
 ) -> (StepReply, bool) {
+    let started = Instant::now();
     let before = coll.stats();
     let mut out = StepReply::default();
     for seq in &req.free {
@@ -529,6 +530,7 @@ pub fn run_step(
     let (seqs, positions) = model.cache_usage();
     out.cached_sequences = seqs as u32;
     out.cached_positions = positions as u64;
+    out.step_ns = started.elapsed().as_nanos() as u64;
     (out, mesh_broken)
 }
 
