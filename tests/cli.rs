@@ -409,8 +409,10 @@ fn collective_bench_reports_p50_and_p99_per_vector_length() {
         let out = String::from_utf8_lossy(&o.stdout);
         let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
         assert_eq!(v["collective"], place, "{out}");
-        // On loopback the peers reach each other's datagram lane.
+        // On loopback the peers reach each other's datagram lane, and on one machine they
+        // share memory.
         assert_eq!(v["lane_peers"], 1, "{out}");
+        assert_eq!(v["shm_peers"], 1, "{out}");
         for len in ["576", "4096", "16384", "1048576"] {
             let (p50, p99) = (v["p50_us"][len].as_f64(), v["p99_us"][len].as_f64());
             assert!(

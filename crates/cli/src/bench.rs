@@ -141,9 +141,9 @@ fn collective_plan() -> Vec<(usize, usize)> {
 fn run_collective(n: usize, in_process: bool) -> anyhow::Result<serde_json::Value> {
     anyhow::ensure!(n >= 2, "--collective needs --workers 2 or more");
     let plan = collective_plan();
-    let (timings, lane_peers) = if in_process {
+    let (timings, (lane_peers, shm_peers)) = if in_process {
         let (_nodes, mesh) = tessera_collective::local_mesh(n)?;
-        let lanes = mesh[0].lane_peers();
+        let lanes = (mesh[0].lane_peers(), mesh[0].shm_peers());
         (tessera_collective::time_all_reduce(mesh, &plan)?, lanes)
     } else {
         collective_processes(n, &plan)?
@@ -155,7 +155,7 @@ fn run_collective(n: usize, in_process: bool) -> anyhow::Result<serde_json::Valu
     };
     println!("all-reduce between {n} {place} (loopback), rank 0's latency:");
     println!(
-        "  messages up to {} KiB by datagram lane to {lane_peers} of {} peers, the rest by QUIC",
+        "  messages up to {} KiB through shared memory to {shm_peers} of {} peers, else by datagram lane to {lane_peers}, the rest by QUIC",
         tessera_collective::fast::MAX_BYTES >> 10,
         n - 1
     );
@@ -172,6 +172,7 @@ fn run_collective(n: usize, in_process: bool) -> anyhow::Result<serde_json::Valu
         "collective": if in_process { "in-process" } else { "processes" },
         "workers": n,
         "lane_peers": lane_peers,
+        "shm_peers": shm_peers,
         "p50_us": p50,
         "p99_us": p99,
         "gb_s": timings.iter().map(|t| (t.len.to_string(), t.gb_s.into())).collect::<serde_json::Map<_, _>>(),
@@ -213,7 +214,7 @@ fn bench_node(id: &tessera_collective::Identity) -> anyhow::Result<tessera_colle
 fn collective_processes(
     n: usize,
     plan: &[(usize, usize)],
-) -> anyhow::Result<(Vec<tessera_collective::Timing>, usize)> {
+) -> anyhow::Result<(Vec<tessera_collective::Timing>, (usize, usize))> {
     use std::io::{BufRead, BufReader, Write};
     use std::process::{Command, Stdio};
     let ca = tessera_collective::ClusterCa::new()?;
@@ -250,7 +251,7 @@ fn collective_processes(
         writeln!(stdin, "{} {}", rank + 1, list.join(","))?;
     }
     let t = node.connect_mesh(1, 0, &addrs, std::time::Duration::from_secs(10))?;
-    let lanes = t.lane_peers();
+    let lanes = (t.lane_peers(), t.shm_peers());
     let (times, mesh) = tessera_collective::time_rank(t, plan)?;
     for (mut child, stdin, mut out) in children {
         drop(stdin);

@@ -14,6 +14,7 @@
 pub mod fast;
 mod inproc;
 pub mod quic;
+pub mod shm;
 mod wire;
 
 pub use inproc::InProcessTransport;

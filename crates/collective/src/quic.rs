@@ -17,7 +17,7 @@
 //! another thread and back. Between all-reduces a helper thread drives it (keep-alives,
 //! acknowledgements, handshakes), and hands it over when an all-reduce asks.
 
-use crate::{CollectiveError, Transport, fast};
+use crate::{CollectiveError, Transport, fast, shm};
 use quinn::{Connection, Endpoint, RecvStream, SendStream};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::collections::HashMap;
@@ -298,6 +298,8 @@ pub struct QuicNode {
     accept_task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Whether meshes built from now on try the datagram lane (see [`QuicNode::set_lanes`]).
     lanes_on: std::sync::atomic::AtomicBool,
+    /// Whether they try shared memory with peers on this machine ([`QuicNode::set_shm`]).
+    shm_on: std::sync::atomic::AtomicBool,
 }
 
 impl QuicNode {
@@ -331,11 +333,20 @@ impl QuicNode {
             driver,
             accept_task: Mutex::new(None),
             lanes_on: lanes_enabled().into(),
+            shm_on: (lanes_enabled() && std::env::var("TESSERA_SHM").map_or(true, |v| v != "0"))
+                .into(),
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// Turns the shared-memory lane ([`shm`]) on or off for meshes built from now on (on by
+    /// default, off where TESSERA_SHM=0 or TESSERA_LANE=0). A pair on one machine uses it only
+    /// if both ends have it on; it carries the messages the datagram lane would.
+    pub fn set_shm(&self, on: bool) {
+        self.shm_on.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Turns the datagram lane on or off for meshes built from now on (on by default, off where
@@ -468,6 +479,7 @@ impl QuicNode {
         let lanes = self.open_lanes(
             rank, peers, sockets, &mut sends, &mut recvs, &conns, timeout,
         )?;
+        let shm = self.open_shm(rank, world, &mut sends, &mut recvs, timeout)?;
         // Stale half-open entries of older meshes are of no use any more.
         self.pending
             .0
@@ -484,6 +496,7 @@ impl QuicNode {
             recvs,
             conns,
             lanes,
+            shm,
             driver: self.driver.clone(),
             buf: Vec::new(),
             timeout: Duration::from_secs(10),
@@ -521,6 +534,7 @@ impl QuicNode {
                 mesh = mesh_id,
                 rank,
                 lane_peers = t.lane_peers(),
+                shm_peers = t.shm_peers(),
                 one_value_all_gather_us = fastest.as_micros() as u64,
                 pieces = ?t.piece,
                 "all-reduce mesh built"
@@ -528,6 +542,10 @@ impl QuicNode {
             // The counters start with the mesh's first all-reduce.
             t.each_lane()
                 .for_each(|l| l.stats = fast::LaneStats::default());
+            t.shm
+                .iter_mut()
+                .flatten()
+                .for_each(|l| l.stats = shm::ShmStats::default());
         }
         Ok(t)
     }
@@ -654,6 +672,59 @@ impl QuicNode {
 }
 
 impl QuicNode {
+    /// Offers every higher rank shared memory over the pair's authenticated stream and takes
+    /// the lower ranks' offers (see [`shm`]): an offer, an answer, and the offering side's
+    /// word that it holds the link too, so that both ends agree.
+    fn open_shm(
+        &self,
+        rank: usize,
+        world: usize,
+        sends: &mut [Option<SendStream>],
+        recvs: &mut [Option<RecvStream>],
+        timeout: Duration,
+    ) -> Result<Vec<Option<shm::Link>>, CollectiveError> {
+        let mut links: Vec<Option<shm::Link>> = (0..world).map(|_| None).collect();
+        if world < 2 || !cfg!(target_os = "linux") {
+            return Ok(links);
+        }
+        let on = self.shm_on.load(std::sync::atomic::Ordering::Relaxed);
+        let mut offers: Vec<Option<shm::Offer>> = (0..world).map(|_| None).collect();
+        let mut msgs = vec![[0u8; shm::OFFER_LEN]; world];
+        for p in (rank + 1..world).filter(|_| on) {
+            match shm::Offer::create() {
+                Ok((o, m)) => {
+                    offers[p] = Some(o);
+                    msgs[p] = m;
+                }
+                Err(e) => {
+                    tracing::debug!("no shared memory for rank {p}: {e}");
+                    break;
+                }
+            }
+        }
+        let theirs = self.swap(sends, recvs, rank, timeout, |p| msgs[p])?;
+        let mut answers = vec![[0u8; shm::ANSWER_LEN]; world];
+        for p in (0..rank).filter(|_| on) {
+            let (link, answer) = shm::accept(&theirs[p]);
+            links[p] = link;
+            answers[p] = answer;
+        }
+        let theirs = self.swap(sends, recvs, rank, timeout, |p| answers[p])?;
+        for p in rank + 1..world {
+            if let Some(o) = offers[p].take() {
+                links[p] = o.finish(&theirs[p]);
+            }
+        }
+        let held: Vec<[u8; 1]> = (0..world).map(|p| [u8::from(links[p].is_some())]).collect();
+        let theirs = self.swap(sends, recvs, rank, timeout, |p| held[p])?;
+        for p in 0..rank {
+            if theirs[p][0] != 1 {
+                links[p] = None;
+            }
+        }
+        Ok(links)
+    }
+
     /// Sends every peer `mine(peer)` on its stream, then reads as many bytes from each: what
     /// each peer sent this rank (the entry of this rank itself stays zero).
     fn swap<const N: usize>(
@@ -758,6 +829,8 @@ pub struct QuicTransport {
     conns: Vec<Option<Connection>>,
     /// Messages of at most [`fast::MAX_BYTES`] go by datagram to the peers that have a lane.
     lanes: Option<fast::Lanes>,
+    /// ... or through shared memory to the peers on this machine that have one (first).
+    shm: Vec<Option<shm::Link>>,
     driver: Arc<Driver>,
     buf: Vec<u8>,
     /// Longest wait for a peer's message before the all-reduce fails.
@@ -777,6 +850,23 @@ impl QuicTransport {
             return None;
         }
         self.lanes.as_mut()?.lanes.get_mut(peer)?.as_mut()
+    }
+
+    /// How many peers this rank reaches through shared memory.
+    pub fn shm_peers(&self) -> usize {
+        self.shm.iter().flatten().count()
+    }
+
+    /// Counters of the shared-memory lanes.
+    pub fn shm_stats(&self) -> shm::ShmStats {
+        self.shm
+            .iter()
+            .flatten()
+            .fold(shm::ShmStats::default(), |a, l| shm::ShmStats {
+                sent: a.sent + l.stats.sent,
+                received: a.received + l.stats.received,
+                slept: a.slept + l.stats.slept,
+            })
     }
 
     /// How many peers this rank reaches over a datagram lane (the rest over QUIC alone).
@@ -824,6 +914,11 @@ impl Transport for QuicTransport {
     }
     fn send(&mut self, peer: usize, data: &[f32]) -> Result<(), CollectiveError> {
         let timeout = self.timeout;
+        if data.len() * 4 <= shm::MAX_BYTES
+            && let Some(l) = self.shm.get_mut(peer).and_then(Option::as_mut)
+        {
+            return l.send(peer, data, timeout);
+        }
         if let Some(lane) = self.lane(peer, data.len()) {
             return lane.send(data, timeout);
         }
@@ -862,6 +957,12 @@ impl Transport for QuicTransport {
     fn recv(&mut self, peer: usize, out: &mut [f32]) -> Result<(), CollectiveError> {
         let (spin, timeout) = (self.spin, self.timeout);
         let conn = self.conns[peer].clone();
+        if out.len() * 4 <= shm::MAX_BYTES
+            && let Some(l) = self.shm.get_mut(peer).and_then(Option::as_mut)
+        {
+            let alive = || conn.as_ref().is_some_and(|c| c.close_reason().is_none());
+            return l.recv(peer, out, spin, timeout, &alive);
+        }
         if let Some(lane) = self.lane(peer, out.len()) {
             let alive = || conn.as_ref().is_some_and(|c| c.close_reason().is_none());
             return lane.recv(out, spin, timeout, &alive);
@@ -995,10 +1096,65 @@ mod tests {
         local_node(ca, token).unwrap()
     }
 
+    /// Nodes of one process, kept off shared memory (these tests are about the network paths;
+    /// see `shm_group`).
     fn group(n: usize) -> Group {
+        let g = shm_group(n);
+        g.nodes.iter().for_each(|n| n.set_shm(false));
+        g
+    }
+
+    fn shm_group(n: usize) -> Group {
         let ca = ClusterCa::new().unwrap();
         let nodes = (0..n).map(|_| node(&ca, "secret")).collect();
         Group { nodes, ca }
+    }
+
+    #[test]
+    fn ranks_on_one_machine_all_reduce_through_shared_memory() {
+        let g = shm_group(3);
+        g.nodes[2].set_shm(false);
+        let hs: Vec<_> = connect(&g.nodes, 1)
+            .into_iter()
+            .map(|t| {
+                std::thread::spawn(move || {
+                    let t = t.unwrap();
+                    let peers = t.shm_peers();
+                    let mut mesh = Mesh::new(t);
+                    let mut last = Vec::new();
+                    for round in 0..20 {
+                        // A decode-sized all-gather, a ring whose chunks fit a slot, and one
+                        // in pieces or on QUIC.
+                        for len in [1usize, 576, 20_000, 100_000] {
+                            last = check_reduce(&mut mesh, len + round);
+                        }
+                    }
+                    let stats = mesh.transport_mut().shm_stats();
+                    (mesh.rank(), peers, stats, last, mesh)
+                })
+            })
+            .collect();
+        let results: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
+        for (rank, peers, stats, last, _) in &results {
+            assert_eq!(last, &results[0].3, "ranks hold identical bits");
+            // Ranks 0 and 1 share memory; rank 2 turned it off and reaches both otherwise.
+            let want = usize::from(*rank < 2);
+            assert_eq!(*peers, want, "rank {rank}");
+            if want == 1 {
+                assert!(stats.sent >= 40 && stats.received >= 40, "{stats:?}");
+            } else {
+                assert_eq!(stats.sent + stats.received, 0);
+            }
+        }
+        // What one of the pair sent through the ring, the other took out of it.
+        let (a, b) = (results[0].2, results[1].2);
+        assert_eq!((a.sent, a.received), (b.received, b.sent));
+        let files = std::fs::read_dir("/dev/shm")
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("tessera-"))
+            .count();
+        assert_eq!(files, 0, "every offered file was unlinked");
     }
 
     fn connect(nodes: &[Arc<QuicNode>], mesh: u64) -> Vec<Result<QuicTransport, CollectiveError>> {
