@@ -225,6 +225,21 @@ impl Sockets {
     }
 }
 
+/// A timeout for a system call (None: none).
+pub(crate) fn timespec(t: Option<Duration>) -> Option<libc::timespec> {
+    t.map(|t| libc::timespec {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_nsec: t.subsec_nanos() as libc::c_long,
+    })
+}
+
+/// The pointer a system call takes for [`timespec`]'s result (null: no timeout); valid while
+/// `ts` is.
+pub(crate) fn timespec_ptr(ts: &Option<libc::timespec>) -> *const libc::timespec {
+    ts.as_ref()
+        .map_or(std::ptr::null(), |t| t as *const libc::timespec)
+}
+
 /// Waits until one of `fds` is readable or `timeout` passes (None: forever).
 fn wait_readable(fds: &[RawFd], timeout: Option<Duration>) {
     let mut p: Vec<libc::pollfd> = fds
@@ -235,13 +250,8 @@ fn wait_readable(fds: &[RawFd], timeout: Option<Duration>) {
             revents: 0,
         })
         .collect();
-    let ts = timeout.map(|t| libc::timespec {
-        tv_sec: t.as_secs() as libc::time_t,
-        tv_nsec: t.subsec_nanos() as libc::c_long,
-    });
-    let tsp = ts
-        .as_ref()
-        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    let ts = timespec(timeout);
+    let tsp = timespec_ptr(&ts);
     // SAFETY: `p` is a valid array of p.len() pollfds and `tsp` null or a valid timespec,
     // both alive for the call; ppoll writes only into `revents`.
     unsafe {

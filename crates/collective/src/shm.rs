@@ -257,13 +257,8 @@ pub struct ShmStats {
 }
 
 fn futex(word: &AtomicU32, op: i32, val: u32, timeout: Option<Duration>) {
-    let ts = timeout.map(|t| libc::timespec {
-        tv_sec: t.as_secs() as libc::time_t,
-        tv_nsec: t.subsec_nanos() as libc::c_long,
-    });
-    let tsp = ts
-        .as_ref()
-        .map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    let ts = crate::fast::timespec(timeout);
+    let tsp = crate::fast::timespec_ptr(&ts);
     // SAFETY: a futex call on a word of the shared mapping (not FUTEX_PRIVATE: the waker is
     // another process).
     unsafe {
