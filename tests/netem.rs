@@ -131,3 +131,42 @@ fn two_workers_behind_shaped_delayed_links_answer_like_loopback() {
         "all-reduce {mean} us: far more than the link's latency"
     );
 }
+
+/// Workers of one machine share memory for their all-reduces, but a `/dev/shm` too small for
+/// the rings (here a 1 MiB tmpfs in a mount namespace of its own) leaves the pair on the
+/// datagram lane, with an all-reduce that still works, instead of a process killed by SIGBUS
+/// when a page of the full tmpfs is first touched.
+#[test]
+fn a_full_dev_shm_leaves_the_pair_on_the_datagram_lane() {
+    let unshare = |script: &str| {
+        std::process::Command::new("unshare")
+            .args(["-m", "sh", "-c", script, env!("CARGO_BIN_EXE_tessera")])
+            .output()
+    };
+    let small = "mount -t tmpfs -o size=1m tmpfs /dev/shm";
+    match unshare(small) {
+        Ok(o) if o.status.success() => {}
+        other => {
+            let why = format!("{other:?}");
+            assert!(
+                std::env::var_os("TESSERA_REQUIRE_NETNS").is_none(),
+                "mount namespaces are required here: {why}"
+            );
+            eprintln!("SKIPPED: no mount namespace with a small /dev/shm here: {why}");
+            return;
+        }
+    }
+    let o = unshare(&format!(
+        "{small} && exec \"$0\" bench --collective --workers 2 --json"
+    ))
+    .expect("unshare");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(v["shm_peers"], 0, "{out}");
+    assert_eq!(v["lane_peers"], 1, "{out}");
+    assert!(
+        v["p50_us"]["576"].as_f64().is_some_and(|x| x > 0.0),
+        "{out}"
+    );
+}

@@ -147,7 +147,15 @@ impl Offer {
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
-        let made = file.set_len(FILE_LEN as u64).and_then(|_| Map::new(&file));
+        // Every page reserved now: a page of a full tmpfs first touched later would kill
+        // the process (SIGBUS) instead of failing here.
+        // SAFETY: a plain system call on our own descriptor.
+        let reserved = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, FILE_LEN as i64) };
+        let made = if reserved == 0 {
+            Map::new(&file)
+        } else {
+            Err(std::io::Error::from_raw_os_error(reserved))
+        };
         let map = match made {
             Ok(m) => m,
             Err(e) => {
