@@ -525,11 +525,18 @@ mod tests {
         msg[20] ^= 1; // the secret
         let (l, answer) = accept(&msg);
         assert!(l.is_none() && answer[0] == 0);
+        let path = offer.path.clone();
         assert!(offer.finish(&answer).is_none());
+        assert!(!path.exists(), "a refused offer's file is unlinked too");
         let (offer, mut msg) = Offer::create().unwrap();
         msg[57] ^= 1; // another network namespace
         assert!(accept(&msg).0.is_none());
+        let path = offer.path.clone();
         drop(offer);
+        assert!(
+            !path.exists(),
+            "an offer dropped unanswered unlinks its file"
+        );
         let (_, mut msg) = Offer::create().unwrap();
         msg[1] ^= 1; // a file that is not there
         assert!(accept(&msg).0.is_none());
