@@ -684,7 +684,7 @@ impl QuicNode {
         timeout: Duration,
     ) -> Result<Vec<Option<shm::Link>>, CollectiveError> {
         let mut links: Vec<Option<shm::Link>> = (0..world).map(|_| None).collect();
-        if world < 2 || !cfg!(target_os = "linux") {
+        if world < 2 {
             return Ok(links);
         }
         let on = self.shm_on.load(std::sync::atomic::Ordering::Relaxed);
@@ -852,6 +852,14 @@ impl QuicTransport {
         self.lanes.as_mut()?.lanes.get_mut(peer)?.as_mut()
     }
 
+    /// The shared-memory lane to `peer` if it has one and `len` f32 values fit it.
+    fn shm_link(&mut self, peer: usize, len: usize) -> Option<&mut shm::Link> {
+        if len * 4 > shm::MAX_BYTES {
+            return None;
+        }
+        self.shm.get_mut(peer)?.as_mut()
+    }
+
     /// How many peers this rank reaches through shared memory.
     pub fn shm_peers(&self) -> usize {
         self.shm.iter().flatten().count()
@@ -914,9 +922,7 @@ impl Transport for QuicTransport {
     }
     fn send(&mut self, peer: usize, data: &[f32]) -> Result<(), CollectiveError> {
         let timeout = self.timeout;
-        if data.len() * 4 <= shm::MAX_BYTES
-            && let Some(l) = self.shm.get_mut(peer).and_then(Option::as_mut)
-        {
+        if let Some(l) = self.shm_link(peer, data.len()) {
             return l.send(peer, data, timeout);
         }
         if let Some(lane) = self.lane(peer, data.len()) {
@@ -957,14 +963,11 @@ impl Transport for QuicTransport {
     fn recv(&mut self, peer: usize, out: &mut [f32]) -> Result<(), CollectiveError> {
         let (spin, timeout) = (self.spin, self.timeout);
         let conn = self.conns[peer].clone();
-        if out.len() * 4 <= shm::MAX_BYTES
-            && let Some(l) = self.shm.get_mut(peer).and_then(Option::as_mut)
-        {
-            let alive = || conn.as_ref().is_some_and(|c| c.close_reason().is_none());
+        let alive = || conn.as_ref().is_some_and(|c| c.close_reason().is_none());
+        if let Some(l) = self.shm_link(peer, out.len()) {
             return l.recv(peer, out, spin, timeout, &alive);
         }
         if let Some(lane) = self.lane(peer, out.len()) {
-            let alive = || conn.as_ref().is_some_and(|c| c.close_reason().is_none());
             return lane.recv(out, spin, timeout, &alive);
         }
         let stream = self.recvs[peer]

@@ -24,6 +24,7 @@
 //!   read the processes' memory anyway): no encryption is needed.
 
 use crate::CollectiveError;
+use memmap2::{MmapOptions, MmapRaw};
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
@@ -87,46 +88,21 @@ fn exited(fd: &OwnedFd) -> bool {
     unsafe { libc::poll(&mut p, 1, 0) > 0 }
 }
 
-/// A mapping of the whole file, shared with the peer.
-struct Map {
-    ptr: *mut u8,
-}
-
-// SAFETY: the mapping is plain memory; every access that another process races with goes
-// through atomics, and a `Link` is used by one thread at a time.
-unsafe impl Send for Map {}
+/// A shared mapping of the whole file (memmap2 unmaps it on drop).
+struct Map(MmapRaw);
 
 impl Map {
     fn new(file: &File) -> std::io::Result<Map> {
-        // SAFETY: a fresh shared mapping of a file of FILE_LEN bytes.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                FILE_LEN,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Map {
-            ptr: ptr as *mut u8,
-        })
+        MmapOptions::new().len(FILE_LEN).map_raw(file).map(Map)
+    }
+    fn ptr(&self) -> *mut u8 {
+        self.0.as_mut_ptr()
     }
     fn atomic(&self, at: usize) -> &AtomicU32 {
         debug_assert!(at.is_multiple_of(4) && at + 4 <= FILE_LEN);
-        // SAFETY: inside the mapping and aligned (the mapping is page-aligned).
-        unsafe { &*(self.ptr.add(at) as *const AtomicU32) }
-    }
-}
-
-impl Drop for Map {
-    fn drop(&mut self) {
-        // SAFETY: the mapping made in `new`, unmapped once.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, FILE_LEN) };
+        // SAFETY: inside the mapping and aligned (the mapping is page-aligned); the mapping
+        // lives as long as `self`.
+        unsafe { &*(self.ptr().add(at) as *const AtomicU32) }
     }
 }
 
@@ -172,8 +148,8 @@ impl Offer {
         drop(file);
         // SAFETY: the header page is ours until the offer is sent.
         unsafe {
-            std::ptr::copy_nonoverlapping(MAGIC.to_le_bytes().as_ptr(), map.ptr, 8);
-            std::ptr::copy_nonoverlapping(secret.as_ptr(), map.ptr.add(8), 32);
+            std::ptr::copy_nonoverlapping(MAGIC.to_le_bytes().as_ptr(), map.ptr(), 8);
+            std::ptr::copy_nonoverlapping(secret.as_ptr(), map.ptr().add(8), 32);
         }
         let mut msg = [0u8; OFFER_LEN];
         msg[0] = 1;
@@ -235,7 +211,7 @@ pub fn accept(offer: &[u8; OFFER_LEN]) -> (Option<Link>, [u8; ANSWER_LEN]) {
         let map = Map::new(&file).ok()?;
         let mut head = [0u8; 40];
         // SAFETY: the header page of a mapping of FILE_LEN bytes.
-        unsafe { std::ptr::copy_nonoverlapping(map.ptr, head.as_mut_ptr(), 40) };
+        unsafe { std::ptr::copy_nonoverlapping(map.ptr(), head.as_mut_ptr(), 40) };
         if head[..8] != MAGIC.to_le_bytes() || head[8..40] != offer[17..49] {
             return None;
         }
@@ -346,12 +322,12 @@ impl Link {
         unsafe {
             std::ptr::copy_nonoverlapping(
                 (bytes as u32).to_le_bytes().as_ptr(),
-                self.map.ptr.add(slot),
+                self.map.ptr().add(slot),
                 4,
             );
             std::ptr::copy_nonoverlapping(
                 data.as_ptr() as *const u8,
-                self.map.ptr.add(slot + 64),
+                self.map.ptr().add(slot + 64),
                 bytes,
             );
         }
@@ -426,7 +402,7 @@ impl Link {
         let mut len = [0u8; 4];
         // SAFETY: the sender published this slot with the release store the acquire load
         // above saw, and does not touch it again until it is released below.
-        unsafe { std::ptr::copy_nonoverlapping(self.map.ptr.add(slot), len.as_mut_ptr(), 4) };
+        unsafe { std::ptr::copy_nonoverlapping(self.map.ptr().add(slot), len.as_mut_ptr(), 4) };
         let len = u32::from_le_bytes(len) as usize;
         if len != out.len() * 4 {
             return Err(CollectiveError::Transport {
@@ -440,7 +416,7 @@ impl Link {
         // SAFETY: as above; `len` was checked against `out`.
         unsafe {
             std::ptr::copy_nonoverlapping(
-                self.map.ptr.add(slot + 64),
+                self.map.ptr().add(slot + 64),
                 out.as_mut_ptr() as *mut u8,
                 len,
             )
