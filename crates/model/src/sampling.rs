@@ -390,11 +390,12 @@ fn log_add_exp(a: f64, b: f64) -> f64 {
 pub fn candidates(logits: &[f32], spec: &TopSpec, first: u32) -> Candidates {
     let t = spec.temperature;
     // Sampling considers finite logits only; greedy decoding any but NaN (as `argmax`).
+    let keep = move |x: f32| if t > 0.0 { x.is_finite() } else { !x.is_nan() };
     let all = || {
         logits
             .iter()
             .enumerate()
-            .filter(move |(_, x)| if t > 0.0 { x.is_finite() } else { !x.is_nan() })
+            .filter(move |(_, x)| keep(**x))
             .map(move |(i, &x)| (first + i as u32, x))
     };
     let mut out = Candidates::empty();
@@ -422,7 +423,6 @@ pub fn candidates(logits: &[f32], spec: &TopSpec, first: u32) -> Candidates {
             c.truncate(n);
         }
     };
-    let keep = |x: f32| if t > 0.0 { x.is_finite() } else { !x.is_nan() };
     if n == 0 {
         floor = all().map(|x| x.1).fold(floor, f32::max);
     } else {
