@@ -1292,6 +1292,15 @@ impl Coordinator for CoordinatorService {
                             return;
                         }
                         let s = &d.stats;
+                        // A share of the steps' time at the coordinator.
+                        let c = &d.comm;
+                        let share = |ns: u64| {
+                            if c.step_ns > 0 {
+                                ns as f64 / c.step_ns as f64
+                            } else {
+                                0.0
+                            }
+                        };
                         let done = Done {
                             prompt_tokens: s.prompt_tokens as u32,
                             generated_tokens: s.generated as u32,
@@ -1305,25 +1314,11 @@ impl Coordinator for CoordinatorService {
                             } else {
                                 0.0
                             },
-                            comm_fraction: if d.comm.step_ns > 0 {
-                                d.comm.allreduce_ns as f64 / d.comm.step_ns as f64
-                            } else {
-                                0.0
-                            },
+                            comm_fraction: share(c.allreduce_ns),
                             logits_bytes_per_step: d.comm.logits_bytes as f64
                                 / d.comm.steps.max(1) as f64,
-                            compute_fraction: if d.comm.step_ns > 0 {
-                                d.comm.shard_step_ns.saturating_sub(d.comm.allreduce_ns) as f64
-                                    / d.comm.step_ns as f64
-                            } else {
-                                0.0
-                            },
-                            control_fraction: if d.comm.step_ns > 0 {
-                                d.comm.step_ns.saturating_sub(d.comm.shard_step_ns) as f64
-                                    / d.comm.step_ns as f64
-                            } else {
-                                0.0
-                            },
+                            compute_fraction: share(c.shard_step_ns.saturating_sub(c.allreduce_ns)),
+                            control_fraction: share(c.step_ns.saturating_sub(c.shard_step_ns)),
                         };
                         let _ = tx
                             .send(Ok(GenerateEvent {
