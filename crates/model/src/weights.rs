@@ -229,9 +229,11 @@ impl Bytes {
 
 /// Where a worker puts the weights it receives: one anonymous mapping for the whole shard,
 /// which the kernel is asked to back with 2 MiB pages. Decode streams every weight once per
-/// token; on 4 KiB pages that is a TLB miss (a two-level page walk inside a VM) every 4 KiB and
-/// a hardware prefetcher that stops at every page edge, which costs most when several cores
-/// stream at once. The capacity is fixed at creation: nothing grows from what a sender claims.
+/// token; on 4 KiB pages that is a page walk (two levels inside a VM) every 4 KiB and a
+/// hardware prefetcher that stops at every page edge. On this project's 2-core VM a two-thread
+/// streaming read of 128 MiB per thread went from 44 to 54 GB/s with them, while decode did
+/// not change measurably (its kernels bound it first). The capacity is fixed at creation:
+/// nothing grows from what a sender claims.
 pub struct WeightArena {
     map: MmapMut,
     /// Offset of the first 2 MiB boundary in the mapping; ranges handed out are relative to it.
