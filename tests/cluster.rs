@@ -838,6 +838,50 @@ fn a_model_too_big_for_one_capped_worker_runs_on_two() {
     eprintln!("peak memory of the two capped workers: {peaks:?} bytes (cap {cap})");
 }
 
+/// A mixed cluster: one worker on the CPU, one on wgpu (Mesa's lavapipe in CI), each running
+/// its slice on its own device and all-reducing through the host: the reference ids, on the
+/// f32 fixture and on a Q4_K_M file (whose row-parallel cut falls inside a super-block).
+#[test]
+fn a_cpu_worker_and_a_wgpu_worker_give_the_reference_ids() {
+    if common::skip_wgpu() {
+        return;
+    }
+    let dir = fixtures().join("tiny-llama-gguf");
+    for (model, r) in [
+        (fixtures().join("tiny-llama"), reference("tiny-llama")),
+        (
+            dir.join("model.Q4_K_M.gguf"),
+            common::reference_file(&dir.join("reference.Q4_K_M.json")),
+        ),
+    ] {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let token = format!("test-token-{}", std::process::id());
+        let coordinator = coordinator_cmd(&model, 2, &addr, &token)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut c = Cluster {
+            addr,
+            token,
+            coordinator,
+            workers: vec![],
+        };
+        for (i, backend) in ["cpu", "wgpu"].into_iter().enumerate() {
+            let w = c.worker_with(i, &c.token.clone(), "4", &["--backend", backend]);
+            c.workers.push(Some(w));
+        }
+        c.wait_ready();
+        let status = c.status();
+        assert!(
+            status.contains("cpu") && status.contains("wgpu"),
+            "both backends in the cluster: {status}"
+        );
+        for case in &r.cases {
+            c.expect_reference(case);
+        }
+    }
+}
+
 /// Greedy decoding on workers: each worker sends its slice's best (id, logit) per sequence,
 /// 12 bytes a step (a count, an id, a logit), not its vocabulary slice of logits (the tokens are the reference's: the
 /// `run_*_worker_processes` tests); `tessera bench` counts the bytes actually received.

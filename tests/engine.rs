@@ -208,7 +208,8 @@ fn tiny_llama_gguf_every_format_on_1_to_4_shards() {
 
 /// The same files on wgpu (Mesa's lavapipe in CI): the blocks go to the GPU as stored and the
 /// CubeCL kernels dequantize inside the product. Logits within 1e-3, identical greedy ids, on
-/// 1 and 2 shards (2 shards cut the K-quant O projections inside a super-block).
+/// 1 and 2 shards (2 shards cut the K-quant O projections inside a super-block), on the exact
+/// path and the fast one.
 #[test]
 fn wgpu_tiny_llama_gguf_every_format() {
     if skip_wgpu() {
@@ -218,9 +219,14 @@ fn wgpu_tiny_llama_gguf_every_format() {
     for fmt in GGUF_FORMATS {
         let r = reference_file(&dir.join(format!("reference.{fmt}.json")));
         let files = ModelFiles::open(&dir.join(format!("model.{fmt}.gguf"))).expect("model opens");
-        for n in [1, 2] {
-            let mut cluster = LocalCluster::load(&files, n, Backend::Wgpu, Precision::Exact)
-                .expect("model loads");
+        // The fast path keeps f32 activations on a GPU: the same kernels, the same results.
+        for (n, prec) in [1, 2].into_iter().flat_map(|n| {
+            [Precision::Exact, Precision::Fast]
+                .into_iter()
+                .map(move |p| (n, p))
+        }) {
+            let mut cluster =
+                LocalCluster::load(&files, n, Backend::Wgpu, prec).expect("model loads");
             let case = &r.cases[0];
             let logits = cluster.forward(9, &case.input_ids, 0).expect("forward");
             cluster.free(9);
@@ -228,12 +234,12 @@ fn wgpu_tiny_llama_gguf_every_format() {
             let worst = max_abs_diff(&logits, want);
             assert!(
                 worst <= r.logit_abs,
-                "{fmt}, {n} shards on wgpu: logits off by {worst}"
+                "{fmt}, {n} shards on wgpu, {prec:?}: logits off by {worst}"
             );
             let got = greedy(&mut cluster, &case.input_ids, case.greedy_ids.len());
             assert_eq!(
                 got, case.greedy_ids,
-                "{fmt}, {n} shards on wgpu: greedy ids"
+                "{fmt}, {n} shards on wgpu, {prec:?}: greedy ids"
             );
         }
     }

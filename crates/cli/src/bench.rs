@@ -5,7 +5,7 @@
 use crate::{ModelArgs, load};
 use clap::Args;
 use std::time::Instant;
-use tessera_model::{GenerateParams, Runner, generate};
+use tessera_model::{Backend, GenerateParams, LocalCluster, Runner, generate};
 
 #[derive(Args)]
 pub struct BenchArgs {
@@ -345,6 +345,7 @@ fn run_local(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     }
     let bytes = cluster.weight_bytes_per_token();
     let reached = bytes as f64 * best_decode;
+    let launches = count_decode_launches(&mut cluster, a.m().backend, &prompt)?;
     println!(
         "model: {} ({}), {} shard(s) on {}, {} path, {threads} thread(s)",
         a.m().model,
@@ -375,9 +376,18 @@ fn run_local(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         cluster.weight_bytes_held() as f64 / 1e6,
         rss as f64 / 1e6
     );
+    if let Some(n) = launches {
+        println!(
+            "GPU kernel launches per decode step: {n} ({:.1} per layer, the embedding, final norm, \
+             LM head and pick included)",
+            n as f64 / cfg.layers as f64
+        );
+    }
     let bw = report_bandwidth(a.bandwidth_mib, reached);
     Ok(serde_json::json!({
         "model": a.m().model,
+        "dispatches_per_token": launches,
+        "dispatches_per_layer": launches.map(|n| n as f64 / cfg.layers as f64),
         "format": files.format,
         "backend": a.m().backend.name(),
         "precision": precision_name(a),
@@ -396,6 +406,34 @@ fn run_local(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         "memory_bandwidth_gb_s": bw / 1e9,
         "bandwidth_fraction": reached / bw,
     }))
+}
+
+/// Kernel launches of one decode step on a GPU backend (None on the CPU): the difference
+/// between generating 6 and 2 tokens after a one-token prompt, over the 4 steps between.
+fn count_decode_launches(
+    cluster: &mut LocalCluster,
+    backend: Backend,
+    prompt: &[u32],
+) -> anyhow::Result<Option<u64>> {
+    #[cfg(feature = "wgpu")]
+    if backend != Backend::Cpu {
+        let mut count = |n: usize, seq: u64| -> anyhow::Result<u64> {
+            let params = GenerateParams {
+                max_tokens: n,
+                ignore_eos: true,
+                ..Default::default()
+            };
+            let (r, launches) = tessera_model::count_launches(|| {
+                generate(cluster, seq, &prompt[..1], &params, &[], &mut |_| true)
+            });
+            r?;
+            Ok(launches.iter().map(|k| k.1).sum())
+        };
+        let (short, long) = (count(2, 1 << 40)?, count(6, (1 << 40) + 1)?);
+        return Ok(Some(long.saturating_sub(short) / 4));
+    }
+    let _ = (cluster, backend, prompt);
+    Ok(None)
 }
 
 /// Measures the machine's bandwidth and says what share of it decode (`reached` bytes/s) used;

@@ -11,11 +11,23 @@ use burn::backend::Cube;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::{CubeCount, CubeDim};
-use kernels::{dequant_rows_kernel, qmatmul_kernel};
+use kernels::{
+    add_rms_norm_kernel, argmax_rows_kernel, attend_one_kernel, dequant_rows_kernel, glu_kernel,
+    kv_write_kernel, qmatmul_kernel, qmatvec_kernel, rms_norm_kernel, rope_kernel,
+};
 use tessera_quant::GgmlType;
 
 /// Units per workgroup: a size every adapter accepts.
 const WORKGROUP: u32 = 64;
+
+/// Units of the workgroup that the row kernels (mat-vec, norms, attention, argmax) give to one
+/// row: a power of two every adapter accepts, a multiple of every GPU's SIMD width (32 on
+/// NVIDIA, 32 or 64 on AMD, 8-32 on Intel and Apple).
+const ROW_GROUP: usize = 64;
+
+/// Activation rows up to which a product takes the mat-vec kernel (decode steps and small
+/// batches); more rows (prompts) take one unit per output value.
+const MATVEC_ROWS: usize = 8;
 
 /// A weight matrix on the GPU, in its stored format.
 pub struct GpuMatrix {
@@ -70,7 +82,8 @@ impl GpuMatrix {
         let [n, cols] = x.dims();
         debug_assert_eq!(cols, self.cols);
         let device = x.device();
-        let out = Tensor::<2>::zeros([n, self.rows], &device);
+        // Every value is written by the kernel: no fill.
+        let out = Tensor::<2>::empty([n, self.rows], &device);
         let (xc, oc) = (cube(x), cube(out.clone()));
         let w = self
             .words
@@ -78,8 +91,26 @@ impl GpuMatrix {
             .try_into_primitive::<Cube>()
             .expect("GPU weights");
         let tc = cube(self.table.clone());
-        let units = (n * self.rows) as u32;
         let client = oc.client.clone();
+        if n <= MATVEC_ROWS {
+            // Decode: a workgroup per output row, its units reading the row side by side.
+            qmatvec_kernel::launch(
+                &client,
+                CubeCount::Static(self.rows as u32, 1, 1),
+                CubeDim::new_1d(ROW_GROUP as u32),
+                w.into_tensor_arg(),
+                tc.into_tensor_arg(),
+                xc.into_tensor_arg(),
+                oc.into_tensor_arg(),
+                self.cols as u32,
+                self.row_bytes as u32,
+                n as u32,
+                self.ty.id(),
+                ROW_GROUP,
+            );
+            return out;
+        }
+        let units = (n * self.rows) as u32;
         qmatmul_kernel::launch(
             &client,
             CubeCount::Static(units.div_ceil(WORKGROUP), 1, 1),
@@ -102,7 +133,7 @@ impl GpuMatrix {
         let t = ids.len();
         let ids =
             Tensor::<1, Int>::from_data(TensorData::new(ids.to_vec(), [t]), (device, DType::U32));
-        let out = Tensor::<2>::zeros([t, self.cols], device);
+        let out = Tensor::<2>::empty([t, self.cols], device);
         let oc = cube(out.clone());
         let w = self
             .words
@@ -128,6 +159,249 @@ impl GpuMatrix {
         );
         out
     }
+}
+
+/// RMSNorm of every row of `x` (`[rows, width]`) times `w` (`width` values): one dispatch, a
+/// workgroup per row.
+pub fn rms_norm(x: Tensor<2>, w: &Tensor<2>, eps: f32) -> Tensor<2> {
+    let [rows, width] = x.dims();
+    let device = x.device();
+    let out = Tensor::<2>::empty([rows, width], &device);
+    let oc = cube(out.clone());
+    let client = oc.client.clone();
+    rms_norm_kernel::launch(
+        &client,
+        CubeCount::Static(rows as u32, 1, 1),
+        CubeDim::new_1d(ROW_GROUP as u32),
+        cube(x).into_tensor_arg(),
+        cube(w.clone()).into_tensor_arg(),
+        oc.into_tensor_arg(),
+        width as u32,
+        eps,
+        ROW_GROUP,
+    );
+    out
+}
+
+/// `x + y` (the residual add) and its RMSNorm times `w`: one dispatch, a workgroup per row.
+pub fn add_rms_norm(x: Tensor<2>, y: Tensor<2>, w: &Tensor<2>, eps: f32) -> (Tensor<2>, Tensor<2>) {
+    let [rows, width] = x.dims();
+    let device = x.device();
+    let sum = Tensor::<2>::empty([rows, width], &device);
+    let out = Tensor::<2>::empty([rows, width], &device);
+    let oc = cube(out.clone());
+    let client = oc.client.clone();
+    add_rms_norm_kernel::launch(
+        &client,
+        CubeCount::Static(rows as u32, 1, 1),
+        CubeDim::new_1d(ROW_GROUP as u32),
+        cube(x).into_tensor_arg(),
+        cube(y).into_tensor_arg(),
+        cube(w.clone()).into_tensor_arg(),
+        cube(sum.clone()).into_tensor_arg(),
+        oc.into_tensor_arg(),
+        width as u32,
+        eps,
+        ROW_GROUP,
+    );
+    (sum, out)
+}
+
+/// Row `row` of `k` and `v` (`[tokens, nkv * hd]`) into position `at` of the caches `ck`, `cv`
+/// (`[nkv, capacity, hd]`): one dispatch for both.
+pub fn kv_write(
+    k: &Tensor<2>,
+    v: &Tensor<2>,
+    row: usize,
+    ck: &Tensor<3>,
+    cv: &Tensor<3>,
+    at: usize,
+) {
+    let [nkv, _, hd] = ck.dims();
+    let units = (nkv * hd) as u32;
+    let kc = cube(ck.clone());
+    let client = kc.client.clone();
+    kv_write_kernel::launch(
+        &client,
+        CubeCount::Static(units.div_ceil(WORKGROUP), 1, 1),
+        CubeDim::new_1d(WORKGROUP),
+        cube(k.clone()).into_tensor_arg(),
+        cube(v.clone()).into_tensor_arg(),
+        kc.into_tensor_arg(),
+        cube(cv.clone()).into_tensor_arg(),
+        row as u32,
+        at as u32,
+        units,
+        hd as u32,
+    );
+}
+
+/// Rotary embedding of `q` and `k` (`[tokens, heads * head_dim]`) with the step's `cos` and
+/// `sin` tables (`[1, tokens, head_dim]`, each angle's value at both positions it turns): one
+/// dispatch for both.
+pub fn rope(
+    q: Tensor<2>,
+    k: Tensor<2>,
+    cos: &Tensor<3>,
+    sin: &Tensor<3>,
+    hd: usize,
+    interleaved: bool,
+) -> (Tensor<2>, Tensor<2>) {
+    let ([t, wq], [_, wk]) = (q.dims(), k.dims());
+    let device = q.device();
+    let q_out = Tensor::<2>::empty([t, wq], &device);
+    let k_out = Tensor::<2>::empty([t, wk], &device);
+    let qc = cube(q_out.clone());
+    let client = qc.client.clone();
+    let units = (t * (wq + wk)) as u32;
+    rope_kernel::launch(
+        &client,
+        CubeCount::Static(units.div_ceil(WORKGROUP), 1, 1),
+        CubeDim::new_1d(WORKGROUP),
+        cube(q).into_tensor_arg(),
+        cube(k).into_tensor_arg(),
+        cube(cos.clone()).into_tensor_arg(),
+        cube(sin.clone()).into_tensor_arg(),
+        qc.into_tensor_arg(),
+        cube(k_out.clone()).into_tensor_arg(),
+        t as u32,
+        wq as u32,
+        wk as u32,
+        hd as u32,
+        interleaved,
+    );
+    (q_out, k_out)
+}
+
+/// `act(gate) * up`, SiLU or GELU (tanh form): one dispatch.
+pub fn glu(gate: Tensor<2>, up: Tensor<2>, gelu: bool) -> Tensor<2> {
+    let [t, w] = gate.dims();
+    let device = gate.device();
+    let out = Tensor::<2>::empty([t, w], &device);
+    let oc = cube(out.clone());
+    let client = oc.client.clone();
+    let units = (t * w) as u32;
+    glu_kernel::launch(
+        &client,
+        CubeCount::Static(units.div_ceil(WORKGROUP), 1, 1),
+        CubeDim::new_1d(WORKGROUP),
+        cube(gate).into_tensor_arg(),
+        cube(up).into_tensor_arg(),
+        oc.into_tensor_arg(),
+        t as u32,
+        w as u32,
+        gelu,
+    );
+    out
+}
+
+/// One decode query against its KV cache: row `row` of `q` (`[tokens, nq * hd]`) attends to
+/// positions `lo..s` of `k`, `v` (`[nkv, capacity, hd]`), query head `h` reading KV head
+/// `kv_of[h]`; the result goes to row `row` of `out`. One dispatch, a workgroup per query
+/// head; the cache is read in place.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_one(
+    q: &Tensor<2>,
+    row: usize,
+    k: &Tensor<3>,
+    v: &Tensor<3>,
+    kv_of: &Tensor<1, Int>,
+    lo: usize,
+    s: usize,
+    scale: f32,
+    out: &Tensor<2>,
+) {
+    let nq = kv_of.dims()[0];
+    let hd = k.dims()[2];
+    let device = q.device();
+    // The scores of each head, and then their exponentials.
+    let scratch = Tensor::<2>::empty([nq, s.max(1)], &device);
+    let oc = cube(out.clone());
+    let client = oc.client.clone();
+    attend_one_kernel::launch(
+        &client,
+        CubeCount::Static(nq as u32, 1, 1),
+        CubeDim::new_1d(ROW_GROUP as u32),
+        cube(q.clone()).into_tensor_arg(),
+        cube(k.clone()).into_tensor_arg(),
+        cube(v.clone()).into_tensor_arg(),
+        kv_of
+            .clone()
+            .try_into_primitive::<Cube>()
+            .expect("GPU index")
+            .into_tensor_arg(),
+        cube(scratch).into_tensor_arg(),
+        oc.into_tensor_arg(),
+        row as u32,
+        lo as u32,
+        s as u32,
+        hd as u32,
+        scale,
+        ROW_GROUP,
+    );
+}
+
+/// Each row's largest logit that is not NaN and its index (the lower index among equals, and
+/// -0.0 below +0.0, as `f32::total_cmp` orders them), or None for a row of NaNs: one dispatch
+/// and a readback of 8 bytes a row, where the logits themselves would be the vocabulary slice.
+pub fn argmax_rows(logits: Tensor<2>) -> Vec<Option<(u32, f32)>> {
+    let [rows, width] = logits.dims();
+    let device = logits.device();
+    let out = Tensor::<1, Int>::empty([2 * rows], (&device, DType::U32));
+    let oc = out
+        .clone()
+        .try_into_primitive::<Cube>()
+        .expect("GPU tensor");
+    let client = oc.client.clone();
+    argmax_rows_kernel::launch(
+        &client,
+        CubeCount::Static(rows as u32, 1, 1),
+        CubeDim::new_1d(ROW_GROUP as u32),
+        cube(logits).into_tensor_arg(),
+        oc.into_tensor_arg(),
+        width as u32,
+        ROW_GROUP,
+    );
+    let words: Vec<u32> = out
+        .into_data()
+        .convert::<u32>()
+        .try_into_vec()
+        .expect("u32 words");
+    words
+        .chunks_exact(2)
+        .map(|p| (p[0] != u32::MAX).then(|| (p[0], f32::from_bits(p[1]))))
+        .collect()
+}
+
+/// Kernel launches issued by this process while `f` runs (every device, every thread), by
+/// kernel name, most launched first; and what `f` returned.
+pub fn count_launches<R>(f: impl FnOnce() -> R) -> (R, Vec<(&'static str, u64)>) {
+    use cubecl::logging::{LaunchObservation, LaunchObserver};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    #[derive(Default)]
+    struct Count(Mutex<HashMap<&'static str, u64>>);
+    impl LaunchObserver for Count {
+        fn launched(&self, kernel: &'static str) {
+            *self
+                .0
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(kernel)
+                .or_default() += 1;
+        }
+    }
+    let c = Arc::new(Count::default());
+    let watching = LaunchObservation::new(c.clone());
+    let r = f();
+    drop(watching);
+    let mut by: Vec<(&'static str, u64)> =
+        c.0.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+    by.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    (r, by)
 }
 
 /// The CubeCL kernels (in a module of their own: CubeCL's `Tensor` is not Burn's).
@@ -350,5 +624,507 @@ mod kernels {
         let r = ids[t_i];
         let at = t_i * out.stride(0) + (k as usize) * out.stride(1);
         out[at] = value(w, table, r * row_bytes, k, fmt);
+    }
+
+    /// `out[b][r] = Σ_k x[b][k] · W[r][k]` for a few rows `b`: a workgroup per output row `r`,
+    /// unit `u` taking the row's values `u, u + G, ...` (neighbouring units read neighbouring
+    /// bytes), the units' sums added in shared memory.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn qmatvec_kernel(
+        w: &Tensor<u32>,
+        table: &Tensor<f32>,
+        x: &Tensor<f32>,
+        out: &mut Tensor<f32>,
+        cols: u32,
+        row_bytes: u32,
+        n: u32,
+        #[comptime] fmt: u32,
+        #[comptime] group: usize,
+    ) {
+        let r = CUBE_POS_X;
+        let u = UNIT_POS_X;
+        let row = r * row_bytes;
+        let (xs0, xs1) = (x.stride(0), x.stride(1));
+        let mut sums = Shared::<[f32]>::new_slice(group);
+        let g = CUBE_DIM_X;
+        for b in 0..n {
+            let mut acc = 0.0f32;
+            let mut k = u;
+            while k < cols {
+                acc += value(w, table, row, k, fmt) * x[(b as usize) * xs0 + (k as usize) * xs1];
+                k += g;
+            }
+            sums[u as usize] = acc;
+            sync_cube();
+            let mut half = CUBE_DIM_X / 2;
+            while half > 0 {
+                if u < half {
+                    sums[u as usize] += sums[(u + half) as usize];
+                }
+                sync_cube();
+                half /= 2;
+            }
+            if u == 0 {
+                let at = (b as usize) * out.stride(0) + (r as usize) * out.stride(1);
+                out[at] = sums[0];
+            }
+            sync_cube();
+        }
+    }
+
+    /// RMSNorm of row `CUBE_POS_X`: `x · w / sqrt(mean(x²) + eps)`.
+    #[cube(launch)]
+    pub(super) fn rms_norm_kernel(
+        x: &Tensor<f32>,
+        w: &Tensor<f32>,
+        out: &mut Tensor<f32>,
+        width: u32,
+        eps: f32,
+        #[comptime] group: usize,
+    ) {
+        let r = CUBE_POS_X as usize;
+        let u = UNIT_POS_X;
+        let g = CUBE_DIM_X;
+        let (xs0, xs1) = (x.stride(0), x.stride(1));
+        let ws = w.stride(1);
+        let mut sums = Shared::<[f32]>::new_slice(group);
+        let mut acc = 0.0f32;
+        let mut k = u;
+        while k < width {
+            let a = x[r * xs0 + (k as usize) * xs1];
+            acc += a * a;
+            k += g;
+        }
+        sums[u as usize] = acc;
+        sync_cube();
+        let mut half = CUBE_DIM_X / 2;
+        while half > 0 {
+            if u < half {
+                sums[u as usize] += sums[(u + half) as usize];
+            }
+            sync_cube();
+            half /= 2;
+        }
+        let inv = 1.0f32 / (sums[0] / f32::cast_from(width) + eps).sqrt();
+        let mut k = u;
+        while k < width {
+            let at = r * out.stride(0) + (k as usize) * out.stride(1);
+            out[at] = x[r * xs0 + (k as usize) * xs1] * inv * w[(k as usize) * ws];
+            k += g;
+        }
+    }
+
+    /// `sum = x + y` and `out = sum · w / sqrt(mean(sum²) + eps)` for row `CUBE_POS_X`.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn add_rms_norm_kernel(
+        x: &Tensor<f32>,
+        y: &Tensor<f32>,
+        w: &Tensor<f32>,
+        sum: &mut Tensor<f32>,
+        out: &mut Tensor<f32>,
+        width: u32,
+        eps: f32,
+        #[comptime] group: usize,
+    ) {
+        let r = CUBE_POS_X as usize;
+        let u = UNIT_POS_X;
+        let g = CUBE_DIM_X;
+        let (xs0, xs1) = (x.stride(0), x.stride(1));
+        let (ys0, ys1) = (y.stride(0), y.stride(1));
+        let (ss0, ss1) = (sum.stride(0), sum.stride(1));
+        let ws = w.stride(1);
+        let mut sums = Shared::<[f32]>::new_slice(group);
+        let mut acc = 0.0f32;
+        let mut k = u;
+        while k < width {
+            let a = x[r * xs0 + (k as usize) * xs1] + y[r * ys0 + (k as usize) * ys1];
+            sum[r * ss0 + (k as usize) * ss1] = a;
+            acc += a * a;
+            k += g;
+        }
+        sums[u as usize] = acc;
+        sync_cube();
+        let mut half = CUBE_DIM_X / 2;
+        while half > 0 {
+            if u < half {
+                sums[u as usize] += sums[(u + half) as usize];
+            }
+            sync_cube();
+            half /= 2;
+        }
+        let inv = 1.0f32 / (sums[0] / f32::cast_from(width) + eps).sqrt();
+        // Each unit reads back only the values it wrote itself.
+        let mut k = u;
+        while k < width {
+            let at = r * out.stride(0) + (k as usize) * out.stride(1);
+            out[at] = sum[r * ss0 + (k as usize) * ss1] * inv * w[(k as usize) * ws];
+            k += g;
+        }
+    }
+
+    /// One new position of K and V into their caches, one unit per value of the position.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn kv_write_kernel(
+        k: &Tensor<f32>,
+        v: &Tensor<f32>,
+        ck: &mut Tensor<f32>,
+        cv: &mut Tensor<f32>,
+        row: u32,
+        at: u32,
+        units: u32,
+        hd: u32,
+    ) {
+        let pos = ABSOLUTE_POS as u32;
+        if pos >= units {
+            terminate!();
+        }
+        let h = (pos / hd) as usize;
+        let d = (pos % hd) as usize;
+        let src = (row as usize) * k.stride(0) + (pos as usize) * k.stride(1);
+        let srcv = (row as usize) * v.stride(0) + (pos as usize) * v.stride(1);
+        let dk = h * ck.stride(0) + (at as usize) * ck.stride(1) + d * ck.stride(2);
+        let dv = h * cv.stride(0) + (at as usize) * cv.stride(1) + d * cv.stride(2);
+        ck[dk] = k[src];
+        cv[dv] = v[srcv];
+    }
+
+    /// Value `c` of row `i` of `x` turned: `x·cos + rotate(x)·sin`, where rotate pairs each
+    /// value with its partner (the other half of the head, or the other value of its pair when
+    /// interleaved) and negates the first of the two.
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn rotate(
+        x: &Tensor<f32>,
+        cos: &Tensor<f32>,
+        sin: &Tensor<f32>,
+        out: &mut Tensor<f32>,
+        i: u32,
+        c: u32,
+        hd: u32,
+        #[comptime] interleaved: bool,
+    ) {
+        let d = c % hd;
+        let head = c - d;
+        // The partner's offset from `d`, and whether `d` is the first of the two.
+        let mut first = d < hd / 2;
+        let mut step = hd / 2;
+        if interleaved {
+            first = (d & 1) == 0;
+            step = 1;
+        }
+        let mut partner = d + step;
+        if !first {
+            partner = d - step;
+        }
+        let (xs0, xs1) = (x.stride(0), x.stride(1));
+        let row = (i as usize) * xs0;
+        let a = x[row + (c as usize) * xs1];
+        let mut b = x[row + ((head + partner) as usize) * xs1];
+        if first {
+            b = -b;
+        }
+        let tab = (i as usize) * cos.stride(1) + (d as usize) * cos.stride(2);
+        let tab_s = (i as usize) * sin.stride(1) + (d as usize) * sin.stride(2);
+        let at = (i as usize) * out.stride(0) + (c as usize) * out.stride(1);
+        out[at] = a * cos[tab] + b * sin[tab_s];
+    }
+
+    /// Rotary embedding of Q (`[t, wq]`) and K (`[t, wk]`) together, one unit per value.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn rope_kernel(
+        q: &Tensor<f32>,
+        k: &Tensor<f32>,
+        cos: &Tensor<f32>,
+        sin: &Tensor<f32>,
+        q_out: &mut Tensor<f32>,
+        k_out: &mut Tensor<f32>,
+        t: u32,
+        wq: u32,
+        wk: u32,
+        hd: u32,
+        #[comptime] interleaved: bool,
+    ) {
+        let pos = ABSOLUTE_POS as u32;
+        if pos >= t * (wq + wk) {
+            terminate!();
+        }
+        if pos < t * wq {
+            rotate(q, cos, sin, q_out, pos / wq, pos % wq, hd, interleaved);
+        } else {
+            let p = pos - t * wq;
+            rotate(k, cos, sin, k_out, p / wk, p % wk, hd, interleaved);
+        }
+    }
+
+    /// `act(gate) · up`, one unit per value; GELU in its tanh form, with tanh written through
+    /// `exp` so that large arguments give ±1, not NaN.
+    #[cube(launch)]
+    #[allow(unused_assignments)]
+    pub(super) fn glu_kernel(
+        gate: &Tensor<f32>,
+        up: &Tensor<f32>,
+        out: &mut Tensor<f32>,
+        t: u32,
+        width: u32,
+        #[comptime] gelu: bool,
+    ) {
+        let pos = ABSOLUTE_POS as u32;
+        if pos >= t * width {
+            terminate!();
+        }
+        let i = (pos / width) as usize;
+        let c = (pos % width) as usize;
+        let g = gate[i * gate.stride(0) + c * gate.stride(1)];
+        let u = up[i * up.stride(0) + c * up.stride(1)];
+        let mut a = 0.0f32;
+        if gelu {
+            let y = 0.797_884_6f32 * (g + 0.044715f32 * g * g * g);
+            let th = 1.0f32 - 2.0f32 / ((2.0f32 * y).exp() + 1.0f32);
+            a = 0.5f32 * g * (1.0f32 + th);
+        } else {
+            a = g / (1.0f32 + (-g).exp());
+        }
+        let at = i * out.stride(0) + c * out.stride(1);
+        out[at] = a * u;
+    }
+
+    /// One decode query head per workgroup (`CUBE_POS_X`): scores against positions `lo..s`
+    /// of its KV head, their softmax, and the weighted sum of the values. The scores pass
+    /// through `scratch` (`[heads, s]`); the units' maxima and sums through shared memory.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attend_one_kernel(
+        q: &Tensor<f32>,
+        k: &Tensor<f32>,
+        v: &Tensor<f32>,
+        kv_of: &Tensor<u32>,
+        scratch: &mut Tensor<f32>,
+        out: &mut Tensor<f32>,
+        row: u32,
+        lo: u32,
+        s: u32,
+        hd: u32,
+        scale: f32,
+        #[comptime] group: usize,
+    ) {
+        let h = CUBE_POS_X;
+        let u = UNIT_POS_X;
+        let g = CUBE_DIM_X;
+        let kvh = kv_of[h as usize] as usize;
+        let qb = (row as usize) * q.stride(0) + ((h * hd) as usize) * q.stride(1);
+        let qs = q.stride(1);
+        let (k0, k1, k2) = (k.stride(0), k.stride(1), k.stride(2));
+        let (v0, v1, v2) = (v.stride(0), v.stride(1), v.stride(2));
+        let sb = (h as usize) * scratch.stride(0);
+        let mut red = Shared::<[f32]>::new_slice(group);
+        // Scores, and this unit's largest.
+        let mut m = f32::new(-3.0e38);
+        let mut j = lo + u;
+        while j < s {
+            let mut dot = 0.0f32;
+            for d in 0..hd {
+                dot +=
+                    q[qb + (d as usize) * qs] * k[kvh * k0 + (j as usize) * k1 + (d as usize) * k2];
+            }
+            let sc = dot * scale;
+            scratch[sb + j as usize] = sc;
+            if sc > m {
+                m = sc;
+            }
+            j += g;
+        }
+        red[u as usize] = m;
+        sync_cube();
+        let mut half = CUBE_DIM_X / 2;
+        while half > 0 {
+            if u < half {
+                let o = red[(u + half) as usize];
+                if o > red[u as usize] {
+                    red[u as usize] = o;
+                }
+            }
+            sync_cube();
+            half /= 2;
+        }
+        let mx = red[0];
+        sync_cube();
+        // Exponentials (each unit its own positions) and their sum.
+        let mut sum = 0.0f32;
+        let mut j = lo + u;
+        while j < s {
+            let e = (scratch[sb + j as usize] - mx).exp();
+            scratch[sb + j as usize] = e;
+            sum += e;
+            j += g;
+        }
+        red[u as usize] = sum;
+        sync_storage();
+        sync_cube();
+        let mut half = CUBE_DIM_X / 2;
+        while half > 0 {
+            if u < half {
+                red[u as usize] += red[(u + half) as usize];
+            }
+            sync_cube();
+            half /= 2;
+        }
+        let inv = 1.0f32 / red[0];
+        // The weighted values, a unit per output value of the head.
+        let mut d = u;
+        while d < hd {
+            let mut acc = 0.0f32;
+            for j in lo..s {
+                acc +=
+                    scratch[sb + j as usize] * v[kvh * v0 + (j as usize) * v1 + (d as usize) * v2];
+            }
+            let at = (row as usize) * out.stride(0) + ((h * hd + d) as usize) * out.stride(1);
+            out[at] = acc * inv;
+            d += g;
+        }
+    }
+
+    /// An order on f32 bits that agrees with `f32::total_cmp` (NaNs aside).
+    #[cube]
+    fn order_key(bits: u32) -> u32 {
+        let mut k = bits | 0x8000_0000u32;
+        if (bits >> 31) == 1 {
+            k = !bits;
+        }
+        k
+    }
+
+    /// Row `CUBE_POS_X`'s best (index, logit bits) into `out[2r]`, `out[2r + 1]`: the largest
+    /// by `order_key`, the lower index among equals, NaNs passed over; index `u32::MAX` when
+    /// the row holds nothing else.
+    #[cube(launch)]
+    pub(super) fn argmax_rows_kernel(
+        x: &Tensor<f32>,
+        out: &mut Tensor<u32>,
+        width: u32,
+        #[comptime] group: usize,
+    ) {
+        let r = CUBE_POS_X;
+        let u = UNIT_POS_X;
+        let g = CUBE_DIM_X;
+        let (xs0, xs1) = (x.stride(0), x.stride(1));
+        let mut keys = Shared::<[u32]>::new_slice(group);
+        let mut ids = Shared::<[u32]>::new_slice(group);
+        let none = 0xFFFF_FFFFu32;
+        let mut best_key = 0u32;
+        let mut best = 0xFFFF_FFFFu32;
+        let mut k = u;
+        while k < width {
+            let bits = u32::reinterpret(x[(r as usize) * xs0 + (k as usize) * xs1]);
+            let nan = (bits & 0x7F80_0000u32) == 0x7F80_0000u32 && (bits & 0x007F_FFFFu32) != 0;
+            let key = order_key(bits);
+            // A unit meets its indices in increasing order: only a larger key wins.
+            if !nan && (best == none || key > best_key) {
+                best_key = key;
+                best = k;
+            }
+            k += g;
+        }
+        keys[u as usize] = best_key;
+        ids[u as usize] = best;
+        sync_cube();
+        let mut half = CUBE_DIM_X / 2;
+        while half > 0 {
+            if u < half {
+                let (ok, oi) = (keys[(u + half) as usize], ids[(u + half) as usize]);
+                let (mk, mi) = (keys[u as usize], ids[u as usize]);
+                if oi != none && (mi == none || ok > mk || (ok == mk && oi < mi)) {
+                    keys[u as usize] = ok;
+                    ids[u as usize] = oi;
+                }
+            }
+            sync_cube();
+            half /= 2;
+        }
+        if u == 0 {
+            let i = ids[0];
+            out[(2 * r) as usize] = i;
+            let mut bits = 0u32;
+            if i != none {
+                bits = u32::reinterpret(x[(r as usize) * xs0 + (i as usize) * xs1]);
+            }
+            out[(2 * r + 1) as usize] = bits;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::Backend;
+    use crate::sampling::{TopSpec, candidates};
+
+    fn wgpu() -> Option<Device> {
+        if std::env::var_os("TESSERA_SKIP_WGPU").is_some() {
+            eprintln!("SKIPPED: TESSERA_SKIP_WGPU is set");
+            return None;
+        }
+        Some(
+            Backend::Wgpu
+                .device()
+                .expect("a wgpu adapter (lavapipe in CI)"),
+        )
+    }
+
+    /// The device's greedy pick is the host's `candidates` for a greedy spec, row by row:
+    /// ties to the lower id (across units and within one), -0.0 below +0.0, NaNs passed over,
+    /// -inf still a candidate, a row of NaNs giving nothing.
+    #[test]
+    fn argmax_on_the_device_equals_the_host_pick() {
+        let Some(device) = wgpu() else { return };
+        let width = 1000;
+        let nan = f32::NAN;
+        let mut rows: Vec<Vec<f32>> = Vec::new();
+        let mut r = vec![0.0f32; width];
+        r[7] = 3.0;
+        r[900] = 3.0;
+        r[64 + 7] = 3.0;
+        rows.push(r);
+        let mut r = vec![-1.0f32; width];
+        r[3] = -0.0;
+        r[2] = 0.0;
+        r[500] = -0.0;
+        rows.push(r);
+        let mut r = vec![nan; width];
+        r[999] = f32::NEG_INFINITY;
+        r[998] = f32::NEG_INFINITY;
+        rows.push(r);
+        rows.push(vec![nan; width]);
+        let mut r: Vec<f32> = (0..width)
+            .map(|i| ((i * 7919) % 1013) as f32 * 0.01)
+            .collect();
+        r[0] = nan;
+        r[1] = f32::INFINITY;
+        r[640] = f32::INFINITY;
+        rows.push(r);
+        let spec = TopSpec {
+            n: 1,
+            temperature: 0.0,
+            gumbel: None,
+            mass: false,
+            raw_lse: false,
+        };
+        let flat: Vec<f32> = rows.concat();
+        let x = Tensor::<2>::from_data(TensorData::new(flat, [rows.len(), width]), &device);
+        let got = argmax_rows(x);
+        for (i, (row, g)) in rows.iter().zip(got).enumerate() {
+            let want = candidates(row, &spec, 0).top;
+            let g: Vec<(u32, f32)> = g.into_iter().collect();
+            assert_eq!(
+                g.iter().map(|x| (x.0, x.1.to_bits())).collect::<Vec<_>>(),
+                want.iter()
+                    .map(|x| (x.0, x.1.to_bits()))
+                    .collect::<Vec<_>>(),
+                "row {i}"
+            );
+        }
     }
 }

@@ -23,10 +23,12 @@ pub use engine::{
     check_steps, gather_logits, generate,
 };
 pub use error::{ModelError, Result};
+#[cfg(feature = "wgpu")]
+pub use gpu::count_launches;
 pub use loader::{ModelFiles, sha256_file};
 pub use sampling::{
     Candidates, Draw, MAX_CANDIDATES, MAX_LOGPROBS, NUCLEUS_CANDIDATES, Sampler, SamplingParams,
     TokenLogprobs, TopSpec, Want, candidates,
 };
-pub use shard::{Precision, SeqStep, ShardModel, shard_reads};
+pub use shard::{Picked, Precision, SeqStep, ShardModel, shard_reads};
 pub use tokenizer::{TextStream, Tokenizer};

@@ -7,7 +7,7 @@ use crate::cpu::{self, HostKv};
 use crate::shard::SeqStep;
 use burn::backend::flex::FlexTensor;
 use burn::backend::{DispatchDevice, Flex};
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::softmax;
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
 use tessera_core::Activation;
 
@@ -63,8 +63,27 @@ pub fn rms_norm(x: Tensor<2>, w: &Norm, eps: f64) -> Tensor<2> {
         cpu::rms_norm(&mut v, &w.host, h, eps as f32);
         return from_vec(v, [t, h], &device);
     }
-    let var = x.clone().square().mean_dim(1);
-    x * (var + eps).sqrt().recip() * w.dev.clone()
+    #[cfg(feature = "wgpu")]
+    return crate::gpu::rms_norm(x, &w.dev, eps as f32);
+    #[cfg(not(feature = "wgpu"))]
+    unreachable!("{NO_DEVICE}")
+}
+
+/// Without the wgpu feature the CPU is the only device.
+#[cfg(not(feature = "wgpu"))]
+const NO_DEVICE: &str = "a device other than the CPU in a build without wgpu";
+
+/// `x + y` (a residual add) and the RMSNorm of the sum that follows it: one kernel on a GPU.
+pub fn add_rms_norm(x: Tensor<2>, y: Tensor<2>, w: &Norm, eps: f64) -> (Tensor<2>, Tensor<2>) {
+    if is_host(&x.device()) {
+        let sum = add(x, y);
+        let normed = rms_norm(sum.clone(), w, eps);
+        return (sum, normed);
+    }
+    #[cfg(feature = "wgpu")]
+    return crate::gpu::add_rms_norm(x, y, &w.dev, eps as f32);
+    #[cfg(not(feature = "wgpu"))]
+    unreachable!("{NO_DEVICE}")
 }
 
 /// RMSNorm of every `w`-wide piece of each row: the per-head Q/K norms.
@@ -100,14 +119,10 @@ pub fn glu(gate: Tensor<2>, up: Tensor<2>, act: Activation) -> Tensor<2> {
         }
         return from_vec(g, shape, &device);
     }
-    match act {
-        Activation::Silu => silu(gate) * up,
-        Activation::GeluTanh => {
-            let c = (2.0 / std::f64::consts::PI).sqrt();
-            let inner = (gate.clone() + gate.clone().powi_scalar(3) * 0.044715) * c;
-            gate * 0.5 * (inner.tanh() + 1.0) * up
-        }
-    }
+    #[cfg(feature = "wgpu")]
+    return crate::gpu::glu(gate, up, act == Activation::GeluTanh);
+    #[cfg(not(feature = "wgpu"))]
+    unreachable!("{NO_DEVICE}")
 }
 
 /// `x * s`.
@@ -233,37 +248,38 @@ impl Rope {
         }
     }
 
-    /// Rotates `x` (`[tokens, heads * head_dim]`).
-    pub fn apply(&self, x: Tensor<2>, heads: usize, inv_freq: &[f32]) -> Tensor<2> {
-        let device = x.device();
-        let [t, w] = x.dims();
-        let hd = w / heads;
+    /// Rotates `q` and `k` (`[tokens, heads * head_dim]`, `nq` and `nkv` heads).
+    pub fn apply(
+        &self,
+        q: Tensor<2>,
+        k: Tensor<2>,
+        nq: usize,
+        nkv: usize,
+        inv_freq: &[f32],
+    ) -> (Tensor<2>, Tensor<2>) {
+        let device = q.device();
+        let ([t, wq], [_, wk]) = (q.dims(), k.dims());
+        let hd = wq / nq;
         if is_host(&device) {
-            let mut v = to_vec(x);
-            cpu::rope(
-                &mut v,
-                &self.positions,
-                heads,
-                hd,
-                inv_freq,
-                self.interleaved,
-            );
-            return from_vec(v, [t, w], &device);
+            let turn = |x: Tensor<2>, heads: usize, w: usize| {
+                let mut v = to_vec(x);
+                cpu::rope(
+                    &mut v,
+                    &self.positions,
+                    heads,
+                    hd,
+                    inv_freq,
+                    self.interleaved,
+                );
+                from_vec(v, [t, w], &device)
+            };
+            return (turn(q, nq, wq), turn(k, nkv, wk));
         }
         let (cos, sin) = self.dev.as_ref().expect("device tables");
-        let x = x.reshape([t, heads, hd]).swap_dims(0, 1); // [heads, t, hd]
-        let rotated = if self.interleaved {
-            let p = x.clone().reshape([heads, t, hd / 2, 2]);
-            let x1 = p.clone().slice([0..heads, 0..t, 0..hd / 2, 0..1]);
-            let x2 = p.slice([0..heads, 0..t, 0..hd / 2, 1..2]);
-            Tensor::cat(vec![x2.neg(), x1], 3).reshape([heads, t, hd])
-        } else {
-            let x1 = x.clone().slice([0..heads, 0..t, 0..hd / 2]);
-            let x2 = x.clone().slice([0..heads, 0..t, hd / 2..hd]);
-            Tensor::cat(vec![x2.neg(), x1], 2)
-        };
-        let y = x * cos.clone() + rotated * sin.clone();
-        y.swap_dims(0, 1).reshape([t, w])
+        #[cfg(feature = "wgpu")]
+        return crate::gpu::rope(q, k, cos, sin, hd, self.interleaved);
+        #[cfg(not(feature = "wgpu"))]
+        unreachable!("{NO_DEVICE} ({cos:?}, {sin:?}, {nkv})")
     }
 }
 
@@ -317,6 +333,8 @@ pub struct Heads {
     pub group: Option<usize>,
     /// `kv_of` on the device, when it is not the identity and not grouped.
     pub kv_index: Option<Tensor<1, Int>>,
+    /// `kv_of` on the device as `u32`, for the decode attention kernel.
+    pub kv_map: Option<Tensor<1, Int>>,
     /// Scores are `q·k * scale`.
     pub scale: f32,
 }
@@ -387,6 +405,25 @@ pub fn attention(
         }
         return from_vec(out, [t_all, nq * hd], &device);
     }
+    #[cfg(feature = "wgpu")]
+    if let Some(map) = &heads.kv_map
+        && steps.iter().all(|s| s.ids.len() == 1)
+    {
+        // Decode: each sequence's new K and V into its cache, then one kernel per sequence
+        // that reads the cache in place.
+        let out = Tensor::<2>::empty([t_all, nq * hd], &device);
+        for (i, (s, cache)) in steps.iter().zip(caches.iter_mut()).enumerate() {
+            dev_reserve(cache, 1, nkv, hd, &device);
+            let Kv::Dev { k: ck, v: cv, len } = &mut **cache else {
+                unreachable!("device cache")
+            };
+            crate::gpu::kv_write(&k, &v, i, ck, cv, *len);
+            *len += 1;
+            let lo = window.map_or(0, |w| (s.pos + 1).saturating_sub(w));
+            crate::gpu::attend_one(&q, i, ck, cv, map, lo, *len, heads.scale, &out);
+        }
+        return out;
+    }
     let mut parts = Vec::with_capacity(steps.len());
     let mut o = 0;
     for (s, cache) in steps.iter().zip(caches.iter_mut()) {
@@ -419,20 +456,12 @@ pub fn attention(
     attn.swap_dims(0, 1).reshape([t_all, nq * hd])
 }
 
-/// Writes `k`, `v` (`[nkv, t, hd]`) at the end of a device cache, growing its capacity by
-/// doubling; returns views of the filled part.
-fn dev_append(
-    cache: &mut Kv,
-    k: Tensor<3>,
-    v: Tensor<3>,
-    nkv: usize,
-    hd: usize,
-    device: &Device,
-) -> (Tensor<3>, Tensor<3>) {
+/// Makes room for `t` more positions in a device cache, doubling its capacity when it must
+/// grow (the filled part copied over).
+fn dev_reserve(cache: &mut Kv, t: usize, nkv: usize, hd: usize, device: &Device) {
     let Kv::Dev { k: ck, v: cv, len } = cache else {
         unreachable!("device cache")
     };
-    let t = k.dims()[1];
     let need = *len + t;
     let cap = ck.dims()[1];
     if need > cap || ck.dims()[0] != nkv {
@@ -451,7 +480,25 @@ fn dev_append(
         *ck = grow(ck);
         *cv = grow(cv);
     }
-    let placeholder = || Tensor::<3>::zeros([1, 0, 1], device);
+}
+
+/// Writes `k`, `v` (`[nkv, t, hd]`) at the end of a device cache, growing its capacity by
+/// doubling; returns views of the filled part.
+fn dev_append(
+    cache: &mut Kv,
+    k: Tensor<3>,
+    v: Tensor<3>,
+    nkv: usize,
+    hd: usize,
+    device: &Device,
+) -> (Tensor<3>, Tensor<3>) {
+    let t = k.dims()[1];
+    dev_reserve(cache, t, nkv, hd, device);
+    let Kv::Dev { k: ck, v: cv, len } = cache else {
+        unreachable!("device cache")
+    };
+    let need = *len + t;
+    let placeholder = || Tensor::<3>::empty([1, 0, 1], device);
     let kk = std::mem::replace(ck, placeholder()).slice_assign([0..nkv, *len..need, 0..hd], k);
     let vv = std::mem::replace(cv, placeholder()).slice_assign([0..nkv, *len..need, 0..hd], v);
     *ck = kk;

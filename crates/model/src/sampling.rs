@@ -334,6 +334,17 @@ pub struct TopSpec {
     pub raw_lse: bool,
 }
 
+impl TopSpec {
+    /// Asks for the best logit and nothing else (greedy decoding): a device can pick it.
+    pub fn greedy_only(&self) -> bool {
+        self.n == 1
+            && self.temperature <= 0.0
+            && self.gumbel.is_none()
+            && !self.mass
+            && !self.raw_lse
+    }
+}
+
 /// A sequence's candidates from one slice or, merged, from all.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidates {

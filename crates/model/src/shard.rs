@@ -13,6 +13,7 @@
 use crate::error::{ModelError, Result};
 use crate::linear::Linear;
 use crate::ops::{self, Heads, Kv, Norm, Rope};
+use crate::sampling::{Candidates, TopSpec, candidates};
 use crate::weights::{Tensor as W, Weights};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::collections::HashMap;
@@ -448,6 +449,13 @@ impl ShardModel {
             let idx: Vec<i64> = kv_of.iter().map(|&k| k as i64).collect();
             Tensor::<1, Int>::from_data(TensorData::new(idx, [spec.n_q()]), device)
         });
+        let kv_map = (!ops::is_host(device)).then(|| {
+            let idx: Vec<u32> = kv_of.iter().map(|&k| k as u32).collect();
+            Tensor::<1, Int>::from_data(
+                TensorData::new(idx, [spec.n_q()]),
+                (device, burn::tensor::DType::U32),
+            )
+        });
         let embed_bytes = embed.as_ref().map_or(0, |e| e.bytes());
         Ok(ShardModel {
             cfg: cfg.clone(),
@@ -465,6 +473,7 @@ impl ShardModel {
                 kv_of,
                 group,
                 kv_index,
+                kv_map,
                 scale: match cfg.opts.query_pre_attn_scalar {
                     Some(s) => (1.0 / s.sqrt()) as f32,
                     None => 1.0 / (hd as f32).sqrt(),
@@ -595,6 +604,65 @@ impl ShardModel {
         steps: &[SeqStep],
         coll: &mut dyn Collective,
     ) -> Result<Vec<f32>> {
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let logits = self.forward_logits(steps, coll)?;
+        read_rows(logits)
+    }
+
+    /// One step, each sequence's row of logits picked as `want` asks: its candidates for a
+    /// [`TopSpec`] (and the row itself too when the spec wants mass, for a later
+    /// `last_logits`), the row alone for None. On a GPU a step of greedy rows reads back only
+    /// each row's best (id, logit); every other step reads the rows and picks on the host.
+    pub fn forward_pick(
+        &mut self,
+        steps: &[SeqStep],
+        coll: &mut dyn Collective,
+        want: &[Option<TopSpec>],
+    ) -> Result<Vec<Picked>> {
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
+        let logits = self.forward_logits(steps, coll)?;
+        let first = self.spec.vocab.start as u32;
+        #[cfg(feature = "wgpu")]
+        if !ops::is_host(&self.device) && want.iter().all(|w| w.is_some_and(|s| s.greedy_only())) {
+            return Ok(crate::gpu::argmax_rows(logits)
+                .into_iter()
+                .map(|best| Picked {
+                    top: Some(Candidates {
+                        top: best.map(|(i, x)| (first + i, x)).into_iter().collect(),
+                        ..Candidates::empty()
+                    }),
+                    row: None,
+                })
+                .collect());
+        }
+        let all = read_rows(logits)?;
+        let width = all.len() / steps.len();
+        Ok(all
+            .chunks_exact(width.max(1))
+            .zip(want)
+            .map(|(row, spec)| match spec {
+                None => Picked {
+                    top: None,
+                    row: Some(row.to_vec()),
+                },
+                Some(spec) => Picked {
+                    top: Some(candidates(row, spec, first)),
+                    row: spec.mass.then(|| row.to_vec()),
+                },
+            })
+            .collect())
+    }
+
+    /// The step's last position's logits of each sequence, on the device.
+    fn forward_logits(
+        &mut self,
+        steps: &[SeqStep],
+        coll: &mut dyn Collective,
+    ) -> Result<Tensor<2>> {
         let _span = tracing::debug_span!(
             "step",
             rank = self.spec.rank,
@@ -602,9 +670,6 @@ impl ShardModel {
             tokens = steps.iter().map(|s| s.ids.len()).sum::<usize>()
         )
         .entered();
-        if steps.is_empty() {
-            return Ok(Vec::new());
-        }
         self.check_batch(steps)?;
         let cfg = &self.cfg;
         let (h, prec) = (cfg.hidden, self.precision);
@@ -652,11 +717,17 @@ impl ShardModel {
             })
             .collect();
         let result = (|| -> Result<Tensor<2>> {
+            // Each residual add and the norm after it go together (one kernel on a GPU): `hn`
+            // is the normed input of the next block.
+            let mut hn = ops::rms_norm(x.clone(), &self.layers[0].attn_norm, cfg.rms_eps);
             for (l, layer) in self.layers.iter().enumerate() {
                 // Attention.
-                let hn = ops::rms_norm(x.clone(), &layer.attn_norm, cfg.rms_eps);
-                let mut qkv =
-                    Linear::forward_group(&[&layer.q, &layer.k, &layer.v], hn, prec, &prompt);
+                let mut qkv = Linear::forward_group(
+                    &[&layer.q, &layer.k, &layer.v],
+                    hn.clone(),
+                    prec,
+                    &prompt,
+                );
                 let v = qkv.pop().expect("v");
                 let (mut k, mut q) = (qkv.pop().expect("k"), qkv.pop().expect("q"));
                 if let Some((qn, kn)) = &layer.qk_norm {
@@ -664,8 +735,7 @@ impl ShardModel {
                     k = ops::rms_norm_heads(k, kn, cfg.rms_eps);
                 }
                 let (rope, freqs) = (&ropes[layer.rope], &self.inv_freqs[layer.rope]);
-                let k = rope.apply(k, nkv, freqs);
-                let q = rope.apply(q, nq, freqs);
+                let (q, k) = rope.apply(q, k, nq, nkv, freqs);
                 let mut layer_caches: Vec<&mut Kv> = caches.iter_mut().map(|c| &mut c[l]).collect();
                 let attn =
                     ops::attention(q, k, v, steps, &mut layer_caches, &self.heads, layer.window);
@@ -677,10 +747,11 @@ impl ShardModel {
                 if let Some(n) = &layer.post_attn_norm {
                     out = ops::rms_norm(out, n, cfg.rms_eps);
                 }
-                x = ops::add(x, out);
+                let (sum, normed) = ops::add_rms_norm(x, out, &layer.ffn_norm, cfg.rms_eps);
+                x = sum;
 
                 // FFN.
-                let hn = ops::rms_norm(x.clone(), &layer.ffn_norm, cfg.rms_eps);
+                let hn_ffn = normed;
                 let act = cfg.opts.activation;
                 let (partial, bias) = match &layer.ffn {
                     Ffn::Dense {
@@ -689,7 +760,7 @@ impl ShardModel {
                         down,
                         down_bias,
                     } => {
-                        let mut gu = Linear::forward_group(&[gate, up], hn, prec, &prompt);
+                        let mut gu = Linear::forward_group(&[gate, up], hn_ffn, prec, &prompt);
                         let up = gu.pop().expect("up");
                         let a = ops::glu(gu.pop().expect("gate"), up, act);
                         (down.forward(a, prec, &prompt), down_bias.as_ref())
@@ -700,7 +771,9 @@ impl ShardModel {
                         top_k,
                         norm_topk,
                     } => (
-                        moe_ffn(hn, router, experts, *top_k, *norm_topk, act, prec, &prompt)?,
+                        moe_ffn(
+                            hn_ffn, router, experts, *top_k, *norm_topk, act, prec, &prompt,
+                        )?,
                         None,
                     ),
                 };
@@ -711,7 +784,14 @@ impl ShardModel {
                 if let Some(n) = &layer.post_ffn_norm {
                     out = ops::rms_norm(out, n, cfg.rms_eps);
                 }
-                x = ops::add(x, out);
+                match self.layers.get(l + 1) {
+                    Some(next) => {
+                        let (sum, normed) = ops::add_rms_norm(x, out, &next.attn_norm, cfg.rms_eps);
+                        x = sum;
+                        hn = normed;
+                    }
+                    None => x = ops::add(x, out),
+                }
             }
             Ok(x)
         })();
@@ -728,17 +808,18 @@ impl ShardModel {
             })
             .collect();
         let b = last.len();
-        let last = x.select(
-            0,
-            Tensor::<1, Int>::from_data(TensorData::new(last, [b]), &self.device),
-        );
+        // A step of one token per sequence has its last rows already.
+        let last = if b == x.dims()[0] {
+            x
+        } else {
+            x.select(
+                0,
+                Tensor::<1, Int>::from_data(TensorData::new(last, [b]), &self.device),
+            )
+        };
         debug_assert_eq!(last.dims(), [b, h]);
         let last = ops::rms_norm(last, &self.final_norm, cfg.rms_eps);
-        let logits = self.head.forward(last, prec, &prompt_last);
-        logits
-            .into_data()
-            .try_into_vec::<f32>()
-            .map_err(|e| ModelError::Backend(format!("reading logits: {e:?}")))
+        Ok(self.head.forward(last, prec, &prompt_last))
     }
 
     /// Sequences with a KV cache on this shard, and the positions cached over all of them.
@@ -747,6 +828,23 @@ impl ShardModel {
         let positions = self.caches.keys().map(|&s| self.cached_len(s)).sum();
         (seqs, positions)
     }
+}
+
+/// A step's rows of logits, read to the host.
+fn read_rows(logits: Tensor<2>) -> Result<Vec<f32>> {
+    logits
+        .into_data()
+        .try_into_vec::<f32>()
+        .map_err(|e| ModelError::Backend(format!("reading logits: {e:?}")))
+}
+
+/// One sequence's share of a step, as [`ShardModel::forward_pick`] picked it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Picked {
+    /// Its candidates, when it asked for some.
+    pub top: Option<Candidates>,
+    /// Its row of logits, when it asked for them (or for mass, to be kept).
+    pub row: Option<Vec<f32>>,
 }
 
 /// Gemma's embedding multiplier √hidden, in the model's dtype as transformers casts it.

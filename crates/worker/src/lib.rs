@@ -14,7 +14,7 @@ use tessera_collective::{Collective, Mesh, Single, Wire};
 use tessera_core::{ModelConfig, ShardSpec};
 use tessera_model::gguf::GgmlType;
 use tessera_model::weights::{Bytes, RawTensor, WeightArena, Weights};
-use tessera_model::{Backend, ModelFiles, Precision, SeqStep, ShardModel, TopSpec};
+use tessera_model::{Backend, ModelFiles, Picked, Precision, SeqStep, ShardModel, TopSpec};
 use tessera_proto::coordinator_client::CoordinatorClient;
 use tessera_proto::secure::ClusterKeys;
 use tessera_proto::worker_server::{Worker, WorkerServer};
@@ -342,27 +342,24 @@ impl Worker for WorkerService {
     }
 }
 
-/// Fills `out` from a step's logits (`want.len()` rows of this shard's vocabulary slice,
-/// which starts at id `first`): the rows of sequences that want logits, and for the others
-/// the row's candidates (the coordinator merges every shard's). Rows asked with `mass` are
-/// kept in `kept` for a `last_logits` request.
+/// Fills `out` from a step's picked rows: the logits of sequences that want logits, and for
+/// the others the row's candidates (the coordinator merges every shard's). Rows asked with
+/// `mass` are kept in `kept` for a `last_logits` request.
 fn pick(
-    logits: &[f32],
+    picked: Vec<Picked>,
     want: &[(u64, Option<TopSpec>)],
-    first: usize,
     out: &mut StepReply,
     kept: &mut KeptRows,
 ) {
     kept.clear();
     let any_mass = want.iter().any(|w| w.1.is_some_and(|s| s.mass));
     let any_raw = want.iter().any(|w| w.1.is_some_and(|s| s.raw_lse));
-    let width = logits.len() / want.len().max(1);
-    for (row, &(seq, spec)) in logits.chunks_exact(width.max(1)).zip(want) {
-        let Some(spec) = spec else {
-            out.logits.extend_from_slice(row);
+    for (p, &(seq, spec)) in picked.into_iter().zip(want) {
+        let Some(c) = p.top else {
+            out.logits
+                .extend_from_slice(p.row.as_deref().unwrap_or_default());
             continue;
         };
-        let c = tessera_model::candidates(row, &spec, first as u32);
         out.top_counts.push(c.top.len() as u32);
         for (id, x) in c.top {
             out.top_ids.push(id);
@@ -376,8 +373,8 @@ fn pick(
         if any_raw {
             out.top_lse_raw.push(c.lse_raw);
         }
-        if spec.mass {
-            kept.push((seq, row.to_vec()));
+        if let (Some(row), true) = (p.row, spec.is_some_and(|s| s.mass)) {
+            kept.push((seq, row));
         }
     }
 }
@@ -517,8 +514,9 @@ pub fn run_step(
         })
         .collect();
     let mut mesh_broken = false;
-    match tessera_quant::install(|| model.forward_batch(&steps, coll)) {
-        Ok(l) => pick(&l, &want, model.spec.vocab.start, &mut out, kept),
+    let specs: Vec<Option<TopSpec>> = want.iter().map(|w| w.1).collect();
+    match tessera_quant::install(|| model.forward_pick(&steps, coll, &specs)) {
+        Ok(p) => pick(p, &want, &mut out, kept),
         Err(e) => {
             mesh_broken = matches!(e, tessera_model::ModelError::Collective(_));
             out.error = e.to_string();
