@@ -49,6 +49,9 @@ enum Command {
     Plan(plan::PlanArgs),
     /// Rewrite a GGUF model with its weight matrices in another format (Q8_0, Q4_K_M, ...)
     Quantize(QuantizeArgs),
+    /// Write a model of a known shape with random weights (to measure a machine's speed
+    /// without downloading one): tiny, smollm2-135m, tinyllama-1.1b or llama3-8b
+    Synth(SynthArgs),
     /// Print the token ids the model sees for TEXT (BOS included where the model adds it)
     Tokenize(TokenizeArgs),
     /// Exit 0 if an HTTP GET of URL answers 2xx (a health check for containers)
@@ -127,6 +130,45 @@ fn run_quantize(a: QuantizeArgs) -> anyhow::Result<()> {
         s.converted,
         types.join(", "),
         s.in_bytes as f64 / 1e6,
+        s.out_bytes as f64 / 1e6,
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    /// The shape: tiny, smollm2-135m, tinyllama-1.1b or llama3-8b
+    #[arg(value_parser = |s: &str| {
+        tessera_model::requant::SHAPES
+            .iter()
+            .find(|x| x.name.eq_ignore_ascii_case(s))
+            .copied()
+            .ok_or_else(|| format!("unknown shape {s:?} (one of {})",
+                tessera_model::requant::SHAPES.map(|x| x.name).join(", ")))
+    })]
+    shape: tessera_model::requant::Shape,
+    /// The weights' format, as for `quantize`
+    #[arg(value_parser = |s: &str| s.parse::<tessera_model::requant::Target>())]
+    r#type: tessera_model::requant::Target,
+    /// The file to write
+    output: PathBuf,
+    /// Seed of the random weights (the same seed writes the same file)
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn run_synth(a: SynthArgs) -> anyhow::Result<()> {
+    let t0 = std::time::Instant::now();
+    let s = tessera_model::requant::synthesize(&a.output, &a.shape, &a.r#type, a.seed)?;
+    let types: Vec<String> = s.types.iter().map(|(t, n)| format!("{n} {t}")).collect();
+    eprintln!(
+        "wrote {}: random {} as {}: {} tensors ({}), {:.1} MB in {:.1} s",
+        a.output.display(),
+        a.shape.name,
+        a.r#type.name,
+        s.tensors,
+        types.join(", "),
         s.out_bytes as f64 / 1e6,
         t0.elapsed().as_secs_f64()
     );
@@ -423,6 +465,7 @@ fn main() -> ExitCode {
             plan::run(a)
         }
         Command::Quantize(a) => run_quantize(a),
+        Command::Synth(a) => run_synth(a),
         Command::Tokenize(a) => {
             die_quietly_on_closed_stdout();
             run_tokenize(a)

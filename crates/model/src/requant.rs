@@ -295,6 +295,260 @@ fn write(src: &GgufFile, path: &Path, target: &Target) -> Result<Summary> {
     Ok(summary)
 }
 
+/// A model shape for [`synthesize`]: a Llama-architecture decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub name: &'static str,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub context: usize,
+}
+
+/// Shapes of known models, for benchmarking a machine without downloading one.
+pub const SHAPES: [Shape; 4] = [
+    Shape {
+        name: "tiny",
+        hidden: 64,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        ffn: 256,
+        vocab: 512,
+        context: 256,
+    },
+    Shape {
+        name: "smollm2-135m",
+        hidden: 576,
+        layers: 30,
+        heads: 9,
+        kv_heads: 3,
+        ffn: 1536,
+        vocab: 49152,
+        context: 8192,
+    },
+    Shape {
+        name: "tinyllama-1.1b",
+        hidden: 2048,
+        layers: 22,
+        heads: 32,
+        kv_heads: 4,
+        ffn: 5632,
+        vocab: 32000,
+        context: 2048,
+    },
+    Shape {
+        name: "llama3-8b",
+        hidden: 4096,
+        layers: 32,
+        heads: 32,
+        kv_heads: 8,
+        ffn: 14336,
+        vocab: 128256,
+        context: 8192,
+    },
+];
+
+/// Writes a GGUF file of `shape` with random weights (uniform in ±0.05, norms 1) in `target`'s
+/// formats (chosen per tensor as [`requantize`] would), and a byte-level tokenizer (the 256
+/// bytes, the rest of the vocabulary unused names): a model to measure speed with, not to
+/// read. The same seed writes the same file.
+pub fn synthesize(output: &Path, shape: &Shape, target: &Target, seed: u64) -> Result<Summary> {
+    let sh = *shape;
+    let hd = sh.hidden / sh.heads;
+    let partial = {
+        let mut s = output.as_os_str().to_owned();
+        s.push(".partial");
+        PathBuf::from(s)
+    };
+    let io = |e| ModelError::io(&partial, e);
+    let file = std::fs::File::create(&partial).map_err(io)?;
+    let mut w = Sink {
+        w: std::io::BufWriter::with_capacity(8 << 20, file),
+        pos: 0,
+        path: &partial,
+    };
+    let mut tensors: Vec<(String, Vec<usize>)> =
+        vec![("token_embd.weight".into(), vec![sh.hidden, sh.vocab])];
+    for l in 0..sh.layers {
+        let b = |n: &str| format!("blk.{l}.{n}.weight");
+        tensors.extend([
+            (b("attn_norm"), vec![sh.hidden]),
+            (b("attn_q"), vec![sh.hidden, sh.heads * hd]),
+            (b("attn_k"), vec![sh.hidden, sh.kv_heads * hd]),
+            (b("attn_v"), vec![sh.hidden, sh.kv_heads * hd]),
+            (b("attn_output"), vec![sh.heads * hd, sh.hidden]),
+            (b("ffn_norm"), vec![sh.hidden]),
+            (b("ffn_gate"), vec![sh.hidden, sh.ffn]),
+            (b("ffn_up"), vec![sh.hidden, sh.ffn]),
+            (b("ffn_down"), vec![sh.ffn, sh.hidden]),
+        ]);
+    }
+    tensors.push(("output_norm.weight".into(), vec![sh.hidden]));
+    tensors.push(("output.weight".into(), vec![sh.hidden, sh.vocab]));
+
+    // Metadata.
+    let mut kv: Vec<u8> = Vec::new();
+    let mut n_kv = 0u64;
+    let text = |v: &mut Vec<u8>, x: &str| {
+        v.extend((x.len() as u64).to_le_bytes());
+        v.extend(x.as_bytes());
+    };
+    let mut put = |k: &str, ty: u32, value: &[u8]| {
+        text(&mut kv, k);
+        kv.extend(ty.to_le_bytes());
+        kv.extend(value);
+        n_kv += 1;
+    };
+    let string = |x: &str| {
+        let mut v = Vec::new();
+        text(&mut v, x);
+        v
+    };
+    let u32v = |x: usize| (x as u32).to_le_bytes().to_vec();
+    let f32v = |x: f32| x.to_le_bytes().to_vec();
+    put("general.architecture", 8, &string("llama"));
+    put("general.name", 8, &string(&format!("random {}", sh.name)));
+    put("general.file_type", 4, &target.ftype.to_le_bytes());
+    put("llama.context_length", 4, &u32v(sh.context));
+    put("llama.embedding_length", 4, &u32v(sh.hidden));
+    put("llama.block_count", 4, &u32v(sh.layers));
+    put("llama.feed_forward_length", 4, &u32v(sh.ffn));
+    put("llama.attention.head_count", 4, &u32v(sh.heads));
+    put("llama.attention.head_count_kv", 4, &u32v(sh.kv_heads));
+    put("llama.attention.layer_norm_rms_epsilon", 6, &f32v(1e-5));
+    put("llama.rope.freq_base", 6, &f32v(10000.0));
+    put("tokenizer.ggml.model", 8, &string("gpt2"));
+    put("tokenizer.ggml.pre", 8, &string("default"));
+    // GPT-2's byte-to-character map: the printable bytes stand for themselves, the others
+    // for the characters from U+0100 on.
+    let mut tokens = Vec::with_capacity(sh.vocab);
+    let mut next = 256u32;
+    for b in 0..=255u32 {
+        let printable =
+            (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let c = if printable {
+            b
+        } else {
+            next += 1;
+            next - 1
+        };
+        tokens.push(char::from_u32(c).expect("a character").to_string());
+    }
+    while tokens.len() < sh.vocab {
+        tokens.push(format!("<unused{}>", tokens.len()));
+    }
+    tokens.truncate(sh.vocab);
+    let mut arr = Vec::new();
+    arr.extend(8u32.to_le_bytes());
+    arr.extend((tokens.len() as u64).to_le_bytes());
+    for t in &tokens {
+        text(&mut arr, t);
+    }
+    put("tokenizer.ggml.tokens", 9, &arr);
+    let mut merges = Vec::new();
+    merges.extend(8u32.to_le_bytes());
+    merges.extend(0u64.to_le_bytes());
+    put("tokenizer.ggml.merges", 9, &merges);
+    put("tokenizer.ggml.bos_token_id", 4, &u32v(0));
+    put("tokenizer.ggml.eos_token_id", 4, &u32v(sh.vocab - 1));
+
+    let align = 32usize;
+    let plan: Vec<(TensorInfo, GgmlType)> = tensors
+        .into_iter()
+        .map(|(name, dims)| {
+            let info = TensorInfo {
+                name,
+                dims,
+                ty: GgmlType::F32,
+                offset: 0,
+                size: 0,
+            };
+            let ty = tensor_type(target, &info, sh.layers, false).unwrap_or(GgmlType::F32);
+            (info, ty)
+        })
+        .collect();
+    w.put(b"GGUF")?;
+    w.put(&3u32.to_le_bytes())?;
+    w.put(&(plan.len() as u64).to_le_bytes())?;
+    w.put(&n_kv.to_le_bytes())?;
+    w.put(&kv)?;
+    let mut summary = Summary::default();
+    let mut offset = 0usize;
+    let mut sizes = Vec::with_capacity(plan.len());
+    for (t, ty) in &plan {
+        let (rows, cols) = t.rows_cols();
+        let size = ty.row_bytes(cols).ok_or_else(|| {
+            ModelError::format(
+                &partial,
+                format!("{}: {cols} columns do not fit {}", t.name, ty.name()),
+            )
+        })? * rows;
+        let mut name = Vec::new();
+        text(&mut name, &t.name);
+        w.put(&name)?;
+        w.put(&(t.dims.len() as u32).to_le_bytes())?;
+        for d in &t.dims {
+            w.put(&(*d as u64).to_le_bytes())?;
+        }
+        w.put(&ty.id().to_le_bytes())?;
+        w.put(&(offset as u64).to_le_bytes())?;
+        sizes.push(size);
+        offset = (offset + size).div_ceil(align) * align;
+        *summary.types.entry(ty.name()).or_default() += 1;
+    }
+    w.pad(align)?;
+    for (i, ((t, ty), size)) in plan.iter().zip(&sizes).enumerate() {
+        let (rows, cols) = t.rows_cols();
+        summary.tensors += 1;
+        summary.converted += usize::from(*ty != GgmlType::F32);
+        summary.out_bytes += *size as u64;
+        let norm = t.dims.len() == 1;
+        let out_row = size / rows;
+        let batch = (BATCH_VALUES / cols).max(1);
+        let mut out = Vec::new();
+        for r0 in (0..rows).step_by(batch) {
+            let n = batch.min(rows - r0);
+            out.resize(n * out_row, 0);
+            tessera_quant::in_pool(|| {
+                out.par_chunks_mut(out_row).enumerate().try_for_each_init(
+                    || vec![0f32; cols],
+                    |x, (r, o)| {
+                        // A generator per row, from (seed, tensor, row): any thread order
+                        // writes the same bytes.
+                        let mut z = seed ^ ((i as u64) << 40) ^ (r0 + r) as u64;
+                        for v in x.iter_mut() {
+                            *v = if norm {
+                                1.0
+                            } else {
+                                z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                                let mut m = z;
+                                m = (m ^ (m >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                                m = (m ^ (m >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                                m ^= m >> 31;
+                                ((m >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+                            };
+                        }
+                        quantize_row(*ty, x, o)
+                    },
+                )
+            })
+            .map_err(|e| ModelError::format(&partial, format!("{}: {e}", t.name)))?;
+            w.put(&out)?;
+        }
+        w.pad(align)?;
+    }
+    w.w.into_inner()
+        .map_err(|e| io(e.into_error()))?
+        .sync_all()
+        .map_err(io)?;
+    std::fs::rename(&partial, output).map_err(|e| ModelError::io(output, e))?;
+    Ok(summary)
+}
+
 /// The file being written, and how far.
 struct Sink<'a> {
     w: std::io::BufWriter<std::fs::File>,
