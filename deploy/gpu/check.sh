@@ -3,14 +3,14 @@
 # (the session's `device` tool), in one short run. That machine has no network and no Rust
 # cache, and a run carries at most 64 MiB of ignored files, so everything is prepared here:
 #
-#   deploy/gpu/check.sh pack     # here: stripped binaries and the tiny fixtures into .gpu/
+#   deploy/gpu/check.sh pack     # here: stripped binaries and the tiny fixtures, xz'd, in .gpu/
 #   deploy/gpu/check.sh run      # there (carry .gpu): writes its results under $OUT
 #
 # `run` checks the reference greedy ids of every tiny fixture and GGUF format on wgpu (1 and 2
-# shards, exact and fast path: tests/engine.rs's wgpu tests), counts the kernel launches of a
-# decode step (tests/gpu.rs), then writes random models of TinyLlama-1.1B's and SmolLM2-135M's
-# shapes (`tessera synth`) in Q4_0 and Q8_0 and times each on wgpu and on the CPU
-# (`tessera bench --json`: decode, prefill, bytes read per token, launches per token).
+# shards, exact and fast path: tests/engine.rs's wgpu tests), then writes random models of
+# TinyLlama-1.1B's and SmolLM2-135M's shapes (`tessera synth`) in Q4_0 and Q8_0 and times each
+# on wgpu and on the CPU (`tessera bench --json`: decode, prefill, bytes read per token, kernel
+# launches per token).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -18,15 +18,18 @@ case "${1:-}" in
 pack)
   cargo build --release --workspace --all-targets
   rm -rf .gpu
-  mkdir -p .gpu/fixtures
-  strip -o .gpu/tessera target/release/tessera
-  for t in engine gpu; do
-    f=$(ls -t target/release/deps/"$t"-* | grep -v '\.d$' | head -1)
-    strip -o ".gpu/$t" "$f"
-  done
+  mkdir -p .gpu/bin .gpu/fixtures
+  strip -o .gpu/bin/tessera target/release/tessera
+  f=$(ls -t target/release/deps/engine-* | grep -v '\.d$' | head -1)
+  strip -o .gpu/bin/engine "$f"
   for f in tiny-llama tiny-llama-gguf tiny-gemma3 tiny-qwen3-moe; do
     cp -r "../shared/fixtures/$f" .gpu/fixtures/
   done
+  # The run carries at most 64 MiB.
+  tar -C .gpu -cf - bin fixtures | xz -T0 -6 >.gpu.tar.xz
+  rm -rf .gpu
+  mkdir .gpu
+  mv .gpu.tar.xz .gpu/
   du -sh .gpu
   ;;
 run)
@@ -34,17 +37,20 @@ run)
   mkdir -p "$out"
   log="$out/gpu-check.txt"
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; nproc; } >"$log" 2>&1
-  export TESSERA_FIXTURES="$PWD/.gpu/fixtures"
+  work=/tmp/gpu-check-files
+  mkdir -p "$work"
+  xz -dc .gpu/.gpu.tar.xz | tar -C "$work" -xf -
+  export TESSERA_FIXTURES="$work/fixtures"
   echo "== reference ids on wgpu" >>"$log"
-  timeout 300 .gpu/engine wgpu 2>&1 | grep -E "^test |test result|panicked" >>"$log" || echo "engine tests: exit $?" >>"$log"
-  timeout 60 .gpu/gpu --nocapture 2>&1 | grep -E "launches|test result" >>"$log" || echo "launch test: exit $?" >>"$log"
+  timeout 300 "$work/bin/engine" wgpu 2>&1 | grep -E "^test |test result|panicked" >>"$log" ||
+    echo "engine tests: exit $?" >>"$log"
   echo "== speed" >>"$log"
-  for shape in tinyllama-1.1b smollm2-135m; do
+  for shape in ${GPU_CHECK_SHAPES:-tinyllama-1.1b smollm2-135m}; do
     for ty in Q4_0 Q8_0; do
       m="/tmp/$shape-$ty.gguf"
-      .gpu/tessera synth "$shape" "$ty" "$m" 2>>"$log"
+      "$work/bin/tessera" synth "$shape" "$ty" "$m" 2>>"$log"
       for be in wgpu cpu; do
-        timeout 120 .gpu/tessera bench --model "$m" --backend "$be" --prompt-tokens 128 \
+        timeout 120 "$work/bin/tessera" bench --model "$m" --backend "$be" --prompt-tokens 128 \
           --gen-tokens 64 --runs 1 --json 2>>"$log" | tail -1 >>"$out/bench.jsonl" ||
           echo "bench $shape $ty $be: exit $?" >>"$log"
       done
