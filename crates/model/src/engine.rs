@@ -6,8 +6,8 @@
 
 use crate::error::{ModelError, Result};
 use crate::loader::ModelFiles;
-use crate::sampling::{Sampler, SamplingParams};
-use crate::shard::{Precision, SeqStep, ShardModel};
+use crate::sampling::{Sampler, SamplingParams, TopSpec};
+use crate::shard::{Picked, Precision, SeqStep, ShardModel};
 use burn::tensor::Device;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -146,17 +146,7 @@ pub trait Runner: Send {
         free: &[u64],
         want: &[crate::Want],
     ) -> Result<Vec<Pick>> {
-        Ok(self
-            .step(steps, free)?
-            .into_iter()
-            .zip(want)
-            .map(|(l, w)| match w {
-                // Where a draw may need every logit (a top-p nucleus), they are at hand here.
-                crate::Want::Logits => Pick::Logits(l),
-                crate::Want::Top(spec) if spec.mass => Pick::Logits(l),
-                crate::Want::Top(spec) => Pick::Top(crate::candidates(&l, spec, 0)),
-            })
-            .collect())
+        Ok(picks_from_logits(self.step(steps, free)?, want))
     }
     /// The last step's logits of `seqs` (each asked for a top-p nucleus's candidates in it),
     /// for a draw whose nucleus reached past them. Runners that answer such steps with
@@ -188,6 +178,20 @@ pub trait Runner: Send {
     fn free(&mut self, seq: u64) {
         let _ = self.step(&[], &[seq]);
     }
+}
+
+/// What each sequence asked for, from its logits over the whole vocabulary.
+fn picks_from_logits(logits: Vec<Vec<f32>>, want: &[crate::Want]) -> Vec<Pick> {
+    logits
+        .into_iter()
+        .zip(want)
+        .map(|(l, w)| match w {
+            // Where a draw may need every logit (a top-p nucleus), they are at hand here.
+            crate::Want::Logits => Pick::Logits(l),
+            crate::Want::Top(spec) if spec.mass => Pick::Logits(l),
+            crate::Want::Top(spec) => Pick::Top(crate::candidates(&l, spec, 0)),
+        })
+        .collect()
 }
 
 /// Splits each shard's `batch x slice` logits into per-sequence rows over the whole
@@ -222,12 +226,20 @@ enum Cmd {
     Step {
         steps: Arc<[SeqStep]>,
         free: Arc<[u64]>,
+        /// Each sequence's candidates instead of the logits (a GPU then picks on the device).
+        want: Option<Arc<[TopSpec]>>,
     },
+}
+
+/// A shard's answer to a step.
+enum ShardOut {
+    Logits(Vec<f32>),
+    Picked(Vec<Picked>),
 }
 
 struct ShardThread {
     tx: Option<Sender<Cmd>>,
-    rx: Receiver<Result<Vec<f32>>>,
+    rx: Receiver<Result<ShardOut>>,
     join: Option<JoinHandle<()>>,
 }
 
@@ -271,7 +283,7 @@ impl LocalCluster {
         let mut ready = Vec::with_capacity(n);
         for spec in plan.shards.iter().cloned() {
             let (cmd_tx, cmd_rx) = channel::<Cmd>();
-            let (out_tx, out_rx) = channel::<Result<Vec<f32>>>();
+            let (out_tx, out_rx) = channel::<Result<ShardOut>>();
             let (ready_tx, ready_rx) = channel::<Result<(u64, u64)>>();
             let weights = files.weights.clone();
             let cfg = cfg.clone();
@@ -297,17 +309,29 @@ impl LocalCluster {
                             }
                         };
                     drop(weights);
-                    while let Ok(Cmd::Step { steps, free }) = cmd_rx.recv() {
+                    while let Ok(Cmd::Step { steps, free, want }) = cmd_rx.recv() {
                         for &seq in free.iter() {
                             model.free(seq);
                         }
+                        let mut run = || match &want {
+                            Some(w) => {
+                                let specs: Vec<Option<TopSpec>> =
+                                    w.iter().copied().map(Some).collect();
+                                model
+                                    .forward_pick(&steps, coll.as_mut(), &specs)
+                                    .map(ShardOut::Picked)
+                            }
+                            None => model
+                                .forward_batch(&steps, coll.as_mut())
+                                .map(ShardOut::Logits),
+                        };
                         // One shard steps inside the kernels' pool (its parallel loops then
                         // start without a hand-off); several must not, since each blocks in
                         // the all-reduce until the others arrive.
                         let r = if n == 1 {
-                            tessera_quant::install(|| model.forward_batch(&steps, coll.as_mut()))
+                            tessera_quant::install(run)
                         } else {
-                            model.forward_batch(&steps, coll.as_mut())
+                            run()
                         };
                         if out_tx.send(r).is_err() {
                             return;
@@ -348,6 +372,63 @@ impl Runner for LocalCluster {
     }
 
     fn step(&mut self, steps: &[SeqStep], free: &[u64]) -> Result<Vec<Vec<f32>>> {
+        let parts = self.run_shards(steps, free, None)?;
+        let parts: Vec<Vec<f32>> = parts
+            .into_iter()
+            .map(|p| match p {
+                ShardOut::Logits(l) => l,
+                ShardOut::Picked(_) => unreachable!("a step without picks"),
+            })
+            .collect();
+        gather_logits(&parts, steps.len(), self.cfg.vocab)
+    }
+
+    /// Steps where every sequence wants candidates without a nucleus's mass take each
+    /// shard's own candidates (on a GPU, picked there), merged; the others the logits.
+    fn step_picks(
+        &mut self,
+        steps: &[SeqStep],
+        free: &[u64],
+        want: &[crate::Want],
+    ) -> Result<Vec<Pick>> {
+        let specs: Option<Vec<TopSpec>> = want
+            .iter()
+            .map(|w| match w {
+                crate::Want::Top(spec) if !spec.mass => Some(*spec),
+                _ => None,
+            })
+            .collect();
+        let Some(specs) = specs.filter(|_| !steps.is_empty()) else {
+            return Ok(picks_from_logits(self.step(steps, free)?, want));
+        };
+        let parts = self.run_shards(steps, free, Some(specs.into()))?;
+        let mut merged = vec![crate::Candidates::empty(); steps.len()];
+        for p in parts {
+            let ShardOut::Picked(rows) = p else {
+                unreachable!("a step with picks")
+            };
+            for (m, r) in merged.iter_mut().zip(rows) {
+                if let Some(c) = r.top {
+                    m.merge(&c);
+                }
+            }
+        }
+        Ok(merged.into_iter().map(Pick::Top).collect())
+    }
+
+    fn weight_bytes_per_token(&self) -> u64 {
+        self.weight_bytes
+    }
+}
+
+impl LocalCluster {
+    /// Sends one step to every shard and collects their answers, in rank order.
+    fn run_shards(
+        &mut self,
+        steps: &[SeqStep],
+        free: &[u64],
+        want: Option<Arc<[TopSpec]>>,
+    ) -> Result<Vec<ShardOut>> {
         check_steps(&self.cfg, steps)?;
         let steps: Arc<[SeqStep]> = steps.into();
         let free: Arc<[u64]> = free.into();
@@ -359,6 +440,7 @@ impl Runner for LocalCluster {
             tx.send(Cmd::Step {
                 steps: steps.clone(),
                 free: free.clone(),
+                want: want.clone(),
             })
             .map_err(|_| ModelError::Shard {
                 rank,
@@ -383,12 +465,8 @@ impl Runner for LocalCluster {
         }
         match first_err {
             Some(e) => Err(e),
-            None => gather_logits(&parts, steps.len(), self.cfg.vocab),
+            None => Ok(parts),
         }
-    }
-
-    fn weight_bytes_per_token(&self) -> u64 {
-        self.weight_bytes
     }
 }
 
@@ -502,12 +580,40 @@ fn generate_inner(
     if params.max_tokens == 0 {
         return Ok(stats);
     }
+    // Greedy decoding asks each shard for its best candidate (a GPU picks it on the device),
+    // as the workers of a cluster send theirs; other draws take the whole vocabulary's logits.
+    let greedy = sampler.is_greedy();
+    let mut next = |sampler: &mut Sampler, ids: &[u32], pos: usize| -> Result<u32> {
+        if !greedy {
+            return Ok(sampler.sample(&runner.forward(seq, ids, pos)?));
+        }
+        let step = SeqStep {
+            seq,
+            ids: ids.to_vec(),
+            pos,
+        };
+        let want = sampler.want();
+        let pick = runner
+            .step_picks(
+                std::slice::from_ref(&step),
+                &[],
+                std::slice::from_ref(&want),
+            )?
+            .pop();
+        match pick {
+            Some(Pick::Top(c)) => match sampler.sample_candidates(&c) {
+                crate::Draw::Token(t) => Ok(t),
+                crate::Draw::NeedLogits => unreachable!("a greedy draw needs its best only"),
+            },
+            Some(Pick::Logits(l)) => Ok(sampler.sample(&l)),
+            None => Err(ModelError::Backend("a step returned no pick".into())),
+        }
+    };
     let t0 = Instant::now();
-    let mut logits = runner.forward(seq, prompt, 0)?;
+    let mut tok = next(&mut sampler, prompt, 0)?;
     stats.prefill = t0.elapsed();
     let mut pos = prompt.len();
     loop {
-        let tok = sampler.sample(&logits);
         stats.generated += 1;
         if !on_token(tok) {
             stats.finish = Finish::Cancelled;
@@ -522,7 +628,7 @@ fn generate_inner(
             break;
         }
         let t = Instant::now();
-        logits = runner.forward(seq, &[tok], pos)?;
+        tok = next(&mut sampler, &[tok], pos)?;
         stats.decode += t.elapsed();
         stats.decode_steps += 1;
         pos += 1;
