@@ -29,10 +29,26 @@ const ROW_GROUP: usize = 64;
 /// batches); more rows (prompts) take one unit per output value.
 const MATVEC_ROWS: usize = 8;
 
+/// `groups` workgroups, as a grid every adapter accepts (at most 65535 along an axis, the
+/// WebGPU limit): the kernels number their workgroups across both axes (`CUBE_POS`,
+/// `ABSOLUTE_POS`) and the spare ones of the last row do nothing.
+fn grid(groups: u32) -> CubeCount {
+    const AXIS: u32 = 65535;
+    let groups = groups.max(1);
+    CubeCount::Static(groups.min(AXIS), groups.div_ceil(AXIS), 1)
+}
+
+/// Bytes of one part of a weight matrix: every adapter can bind a storage buffer this large
+/// (WebGPU's guaranteed minimum is 128 MiB). A larger matrix (a big vocabulary's LM head or
+/// embedding: 178 MB for Gemma 3 270M's, 430 MB for Llama 3 8B's) is held in parts of whole
+/// rows, a launch each.
+const PART_BYTES: usize = 120 << 20;
+
 /// A weight matrix on the GPU, in its stored format.
 pub struct GpuMatrix {
-    /// The stored rows' bytes as little-endian `u32` words (zero-padded to a whole word).
-    words: Tensor<1, Int>,
+    /// The stored rows' bytes as little-endian `u32` words (zero-padded to a whole word), in
+    /// parts of whole rows: (first row, rows, words).
+    parts: Vec<(usize, usize, Tensor<1, Int>)>,
     /// The IQ4 code book (16 values), read by the IQ4 kernels.
     table: Tensor<1>,
     ty: GgmlType,
@@ -46,34 +62,48 @@ fn cube<const D: usize>(t: Tensor<D>) -> CubeTensor {
         .expect("a tensor on a CubeCL device")
 }
 
+fn cube_words(t: &Tensor<1, Int>) -> CubeTensor {
+    t.clone()
+        .try_into_primitive::<Cube>()
+        .expect("words on a CubeCL device")
+}
+
 impl GpuMatrix {
     pub fn upload(raw: &RawTensor, device: &Device) -> Result<GpuMatrix> {
         let bytes = raw.data.as_slice();
-        let mut words = vec![0u32; bytes.len().div_ceil(4).max(1)];
-        for (w, c) in words.iter_mut().zip(bytes.chunks(4)) {
-            let mut b = [0u8; 4];
-            b[..c.len()].copy_from_slice(c);
-            *w = u32::from_le_bytes(b);
-        }
-        if words.len() as u64 * 4 > u32::MAX as u64 {
+        let (rows, row_bytes) = (raw.rows.len(), raw.row_bytes());
+        if row_bytes > PART_BYTES {
             return Err(ModelError::Backend(format!(
-                "a {} MB weight matrix is more than a GPU kernel can address (4 GB)",
-                bytes.len() / 1_000_000
+                "a weight row of {row_bytes} bytes is more than a GPU buffer can be relied on to hold"
             )));
         }
-        let n = words.len();
-        let words = Tensor::<1, Int>::from_data(TensorData::new(words, [n]), (device, DType::U32));
+        let per_part = (PART_BYTES / row_bytes.max(1)).max(1);
+        let mut parts = Vec::with_capacity(rows.div_ceil(per_part));
+        for first in (0..rows.max(1)).step_by(per_part) {
+            let n = per_part.min(rows - first.min(rows));
+            let part = &bytes[first * row_bytes..(first + n) * row_bytes];
+            let mut words = vec![0u32; part.len().div_ceil(4).max(1)];
+            for (w, c) in words.iter_mut().zip(part.chunks(4)) {
+                let mut b = [0u8; 4];
+                b[..c.len()].copy_from_slice(c);
+                *w = u32::from_le_bytes(b);
+            }
+            let len = words.len();
+            let t =
+                Tensor::<1, Int>::from_data(TensorData::new(words, [len]), (device, DType::U32));
+            parts.push((first, n, t));
+        }
         let table: Vec<f32> = tessera_quant::format::IQ4_VALUES
             .iter()
             .map(|&v| v as f32)
             .collect();
         Ok(GpuMatrix {
-            words,
+            parts,
             table: Tensor::<1>::from_data(TensorData::new(table, [16]), device),
             ty: raw.ty,
-            rows: raw.rows.len(),
+            rows,
             cols: raw.cols.len(),
-            row_bytes: raw.row_bytes(),
+            row_bytes,
         })
     }
 
@@ -82,49 +112,49 @@ impl GpuMatrix {
         let [n, cols] = x.dims();
         debug_assert_eq!(cols, self.cols);
         let device = x.device();
-        // Every value is written by the kernel: no fill.
+        // Every value is written by the kernels: no fill.
         let out = Tensor::<2>::empty([n, self.rows], &device);
-        let (xc, oc) = (cube(x), cube(out.clone()));
-        let w = self
-            .words
-            .clone()
-            .try_into_primitive::<Cube>()
-            .expect("GPU weights");
-        let tc = cube(self.table.clone());
-        let client = oc.client.clone();
-        if n <= MATVEC_ROWS {
-            // Decode: a workgroup per output row, its units reading the row side by side.
-            qmatvec_kernel::launch(
-                &client,
-                CubeCount::Static(self.rows as u32, 1, 1),
-                CubeDim::new_1d(ROW_GROUP as u32),
-                w.into_tensor_arg(),
-                tc.into_tensor_arg(),
-                xc.into_tensor_arg(),
-                oc.into_tensor_arg(),
-                self.cols as u32,
-                self.row_bytes as u32,
-                n as u32,
-                self.ty.id(),
-                ROW_GROUP,
-            );
-            return out;
+        for (first, rows, words) in &self.parts {
+            let (xc, oc) = (cube(x.clone()), cube(out.clone()));
+            let (w, tc) = (cube_words(words), cube(self.table.clone()));
+            let client = oc.client.clone();
+            if n <= MATVEC_ROWS {
+                // Decode: a workgroup per output row, its units reading the row side by side.
+                qmatvec_kernel::launch(
+                    &client,
+                    grid(*rows as u32),
+                    CubeDim::new_1d(ROW_GROUP as u32),
+                    w.into_tensor_arg(),
+                    tc.into_tensor_arg(),
+                    xc.into_tensor_arg(),
+                    oc.into_tensor_arg(),
+                    *first as u32,
+                    *rows as u32,
+                    self.cols as u32,
+                    self.row_bytes as u32,
+                    n as u32,
+                    self.ty.id(),
+                    ROW_GROUP,
+                );
+            } else {
+                let units = (n * rows) as u32;
+                qmatmul_kernel::launch(
+                    &client,
+                    grid(units.div_ceil(WORKGROUP)),
+                    CubeDim::new_1d(WORKGROUP),
+                    w.into_tensor_arg(),
+                    tc.into_tensor_arg(),
+                    xc.into_tensor_arg(),
+                    oc.into_tensor_arg(),
+                    *first as u32,
+                    *rows as u32,
+                    self.cols as u32,
+                    self.row_bytes as u32,
+                    n as u32,
+                    self.ty.id(),
+                );
+            }
         }
-        let units = (n * self.rows) as u32;
-        qmatmul_kernel::launch(
-            &client,
-            CubeCount::Static(units.div_ceil(WORKGROUP), 1, 1),
-            CubeDim::new_1d(WORKGROUP),
-            w.into_tensor_arg(),
-            tc.into_tensor_arg(),
-            xc.into_tensor_arg(),
-            oc.into_tensor_arg(),
-            self.rows as u32,
-            self.cols as u32,
-            self.row_bytes as u32,
-            n as u32,
-            self.ty.id(),
-        );
         out
     }
 
@@ -134,29 +164,29 @@ impl GpuMatrix {
         let ids =
             Tensor::<1, Int>::from_data(TensorData::new(ids.to_vec(), [t]), (device, DType::U32));
         let out = Tensor::<2>::empty([t, self.cols], device);
-        let oc = cube(out.clone());
-        let w = self
-            .words
-            .clone()
-            .try_into_primitive::<Cube>()
-            .expect("GPU weights");
-        let ic = ids.try_into_primitive::<Cube>().expect("GPU ids");
-        let tc = cube(self.table.clone());
-        let units = (t * self.cols) as u32;
-        let client = oc.client.clone();
-        dequant_rows_kernel::launch(
-            &client,
-            CubeCount::Static(units.div_ceil(WORKGROUP), 1, 1),
-            CubeDim::new_1d(WORKGROUP),
-            w.into_tensor_arg(),
-            tc.into_tensor_arg(),
-            ic.into_tensor_arg(),
-            oc.into_tensor_arg(),
-            self.cols as u32,
-            self.row_bytes as u32,
-            t as u32,
-            self.ty.id(),
-        );
+        for (first, rows, words) in &self.parts {
+            let oc = cube(out.clone());
+            let ic = ids.clone().try_into_primitive::<Cube>().expect("GPU ids");
+            let (w, tc) = (cube_words(words), cube(self.table.clone()));
+            let units = (t * self.cols) as u32;
+            let client = oc.client.clone();
+            // Each part writes the rows of the ids it holds.
+            dequant_rows_kernel::launch(
+                &client,
+                grid(units.div_ceil(WORKGROUP)),
+                CubeDim::new_1d(WORKGROUP),
+                w.into_tensor_arg(),
+                tc.into_tensor_arg(),
+                ic.into_tensor_arg(),
+                oc.into_tensor_arg(),
+                *first as u32,
+                *rows as u32,
+                self.cols as u32,
+                self.row_bytes as u32,
+                t as u32,
+                self.ty.id(),
+            );
+        }
         out
     }
 }
@@ -171,11 +201,12 @@ pub fn rms_norm(x: Tensor<2>, w: &Tensor<2>, eps: f32) -> Tensor<2> {
     let client = oc.client.clone();
     rms_norm_kernel::launch(
         &client,
-        CubeCount::Static(rows as u32, 1, 1),
+        grid(rows as u32),
         CubeDim::new_1d(ROW_GROUP as u32),
         cube(x).into_tensor_arg(),
         cube(w.clone()).into_tensor_arg(),
         oc.into_tensor_arg(),
+        rows as u32,
         width as u32,
         eps,
         ROW_GROUP,
@@ -193,13 +224,14 @@ pub fn add_rms_norm(x: Tensor<2>, y: Tensor<2>, w: &Tensor<2>, eps: f32) -> (Ten
     let client = oc.client.clone();
     add_rms_norm_kernel::launch(
         &client,
-        CubeCount::Static(rows as u32, 1, 1),
+        grid(rows as u32),
         CubeDim::new_1d(ROW_GROUP as u32),
         cube(x).into_tensor_arg(),
         cube(y).into_tensor_arg(),
         cube(w.clone()).into_tensor_arg(),
         cube(sum.clone()).into_tensor_arg(),
         oc.into_tensor_arg(),
+        rows as u32,
         width as u32,
         eps,
         ROW_GROUP,
@@ -223,7 +255,7 @@ pub fn kv_write(
     let client = kc.client.clone();
     kv_write_kernel::launch(
         &client,
-        CubeCount::Static(units.div_ceil(WORKGROUP), 1, 1),
+        grid(units.div_ceil(WORKGROUP)),
         CubeDim::new_1d(WORKGROUP),
         cube(k.clone()).into_tensor_arg(),
         cube(v.clone()).into_tensor_arg(),
@@ -256,7 +288,7 @@ pub fn rope(
     let units = (t * (wq + wk)) as u32;
     rope_kernel::launch(
         &client,
-        CubeCount::Static(units.div_ceil(WORKGROUP), 1, 1),
+        grid(units.div_ceil(WORKGROUP)),
         CubeDim::new_1d(WORKGROUP),
         cube(q).into_tensor_arg(),
         cube(k).into_tensor_arg(),
@@ -283,7 +315,7 @@ pub fn glu(gate: Tensor<2>, up: Tensor<2>, gelu: bool) -> Tensor<2> {
     let units = (t * w) as u32;
     glu_kernel::launch(
         &client,
-        CubeCount::Static(units.div_ceil(WORKGROUP), 1, 1),
+        grid(units.div_ceil(WORKGROUP)),
         CubeDim::new_1d(WORKGROUP),
         cube(gate).into_tensor_arg(),
         cube(up).into_tensor_arg(),
@@ -320,7 +352,7 @@ pub fn attend_one(
     let client = oc.client.clone();
     attend_one_kernel::launch(
         &client,
-        CubeCount::Static(nq as u32, 1, 1),
+        grid(nq as u32),
         CubeDim::new_1d(ROW_GROUP as u32),
         cube(q.clone()).into_tensor_arg(),
         cube(k.clone()).into_tensor_arg(),
@@ -332,6 +364,7 @@ pub fn attend_one(
             .into_tensor_arg(),
         cube(scratch).into_tensor_arg(),
         oc.into_tensor_arg(),
+        nq as u32,
         row as u32,
         lo as u32,
         s as u32,
@@ -355,10 +388,11 @@ pub fn argmax_rows(logits: Tensor<2>) -> Vec<Option<(u32, f32)>> {
     let client = oc.client.clone();
     argmax_rows_kernel::launch(
         &client,
-        CubeCount::Static(rows as u32, 1, 1),
+        grid(rows as u32),
         CubeDim::new_1d(ROW_GROUP as u32),
         cube(logits).into_tensor_arg(),
         oc.into_tensor_arg(),
+        rows as u32,
         width as u32,
         ROW_GROUP,
     );
@@ -572,7 +606,8 @@ mod kernels {
         v
     }
 
-    /// `out[b][r] = Σ_k x[b][k] · W[r][k]`, one unit per output value.
+    /// `out[b][first + r] = Σ_k x[b][k] · W[r][k]` (W one part of the matrix), one unit per
+    /// output value.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn qmatmul_kernel(
@@ -580,6 +615,7 @@ mod kernels {
         table: &Tensor<f32>,
         x: &Tensor<f32>,
         out: &mut Tensor<f32>,
+        first: u32,
         rows: u32,
         cols: u32,
         row_bytes: u32,
@@ -598,7 +634,7 @@ mod kernels {
         for k in 0..cols {
             acc += value(w, table, row, k, fmt) * x[b * xs0 + (k as usize) * xs1];
         }
-        let at = b * out.stride(0) + (r as usize) * out.stride(1);
+        let at = b * out.stride(0) + ((first + r) as usize) * out.stride(1);
         out[at] = acc;
     }
 
@@ -610,6 +646,8 @@ mod kernels {
         table: &Tensor<f32>,
         ids: &Tensor<u32>,
         out: &mut Tensor<f32>,
+        first: u32,
+        rows: u32,
         cols: u32,
         row_bytes: u32,
         t: u32,
@@ -622,8 +660,11 @@ mod kernels {
         let t_i = (pos / cols) as usize;
         let k = pos % cols;
         let r = ids[t_i];
-        let at = t_i * out.stride(0) + (k as usize) * out.stride(1);
-        out[at] = value(w, table, r * row_bytes, k, fmt);
+        // Only the rows of this part.
+        if r >= first && r < first + rows {
+            let at = t_i * out.stride(0) + (k as usize) * out.stride(1);
+            out[at] = value(w, table, (r - first) * row_bytes, k, fmt);
+        }
     }
 
     /// `out[b][r] = Σ_k x[b][k] · W[r][k]` for a few rows `b`: a workgroup per output row `r`,
@@ -636,13 +677,18 @@ mod kernels {
         table: &Tensor<f32>,
         x: &Tensor<f32>,
         out: &mut Tensor<f32>,
+        first: u32,
+        rows: u32,
         cols: u32,
         row_bytes: u32,
         n: u32,
         #[comptime] fmt: u32,
         #[comptime] group: usize,
     ) {
-        let r = CUBE_POS_X;
+        let r = CUBE_POS as u32;
+        if r >= rows {
+            terminate!();
+        }
         let u = UNIT_POS_X;
         let row = r * row_bytes;
         let (xs0, xs1) = (x.stride(0), x.stride(1));
@@ -666,24 +712,28 @@ mod kernels {
                 half /= 2;
             }
             if u == 0 {
-                let at = (b as usize) * out.stride(0) + (r as usize) * out.stride(1);
+                let at = (b as usize) * out.stride(0) + ((first + r) as usize) * out.stride(1);
                 out[at] = sums[0];
             }
             sync_cube();
         }
     }
 
-    /// RMSNorm of row `CUBE_POS_X`: `x · w / sqrt(mean(x²) + eps)`.
+    /// RMSNorm of row `CUBE_POS`: `x · w / sqrt(mean(x²) + eps)`.
     #[cube(launch)]
     pub(super) fn rms_norm_kernel(
         x: &Tensor<f32>,
         w: &Tensor<f32>,
         out: &mut Tensor<f32>,
+        rows: u32,
         width: u32,
         eps: f32,
         #[comptime] group: usize,
     ) {
-        let r = CUBE_POS_X as usize;
+        if CUBE_POS as u32 >= rows {
+            terminate!();
+        }
+        let r = CUBE_POS;
         let u = UNIT_POS_X;
         let g = CUBE_DIM_X;
         let (xs0, xs1) = (x.stride(0), x.stride(1));
@@ -715,7 +765,7 @@ mod kernels {
         }
     }
 
-    /// `sum = x + y` and `out = sum · w / sqrt(mean(sum²) + eps)` for row `CUBE_POS_X`.
+    /// `sum = x + y` and `out = sum · w / sqrt(mean(sum²) + eps)` for row `CUBE_POS`.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn add_rms_norm_kernel(
@@ -724,11 +774,15 @@ mod kernels {
         w: &Tensor<f32>,
         sum: &mut Tensor<f32>,
         out: &mut Tensor<f32>,
+        rows: u32,
         width: u32,
         eps: f32,
         #[comptime] group: usize,
     ) {
-        let r = CUBE_POS_X as usize;
+        if CUBE_POS as u32 >= rows {
+            terminate!();
+        }
+        let r = CUBE_POS;
         let u = UNIT_POS_X;
         let g = CUBE_DIM_X;
         let (xs0, xs1) = (x.stride(0), x.stride(1));
@@ -892,7 +946,7 @@ mod kernels {
         out[at] = a * u;
     }
 
-    /// One decode query head per workgroup (`CUBE_POS_X`): scores against positions `lo..s`
+    /// One decode query head per workgroup (`CUBE_POS`): scores against positions `lo..s`
     /// of its KV head, their softmax, and the weighted sum of the values. The scores pass
     /// through `scratch` (`[heads, s]`); the units' maxima and sums through shared memory.
     #[cube(launch)]
@@ -904,6 +958,7 @@ mod kernels {
         kv_of: &Tensor<u32>,
         scratch: &mut Tensor<f32>,
         out: &mut Tensor<f32>,
+        nq: u32,
         row: u32,
         lo: u32,
         s: u32,
@@ -911,7 +966,10 @@ mod kernels {
         scale: f32,
         #[comptime] group: usize,
     ) {
-        let h = CUBE_POS_X;
+        let h = CUBE_POS as u32;
+        if h >= nq {
+            terminate!();
+        }
         let u = UNIT_POS_X;
         let g = CUBE_DIM_X;
         let kvh = kv_of[h as usize] as usize;
@@ -997,17 +1055,21 @@ mod kernels {
         k
     }
 
-    /// Row `CUBE_POS_X`'s best (index, logit bits) into `out[2r]`, `out[2r + 1]`: the largest
+    /// Row `CUBE_POS`'s best (index, logit bits) into `out[2r]`, `out[2r + 1]`: the largest
     /// by `order_key`, the lower index among equals, NaNs passed over; index `u32::MAX` when
     /// the row holds nothing else.
     #[cube(launch)]
     pub(super) fn argmax_rows_kernel(
         x: &Tensor<f32>,
         out: &mut Tensor<u32>,
+        rows: u32,
         width: u32,
         #[comptime] group: usize,
     ) {
-        let r = CUBE_POS_X;
+        let r = CUBE_POS as u32;
+        if r >= rows {
+            terminate!();
+        }
         let u = UNIT_POS_X;
         let g = CUBE_DIM_X;
         let (xs0, xs1) = (x.stride(0), x.stride(1));
@@ -1072,6 +1134,34 @@ mod tests {
                 .device()
                 .expect("a wgpu adapter (lavapipe in CI)"),
         )
+    }
+
+    /// More rows than a grid axis holds (65535 workgroups): every row is still normed, once.
+    #[test]
+    fn row_kernels_cover_more_rows_than_one_grid_axis() {
+        let Some(device) = wgpu() else { return };
+        let (rows, width) = (70_000usize, 8usize);
+        let x: Vec<f32> = (0..rows * width)
+            .map(|i| (i % 97) as f32 * 0.1 - 4.0)
+            .collect();
+        let w: Vec<f32> = (0..width).map(|i| 1.0 + i as f32 * 0.25).collect();
+        let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [rows, width]), &device);
+        let wt = Tensor::<2>::from_data(TensorData::new(w.clone(), [1, width]), &device);
+        let got: Vec<f32> = rms_norm(xt, &wt, 1e-5)
+            .into_data()
+            .try_into_vec()
+            .expect("f32");
+        for (r, (row, out)) in x.chunks(width).zip(got.chunks(width)).enumerate() {
+            let ms = row.iter().map(|v| v * v).sum::<f32>() / width as f32;
+            let inv = 1.0 / (ms + 1e-5).sqrt();
+            for k in 0..width {
+                let want = row[k] * inv * w[k];
+                assert!(
+                    (out[k] - want).abs() <= 1e-4 * want.abs().max(1.0),
+                    "row {r}, {k}"
+                );
+            }
+        }
     }
 
     /// The device's greedy pick is the host's `candidates` for a greedy spec, row by row:
