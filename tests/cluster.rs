@@ -155,6 +155,17 @@ impl Cluster {
 
     /// With extra coordinator flags, each worker offering `memory_gib` GiB.
     fn start_opts(model: &Path, n: usize, extra: &[&str], memory_gib: &str) -> Cluster {
+        Cluster::start_workers(model, extra, memory_gib, &vec![&[][..]; n])
+    }
+
+    /// A worker per entry of `workers`, each with those extra flags.
+    fn start_workers(
+        model: &Path,
+        extra: &[&str],
+        memory_gib: &str,
+        workers: &[&[&str]],
+    ) -> Cluster {
+        let n = workers.len();
         let addr = format!("127.0.0.1:{}", free_port());
         let token = format!("test-token-{}", std::process::id());
         let coordinator = coordinator_cmd(model, n, &addr, &token)
@@ -168,8 +179,8 @@ impl Cluster {
             coordinator,
             workers: vec![],
         };
-        for i in 0..n {
-            let w = c.worker_with(i, &c.token.clone(), memory_gib, &[]);
+        for (i, flags) in workers.iter().enumerate() {
+            let w = c.worker_with(i, &c.token.clone(), memory_gib, flags);
             c.workers.push(Some(w));
         }
         c.wait_ready();
@@ -854,23 +865,12 @@ fn a_cpu_worker_and_a_wgpu_worker_give_the_reference_ids() {
             common::reference_file(&dir.join("reference.Q4_K_M.json")),
         ),
     ] {
-        let addr = format!("127.0.0.1:{}", free_port());
-        let token = format!("test-token-{}", std::process::id());
-        let coordinator = coordinator_cmd(&model, 2, &addr, &token)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut c = Cluster {
-            addr,
-            token,
-            coordinator,
-            workers: vec![],
-        };
-        for (i, backend) in ["cpu", "wgpu"].into_iter().enumerate() {
-            let w = c.worker_with(i, &c.token.clone(), "4", &["--backend", backend]);
-            c.workers.push(Some(w));
-        }
-        c.wait_ready();
+        let c = Cluster::start_workers(
+            &model,
+            &[],
+            "4",
+            &[&["--backend", "cpu"], &["--backend", "wgpu"]],
+        );
         let status = c.status();
         assert!(
             status.contains("cpu") && status.contains("wgpu"),

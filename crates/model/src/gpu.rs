@@ -12,8 +12,8 @@ use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::{CubeCount, CubeDim};
 use kernels::{
-    add_rms_norm_kernel, argmax_rows_kernel, attend_one_kernel, dequant_rows_kernel, glu_kernel,
-    kv_write_kernel, qmatmul_kernel, qmatvec_kernel, rms_norm_kernel, rope_kernel,
+    argmax_rows_kernel, attend_one_kernel, dequant_rows_kernel, glu_kernel, kv_write_kernel,
+    norm_kernel, qmatmul_kernel, qmatvec_kernel, rope_kernel,
 };
 use tessera_quant::GgmlType;
 
@@ -194,35 +194,32 @@ impl GpuMatrix {
 /// RMSNorm of every row of `x` (`[rows, width]`) times `w` (`width` values): one dispatch, a
 /// workgroup per row.
 pub fn rms_norm(x: Tensor<2>, w: &Tensor<2>, eps: f32) -> Tensor<2> {
-    let [rows, width] = x.dims();
-    let device = x.device();
-    let out = Tensor::<2>::empty([rows, width], &device);
-    let oc = cube(out.clone());
-    let client = oc.client.clone();
-    rms_norm_kernel::launch(
-        &client,
-        grid(rows as u32),
-        CubeDim::new_1d(ROW_GROUP as u32),
-        cube(x).into_tensor_arg(),
-        cube(w.clone()).into_tensor_arg(),
-        oc.into_tensor_arg(),
-        rows as u32,
-        width as u32,
-        eps,
-        ROW_GROUP,
-    );
-    out
+    norm(x, None, w, eps).1
 }
 
 /// `x + y` (the residual add) and its RMSNorm times `w`: one dispatch, a workgroup per row.
 pub fn add_rms_norm(x: Tensor<2>, y: Tensor<2>, w: &Tensor<2>, eps: f32) -> (Tensor<2>, Tensor<2>) {
+    let (sum, out) = norm(x, Some(y), w, eps);
+    (sum.expect("the sum"), out)
+}
+
+fn norm(
+    x: Tensor<2>,
+    y: Option<Tensor<2>>,
+    w: &Tensor<2>,
+    eps: f32,
+) -> (Option<Tensor<2>>, Tensor<2>) {
     let [rows, width] = x.dims();
     let device = x.device();
-    let sum = Tensor::<2>::empty([rows, width], &device);
+    let add = y.is_some();
+    // Without `y`, the kernel reads `x` in its place and writes no sum (a one-value stand-in:
+    // a buffer may not be bound twice where one binding writes).
+    let sum = Tensor::<2>::empty(if add { [rows, width] } else { [1, 1] }, &device);
+    let y = y.unwrap_or_else(|| x.clone());
     let out = Tensor::<2>::empty([rows, width], &device);
     let oc = cube(out.clone());
     let client = oc.client.clone();
-    add_rms_norm_kernel::launch(
+    norm_kernel::launch(
         &client,
         grid(rows as u32),
         CubeDim::new_1d(ROW_GROUP as u32),
@@ -234,9 +231,10 @@ pub fn add_rms_norm(x: Tensor<2>, y: Tensor<2>, w: &Tensor<2>, eps: f32) -> (Ten
         rows as u32,
         width as u32,
         eps,
+        add,
         ROW_GROUP,
     );
-    (sum, out)
+    (add.then_some(sum), out)
 }
 
 /// Row `row` of `k` and `v` (`[tokens, nkv * hd]`) into position `at` of the caches `ck`, `cv`
@@ -702,51 +700,19 @@ mod kernels {
                 k += g;
             }
             sums[u as usize] = acc;
-            sync_cube();
-            let mut half = CUBE_DIM_X / 2;
-            while half > 0 {
-                if u < half {
-                    sums[u as usize] += sums[(u + half) as usize];
-                }
-                sync_cube();
-                half /= 2;
-            }
+            let total = group_sum(&mut sums, u);
             if u == 0 {
                 let at = (b as usize) * out.stride(0) + ((first + r) as usize) * out.stride(1);
-                out[at] = sums[0];
+                out[at] = total;
             }
             sync_cube();
         }
     }
 
-    /// RMSNorm of row `CUBE_POS`: `x · w / sqrt(mean(x²) + eps)`.
-    #[cube(launch)]
-    pub(super) fn rms_norm_kernel(
-        x: &Tensor<f32>,
-        w: &Tensor<f32>,
-        out: &mut Tensor<f32>,
-        rows: u32,
-        width: u32,
-        eps: f32,
-        #[comptime] group: usize,
-    ) {
-        if CUBE_POS as u32 >= rows {
-            terminate!();
-        }
-        let r = CUBE_POS;
-        let u = UNIT_POS_X;
-        let g = CUBE_DIM_X;
-        let (xs0, xs1) = (x.stride(0), x.stride(1));
-        let ws = w.stride(1);
-        let mut sums = Shared::<[f32]>::new_slice(group);
-        let mut acc = 0.0f32;
-        let mut k = u;
-        while k < width {
-            let a = x[r * xs0 + (k as usize) * xs1];
-            acc += a * a;
-            k += g;
-        }
-        sums[u as usize] = acc;
+    /// The units' values of `sums` added up (`CUBE_DIM_X` of them, a power of two), in a tree
+    /// through shared memory; every unit returns the total.
+    #[cube]
+    fn group_sum(sums: &mut Shared<[f32]>, u: u32) -> f32 {
         sync_cube();
         let mut half = CUBE_DIM_X / 2;
         while half > 0 {
@@ -756,19 +722,14 @@ mod kernels {
             sync_cube();
             half /= 2;
         }
-        let inv = 1.0f32 / (sums[0] / f32::cast_from(width) + eps).sqrt();
-        let mut k = u;
-        while k < width {
-            let at = r * out.stride(0) + (k as usize) * out.stride(1);
-            out[at] = x[r * xs0 + (k as usize) * xs1] * inv * w[(k as usize) * ws];
-            k += g;
-        }
+        sums[0]
     }
 
-    /// `sum = x + y` and `out = sum · w / sqrt(mean(sum²) + eps)` for row `CUBE_POS`.
+    /// RMSNorm of row `CUBE_POS` times `w`: of `x`, or with `add` of `sum = x + y` (the
+    /// residual add), which is written too.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn add_rms_norm_kernel(
+    pub(super) fn norm_kernel(
         x: &Tensor<f32>,
         y: &Tensor<f32>,
         w: &Tensor<f32>,
@@ -777,6 +738,7 @@ mod kernels {
         rows: u32,
         width: u32,
         eps: f32,
+        #[comptime] add: bool,
         #[comptime] group: usize,
     ) {
         if CUBE_POS as u32 >= rows {
@@ -793,27 +755,26 @@ mod kernels {
         let mut acc = 0.0f32;
         let mut k = u;
         while k < width {
-            let a = x[r * xs0 + (k as usize) * xs1] + y[r * ys0 + (k as usize) * ys1];
-            sum[r * ss0 + (k as usize) * ss1] = a;
+            let mut a = x[r * xs0 + (k as usize) * xs1];
+            if add {
+                a += y[r * ys0 + (k as usize) * ys1];
+                sum[r * ss0 + (k as usize) * ss1] = a;
+            }
             acc += a * a;
             k += g;
         }
         sums[u as usize] = acc;
-        sync_cube();
-        let mut half = CUBE_DIM_X / 2;
-        while half > 0 {
-            if u < half {
-                sums[u as usize] += sums[(u + half) as usize];
-            }
-            sync_cube();
-            half /= 2;
-        }
-        let inv = 1.0f32 / (sums[0] / f32::cast_from(width) + eps).sqrt();
-        // Each unit reads back only the values it wrote itself.
+        let total = group_sum(&mut sums, u);
+        let inv = 1.0f32 / (total / f32::cast_from(width) + eps).sqrt();
         let mut k = u;
         while k < width {
+            // Each unit reads back only the values it wrote itself.
+            let mut a = x[r * xs0 + (k as usize) * xs1];
+            if add {
+                a = sum[r * ss0 + (k as usize) * ss1];
+            }
             let at = r * out.stride(0) + (k as usize) * out.stride(1);
-            out[at] = sum[r * ss0 + (k as usize) * ss1] * inv * w[(k as usize) * ws];
+            out[at] = a * inv * w[(k as usize) * ws];
             k += g;
         }
     }
@@ -1021,16 +982,7 @@ mod kernels {
         }
         red[u as usize] = sum;
         sync_storage();
-        sync_cube();
-        let mut half = CUBE_DIM_X / 2;
-        while half > 0 {
-            if u < half {
-                red[u as usize] += red[(u + half) as usize];
-            }
-            sync_cube();
-            half /= 2;
-        }
-        let inv = 1.0f32 / red[0];
+        let inv = 1.0f32 / group_sum(&mut red, u);
         // The weighted values, a unit per output value of the head.
         let mut d = u;
         while d < hd {

@@ -235,23 +235,12 @@ fn write(src: &GgufFile, path: &Path, target: &Target) -> Result<Summary> {
 
     // Tensor infos, with offsets in the new data section.
     let mut summary = Summary::default();
-    let mut offset = 0usize;
-    let mut sizes = Vec::with_capacity(plan.len());
-    for (t, ty) in &plan {
-        let (rows, cols) = t.rows_cols();
-        let size = ty.row_bytes(cols).expect("fit() chose whole blocks") * rows;
-        w.put(&key(&t.name))?;
-        w.put(&(t.dims.len() as u32).to_le_bytes())?;
-        for d in &t.dims {
-            w.put(&(*d as u64).to_le_bytes())?;
-        }
-        w.put(&ty.id().to_le_bytes())?;
-        w.put(&(offset as u64).to_le_bytes())?;
-        sizes.push(size);
-        offset = (offset + size).div_ceil(align) * align;
-        *summary.types.entry(ty.name()).or_default() += 1;
-    }
-    w.pad(align)?;
+    let sizes = put_infos(
+        &mut w,
+        plan.iter().map(|(t, ty)| (*t, *ty)),
+        align,
+        &mut summary,
+    )?;
 
     // Data, one batch of rows at a time.
     for ((t, ty), size) in plan.iter().zip(&sizes) {
@@ -288,10 +277,7 @@ fn write(src: &GgufFile, path: &Path, target: &Target) -> Result<Summary> {
         }
         w.pad(align)?;
     }
-    w.w.into_inner()
-        .map_err(|e| io(e.into_error()))?
-        .sync_all()
-        .map_err(io)?;
+    w.finish()?;
     Ok(summary)
 }
 
@@ -477,30 +463,12 @@ pub fn synthesize(output: &Path, shape: &Shape, target: &Target, seed: u64) -> R
     w.put(&n_kv.to_le_bytes())?;
     w.put(&kv)?;
     let mut summary = Summary::default();
-    let mut offset = 0usize;
-    let mut sizes = Vec::with_capacity(plan.len());
-    for (t, ty) in &plan {
-        let (rows, cols) = t.rows_cols();
-        let size = ty.row_bytes(cols).ok_or_else(|| {
-            ModelError::format(
-                &partial,
-                format!("{}: {cols} columns do not fit {}", t.name, ty.name()),
-            )
-        })? * rows;
-        let mut name = Vec::new();
-        text(&mut name, &t.name);
-        w.put(&name)?;
-        w.put(&(t.dims.len() as u32).to_le_bytes())?;
-        for d in &t.dims {
-            w.put(&(*d as u64).to_le_bytes())?;
-        }
-        w.put(&ty.id().to_le_bytes())?;
-        w.put(&(offset as u64).to_le_bytes())?;
-        sizes.push(size);
-        offset = (offset + size).div_ceil(align) * align;
-        *summary.types.entry(ty.name()).or_default() += 1;
-    }
-    w.pad(align)?;
+    let sizes = put_infos(
+        &mut w,
+        plan.iter().map(|(t, ty)| (t, *ty)),
+        align,
+        &mut summary,
+    )?;
     for (i, ((t, ty), size)) in plan.iter().zip(&sizes).enumerate() {
         let (rows, cols) = t.rows_cols();
         summary.tensors += 1;
@@ -541,12 +509,43 @@ pub fn synthesize(output: &Path, shape: &Shape, target: &Target, seed: u64) -> R
         }
         w.pad(align)?;
     }
-    w.w.into_inner()
-        .map_err(|e| io(e.into_error()))?
-        .sync_all()
-        .map_err(io)?;
+    w.finish()?;
     std::fs::rename(&partial, output).map_err(|e| ModelError::io(output, e))?;
     Ok(summary)
+}
+
+/// The tensor directory: each tensor's name, dimensions, type and offset in the data section
+/// (every tensor aligned to `align`), then the padding to the data; the tensors' sizes.
+fn put_infos<'a>(
+    w: &mut Sink,
+    plan: impl Iterator<Item = (&'a TensorInfo, GgmlType)>,
+    align: usize,
+    summary: &mut Summary,
+) -> Result<Vec<usize>> {
+    let mut offset = 0usize;
+    let mut sizes = Vec::new();
+    for (t, ty) in plan {
+        let (rows, cols) = t.rows_cols();
+        let size = ty.row_bytes(cols).ok_or_else(|| {
+            ModelError::format(
+                w.path,
+                format!("{}: {cols} columns do not fit {}", t.name, ty.name()),
+            )
+        })? * rows;
+        w.put(&(t.name.len() as u64).to_le_bytes())?;
+        w.put(t.name.as_bytes())?;
+        w.put(&(t.dims.len() as u32).to_le_bytes())?;
+        for d in &t.dims {
+            w.put(&(*d as u64).to_le_bytes())?;
+        }
+        w.put(&ty.id().to_le_bytes())?;
+        w.put(&(offset as u64).to_le_bytes())?;
+        sizes.push(size);
+        offset = (offset + size).div_ceil(align) * align;
+        *summary.types.entry(ty.name()).or_default() += 1;
+    }
+    w.pad(align)?;
+    Ok(sizes)
 }
 
 /// The file being written, and how far.
@@ -562,6 +561,15 @@ impl Sink<'_> {
         self.w
             .write_all(b)
             .map_err(|e| ModelError::io(self.path, e))
+    }
+    /// Flushes the file and waits for it to reach the disk.
+    fn finish(self) -> Result<()> {
+        let path = self.path;
+        self.w
+            .into_inner()
+            .map_err(|e| ModelError::io(path, e.into_error()))?
+            .sync_all()
+            .map_err(|e| ModelError::io(path, e))
     }
     /// Zeros up to the next multiple of `align`.
     fn pad(&mut self, align: usize) -> Result<()> {
