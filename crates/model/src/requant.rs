@@ -160,13 +160,18 @@ pub fn requantize(input: &Path, output: &Path, target: &Target) -> Result<Summar
             "the output would overwrite the input: choose another file name",
         ));
     }
+    via_partial(output, |partial| write(&src, partial, target))
+}
+
+/// Writes `output` through `OUTPUT.partial`, renamed into place once `write` succeeds and
+/// removed if it fails: a failed run leaves nothing behind and never a half-written model.
+fn via_partial(output: &Path, write: impl FnOnce(&Path) -> Result<Summary>) -> Result<Summary> {
     let partial = {
         let mut s = output.as_os_str().to_owned();
         s.push(".partial");
         PathBuf::from(s)
     };
-    let result = write(&src, &partial, target);
-    match result {
+    match write(&partial) {
         Ok(summary) => {
             std::fs::rename(&partial, output).map_err(|e| ModelError::io(output, e))?;
             Ok(summary)
@@ -343,19 +348,17 @@ pub const SHAPES: [Shape; 4] = [
 /// bytes, the rest of the vocabulary unused names): a model to measure speed with, not to
 /// read. The same seed writes the same file.
 pub fn synthesize(output: &Path, shape: &Shape, target: &Target, seed: u64) -> Result<Summary> {
+    via_partial(output, |partial| synth(partial, shape, target, seed))
+}
+
+fn synth(partial: &Path, shape: &Shape, target: &Target, seed: u64) -> Result<Summary> {
     let sh = *shape;
     let hd = sh.hidden / sh.heads;
-    let partial = {
-        let mut s = output.as_os_str().to_owned();
-        s.push(".partial");
-        PathBuf::from(s)
-    };
-    let io = |e| ModelError::io(&partial, e);
-    let file = std::fs::File::create(&partial).map_err(io)?;
+    let file = std::fs::File::create(partial).map_err(|e| ModelError::io(partial, e))?;
     let mut w = Sink {
         w: std::io::BufWriter::with_capacity(8 << 20, file),
         pos: 0,
-        path: &partial,
+        path: partial,
     };
     let mut tensors: Vec<(String, Vec<usize>)> =
         vec![("token_embd.weight".into(), vec![sh.hidden, sh.vocab])];
@@ -504,13 +507,12 @@ pub fn synthesize(output: &Path, shape: &Shape, target: &Target, seed: u64) -> R
                     },
                 )
             })
-            .map_err(|e| ModelError::format(&partial, format!("{}: {e}", t.name)))?;
+            .map_err(|e| ModelError::format(partial, format!("{}: {e}", t.name)))?;
             w.put(&out)?;
         }
         w.pad(align)?;
     }
     w.finish()?;
-    std::fs::rename(&partial, output).map_err(|e| ModelError::io(output, e))?;
     Ok(summary)
 }
 
