@@ -62,10 +62,11 @@ fn cube<const D: usize>(t: Tensor<D>) -> CubeTensor {
         .expect("a tensor on a CubeCL device")
 }
 
-fn cube_words(t: &Tensor<1, Int>) -> CubeTensor {
+/// The same for an integer tensor (packed weights, ids, indices, picks).
+fn cube_int(t: &Tensor<1, Int>) -> CubeTensor {
     t.clone()
         .try_into_primitive::<Cube>()
-        .expect("words on a CubeCL device")
+        .expect("a tensor on a CubeCL device")
 }
 
 impl GpuMatrix {
@@ -116,7 +117,7 @@ impl GpuMatrix {
         let out = Tensor::<2>::empty([n, self.rows], &device);
         for (first, rows, words) in &self.parts {
             let (xc, oc) = (cube(x.clone()), cube(out.clone()));
-            let (w, tc) = (cube_words(words), cube(self.table.clone()));
+            let (w, tc) = (cube_int(words), cube(self.table.clone()));
             let client = oc.client.clone();
             if n <= MATVEC_ROWS {
                 // Decode: a workgroup per output row, its units reading the row side by side.
@@ -166,8 +167,8 @@ impl GpuMatrix {
         let out = Tensor::<2>::empty([t, self.cols], device);
         for (first, rows, words) in &self.parts {
             let oc = cube(out.clone());
-            let ic = ids.clone().try_into_primitive::<Cube>().expect("GPU ids");
-            let (w, tc) = (cube_words(words), cube(self.table.clone()));
+            let ic = cube_int(&ids);
+            let (w, tc) = (cube_int(words), cube(self.table.clone()));
             let units = (t * self.cols) as u32;
             let client = oc.client.clone();
             // Each part writes the rows of the ids it holds.
@@ -355,11 +356,7 @@ pub fn attend_one(
         cube(q.clone()).into_tensor_arg(),
         cube(k.clone()).into_tensor_arg(),
         cube(v.clone()).into_tensor_arg(),
-        kv_of
-            .clone()
-            .try_into_primitive::<Cube>()
-            .expect("GPU index")
-            .into_tensor_arg(),
+        cube_int(kv_of).into_tensor_arg(),
         cube(scratch).into_tensor_arg(),
         oc.into_tensor_arg(),
         nq as u32,
@@ -379,10 +376,7 @@ pub fn argmax_rows(logits: Tensor<2>) -> Vec<Option<(u32, f32)>> {
     let [rows, width] = logits.dims();
     let device = logits.device();
     let out = Tensor::<1, Int>::empty([2 * rows], (&device, DType::U32));
-    let oc = out
-        .clone()
-        .try_into_primitive::<Cube>()
-        .expect("GPU tensor");
+    let oc = cube_int(&out);
     let client = oc.client.clone();
     argmax_rows_kernel::launch(
         &client,

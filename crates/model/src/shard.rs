@@ -747,11 +747,10 @@ impl ShardModel {
                 if let Some(n) = &layer.post_attn_norm {
                     out = ops::rms_norm(out, n, cfg.rms_eps);
                 }
-                let (sum, normed) = ops::add_rms_norm(x, out, &layer.ffn_norm, cfg.rms_eps);
+                let (sum, hn_ffn) = ops::add_rms_norm(x, out, &layer.ffn_norm, cfg.rms_eps);
                 x = sum;
 
                 // FFN.
-                let hn_ffn = normed;
                 let act = cfg.opts.activation;
                 let (partial, bias) = match &layer.ffn {
                     Ffn::Dense {

@@ -354,7 +354,7 @@ fn pick(
     kept.clear();
     let any_mass = want.iter().any(|w| w.1.is_some_and(|s| s.mass));
     let any_raw = want.iter().any(|w| w.1.is_some_and(|s| s.raw_lse));
-    for (p, &(seq, spec)) in picked.into_iter().zip(want) {
+    for (p, &(seq, _)) in picked.into_iter().zip(want) {
         let Some(c) = p.top else {
             out.logits
                 .extend_from_slice(p.row.as_deref().unwrap_or_default());
@@ -373,7 +373,8 @@ fn pick(
         if any_raw {
             out.top_lse_raw.push(c.lse_raw);
         }
-        if let (Some(row), true) = (p.row, spec.is_some_and(|s| s.mass)) {
+        // A row comes with candidates only where its spec asked for mass.
+        if let Some(row) = p.row {
             kept.push((seq, row));
         }
     }
