@@ -25,7 +25,7 @@ fn wgpu_decode_step_launches_few_kernels_per_layer() {
     r.expect("decode step");
     let n: u64 = by.iter().map(|k| k.1).sum();
     eprintln!("{n} kernel launches for one decode step of {layers} layers: {by:?}");
-    assert!(n >= 10 * layers, "the counter sees the launches: {n}");
+    assert!(n >= 8 * layers, "the counter sees the launches: {n}");
     assert!(
         n <= LAUNCHES_PER_LAYER * layers + 4,
         "{n} launches for {layers} layers: more than {LAUNCHES_PER_LAYER} a layer"
@@ -35,4 +35,4 @@ fn wgpu_decode_step_launches_few_kernels_per_layer() {
 /// Per layer of a dense decode step on wgpu: Q, K and V (a product each), RoPE of Q and K,
 /// the cache write of K and V, attention, O, the residual add with the FFN's norm, gate, up,
 /// the GLU, down, and the residual add with the next layer's norm.
-const LAUNCHES_PER_LAYER: u64 = 13;
+const LAUNCHES_PER_LAYER: u64 = 10;

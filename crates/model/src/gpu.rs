@@ -1,9 +1,10 @@
 //! Weights on a GPU (wgpu through CubeCL), in the file's blocks: the bytes of every row go to
-//! the GPU as they are stored (packed into `u32` words, since WGSL has no bytes), and one
-//! CubeCL kernel per format dequantizes inside the matrix product, with f32 activations. So a
-//! model takes its file's size on the GPU too. One unit computes one output value; the kernels
-//! are written for correctness on every adapter (lavapipe included), their speed on real GPUs
-//! is the GPU issue's work.
+//! the GPU as they are stored (packed into `u32` words, since WGSL has no bytes; the f16 scales
+//! of blocks that are two bytes off a word in an array of their own), and one CubeCL kernel
+//! per format dequantizes inside the matrix product, with f32 activations. So a model takes
+//! its file's size on the GPU too. A decode step's products read each row's 32-value chunks
+//! side by side, a word at a time; a prompt's take one unit per output value. Every kernel is
+//! checked on lavapipe; their speed on a real GPU is not measured yet.
 
 use crate::error::{ModelError, Result};
 use crate::weights::RawTensor;
@@ -13,7 +14,7 @@ use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::{CubeCount, CubeDim};
 use kernels::{
     argmax_rows_kernel, attend_one_kernel, dequant_rows_kernel, glu_kernel, kv_write_kernel,
-    norm_kernel, qmatmul_kernel, qmatvec_kernel, rope_kernel,
+    norm_kernel, qmatmul_kernel, qmatvec_kernel, qmatvec3_kernel, rope_kernel,
 };
 use tessera_quant::GgmlType;
 
@@ -24,6 +25,18 @@ const WORKGROUP: u32 = 64;
 /// row: a power of two every adapter accepts, a multiple of every GPU's SIMD width (32 on
 /// NVIDIA, 32 or 64 on AMD, 8-32 on Intel and Apple).
 const ROW_GROUP: usize = 64;
+
+/// Units of a mat-vec's workgroup that share one output row: one per 32-value chunk of the
+/// row up to [`ROW_GROUP`] (a power of two), so a short row (576 values: 18 chunks) does not
+/// leave most of the workgroup idle; the workgroup takes `ROW_GROUP / lanes` rows.
+fn lanes_for(cols: usize, dense: bool) -> u32 {
+    let units = if dense { cols } else { cols / 32 };
+    let mut lanes = 1;
+    while lanes * 2 <= units.min(ROW_GROUP) {
+        lanes *= 2;
+    }
+    lanes as u32
+}
 
 /// Activation rows up to which a product takes the mat-vec kernel (decode steps and small
 /// batches); more rows (prompts) take one unit per output value.
@@ -44,17 +57,63 @@ fn grid(groups: u32) -> CubeCount {
 /// rows, a launch each.
 const PART_BYTES: usize = 120 << 20;
 
+/// Where a block keeps its f16 scale `d`, for the formats whose blocks are two bytes off a
+/// whole number of `u32` words (Q4_0, Q5_0, Q8_0, IQ4_NL: 18, 22, 34, 18 bytes; Q3_K, Q6_K:
+/// 110, 210). On the GPU those scales sit in an array of their own, so every block's body
+/// starts on a word and the kernels read it a word (4 or 8 values) at a time instead of byte
+/// by byte; the matrix keeps its file's size.
+fn split_scale(ty: GgmlType) -> Option<usize> {
+    use GgmlType::*;
+    match ty {
+        Q4_0 | Q5_0 | Q8_0 | IQ4_NL => Some(0),
+        Q3_K => Some(108),
+        Q6_K => Some(208),
+        _ => None,
+    }
+}
+
 /// A weight matrix on the GPU, in its stored format.
 pub struct GpuMatrix {
-    /// The stored rows' bytes as little-endian `u32` words (zero-padded to a whole word), in
-    /// parts of whole rows: (first row, rows, words).
-    parts: Vec<(usize, usize, Tensor<1, Int>)>,
+    /// Parts of whole rows: (first row, rows, words, scales). `words`: the rows' blocks as
+    /// little-endian `u32` words (zero-padded to a whole word), each block without its scale
+    /// where [`split_scale`] moves it; `scales`: those scales, two f16 a word, in block order
+    /// (one unused word for the other formats).
+    parts: Vec<(usize, usize, Tensor<1, Int>, Tensor<1, Int>)>,
     /// The IQ4 code book (16 values), read by the IQ4 kernels.
     table: Tensor<1>,
     ty: GgmlType,
     rows: usize,
     cols: usize,
+    /// Bytes of a row on the GPU (the file's, less the scales moved out).
     row_bytes: usize,
+}
+
+/// Little-endian `u32` words of `bytes`, the last one zero-padded.
+fn words_of(bytes: &[u8]) -> Vec<u32> {
+    let mut words = vec![0u32; bytes.len().div_ceil(4).max(1)];
+    for (w, c) in words.iter_mut().zip(bytes.chunks(4)) {
+        let mut b = [0u8; 4];
+        b[..c.len()].copy_from_slice(c);
+        *w = u32::from_le_bytes(b);
+    }
+    words
+}
+
+/// The GPU layout of `rows` (whole rows of type `ty`): the blocks' bodies, and their scales
+/// where [`split_scale`] moves them out.
+fn gpu_layout(ty: GgmlType, rows: &[u8]) -> (Vec<u32>, Vec<u32>) {
+    let Some(at) = split_scale(ty) else {
+        return (words_of(rows), vec![0]);
+    };
+    let bb = ty.block_bytes();
+    let mut body = Vec::with_capacity(rows.len());
+    let mut scales = Vec::with_capacity(rows.len() / bb * 2);
+    for block in rows.chunks_exact(bb) {
+        body.extend_from_slice(&block[..at]);
+        body.extend_from_slice(&block[at + 2..]);
+        scales.extend_from_slice(&block[at..at + 2]);
+    }
+    (words_of(&body), words_of(&scales))
 }
 
 fn cube<const D: usize>(t: Tensor<D>) -> CubeTensor {
@@ -80,31 +139,28 @@ impl GpuMatrix {
         }
         let per_part = (PART_BYTES / row_bytes.max(1)).max(1);
         let mut parts = Vec::with_capacity(rows.div_ceil(per_part));
+        let u32s = |v: Vec<u32>| {
+            let len = v.len();
+            Tensor::<1, Int>::from_data(TensorData::new(v, [len]), (device, DType::U32))
+        };
         for first in (0..rows.max(1)).step_by(per_part) {
             let n = per_part.min(rows - first.min(rows));
             let part = &bytes[first * row_bytes..(first + n) * row_bytes];
-            let mut words = vec![0u32; part.len().div_ceil(4).max(1)];
-            for (w, c) in words.iter_mut().zip(part.chunks(4)) {
-                let mut b = [0u8; 4];
-                b[..c.len()].copy_from_slice(c);
-                *w = u32::from_le_bytes(b);
-            }
-            let len = words.len();
-            let t =
-                Tensor::<1, Int>::from_data(TensorData::new(words, [len]), (device, DType::U32));
-            parts.push((first, n, t));
+            let (words, scales) = gpu_layout(raw.ty, part);
+            parts.push((first, n, u32s(words), u32s(scales)));
         }
         let table: Vec<f32> = tessera_quant::format::IQ4_VALUES
             .iter()
             .map(|&v| v as f32)
             .collect();
+        let moved = split_scale(raw.ty).map_or(0, |_| 2 * (row_bytes / raw.ty.block_bytes()));
         Ok(GpuMatrix {
             parts,
             table: Tensor::<1>::from_data(TensorData::new(table, [16]), device),
             ty: raw.ty,
             rows,
             cols: raw.cols.len(),
-            row_bytes,
+            row_bytes: row_bytes - moved,
         })
     }
 
@@ -115,17 +171,20 @@ impl GpuMatrix {
         let device = x.device();
         // Every value is written by the kernels: no fill.
         let out = Tensor::<2>::empty([n, self.rows], &device);
-        for (first, rows, words) in &self.parts {
+        for (first, rows, words, scales) in &self.parts {
             let (xc, oc) = (cube(x.clone()), cube(out.clone()));
-            let (w, tc) = (cube_int(words), cube(self.table.clone()));
+            let (w, sc, tc) = (cube_int(words), cube_int(scales), cube(self.table.clone()));
             let client = oc.client.clone();
             if n <= MATVEC_ROWS {
-                // Decode: a workgroup per output row, its units reading the row side by side.
+                // Decode: the units of a row read it side by side.
+                let lanes = lanes_for(self.cols, self.ty.is_dense());
+                let per = ROW_GROUP as u32 / lanes;
                 qmatvec_kernel::launch(
                     &client,
-                    grid(*rows as u32),
+                    grid((*rows as u32).div_ceil(per)),
                     CubeDim::new_1d(ROW_GROUP as u32),
                     w.into_tensor_arg(),
+                    sc.into_tensor_arg(),
                     tc.into_tensor_arg(),
                     xc.into_tensor_arg(),
                     oc.into_tensor_arg(),
@@ -134,6 +193,7 @@ impl GpuMatrix {
                     self.cols as u32,
                     self.row_bytes as u32,
                     n as u32,
+                    lanes,
                     self.ty.id(),
                     ROW_GROUP,
                 );
@@ -144,6 +204,7 @@ impl GpuMatrix {
                     grid(units.div_ceil(WORKGROUP)),
                     CubeDim::new_1d(WORKGROUP),
                     w.into_tensor_arg(),
+                    sc.into_tensor_arg(),
                     tc.into_tensor_arg(),
                     xc.into_tensor_arg(),
                     oc.into_tensor_arg(),
@@ -159,16 +220,78 @@ impl GpuMatrix {
         out
     }
 
+    /// `x · Wᵀ` for two or three matrices of one input (Q, K, V; gate, up) in one launch,
+    /// each in its own format (one lane count: blocks in all or in none); None where that does
+    /// not apply (a prompt's rows, a matrix in parts, more than three): then a launch each.
+    pub fn forward_many(ms: &[&GpuMatrix], x: &Tensor<2>) -> Option<Vec<Tensor<2>>> {
+        let [n, cols] = x.dims();
+        if !(2..=3).contains(&ms.len())
+            || n > MATVEC_ROWS
+            || ms.iter().any(|m| m.parts.len() != 1 || m.cols != cols)
+            || ms.iter().any(|m| m.ty.is_dense() != ms[0].ty.is_dense())
+        {
+            return None;
+        }
+        let device = x.device();
+        let outs: Vec<Tensor<2>> = ms
+            .iter()
+            .map(|m| Tensor::<2>::empty([n, m.rows], &device))
+            .collect();
+        // An empty third: a one-value output of its own (a buffer may not be bound twice
+        // where one binding writes) and no rows.
+        let spare = (ms.len() == 2).then(|| Tensor::<2>::empty([1, 1], &device));
+        let o2 = spare.clone().unwrap_or_else(|| outs[2].clone());
+        let m2 = ms.get(2).copied().unwrap_or(ms[1]);
+        let rows2 = if spare.is_some() { 0 } else { m2.rows };
+        let part = |m: &GpuMatrix| (cube_int(&m.parts[0].2), cube_int(&m.parts[0].3));
+        let ((w0, s0), (w1, s1), (w2, s2)) = (part(ms[0]), part(ms[1]), part(m2));
+        let oc = cube(outs[0].clone());
+        let client = oc.client.clone();
+        let lanes = lanes_for(cols, ms[0].ty.is_dense());
+        let per = ROW_GROUP / lanes as usize;
+        let groups = ms[0].rows.div_ceil(per) + ms[1].rows.div_ceil(per) + rows2.div_ceil(per);
+        qmatvec3_kernel::launch(
+            &client,
+            grid(groups as u32),
+            CubeDim::new_1d(ROW_GROUP as u32),
+            w0.into_tensor_arg(),
+            s0.into_tensor_arg(),
+            w1.into_tensor_arg(),
+            s1.into_tensor_arg(),
+            w2.into_tensor_arg(),
+            s2.into_tensor_arg(),
+            cube(ms[0].table.clone()).into_tensor_arg(),
+            cube(x.clone()).into_tensor_arg(),
+            oc.into_tensor_arg(),
+            cube(outs[1].clone()).into_tensor_arg(),
+            cube(o2).into_tensor_arg(),
+            ms[0].rows as u32,
+            ms[1].rows as u32,
+            rows2 as u32,
+            cols as u32,
+            ms[0].row_bytes as u32,
+            ms[1].row_bytes as u32,
+            m2.row_bytes as u32,
+            n as u32,
+            lanes,
+            ms[0].ty.id(),
+            ms[1].ty.id(),
+            m2.ty.id(),
+            ROW_GROUP,
+        );
+        Some(outs)
+    }
+
     /// Rows `ids` of the matrix, dequantized: `[ids, cols]` (an embedding lookup).
     pub fn rows(&self, ids: &[u32], device: &Device) -> Tensor<2> {
         let t = ids.len();
         let ids =
             Tensor::<1, Int>::from_data(TensorData::new(ids.to_vec(), [t]), (device, DType::U32));
         let out = Tensor::<2>::empty([t, self.cols], device);
-        for (first, rows, words) in &self.parts {
+        for (first, rows, words, scales) in &self.parts {
             let oc = cube(out.clone());
             let ic = cube_int(&ids);
-            let (w, tc) = (cube_int(words), cube(self.table.clone()));
+            let (w, sc, tc) = (cube_int(words), cube_int(scales), cube(self.table.clone()));
             let units = (t * self.cols) as u32;
             let client = oc.client.clone();
             // Each part writes the rows of the ids it holds.
@@ -177,6 +300,7 @@ impl GpuMatrix {
                 grid(units.div_ceil(WORKGROUP)),
                 CubeDim::new_1d(WORKGROUP),
                 w.into_tensor_arg(),
+                sc.into_tensor_arg(),
                 tc.into_tensor_arg(),
                 ic.into_tensor_arg(),
                 oc.into_tensor_arg(),
@@ -476,10 +600,42 @@ mod kernels {
         if i < 16 { b & 0xF } else { b >> 4 }
     }
 
+    /// Bytes of a block of GGML type `fmt` on the GPU: the file's, less the scale that
+    /// `split_scale` moves to the scales array.
+    fn body_bytes(fmt: u32) -> u32 {
+        match fmt {
+            2 | 20 => 16,
+            3 => 20,
+            6 => 20,
+            7 => 24,
+            8 => 32,
+            10 => 84,
+            11 => 108,
+            12 => 144,
+            13 => 176,
+            14 => 208,
+            _ => 136,
+        }
+    }
+
+    /// The moved-out scale of the block whose body starts at byte `b` (bodies of `body`
+    /// bytes, from the part's first row on).
+    #[cube]
+    fn scale(sc: &Tensor<u32>, b: u32, #[comptime] body: u32) -> f32 {
+        half(sc, 2 * (b / body))
+    }
+
     /// Value `k` of the row whose bytes start at `row`, for GGML type `fmt`.
     #[cube]
     #[allow(unused_assignments)]
-    fn value(w: &Tensor<u32>, table: &Tensor<f32>, row: u32, k: u32, #[comptime] fmt: u32) -> f32 {
+    fn value(
+        w: &Tensor<u32>,
+        sc: &Tensor<u32>,
+        table: &Tensor<f32>,
+        row: u32,
+        k: u32,
+        #[comptime] fmt: u32,
+    ) -> f32 {
         let mut v = 0.0f32;
         if comptime!(fmt == 0) {
             // F32
@@ -497,41 +653,27 @@ mod kernels {
             v = f32::reinterpret((byte(w, row + 2 * k) | (byte(w, row + 2 * k + 1) << 8)) << 16);
         } else if comptime!(fmt == 2 || fmt == 3 || fmt == 6 || fmt == 7 || fmt == 8 || fmt == 20) {
             // 32-value blocks
-            let bytes = comptime!(match fmt {
-                2 | 20 => 18u32,
-                3 => 20u32,
-                6 => 22u32,
-                7 => 24u32,
-                _ => 34u32,
-            });
+            let bytes = comptime!(body_bytes(fmt));
             let b = row + (k / 32) * bytes;
             let i = k % 32;
-            let d = half(w, b);
             if comptime!(fmt == 2) {
-                v = d * (f32::cast_from(nibble(w, b + 2, i)) - 8.0);
+                v = scale(sc, b, bytes) * (f32::cast_from(nibble(w, b, i)) - 8.0);
             } else if comptime!(fmt == 3) {
-                v = d * f32::cast_from(nibble(w, b + 4, i)) + half(w, b + 2);
+                v = half(w, b) * f32::cast_from(nibble(w, b + 4, i)) + half(w, b + 2);
             } else if comptime!(fmt == 6) {
-                let hb = (byte(w, b + 2 + i / 8) >> (i % 8)) & 1;
-                v = d * (f32::cast_from(nibble(w, b + 6, i) | (hb << 4)) - 16.0);
+                let hb = (byte(w, b + i / 8) >> (i % 8)) & 1;
+                v = scale(sc, b, bytes) * (f32::cast_from(nibble(w, b + 4, i) | (hb << 4)) - 16.0);
             } else if comptime!(fmt == 7) {
                 let hb = (byte(w, b + 4 + i / 8) >> (i % 8)) & 1;
-                v = d * f32::cast_from(nibble(w, b + 8, i) | (hb << 4)) + half(w, b + 2);
+                v = half(w, b) * f32::cast_from(nibble(w, b + 8, i) | (hb << 4)) + half(w, b + 2);
             } else if comptime!(fmt == 8) {
-                v = d * signed(byte(w, b + 2 + i));
+                v = scale(sc, b, bytes) * signed(byte(w, b + i));
             } else {
-                v = d * table[nibble(w, b + 2, i) as usize];
+                v = scale(sc, b, bytes) * table[nibble(w, b, i) as usize];
             }
         } else {
             // 256-value super-blocks, in chunks of 32.
-            let bytes = comptime!(match fmt {
-                10 => 84u32,
-                11 => 110u32,
-                12 => 144u32,
-                13 => 176u32,
-                14 => 210u32,
-                _ => 136u32,
-            });
+            let bytes = comptime!(body_bytes(fmt));
             let b = row + (k / 256) * bytes;
             let c = (k % 256) / 32;
             let i = k % 32;
@@ -542,7 +684,7 @@ mod kernels {
                 v = half(w, b + 80) * f32::cast_from(sc & 0xF) * f32::cast_from(q)
                     - half(w, b + 82) * f32::cast_from(sc >> 4);
             } else if comptime!(fmt == 11) {
-                // Q3_K: hmask[32] qs[64] scales[12] d
+                // Q3_K: hmask[32] qs[64] scales[12] (d moved out)
                 let is = 2 * c + i / 16;
                 let low = byte(w, b + 96 + is % 8);
                 let mut lo4 = low & 0xF;
@@ -550,19 +692,15 @@ mod kernels {
                     lo4 = low >> 4;
                 }
                 let hi2 = (byte(w, b + 96 + 8 + is % 4) >> (2 * (is / 4))) & 3;
-                let sc = f32::cast_from(lo4 | (hi2 << 4)) - 32.0;
+                let s = f32::cast_from(lo4 | (hi2 << 4)) - 32.0;
                 let q = (byte(w, b + 32 + 32 * (c / 4) + i) >> (2 * (c % 4))) & 3;
                 let hbit = (byte(w, b + i) >> (4 * (c / 4) + c % 4)) & 1;
-                v = half(w, b + 108) * sc * (f32::cast_from(q) - 4.0 + 4.0 * f32::cast_from(hbit));
+                v = scale(sc, b, bytes)
+                    * s
+                    * (f32::cast_from(q) - 4.0 + 4.0 * f32::cast_from(hbit));
             } else if comptime!(fmt == 12 || fmt == 13) {
                 // Q4_K / Q5_K: d dmin scales[12] (qh[32]) qs[128]
-                let s = b + 4;
-                let mut sc = byte(w, s + c) & 63;
-                let mut m = byte(w, s + c + 4) & 63;
-                if c >= 4 {
-                    sc = (byte(w, s + c + 4) & 0xF) | ((byte(w, s + c - 4) >> 6) << 4);
-                    m = (byte(w, s + c + 4) >> 4) | ((byte(w, s + c) >> 6) << 4);
-                }
+                let (s6, m6) = k_scale_min(w, b, c);
                 let qs = comptime!(if fmt == 13 { 48u32 } else { 16u32 });
                 let qb = byte(w, b + qs + 32 * (c / 2) + i);
                 let mut q = qb & 0xF;
@@ -572,10 +710,9 @@ mod kernels {
                 if comptime!(fmt == 13) {
                     q += ((byte(w, b + 16 + i) >> c) & 1) << 4;
                 }
-                v = half(w, b) * f32::cast_from(sc) * f32::cast_from(q)
-                    - half(w, b + 2) * f32::cast_from(m);
+                v = half(w, b) * s6 * f32::cast_from(q) - half(w, b + 2) * m6;
             } else if comptime!(fmt == 14) {
-                // Q6_K: ql[128] qh[64] scales[16] d
+                // Q6_K: ql[128] qh[64] scales[16] (d moved out)
                 let hf = c / 4;
                 let quarter = c % 4;
                 let ql = byte(w, b + 64 * hf + 32 * (quarter % 2) + i);
@@ -584,8 +721,8 @@ mod kernels {
                     lo = ql >> 4;
                 }
                 let hi = (byte(w, b + 128 + 32 * hf + i) >> (2 * quarter)) & 3;
-                let sc = signed(byte(w, b + 192 + 2 * c + i / 16));
-                v = half(w, b + 208) * sc * (f32::cast_from(lo | (hi << 4)) - 32.0);
+                let s = signed(byte(w, b + 192 + 2 * c + i / 16));
+                v = scale(sc, b, bytes) * s * (f32::cast_from(lo | (hi << 4)) - 32.0);
             } else {
                 // IQ4_XS: d scales_h scales_l[4] qs[128]
                 let scales_h = byte(w, b + 2) | (byte(w, b + 3) << 8);
@@ -598,12 +735,189 @@ mod kernels {
         v
     }
 
+    /// The 6-bit scale and minimum of chunk `c` of a Q4_K / Q5_K super-block at byte `b`.
+    #[cube]
+    fn k_scale_min(w: &Tensor<u32>, b: u32, c: u32) -> (f32, f32) {
+        let s = b + 4;
+        let mut sc = byte(w, s + c) & 63;
+        let mut m = byte(w, s + c + 4) & 63;
+        if c >= 4 {
+            sc = (byte(w, s + c + 4) & 0xF) | ((byte(w, s + c - 4) >> 6) << 4);
+            m = (byte(w, s + c + 4) >> 4) | ((byte(w, s + c) >> 6) << 4);
+        }
+        (f32::cast_from(sc), f32::cast_from(m))
+    }
+
+    /// Σ_i q_i · x[xo + i·xs] and Σ_i x[xo + i·xs] over a 32-value chunk whose nibbles fill
+    /// the 4 words from word `wo` (value i in byte i % 16, the low nibbles first, as ggml packs
+    /// it): the two sums every 4-bit format's chunk needs. `kind` 0: q is the nibble; 1: the
+    /// nibble and bit i of `qh` as a fifth bit (Q5_0, Q5_1); 2: the code book's value for the
+    /// nibble (IQ4_NL).
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn nibbles_dot(
+        w: &Tensor<u32>,
+        table: &Tensor<f32>,
+        wo: u32,
+        qh: u32,
+        x: &Tensor<f32>,
+        xo: usize,
+        xs: usize,
+        #[comptime] kind: u32,
+    ) -> (f32, f32) {
+        let mut sq = 0.0f32;
+        let mut sx = 0.0f32;
+        #[unroll]
+        for j in 0..4u32 {
+            let q = w[(wo + j) as usize];
+            #[unroll]
+            for e in 0..4u32 {
+                let by = (q >> (8 * e)) & 0xFF;
+                let i = 4 * j + e;
+                let lo = x[xo + (i as usize) * xs];
+                let hi = x[xo + ((16 + i) as usize) * xs];
+                let mut ql = by & 0xF;
+                let mut qu = by >> 4;
+                if comptime!(kind == 1) {
+                    ql |= ((qh >> i) & 1) << 4;
+                    qu |= ((qh >> (16 + i)) & 1) << 4;
+                }
+                if comptime!(kind == 2) {
+                    sq += table[ql as usize] * lo + table[qu as usize] * hi;
+                } else {
+                    sq += f32::cast_from(ql) * lo + f32::cast_from(qu) * hi;
+                }
+                sx += lo + hi;
+            }
+        }
+        (sq, sx)
+    }
+
+    /// Chunk `c` (values `32c .. 32c + 32`) of the row whose bytes start at `row`, dotted
+    /// with `x[xo + i·xs]`: the whole chunk from a few word loads and one scale, for the
+    /// formats of real models; the others value by value.
+    #[cube]
+    #[allow(unused_assignments)]
+    fn chunk_dot(
+        w: &Tensor<u32>,
+        sc: &Tensor<u32>,
+        table: &Tensor<f32>,
+        row: u32,
+        c: u32,
+        x: &Tensor<f32>,
+        xo: usize,
+        xs: usize,
+        #[comptime] fmt: u32,
+    ) -> f32 {
+        let bytes = comptime!(body_bytes(fmt));
+        let mut acc = 0.0f32;
+        if comptime!(fmt == 2) {
+            // Q4_0: d · (q - 8)
+            let b = row + c * bytes;
+            let (sq, sx) = nibbles_dot(w, table, b / 4, 0u32, x, xo, xs, 0u32);
+            acc = scale(sc, b, bytes) * (sq - 8.0 * sx);
+        } else if comptime!(fmt == 20) {
+            // IQ4_NL: d · book[q]
+            let b = row + c * bytes;
+            let (sq, _sx) = nibbles_dot(w, table, b / 4, 0u32, x, xo, xs, 2u32);
+            acc = scale(sc, b, bytes) * sq;
+        } else if comptime!(fmt == 3) {
+            // Q4_1: d · q + m
+            let b = row + c * bytes;
+            let (sq, sx) = nibbles_dot(w, table, b / 4 + 1, 0u32, x, xo, xs, 0u32);
+            acc = half(w, b) * sq + half(w, b + 2) * sx;
+        } else if comptime!(fmt == 6) {
+            // Q5_0: d · (q - 16), the fifth bits in the block's first word
+            let b = row + c * bytes;
+            let qh = w[(b / 4) as usize];
+            let (sq, sx) = nibbles_dot(w, table, b / 4 + 1, qh, x, xo, xs, 1u32);
+            acc = scale(sc, b, bytes) * (sq - 16.0 * sx);
+        } else if comptime!(fmt == 7) {
+            // Q5_1: d · q + m, the fifth bits after d and m
+            let b = row + c * bytes;
+            let qh = w[(b / 4 + 1) as usize];
+            let (sq, sx) = nibbles_dot(w, table, b / 4 + 2, qh, x, xo, xs, 1u32);
+            acc = half(w, b) * sq + half(w, b + 2) * sx;
+        } else if comptime!(fmt == 8) {
+            // Q8_0: d · q
+            let b = row + c * bytes;
+            let mut s = 0.0f32;
+            #[unroll]
+            for j in 0..8u32 {
+                let q = w[(b / 4 + j) as usize];
+                #[unroll]
+                for e in 0..4u32 {
+                    s += signed((q >> (8 * e)) & 0xFF) * x[xo + ((4 * j + e) as usize) * xs];
+                }
+            }
+            acc = scale(sc, b, bytes) * s;
+        } else if comptime!(fmt == 12) {
+            // Q4_K: d · sc · q - dmin · m, chunk c % 8 of super-block c / 8
+            let b = row + (c / 8) * bytes;
+            let cc = c % 8;
+            let (s6, m6) = k_scale_min(w, b, cc);
+            let wo = (b + 16 + 32 * (cc / 2)) / 4;
+            let shift = 4 * (cc % 2);
+            let mut sq = 0.0f32;
+            let mut sx = 0.0f32;
+            #[unroll]
+            for j in 0..8u32 {
+                let q = w[(wo + j) as usize] >> shift;
+                #[unroll]
+                for e in 0..4u32 {
+                    let xv = x[xo + ((4 * j + e) as usize) * xs];
+                    sq += f32::cast_from((q >> (8 * e)) & 0xF) * xv;
+                    sx += xv;
+                }
+            }
+            acc = half(w, b) * s6 * sq - half(w, b + 2) * m6 * sx;
+        } else if comptime!(fmt == 14) {
+            // Q6_K: d · sc · (q - 32), a scale per 16 values
+            let b = row + (c / 8) * bytes;
+            let cc = c % 8;
+            let hf = cc / 4;
+            let quarter = cc % 4;
+            let lo_wo = (b + 64 * hf + 32 * (quarter % 2)) / 4;
+            let hi_wo = (b + 128 + 32 * hf) / 4;
+            let lo_shift = 4 * (quarter / 2);
+            let hi_shift = 2 * quarter;
+            let mut s0 = 0.0f32;
+            let mut s1 = 0.0f32;
+            #[unroll]
+            for j in 0..8u32 {
+                let ql = w[(lo_wo + j) as usize] >> lo_shift;
+                let qh = w[(hi_wo + j) as usize] >> hi_shift;
+                let mut s = 0.0f32;
+                #[unroll]
+                for e in 0..4u32 {
+                    let q = ((ql >> (8 * e)) & 0xF) | (((qh >> (8 * e)) & 3) << 4);
+                    s += (f32::cast_from(q) - 32.0) * x[xo + ((4 * j + e) as usize) * xs];
+                }
+                if j < 4 {
+                    s0 += s;
+                } else {
+                    s1 += s;
+                }
+            }
+            let s_lo = signed(byte(w, b + 192 + 2 * cc));
+            let s_hi = signed(byte(w, b + 192 + 2 * cc + 1));
+            acc = scale(sc, b, bytes) * (s_lo * s0 + s_hi * s1);
+        } else {
+            let base = c * 32;
+            for i in 0..32u32 {
+                acc += value(w, sc, table, row, base + i, fmt) * x[xo + (i as usize) * xs];
+            }
+        }
+        acc
+    }
+
     /// `out[b][first + r] = Σ_k x[b][k] · W[r][k]` (W one part of the matrix), one unit per
     /// output value.
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn qmatmul_kernel(
         w: &Tensor<u32>,
+        sc: &Tensor<u32>,
         table: &Tensor<f32>,
         x: &Tensor<f32>,
         out: &mut Tensor<f32>,
@@ -624,7 +938,7 @@ mod kernels {
         let (xs0, xs1) = (x.stride(0), x.stride(1));
         let mut acc = 0.0f32;
         for k in 0..cols {
-            acc += value(w, table, row, k, fmt) * x[b * xs0 + (k as usize) * xs1];
+            acc += value(w, sc, table, row, k, fmt) * x[b * xs0 + (k as usize) * xs1];
         }
         let at = b * out.stride(0) + ((first + r) as usize) * out.stride(1);
         out[at] = acc;
@@ -635,6 +949,7 @@ mod kernels {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn dequant_rows_kernel(
         w: &Tensor<u32>,
+        sc: &Tensor<u32>,
         table: &Tensor<f32>,
         ids: &Tensor<u32>,
         out: &mut Tensor<f32>,
@@ -655,17 +970,82 @@ mod kernels {
         // Only the rows of this part.
         if r >= first && r < first + rows {
             let at = t_i * out.stride(0) + (k as usize) * out.stride(1);
-            out[at] = value(w, table, (r - first) * row_bytes, k, fmt);
+            out[at] = value(w, sc, table, (r - first) * row_bytes, k, fmt);
         }
     }
 
-    /// `out[b][r] = Σ_k x[b][k] · W[r][k]` for a few rows `b`: a workgroup per output row `r`,
-    /// unit `u` taking the row's values `u, u + G, ...` (neighbouring units read neighbouring
-    /// bytes), the units' sums added in shared memory.
+    /// `out[b][first + r] = Σ_k x[b][k] · W[r][k]` for the few rows `b` of `x`, by `lanes`
+    /// units of the workgroup (`lane` is this unit's place among them; the workgroup holds
+    /// `CUBE_DIM_X / lanes` such rows): each takes the row's 32-value chunks `lane, lane +
+    /// lanes, ...` (neighbouring units read neighbouring blocks, a word at a time; dense rows
+    /// go value by value), and their sums meet in shared memory. Every unit of the workgroup
+    /// comes here, `active` or not (a row past the last), for the barriers.
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn matvec_row(
+        w: &Tensor<u32>,
+        sc: &Tensor<u32>,
+        table: &Tensor<f32>,
+        x: &Tensor<f32>,
+        out: &mut Tensor<f32>,
+        sums: &mut Shared<[f32]>,
+        r: u32,
+        active: bool,
+        first: u32,
+        cols: u32,
+        row_bytes: u32,
+        n: u32,
+        lanes: u32,
+        #[comptime] fmt: u32,
+    ) {
+        let lane = UNIT_POS_X % lanes;
+        let base = UNIT_POS_X - lane;
+        let row = r * row_bytes;
+        let (xs0, xs1) = (x.stride(0), x.stride(1));
+        for b in 0..n {
+            let mut acc = 0.0f32;
+            if active {
+                if comptime!(fmt == 0 || fmt == 1 || fmt == 30) {
+                    let mut k = lane;
+                    while k < cols {
+                        acc += value(w, sc, table, row, k, fmt)
+                            * x[(b as usize) * xs0 + (k as usize) * xs1];
+                        k += lanes;
+                    }
+                } else {
+                    let mut c = lane;
+                    while c < cols / 32 {
+                        let xo = (b as usize) * xs0 + ((32 * c) as usize) * xs1;
+                        acc += chunk_dot(w, sc, table, row, c, x, xo, xs1, fmt);
+                        c += lanes;
+                    }
+                }
+            }
+            sums[UNIT_POS_X as usize] = acc;
+            sync_cube();
+            let mut half = lanes / 2;
+            while half > 0 {
+                if lane < half {
+                    sums[UNIT_POS_X as usize] += sums[(UNIT_POS_X + half) as usize];
+                }
+                sync_cube();
+                half /= 2;
+            }
+            if active && lane == 0 {
+                let at = (b as usize) * out.stride(0) + ((first + r) as usize) * out.stride(1);
+                out[at] = sums[base as usize];
+            }
+            sync_cube();
+        }
+    }
+
+    /// A mat-vec for a few rows of `x`: `CUBE_DIM_X / lanes` output rows a workgroup (see
+    /// [`matvec_row`]).
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn qmatvec_kernel(
         w: &Tensor<u32>,
+        sc: &Tensor<u32>,
         table: &Tensor<f32>,
         x: &Tensor<f32>,
         out: &mut Tensor<f32>,
@@ -674,32 +1054,121 @@ mod kernels {
         cols: u32,
         row_bytes: u32,
         n: u32,
+        lanes: u32,
         #[comptime] fmt: u32,
         #[comptime] group: usize,
     ) {
-        let r = CUBE_POS as u32;
-        if r >= rows {
-            terminate!();
-        }
-        let u = UNIT_POS_X;
-        let row = r * row_bytes;
-        let (xs0, xs1) = (x.stride(0), x.stride(1));
+        let r = (CUBE_POS as u32) * (CUBE_DIM_X / lanes) + UNIT_POS_X / lanes;
         let mut sums = Shared::<[f32]>::new_slice(group);
-        let g = CUBE_DIM_X;
-        for b in 0..n {
-            let mut acc = 0.0f32;
-            let mut k = u;
-            while k < cols {
-                acc += value(w, table, row, k, fmt) * x[(b as usize) * xs0 + (k as usize) * xs1];
-                k += g;
-            }
-            sums[u as usize] = acc;
-            let total = group_sum(&mut sums, u);
-            if u == 0 {
-                let at = (b as usize) * out.stride(0) + ((first + r) as usize) * out.stride(1);
-                out[at] = total;
-            }
-            sync_cube();
+        matvec_row(
+            w,
+            sc,
+            table,
+            x,
+            out,
+            &mut sums,
+            r,
+            r < rows,
+            first,
+            cols,
+            row_bytes,
+            n,
+            lanes,
+            fmt,
+        );
+    }
+
+    /// Three mat-vecs of the same rows of `x` in one launch (Q, K and V; gate and up, with an
+    /// empty third): the first `groups0` workgroups take matrix 0, the next `groups1` matrix
+    /// 1, the rest matrix 2, each in its own format.
+    #[cube(launch)]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn qmatvec3_kernel(
+        w0: &Tensor<u32>,
+        s0: &Tensor<u32>,
+        w1: &Tensor<u32>,
+        s1: &Tensor<u32>,
+        w2: &Tensor<u32>,
+        s2: &Tensor<u32>,
+        table: &Tensor<f32>,
+        x: &Tensor<f32>,
+        o0: &mut Tensor<f32>,
+        o1: &mut Tensor<f32>,
+        o2: &mut Tensor<f32>,
+        rows0: u32,
+        rows1: u32,
+        rows2: u32,
+        cols: u32,
+        rb0: u32,
+        rb1: u32,
+        rb2: u32,
+        n: u32,
+        lanes: u32,
+        #[comptime] f0: u32,
+        #[comptime] f1: u32,
+        #[comptime] f2: u32,
+        #[comptime] group: usize,
+    ) {
+        let per = CUBE_DIM_X / lanes;
+        let (g0, g1) = (rows0.div_ceil(per), rows1.div_ceil(per));
+        let cube = CUBE_POS as u32;
+        let at = UNIT_POS_X / lanes;
+        let mut sums = Shared::<[f32]>::new_slice(group);
+        // The branch is the workgroup's: its barriers are every unit's.
+        if cube < g0 {
+            let r = cube * per + at;
+            matvec_row(
+                w0,
+                s0,
+                table,
+                x,
+                o0,
+                &mut sums,
+                r,
+                r < rows0,
+                0,
+                cols,
+                rb0,
+                n,
+                lanes,
+                f0,
+            );
+        } else if cube < g0 + g1 {
+            let r = (cube - g0) * per + at;
+            matvec_row(
+                w1,
+                s1,
+                table,
+                x,
+                o1,
+                &mut sums,
+                r,
+                r < rows1,
+                0,
+                cols,
+                rb1,
+                n,
+                lanes,
+                f1,
+            );
+        } else {
+            let r = (cube - g0 - g1) * per + at;
+            matvec_row(
+                w2,
+                s2,
+                table,
+                x,
+                o2,
+                &mut sums,
+                r,
+                r < rows2,
+                0,
+                cols,
+                rb2,
+                n,
+                lanes,
+                f2,
+            );
         }
     }
 
@@ -1080,6 +1549,95 @@ mod tests {
                 .device()
                 .expect("a wgpu adapter (lavapipe in CI)"),
         )
+    }
+
+    /// Rows of random blocks of `ty` (every value finite and of modest size, as the CPU
+    /// decodes them): `rows x cols` values, the file's bytes and their values.
+    fn random_rows(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> (Vec<u8>, Vec<f32>) {
+        let mut z = seed;
+        let mut next = move || {
+            z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut x = z;
+            x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            x ^ (x >> 31)
+        };
+        let (per, bb) = ty.block();
+        let mut bytes = Vec::new();
+        let mut values = Vec::new();
+        let mut block = vec![0u8; bb];
+        let mut vals = vec![0f32; per];
+        for _ in 0..rows * cols / per {
+            loop {
+                block.iter_mut().for_each(|b| *b = next() as u8);
+                tessera_quant::dequantize(ty, &block, &mut vals);
+                if vals.iter().all(|v| v.is_finite() && v.abs() < 1e6) {
+                    break;
+                }
+            }
+            bytes.extend_from_slice(&block);
+            values.extend_from_slice(&vals);
+        }
+        (bytes, values)
+    }
+
+    /// Every format's products on the GPU, decode rows (the block-wise mat-vec) and prompt
+    /// rows (the per-value kernel), and its row lookup, equal the CPU's dequantized values'
+    /// (to f32 rounding): the moved-out scales, the word reads and each format's chunk code.
+    #[test]
+    fn every_format_multiplies_as_the_cpu_decodes_it() {
+        use crate::weights::Bytes;
+        let Some(device) = wgpu() else { return };
+        let (rows, cols) = (37usize, 512usize);
+        for (s, ty) in tessera_quant::format::ALL_TYPES.into_iter().enumerate() {
+            let (bytes, w) = random_rows(ty, rows, cols, 7 + s as u64);
+            let raw = RawTensor {
+                ty,
+                shape: vec![rows, cols],
+                rows: 0..rows,
+                cols: 0..cols,
+                valid: 0..cols,
+                data: Bytes::from_vec(bytes),
+            };
+            let m = GpuMatrix::upload(&raw, &device).expect("uploads");
+            for n in [1usize, 3, MATVEC_ROWS + 3] {
+                let x: Vec<f32> = (0..n * cols)
+                    .map(|i| ((i * 7919 + s) % 1009) as f32 / 504.5 - 1.0)
+                    .collect();
+                let xt = Tensor::<2>::from_data(TensorData::new(x.clone(), [n, cols]), &device);
+                let got: Vec<f32> = m.forward(xt).into_data().try_into_vec().expect("f32");
+                for b in 0..n {
+                    for r in 0..rows {
+                        let (wr, xb) = (&w[r * cols..][..cols], &x[b * cols..][..cols]);
+                        let want: f64 = wr.iter().zip(xb).map(|(a, c)| *a as f64 * *c as f64).sum();
+                        let mass: f64 =
+                            wr.iter().zip(xb).map(|(a, c)| (*a * *c).abs() as f64).sum();
+                        let g = got[b * rows + r] as f64;
+                        assert!(
+                            (g - want).abs() <= 1e-5 * mass + 1e-6,
+                            "{}: {n} rows, row {b}, output {r}: {g} against {want}",
+                            ty.name()
+                        );
+                    }
+                }
+            }
+            let ids = [0u32, 36, 5, 5];
+            let got: Vec<f32> = m
+                .rows(&ids, &device)
+                .into_data()
+                .try_into_vec()
+                .expect("f32");
+            for (t, &id) in ids.iter().enumerate() {
+                let want = &w[id as usize * cols..][..cols];
+                for (k, (g, v)) in got[t * cols..][..cols].iter().zip(want).enumerate() {
+                    assert!(
+                        (g - v).abs() <= 1e-6 * v.abs(),
+                        "{}: row {id}, value {k}: {g} against {v}",
+                        ty.name()
+                    );
+                }
+            }
+        }
     }
 
     /// More rows than a grid axis holds (65535 workgroups): every row is still normed, once.

@@ -160,6 +160,20 @@ impl Linear {
                 .map(|(y, l)| Tensor::<2>::from_data(TensorData::new(y, [n, l.out]), &device))
                 .collect()
         } else {
+            #[cfg(feature = "wgpu")]
+            {
+                // Q, K and V (gate and up) of the whole input: one launch on a GPU.
+                let gs: Option<Vec<&crate::gpu::GpuMatrix>> = ls
+                    .iter()
+                    .map(|l| match &l.store {
+                        Store::Gpu(g) if l.in_offset == 0 && l.stored_cols == width => Some(g),
+                        _ => None,
+                    })
+                    .collect();
+                if let Some(ys) = gs.and_then(|gs| crate::gpu::GpuMatrix::forward_many(&gs, &x)) {
+                    return Self::add_bias(ys, ls);
+                }
+            }
             ls.iter()
                 .map(|l| match &l.store {
                     #[cfg(feature = "wgpu")]
@@ -176,14 +190,16 @@ impl Linear {
                 })
                 .collect()
         };
+        debug_assert!(ls.iter().all(|l| l.in_width == width));
+        Self::add_bias(outs, ls)
+    }
+
+    fn add_bias(outs: Vec<Tensor<2>>, ls: &[&Linear]) -> Vec<Tensor<2>> {
         outs.into_iter()
             .zip(ls)
-            .map(|(y, l)| {
-                debug_assert_eq!(l.in_width, width);
-                match &l.bias {
-                    Some(b) => y + b.clone(),
-                    None => y,
-                }
+            .map(|(y, l)| match &l.bias {
+                Some(b) => y + b.clone(),
+                None => y,
             })
             .collect()
     }
