@@ -912,7 +912,7 @@ mod kernels {
     }
 
     /// `out[b][first + r] = Σ_k x[b][k] · W[r][k]` (W one part of the matrix), one unit per
-    /// output value.
+    /// output value, a 32-value chunk at a time (dense rows value by value).
     #[cube(launch)]
     #[allow(clippy::too_many_arguments)]
     pub(super) fn qmatmul_kernel(
@@ -937,8 +937,24 @@ mod kernels {
         let row = r * row_bytes;
         let (xs0, xs1) = (x.stride(0), x.stride(1));
         let mut acc = 0.0f32;
-        for k in 0..cols {
-            acc += value(w, sc, table, row, k, fmt) * x[b * xs0 + (k as usize) * xs1];
+        if comptime!(fmt == 0 || fmt == 1 || fmt == 30) {
+            for k in 0..cols {
+                acc += value(w, sc, table, row, k, fmt) * x[b * xs0 + (k as usize) * xs1];
+            }
+        } else {
+            for c in 0..cols / 32 {
+                acc += chunk_dot(
+                    w,
+                    sc,
+                    table,
+                    row,
+                    c,
+                    x,
+                    b * xs0 + ((32 * c) as usize) * xs1,
+                    xs1,
+                    fmt,
+                );
+            }
         }
         let at = b * out.stride(0) + ((first + r) as usize) * out.stride(1);
         out[at] = acc;
