@@ -6,7 +6,8 @@
 #   deploy/gpu/check.sh pack     # here: stripped binaries and the tiny fixtures, xz'd, in .gpu/
 #   deploy/gpu/check.sh run      # there (carry .gpu): writes its results under $OUT
 #
-# `run` checks the reference greedy ids of every tiny fixture and GGUF format on wgpu (1 and 2
+# `run` checks the GPU kernels against the CPU's decoding for every weight format (gpu.rs's unit
+# tests) and the reference greedy ids of every tiny fixture and GGUF format on wgpu (1 and 2
 # shards, exact and fast path: tests/engine.rs's wgpu tests), then writes random models of
 # TinyLlama-1.1B's and SmolLM2-135M's shapes (`tessera synth`) in Q4_0 and Q8_0 and times each
 # on wgpu and on the CPU (`tessera bench --json`: decode, prefill, bytes read per token, kernel
@@ -22,6 +23,9 @@ pack)
   strip -o .gpu/bin/tessera target/release/tessera
   f=$(ls -t target/release/deps/engine-* | grep -v '\.d$' | head -1)
   strip -o .gpu/bin/engine "$f"
+  # tessera-model's unit tests: the GPU kernels against the CPU, format by format.
+  f=$(ls -t target/release/deps/tessera_model-* | grep -v '\.d$\|\.rlib$\|\.rmeta$' | head -1)
+  strip -o .gpu/bin/model "$f"
   for f in tiny-llama tiny-llama-gguf tiny-gemma3 tiny-qwen3-moe; do
     cp -r "../shared/fixtures/$f" .gpu/fixtures/
   done
@@ -41,8 +45,12 @@ run)
   mkdir -p "$work"
   xz -dc .gpu/.gpu.tar.xz | tar -C "$work" -xf -
   export TESSERA_FIXTURES="$work/fixtures"
+  echo "== the kernels against the CPU, every format" >>"$log"
+  timeout 300 "$work/bin/model" gpu:: 2>&1 | grep -E "^test |test result|panicked" >>"$log" ||
+    echo "kernel tests: exit $?" >>"$log"
   echo "== reference ids on wgpu" >>"$log"
-  timeout 300 "$work/bin/engine" wgpu 2>&1 | grep -E "^test |test result|panicked" >>"$log" ||
+  # (not the real Gemma 3 270M: that machine has no network to pull it)
+  timeout 300 "$work/bin/engine" wgpu --skip gemma3_270m 2>&1 | grep -E "^test |test result|panicked" >>"$log" ||
     echo "engine tests: exit $?" >>"$log"
   echo "== speed" >>"$log"
   for shape in ${GPU_CHECK_SHAPES:-tinyllama-1.1b smollm2-135m}; do
