@@ -871,6 +871,29 @@ mod kernels {
                 }
             }
             acc = half(w, b) * s6 * sq - half(w, b + 2) * m6 * sx;
+        } else if comptime!(fmt == 13) {
+            // Q5_K: d · sc · q - dmin · m, bit `cc` of each qh byte the fifth bit
+            let b = row + (c / 8) * bytes;
+            let cc = c % 8;
+            let (s6, m6) = k_scale_min(w, b, cc);
+            let wo = (b + 48 + 32 * (cc / 2)) / 4;
+            let ho = (b + 16) / 4;
+            let shift = 4 * (cc % 2);
+            let mut sq = 0.0f32;
+            let mut sx = 0.0f32;
+            #[unroll]
+            for j in 0..8u32 {
+                let q = w[(wo + j) as usize] >> shift;
+                let h = w[(ho + j) as usize] >> cc;
+                #[unroll]
+                for e in 0..4u32 {
+                    let xv = x[xo + ((4 * j + e) as usize) * xs];
+                    let v = ((q >> (8 * e)) & 0xF) | (((h >> (8 * e)) & 1) << 4);
+                    sq += f32::cast_from(v) * xv;
+                    sx += xv;
+                }
+            }
+            acc = half(w, b) * s6 * sq - half(w, b + 2) * m6 * sx;
         } else if comptime!(fmt == 14) {
             // Q6_K: d · sc · (q - 32), a scale per 16 values
             let b = row + (c / 8) * bytes;
