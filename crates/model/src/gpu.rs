@@ -72,6 +72,11 @@ fn split_scale(ty: GgmlType) -> Option<usize> {
     }
 }
 
+/// Bytes of a block of `ty` on the GPU: the file's, less the scale [`split_scale`] moves out.
+fn body_bytes(ty: GgmlType) -> usize {
+    ty.block_bytes() - split_scale(ty).map_or(0, |_| 2)
+}
+
 /// A weight matrix on the GPU, in its stored format.
 pub struct GpuMatrix {
     /// Parts of whole rows: (first row, rows, words, scales). `words`: the rows' blocks as
@@ -153,14 +158,14 @@ impl GpuMatrix {
             .iter()
             .map(|&v| v as f32)
             .collect();
-        let moved = split_scale(raw.ty).map_or(0, |_| 2 * (row_bytes / raw.ty.block_bytes()));
+
         Ok(GpuMatrix {
             parts,
             table: Tensor::<1>::from_data(TensorData::new(table, [16]), device),
             ty: raw.ty,
             rows,
             cols: raw.cols.len(),
-            row_bytes: row_bytes - moved,
+            row_bytes: row_bytes / raw.ty.block_bytes() * body_bytes(raw.ty),
         })
     }
 
@@ -557,6 +562,7 @@ pub fn count_launches<R>(f: impl FnOnce() -> R) -> (R, Vec<(&'static str, u64)>)
 /// The CubeCL kernels (in a module of their own: CubeCL's `Tensor` is not Burn's).
 mod kernels {
     use cubecl::prelude::*;
+    use tessera_quant::GgmlType;
 
     /// Byte `off` of the packed words.
     #[cube]
@@ -600,22 +606,14 @@ mod kernels {
         if i < 16 { b & 0xF } else { b >> 4 }
     }
 
-    /// Bytes of a block of GGML type `fmt` on the GPU: the file's, less the scale that
-    /// `split_scale` moves to the scales array.
+    /// Bytes of a block of GGML type id `fmt` on the GPU (see [`super::body_bytes`]).
     fn body_bytes(fmt: u32) -> u32 {
-        match fmt {
-            2 | 20 => 16,
-            3 => 20,
-            6 => 20,
-            7 => 24,
-            8 => 32,
-            10 => 84,
-            11 => 108,
-            12 => 144,
-            13 => 176,
-            14 => 208,
-            _ => 136,
-        }
+        super::body_bytes(GgmlType::from_id(fmt).expect("a GGML type id")) as u32
+    }
+
+    /// Whether GGML type id `fmt` stores values one by one (F32, F16, BF16).
+    fn dense(fmt: u32) -> bool {
+        GgmlType::from_id(fmt).is_some_and(|t| t.is_dense())
     }
 
     /// The moved-out scale of the block whose body starts at byte `b` (bodies of `body`
@@ -851,32 +849,14 @@ mod kernels {
                 }
             }
             acc = scale(sc, b, bytes) * s;
-        } else if comptime!(fmt == 12) {
-            // Q4_K: d · sc · q - dmin · m, chunk c % 8 of super-block c / 8
+        } else if comptime!(fmt == 12 || fmt == 13) {
+            // Q4_K / Q5_K: d · sc · q - dmin · m, chunk c % 8 of super-block c / 8; Q5_K's
+            // fifth bit is bit `cc` of each qh byte
             let b = row + (c / 8) * bytes;
             let cc = c % 8;
             let (s6, m6) = k_scale_min(w, b, cc);
-            let wo = (b + 16 + 32 * (cc / 2)) / 4;
-            let shift = 4 * (cc % 2);
-            let mut sq = 0.0f32;
-            let mut sx = 0.0f32;
-            #[unroll]
-            for j in 0..8u32 {
-                let q = w[(wo + j) as usize] >> shift;
-                #[unroll]
-                for e in 0..4u32 {
-                    let xv = x[xo + ((4 * j + e) as usize) * xs];
-                    sq += f32::cast_from((q >> (8 * e)) & 0xF) * xv;
-                    sx += xv;
-                }
-            }
-            acc = half(w, b) * s6 * sq - half(w, b + 2) * m6 * sx;
-        } else if comptime!(fmt == 13) {
-            // Q5_K: d · sc · q - dmin · m, bit `cc` of each qh byte the fifth bit
-            let b = row + (c / 8) * bytes;
-            let cc = c % 8;
-            let (s6, m6) = k_scale_min(w, b, cc);
-            let wo = (b + 48 + 32 * (cc / 2)) / 4;
+            let qs = comptime!(if fmt == 13 { 48u32 } else { 16u32 });
+            let wo = (b + qs + 32 * (cc / 2)) / 4;
             let ho = (b + 16) / 4;
             let shift = 4 * (cc % 2);
             let mut sq = 0.0f32;
@@ -884,11 +864,17 @@ mod kernels {
             #[unroll]
             for j in 0..8u32 {
                 let q = w[(wo + j) as usize] >> shift;
-                let h = w[(ho + j) as usize] >> cc;
+                let mut h = 0u32;
+                if comptime!(fmt == 13) {
+                    h = w[(ho + j) as usize] >> cc;
+                }
                 #[unroll]
                 for e in 0..4u32 {
                     let xv = x[xo + ((4 * j + e) as usize) * xs];
-                    let v = ((q >> (8 * e)) & 0xF) | (((h >> (8 * e)) & 1) << 4);
+                    let mut v = (q >> (8 * e)) & 0xF;
+                    if comptime!(fmt == 13) {
+                        v |= ((h >> (8 * e)) & 1) << 4;
+                    }
                     sq += f32::cast_from(v) * xv;
                     sx += xv;
                 }
@@ -960,7 +946,7 @@ mod kernels {
         let row = r * row_bytes;
         let (xs0, xs1) = (x.stride(0), x.stride(1));
         let mut acc = 0.0f32;
-        if comptime!(fmt == 0 || fmt == 1 || fmt == 30) {
+        if comptime!(dense(fmt)) {
             for k in 0..cols {
                 acc += value(w, sc, table, row, k, fmt) * x[b * xs0 + (k as usize) * xs1];
             }
@@ -1044,7 +1030,7 @@ mod kernels {
         for b in 0..n {
             let mut acc = 0.0f32;
             if active {
-                if comptime!(fmt == 0 || fmt == 1 || fmt == 30) {
+                if comptime!(dense(fmt)) {
                     let mut k = lane;
                     while k < cols {
                         acc += value(w, sc, table, row, k, fmt)
