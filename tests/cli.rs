@@ -395,6 +395,43 @@ fn tokenize_prints_ids_and_pieces_and_chat_without_a_template_is_refused() {
     assert_clear_error(&o, &["no chat template", "llama"]);
 }
 
+/// `tessera bench --kernels`: the CPU's mat-vec alone, for each of its four formats a 14336 x
+/// 4096 matrix of exactly that format's size, with consistent timings and bandwidth shares.
+#[test]
+fn kernel_bench_times_each_format_over_its_real_size() {
+    let o = tessera(&["bench", "--kernels", "--bandwidth-mib", "64", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let v: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(v["backend"], "cpu", "{out}");
+    let bw = v["memory_bandwidth_gb_s"]
+        .as_f64()
+        .expect("the host's bandwidth");
+    // Bytes a block over values a block: 18/32, 34/32, 144/256, 210/256.
+    let want = [
+        ("Q4_0", 18, 32),
+        ("Q8_0", 34, 32),
+        ("Q4_K", 144, 256),
+        ("Q6_K", 210, 256),
+    ];
+    let got = v["kernels"].as_array().expect("kernels");
+    assert_eq!(got.len(), want.len(), "{out}");
+    for (k, (name, block, per)) in got.iter().zip(want) {
+        assert_eq!(k["format"], name, "{out}");
+        assert_eq!(k["bytes"], 14336 * 4096 / per * block, "{name}: {out}");
+        let us = k["us_per_product"].as_f64().unwrap();
+        let gb_s = k["gb_s"].as_f64().unwrap();
+        assert!(us > 0.0, "{name}: {out}");
+        let bytes = k["bytes"].as_f64().unwrap();
+        assert!(
+            (gb_s - bytes / us / 1e3).abs() <= 1e-6 * gb_s,
+            "{name}: {out}"
+        );
+        let share = k["bandwidth_fraction"].as_f64().unwrap();
+        assert!((share - gb_s / bw).abs() <= 1e-6 * share, "{name}: {out}");
+    }
+}
+
 /// `tessera bench --collective`: the all-reduce alone between 2 processes (this one and a
 /// `collective-peer` child) and between 2 QUIC endpoints of one process, reported per vector
 /// length as p50 and p99 microseconds in the JSON's last line; small messages take the datagram

@@ -13,7 +13,7 @@ pub struct BenchArgs {
     #[arg(
         long = "model",
         short = 'm',
-        required_unless_present_any = ["collective", "coordinator"]
+        required_unless_present_any = ["collective", "coordinator", "kernels"]
     )]
     model_name: Option<String>,
     /// How many tensor-parallel shards to split the model into
@@ -49,7 +49,8 @@ pub struct BenchArgs {
     /// Measured runs (the best is reported); one warm-up run comes first
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Size of the buffer for the bandwidth measurement, in MiB (larger than the caches)
+    /// Size of the buffer for the bandwidth measurement, in MiB (larger than the caches); with
+    /// --kernels, of the copies of the matrix taken in turn
     #[arg(long, default_value_t = 2048)]
     bandwidth_mib: usize,
     /// Run the model on this many worker processes (a local cluster over gRPC and QUIC)
@@ -70,6 +71,13 @@ pub struct BenchArgs {
     /// The cluster token, with --coordinator
     #[arg(long, env = "TESSERA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Time the decode mat-vec kernels alone, without a model: a 14336 x 4096 matrix (Llama 3
+    /// 8B's gate) in Q4_0, Q8_0, Q4_K and Q6_K times one activation row on --backend, as GB/s
+    /// of weights read: on the CPU beside the memory bandwidth; on wgpu with each product's
+    /// input the RMSNorm of the last one's output (as in a decode step), and the cost of a
+    /// kernel launch and of a readback
+    #[arg(long, conflicts_with_all = ["collective", "coordinator", "workers"])]
+    kernels: bool,
     /// Also print the results as one JSON object, as the last line of stdout
     #[arg(long)]
     json: bool,
@@ -105,7 +113,9 @@ pub fn memory_bandwidth(mib: usize) -> (f64, usize) {
 }
 
 pub fn run(mut a: BenchArgs) -> anyhow::Result<()> {
-    let report = if a.collective {
+    let report = if a.kernels {
+        run_kernels(&a)?
+    } else if a.collective {
         run_collective(a.workers.unwrap_or(2), a.in_process)?
     } else if let Some(addr) = a.coordinator.clone() {
         run_remote(&a, &addr)?
@@ -125,6 +135,149 @@ pub fn run(mut a: BenchArgs) -> anyhow::Result<()> {
         println!("{report}");
     }
     Ok(())
+}
+
+/// `--kernels`: the matrix shape and the formats it times.
+const KERNEL_SHAPE: (usize, usize) = (14336, 4096);
+const KERNEL_TYPES: [tessera_quant::GgmlType; 4] = {
+    use tessera_quant::GgmlType::*;
+    [Q4_0, Q8_0, Q4_K, Q6_K]
+};
+
+/// `--kernels`: the decode mat-vec alone, format by format, over copies of one random matrix
+/// that together exceed the caches (`--bandwidth-mib`, 2 GiB unless told), so that every
+/// product reads its weights from memory.
+fn run_kernels(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
+    let threads = a.compute.init_threads()?;
+    let (rows, cols) = KERNEL_SHAPE;
+    #[cfg(feature = "wgpu")]
+    let device = match a.backend {
+        Backend::Wgpu => Some(a.backend.device()?),
+        Backend::Cpu => None,
+    };
+    let mut z = 0x2545_f491_4f6c_dd1du64;
+    let mut values = vec![0f32; cols];
+    let mut results = Vec::new();
+    for ty in KERNEL_TYPES {
+        let row_bytes = ty
+            .row_bytes(cols)
+            .ok_or_else(|| anyhow::anyhow!("{cols} values are not whole {} blocks", ty.name()))?;
+        let mut bytes = vec![0u8; rows * row_bytes];
+        for row in bytes.chunks_exact_mut(row_bytes) {
+            for v in values.iter_mut() {
+                z ^= z << 13;
+                z ^= z >> 7;
+                z ^= z << 17;
+                *v = (z >> 40) as f32 / (1u64 << 24) as f32 * 0.1 - 0.05;
+            }
+            tessera_quant::quantize::quantize_row(ty, &values, row).map_err(anyhow::Error::msg)?;
+        }
+        let copies = (a.bandwidth_mib << 20).div_ceil(bytes.len()).max(2);
+        let seconds = match a.backend {
+            Backend::Cpu => cpu_matvec_seconds(ty, (rows, cols), &bytes, copies, a)?,
+            #[cfg(feature = "wgpu")]
+            Backend::Wgpu => tessera_model::probe::matvec_seconds(
+                ty,
+                (rows, cols),
+                &bytes,
+                copies,
+                0.5,
+                device.as_ref().expect("a wgpu device"),
+            )?,
+            #[cfg(not(feature = "wgpu"))]
+            Backend::Wgpu => a.backend.device().map(|_| 0.0)?,
+        };
+        let gb_s = bytes.len() as f64 / seconds / 1e9;
+        println!(
+            "{} {rows} x {cols} ({:.1} MB) times one row: {:.1} us a product, {gb_s:.1} GB/s",
+            ty.name(),
+            bytes.len() as f64 / 1e6,
+            seconds * 1e6
+        );
+        results.push(serde_json::json!({
+            "format": ty.name(),
+            "rows": rows,
+            "cols": cols,
+            "bytes": bytes.len(),
+            "us_per_product": seconds * 1e6,
+            "gb_s": gb_s,
+        }));
+    }
+    // The host's bandwidth on the CPU; on a GPU, the cost of a launch and of a readback (its
+    // memory bandwidth is the card's figure: a probe through Burn's own kernels misread it).
+    let (bandwidth, fixed) = match a.backend {
+        Backend::Cpu => {
+            let (bw, t) = memory_bandwidth(a.bandwidth_mib);
+            println!(
+                "memory bandwidth: {:.1} GB/s (streaming read of {} MiB, {t} threads)",
+                bw / 1e9,
+                a.bandwidth_mib
+            );
+            (Some(bw), None)
+        }
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => {
+            let d = device.as_ref().expect("a wgpu device");
+            let (launch, trip) = tessera_model::probe::fixed_seconds(d, 2000);
+            println!(
+                "a small kernel queued behind the last: {:.1} us; a launch and a readback: {:.1} us",
+                launch * 1e6,
+                trip * 1e6
+            );
+            (None, Some((launch, trip)))
+        }
+        #[cfg(not(feature = "wgpu"))]
+        Backend::Wgpu => anyhow::bail!("this build of tessera has no wgpu support"),
+    };
+    if let Some(bw) = bandwidth {
+        for r in results.iter_mut() {
+            let share = r["gb_s"].as_f64().unwrap_or(0.0) * 1e9 / bw;
+            r["bandwidth_fraction"] = serde_json::json!(share);
+        }
+    }
+    Ok(serde_json::json!({
+        "kernels": results,
+        "backend": a.backend.name(),
+        "precision": if a.compute.exact { "exact" } else { "fast" },
+        "threads": threads,
+        "memory_bandwidth_gb_s": bandwidth.map(|b| b / 1e9),
+        "launch_us": fixed.map(|f| f.0 * 1e6),
+        "round_trip_us": fixed.map(|f| f.1 * 1e6),
+    }))
+}
+
+/// Seconds per CPU mat-vec (one row) of a `rows x cols` matrix of `ty` blocks, over `copies`
+/// copies taken in turn: a warm-up round, then about half a second of products.
+fn cpu_matvec_seconds(
+    ty: tessera_quant::GgmlType,
+    (rows, cols): (usize, usize),
+    bytes: &[u8],
+    copies: usize,
+    a: &BenchArgs,
+) -> anyhow::Result<f64> {
+    let copies: Vec<Vec<u8>> = (0..copies).map(|_| bytes.to_vec()).collect();
+    let ms = copies
+        .iter()
+        .map(|c| tessera_quant::QMatrix::new(ty, rows, cols, c))
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(anyhow::Error::msg)?;
+    let x: Vec<f32> = (0..cols)
+        .map(|i| ((i * 7919) % 1009) as f32 / 504.5 - 1.0)
+        .collect();
+    let mut y = vec![0f32; rows];
+    let prec = a.compute.precision();
+    let t = Instant::now();
+    for m in &ms {
+        tessera_quant::matmul(m, &x, 1, &mut y, prec);
+    }
+    let each = t.elapsed().as_secs_f64() / ms.len() as f64;
+    let iters = ((0.5 / each) as usize).clamp(ms.len(), 100 * ms.len());
+    let t = Instant::now();
+    for i in 0..iters {
+        tessera_quant::matmul(&ms[i % ms.len()], &x, 1, &mut y, prec);
+    }
+    std::hint::black_box(&y);
+    Ok(t.elapsed().as_secs_f64() / iters as f64)
 }
 
 const COLLECTIVE_LENS: [usize; 4] = [576, 4096, 16384, 1 << 20];
@@ -383,7 +536,7 @@ fn run_local(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
             n as f64 / cfg.layers as f64
         );
     }
-    let bw = report_bandwidth(a.bandwidth_mib, reached);
+    let bw = report_bandwidth(a.bandwidth_mib, reached, a.m().backend);
     Ok(serde_json::json!({
         "model": a.m().model,
         "dispatches_per_token": launches,
@@ -403,8 +556,8 @@ fn run_local(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         "params_active": cfg.active_param_count(),
         "rss_bytes": rss,
         "decode_gb_s": reached / 1e9,
-        "memory_bandwidth_gb_s": bw / 1e9,
-        "bandwidth_fraction": reached / bw,
+        "memory_bandwidth_gb_s": bw.map(|b| b / 1e9),
+        "bandwidth_fraction": bw.map(|b| reached / b),
     }))
 }
 
@@ -437,8 +590,16 @@ fn count_decode_launches(
 }
 
 /// Measures the machine's bandwidth and says what share of it decode (`reached` bytes/s) used;
-/// returns the bandwidth in bytes/s.
-fn report_bandwidth(mib: usize, reached: f64) -> f64 {
+/// returns the bandwidth in bytes/s. Not on a GPU, whose weights are in its own memory: the
+/// host's bandwidth says nothing there (compare with the card's figure).
+fn report_bandwidth(mib: usize, reached: f64, backend: Backend) -> Option<f64> {
+    if backend != Backend::Cpu {
+        println!(
+            "decode reached: {:.2} GB/s of weights from the GPU's memory",
+            reached / 1e9
+        );
+        return None;
+    }
     let (bw, threads) = memory_bandwidth(mib);
     println!(
         "memory bandwidth: {:.2} GB/s (streaming read of {mib} MiB, {threads} threads)",
@@ -449,7 +610,7 @@ fn report_bandwidth(mib: usize, reached: f64) -> f64 {
         reached / 1e9,
         100.0 * reached / bw
     );
-    bw
+    Some(bw)
 }
 
 /// The same measurement through a local cluster of worker processes: also reports the mean
@@ -526,7 +687,7 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
             .collect::<Vec<_>>()
             .join(" + "),
     );
-    let bw = report_bandwidth(a.bandwidth_mib, reached);
+    let bw = report_bandwidth(a.bandwidth_mib, reached, a.m().backend);
     Ok(serde_json::json!({
         "model": a.m().model,
         "backend": a.m().backend.name(),
@@ -549,8 +710,8 @@ fn run_cluster(a: &BenchArgs, n: usize) -> anyhow::Result<serde_json::Value> {
         "logits_bytes_per_step": d.logits_bytes_per_step,
         "wire": a.wire.name(),
         "decode_gb_s": reached / 1e9,
-        "memory_bandwidth_gb_s": bw / 1e9,
-        "bandwidth_fraction": reached / bw,
+        "memory_bandwidth_gb_s": bw.map(|b| b / 1e9),
+        "bandwidth_fraction": bw.map(|b| reached / b),
     }))
 }
 

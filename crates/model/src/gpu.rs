@@ -26,13 +26,28 @@ const WORKGROUP: u32 = 64;
 /// NVIDIA, 32 or 64 on AMD, 8-32 on Intel and Apple).
 const ROW_GROUP: usize = 64;
 
+/// The most units of a mat-vec's workgroup that share one output row. Fewer units a row means
+/// more rows a workgroup, more chunks a unit and a shorter reduction: on an H100 (NVIDIA's
+/// Vulkan driver) a 14336 x 4096 Q4_0 product took 270 us with 64 units a row, 149 with 16 and
+/// 98 with 8, and lavapipe too was fastest with 8 (see README, "Which backend").
+const MATVEC_LANES: usize = 8;
+
 /// Units of a mat-vec's workgroup that share one output row: one per 32-value chunk of the
-/// row up to [`ROW_GROUP`] (a power of two), so a short row (576 values: 18 chunks) does not
-/// leave most of the workgroup idle; the workgroup takes `ROW_GROUP / lanes` rows.
+/// row up to [`MATVEC_LANES`] (a power of two), so a short row does not leave units idle; the
+/// workgroup takes `ROW_GROUP / lanes` rows. `TESSERA_GPU_LANES` (a power of two up to 64)
+/// sets another cap, to try other splits on a new GPU (`tessera bench --kernels`).
 fn lanes_for(cols: usize, dense: bool) -> u32 {
+    static CAP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cap = *CAP.get_or_init(|| {
+        std::env::var("TESSERA_GPU_LANES")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|l| l.is_power_of_two() && *l <= ROW_GROUP)
+            .unwrap_or(MATVEC_LANES)
+    });
     let units = if dense { cols } else { cols / 32 };
     let mut lanes = 1;
-    while lanes * 2 <= units.min(ROW_GROUP) {
+    while lanes * 2 <= units.min(cap) {
         lanes *= 2;
     }
     lanes as u32
@@ -557,6 +572,94 @@ pub fn count_launches<R>(f: impl FnOnce() -> R) -> (R, Vec<(&'static str, u64)>)
             .collect();
     by.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
     (r, by)
+}
+
+/// Probes of this adapter's speed, for `tessera bench --kernels` (the engine does not use them).
+pub mod probe {
+    use super::{GpuMatrix, rms_norm};
+    use crate::error::Result;
+    use crate::weights::{Bytes, RawTensor};
+    use burn::tensor::{Device, Tensor, TensorData};
+    use std::time::Instant;
+    use tessera_quant::GgmlType;
+
+    /// Seconds per decode product (one activation row) of a `rows x cols` matrix of `ty`
+    /// blocks (`bytes`, the file's layout, `rows >= cols`): `copies` uploads of it are taken in
+    /// turn, so that none is still in the GPU's cache when its turn comes again, each product's
+    /// input the RMSNorm of the last one's first `cols` outputs (as a decode step chains its
+    /// layers: one readback at the end then waits for every product, and the time includes
+    /// that small launch); after a warm-up round, as many products as take about `seconds`.
+    pub fn matvec_seconds(
+        ty: GgmlType,
+        (rows, cols): (usize, usize),
+        bytes: &[u8],
+        copies: usize,
+        seconds: f64,
+        device: &Device,
+    ) -> Result<f64> {
+        if rows < cols {
+            return Err(crate::error::ModelError::Backend(format!(
+                "the probe chains products: {rows} rows must be at least the {cols} columns"
+            )));
+        }
+        let raw = RawTensor {
+            ty,
+            shape: vec![rows, cols],
+            rows: 0..rows,
+            cols: 0..cols,
+            valid: 0..cols,
+            data: Bytes::from_vec(bytes.to_vec()),
+        };
+        let ms = (0..copies.max(1))
+            .map(|_| GpuMatrix::upload(&raw, device))
+            .collect::<Result<Vec<_>>>()?;
+        let x: Vec<f32> = (0..cols)
+            .map(|i| ((i * 7919) % 1009) as f32 / 504.5 - 1.0)
+            .collect();
+        let norm = Tensor::<2>::ones([1, cols], device);
+        let mut x = Tensor::<2>::from_data(TensorData::new(x, [1, cols]), device);
+        let mut run = |k: usize| {
+            for i in 0..k {
+                let y = ms[i % ms.len()].forward(x.clone());
+                x = rms_norm(y.slice([0..1, 0..cols]), &norm, 1e-5);
+            }
+            x.clone().try_into_data().map_err(|e| {
+                crate::error::ModelError::Backend(format!("the probe's products failed: {e:?}"))
+            })
+        };
+        run(ms.len())?;
+        let t = Instant::now();
+        run(ms.len())?;
+        let each = t.elapsed().as_secs_f64() / ms.len() as f64;
+        let iters = ((seconds / each) as usize).clamp(ms.len(), 100 * ms.len());
+        let t = Instant::now();
+        run(iters)?;
+        Ok(t.elapsed().as_secs_f64() / iters as f64)
+    }
+
+    /// The fixed costs a decode step pays on this adapter and driver: seconds per launch of a
+    /// one-workgroup kernel (RMSNorm of a 64-wide row) queued `n` times back to back, each on
+    /// the last one's output, and seconds per synchronous round trip (that launch and a
+    /// readback of its 256 bytes), `n / 10` times.
+    pub fn fixed_seconds(device: &Device, n: usize) -> (f64, f64) {
+        let w = Tensor::<2>::ones([1, 64], device);
+        let mut x = Tensor::<2>::ones([1, 64], device);
+        x = rms_norm(x, &w, 1e-5);
+        let _ = x.clone().into_data();
+        let t = Instant::now();
+        for _ in 0..n {
+            x = rms_norm(x, &w, 1e-5);
+        }
+        let _ = x.clone().into_data();
+        let launch = t.elapsed().as_secs_f64() / n as f64;
+        let m = (n / 10).max(1);
+        let t = Instant::now();
+        for _ in 0..m {
+            x = rms_norm(x, &w, 1e-5);
+            let _ = x.clone().into_data();
+        }
+        (launch, t.elapsed().as_secs_f64() / m as f64)
+    }
 }
 
 /// The CubeCL kernels (in a module of their own: CubeCL's `Tensor` is not Burn's).

@@ -24,7 +24,7 @@ pub use engine::{
 };
 pub use error::{ModelError, Result};
 #[cfg(feature = "wgpu")]
-pub use gpu::count_launches;
+pub use gpu::{count_launches, probe};
 pub use loader::{ModelFiles, sha256_file};
 pub use sampling::{
     Candidates, Draw, MAX_CANDIDATES, MAX_LOGPROBS, NUCLEUS_CANDIDATES, Sampler, SamplingParams,
