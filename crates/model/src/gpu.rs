@@ -578,7 +578,7 @@ pub fn count_launches<R>(f: impl FnOnce() -> R) -> (R, Vec<(&'static str, u64)>)
 pub mod probe {
     use super::{GpuMatrix, rms_norm};
     use crate::error::Result;
-    use crate::weights::{Bytes, RawTensor};
+    use crate::weights::RawTensor;
     use burn::tensor::{Device, Tensor, TensorData};
     use std::time::Instant;
     use tessera_quant::GgmlType;
@@ -602,14 +602,7 @@ pub mod probe {
                 "the probe chains products: {rows} rows must be at least the {cols} columns"
             )));
         }
-        let raw = RawTensor {
-            ty,
-            shape: vec![rows, cols],
-            rows: 0..rows,
-            cols: 0..cols,
-            valid: 0..cols,
-            data: Bytes::from_vec(bytes.to_vec()),
-        };
+        let raw = RawTensor::whole(ty, rows, cols, bytes.to_vec());
         let ms = (0..copies.max(1))
             .map(|_| GpuMatrix::upload(&raw, device))
             .collect::<Result<Vec<_>>>()?;
@@ -1714,19 +1707,11 @@ mod tests {
     /// (to f32 rounding): the moved-out scales, the word reads and each format's chunk code.
     #[test]
     fn every_format_multiplies_as_the_cpu_decodes_it() {
-        use crate::weights::Bytes;
         let Some(device) = wgpu() else { return };
         let (rows, cols) = (37usize, 512usize);
         for (s, ty) in tessera_quant::format::ALL_TYPES.into_iter().enumerate() {
             let (bytes, w) = random_rows(ty, rows, cols, 7 + s as u64);
-            let raw = RawTensor {
-                ty,
-                shape: vec![rows, cols],
-                rows: 0..rows,
-                cols: 0..cols,
-                valid: 0..cols,
-                data: Bytes::from_vec(bytes),
-            };
+            let raw = RawTensor::whole(ty, rows, cols, bytes);
             let m = GpuMatrix::upload(&raw, &device).expect("uploads");
             for n in [1usize, 3, MATVEC_ROWS + 3] {
                 let x: Vec<f32> = (0..n * cols)

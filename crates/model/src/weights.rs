@@ -333,6 +333,18 @@ pub struct RawTensor {
 }
 
 impl RawTensor {
+    /// A whole `rows x cols` matrix of `ty` blocks (`data`, the file's layout).
+    pub fn whole(ty: GgmlType, rows: usize, cols: usize, data: Vec<u8>) -> RawTensor {
+        RawTensor {
+            ty,
+            shape: vec![rows, cols],
+            rows: 0..rows,
+            cols: 0..cols,
+            valid: 0..cols,
+            data: Bytes::from_vec(data),
+        }
+    }
+
     pub fn row_bytes(&self) -> usize {
         self.data.len() / self.rows.len().max(1)
     }
