@@ -9,8 +9,8 @@
 #   deploy/gpu/check.sh tune     # there: the mat-vec's row split (TESSERA_GPU_LANES) compared
 #
 # `run` checks the GPU kernels against the CPU's decoding for every weight format (gpu.rs's unit
-# tests), times the mat-vec kernels alone against the card's bandwidth (`tessera bench
-# --kernels`, on wgpu and on the CPU), writes random models of TinyLlama-1.1B's shape in Q4_0
+# tests), times the mat-vec kernels alone (`tessera bench --kernels`, on wgpu and on the CPU:
+# GB/s of weights, and on wgpu the host's cost of a launch and of a readback), writes random models of TinyLlama-1.1B's shape in Q4_0
 # and Q8_0 and SmolLM2-135M's in Q4_0 (`tessera synth`) and times each on wgpu and on the CPU
 # (`tessera bench --json`: decode, prefill, bytes read per token, kernel launches per token),
 # checks the reference greedy ids of every tiny fixture and GGUF format on wgpu (1 and 2
