@@ -10,14 +10,15 @@
 #
 # `run` checks the GPU kernels against the CPU's decoding for every weight format (gpu.rs's unit
 # tests), times the mat-vec kernels alone (`tessera bench --kernels`, on wgpu and on the CPU:
-# GB/s of weights, and on wgpu the host's cost of a launch and of a readback), writes random models of TinyLlama-1.1B's shape in Q4_0
-# and Q8_0 and SmolLM2-135M's in Q4_0 (`tessera synth`) and times each on wgpu and on the CPU
-# (`tessera bench --json`: decode, prefill, bytes read per token, kernel launches per token),
-# checks the reference greedy ids of every tiny fixture and GGUF format on wgpu (1 and 2
-# shards, exact and fast path: tests/engine.rs's wgpu tests), and, where time is left, times
-# Llama 3 8B's shape in Q4_0 too. The lent machines' image has NVIDIA's driver but neither
-# Vulkan's loader nor glvnd's libGLdispatch, which NVIDIA's Vulkan driver needs: without `.gl`
-# wgpu finds no adapter there (seen on an H100, 2026-11-27).
+# GB/s of weights, and on wgpu the host's cost of a launch and of a readback), writes random
+# models of TinyLlama-1.1B's shape in Q4_0 and Q8_0 and SmolLM2-135M's in Q4_0 (`tessera
+# synth`) and times each on wgpu and on the CPU (`tessera bench --json`: decode, prefill, bytes
+# read per token, kernel launches per token), checks the reference greedy ids of every tiny
+# fixture and GGUF format on wgpu (1 and 2 shards, exact and fast path: tests/engine.rs's wgpu
+# tests), and, where time is left, times Llama 3 8B's shape in Q4_0 too. On a lent H100
+# (2026-11-27) wgpu found no adapter with Vulkan's loader alone, and found the H100 once glvnd's
+# libraries from `.gl` were unpacked too (NVIDIA's Vulkan driver, libGLX_nvidia, links glvnd's
+# libGLdispatch).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
