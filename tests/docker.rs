@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const BASE: &str = "tessera-test-base:bookworm";
+const BASE: &str = "tessera-test-base:bookworm-glvnd";
 const IMAGE: &str = "tessera:test";
 
 fn repo() -> PathBuf {
@@ -84,7 +84,7 @@ fn images() {
         let _ = std::fs::remove_dir_all(&rootfs);
         run(Command::new("debootstrap").args([
             "--variant=minbase",
-            "--include=libvulkan1,ca-certificates",
+            "--include=libvulkan1,libglvnd0,ca-certificates",
             "bookworm",
             rootfs.to_str().unwrap(),
             "http://deb.debian.org/debian",
