@@ -155,23 +155,15 @@ fn run_kernels(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         Backend::Wgpu => Some(a.backend.device()?),
         Backend::Cpu => None,
     };
-    let mut z = 0x2545_f491_4f6c_dd1du64;
-    let mut values = vec![0f32; cols];
     let mut results = Vec::new();
-    for ty in KERNEL_TYPES {
+    for (i, ty) in KERNEL_TYPES.into_iter().enumerate() {
         let row_bytes = ty
             .row_bytes(cols)
             .ok_or_else(|| anyhow::anyhow!("{cols} values are not whole {} blocks", ty.name()))?;
+        // The weights `tessera synth` writes.
         let mut bytes = vec![0u8; rows * row_bytes];
-        for row in bytes.chunks_exact_mut(row_bytes) {
-            for v in values.iter_mut() {
-                z ^= z << 13;
-                z ^= z >> 7;
-                z ^= z << 17;
-                *v = (z >> 40) as f32 / (1u64 << 24) as f32 * 0.1 - 0.05;
-            }
-            tessera_quant::quantize::quantize_row(ty, &values, row).map_err(anyhow::Error::msg)?;
-        }
+        tessera_model::requant::random_rows(ty, cols, (1, i, 0), false, &mut bytes)
+            .map_err(anyhow::Error::msg)?;
         let copies = (a.bandwidth_mib << 20).div_ceil(bytes.len()).max(2);
         let seconds = match a.backend {
             Backend::Cpu => cpu_matvec_seconds(ty, (rows, cols), &bytes, copies, a)?,

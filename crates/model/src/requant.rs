@@ -484,36 +484,51 @@ fn synth(partial: &Path, shape: &Shape, target: &Target, seed: u64) -> Result<Su
         for r0 in (0..rows).step_by(batch) {
             let n = batch.min(rows - r0);
             out.resize(n * out_row, 0);
-            tessera_quant::in_pool(|| {
-                out.par_chunks_mut(out_row).enumerate().try_for_each_init(
-                    || vec![0f32; cols],
-                    |x, (r, o)| {
-                        // A generator per row, from (seed, tensor, row): any thread order
-                        // writes the same bytes.
-                        let mut z = seed ^ ((i as u64) << 40) ^ (r0 + r) as u64;
-                        for v in x.iter_mut() {
-                            *v = if norm {
-                                1.0
-                            } else {
-                                z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                                let mut m = z;
-                                m = (m ^ (m >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                                m = (m ^ (m >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                                m ^= m >> 31;
-                                ((m >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-                            };
-                        }
-                        quantize_row(*ty, x, o)
-                    },
-                )
-            })
-            .map_err(|e| ModelError::format(partial, format!("{}: {e}", t.name)))?;
+            random_rows(*ty, cols, (seed, i, r0), norm, &mut out)
+                .map_err(|e| ModelError::format(partial, format!("{}: {e}", t.name)))?;
             w.put(&out)?;
         }
         w.pad(align)?;
     }
     w.finish()?;
     Ok(summary)
+}
+
+/// Whole rows of `ty` blocks into `out` (`cols` values a row): rows `first..` of tensor
+/// `tensor` of a random model from `seed`, values uniform in ±0.05 (all 1 for a `norm`), on the
+/// kernels' threads. A generator per row, from (seed, tensor, row): any thread order writes
+/// the same bytes.
+pub fn random_rows(
+    ty: GgmlType,
+    cols: usize,
+    (seed, tensor, first): (u64, usize, usize),
+    norm: bool,
+    out: &mut [u8],
+) -> std::result::Result<(), String> {
+    let row_bytes = ty
+        .row_bytes(cols)
+        .ok_or_else(|| format!("{cols} values are not whole {} blocks", ty.name()))?;
+    tessera_quant::in_pool(|| {
+        out.par_chunks_mut(row_bytes).enumerate().try_for_each_init(
+            || vec![0f32; cols],
+            |x, (r, o)| {
+                let mut z = seed ^ ((tensor as u64) << 40) ^ (first + r) as u64;
+                for v in x.iter_mut() {
+                    *v = if norm {
+                        1.0
+                    } else {
+                        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                        let mut m = z;
+                        m = (m ^ (m >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                        m = (m ^ (m >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                        m ^= m >> 31;
+                        ((m >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+                    };
+                }
+                quantize_row(ty, x, o)
+            },
+        )
+    })
 }
 
 /// The tensor directory: each tensor's name, dimensions, type and offset in the data section
