@@ -20,7 +20,9 @@ pub(crate) fn dequant_rows(isa: Isa, w: &QMatrix, r0: usize, rows: usize, out: &
         let row = &w.data[(r0 + i) * rb..(r0 + i + 1) * rb];
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => crate::x86::dequant_row(w.ty, row, o),
+            Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Bw | Isa::Avx512 => {
+                crate::x86::dequant_row(w.ty, row, o)
+            }
             _ => dequant_row_scalar(w.ty, row, o),
         }
     }
@@ -84,7 +86,7 @@ pub(crate) fn gemm_tiles(
         wbuf[nr * k..].iter_mut().for_each(|v| *v = 0.0);
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => {
+            Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Bw | Isa::Avx512 => {
                 crate::x86::gemm_tile(isa, &wbuf, k, xt, width, &mut c)
             }
             _ => gemm_tile_scalar(&wbuf, k, xt, width, &mut c),

@@ -69,6 +69,9 @@ pub enum Isa {
     Avx2,
     /// AVX2 with AVX-VNNI dot products (`vpdpbusd` on 256-bit vectors; Alder Lake, Zen 5).
     AvxVnni,
+    /// AVX-512 (F, BW, DQ, VL) without VNNI: the 512-bit kernels with `vpmaddubsw` and
+    /// `vpmaddwd` for the dot products (Skylake-SP), the same sums as [`Isa::Avx512`]'s.
+    Avx512Bw,
     /// AVX-512 with VNNI: two 32-value chunks per 512-bit vector (Ice Lake and later, Zen 4).
     Avx512,
 }
@@ -79,6 +82,7 @@ impl Isa {
             Isa::Scalar => "scalar",
             Isa::Avx2 => "avx2",
             Isa::AvxVnni => "avx-vnni",
+            Isa::Avx512Bw => "avx512bw",
             Isa::Avx512 => "avx512",
         }
     }
@@ -93,6 +97,9 @@ impl Isa {
             }
             if crate::x86::has_avx_vnni() {
                 v.push(Isa::AvxVnni);
+            }
+            if crate::x86::has_avx512bw() {
+                v.push(Isa::Avx512Bw);
             }
             if crate::x86::has_avx512() {
                 v.push(Isa::Avx512);
@@ -273,7 +280,7 @@ pub fn matmul_rows(
     let total_rows: usize = ws.iter().map(|w| w.rows).sum();
     if !gemm.is_empty() {
         let width = match isa {
-            Isa::Avx512 => gemm.len().next_multiple_of(32),
+            Isa::Avx512 | Isa::Avx512Bw => gemm.len().next_multiple_of(32),
             Isa::Avx2 | Isa::AvxVnni => gemm.len().next_multiple_of(16),
             Isa::Scalar => gemm.len(),
         };
@@ -336,7 +343,9 @@ pub fn matmul_rows(
 fn rows_fast(isa: Isa, ty: GgmlType, w: &[u8], rows: std::ops::Range<usize>, a: &QActs, out: &Out) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => crate::x86::rows_fast(isa, ty, w, rows, a, out),
+        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Bw | Isa::Avx512 => {
+            crate::x86::rows_fast(isa, ty, w, rows, a, out)
+        }
         _ => crate::scalar::rows_fast(ty, w, rows, a, out),
     }
 }
@@ -354,7 +363,7 @@ fn rows_exact(
 ) {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512 => {
+        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Bw | Isa::Avx512 => {
             crate::x86::rows_exact(ty, w, rows, x, n, cols, out)
         }
         _ => crate::scalar::rows_exact(ty, w, rows, x, n, cols, out),

@@ -1,7 +1,8 @@
 //! x86-64 kernels: every format's 32-value chunk unpacked into one 256-bit vector of small
 //! integers (two chunks into one 512-bit vector on AVX-512), then either integer dot products
-//! with quantized activations (AVX2 `maddubs`, AVX-VNNI or AVX-512 VNNI `vpdpbusd`) or f32 FMAs
-//! against f32 activations (the exact path, one AVX2 compilation for every instruction set).
+//! with quantized activations (`maddubs` on AVX2 and on AVX-512 without VNNI, `vpdpbusd` on
+//! AVX-VNNI and AVX-512 VNNI) or f32 FMAs against f32 activations (the exact path, one AVX2
+//! compilation for every instruction set).
 //! The instruction set is picked at run time. Super-block formats decode their scales once per
 //! block on AVX-512; weights are prefetched ahead of the row being read.
 
@@ -24,13 +25,17 @@ pub(crate) fn has_avx_vnni() -> bool {
     has_avx2() && is_x86_feature_detected!("avxvnni")
 }
 
-pub(crate) fn has_avx512() -> bool {
+/// AVX-512 F, BW, DQ and VL: what the 512-bit kernels need besides VNNI.
+pub(crate) fn has_avx512bw() -> bool {
     has_avx2()
         && is_x86_feature_detected!("avx512f")
         && is_x86_feature_detected!("avx512bw")
         && is_x86_feature_detected!("avx512dq")
         && is_x86_feature_detected!("avx512vl")
-        && is_x86_feature_detected!("avx512vnni")
+}
+
+pub(crate) fn has_avx512() -> bool {
+    has_avx512bw() && is_x86_feature_detected!("avx512vnni")
 }
 
 /// [`crate::act::QActs`] quantization of 16-value blocks: the same operations as the portable
@@ -910,270 +915,312 @@ macro_rules! isa_kernels {
 
 /// The 512-bit kernel: two chunks per vector, with the activations' scales and sums already
 /// laid out per pair by [`QActs`] (so the float work per pair is one permute, one multiply and
-/// two FMAs).
-mod avx512 {
-    use super::*;
+/// two FMAs). Two instantiations: `avx512` with VNNI (Ice Lake and later, Zen 4), `avx512bw`
+/// without (Skylake-SP Xeons, common in cloud VMs), whose sums come out the same.
+macro_rules! avx512_kernels {
+    ($m:ident, $feat:tt, $vnni:expr) => {
+        mod $m {
+            use super::*;
 
-    /// How far ahead of the current block the weights are prefetched, in bytes: past the
-    /// hardware streamer's reach when the rows come from L3 or memory.
-    const PREFETCH: usize = 2048;
+            /// How far ahead of the current block the weights are prefetched, in bytes: past the
+            /// hardware streamer's reach when the rows come from L3 or memory.
+            const PREFETCH: usize = 2048;
 
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
-    pub(super) unsafe fn fast<F: Fmt, const R: usize, const B: usize>(
-        w: *const u8,
-        row_bytes: usize,
-        r0: usize,
-        a: &QActs,
-        b0: usize,
-        out: &Out,
-    ) {
-        let cols = a.cols;
-        let chunks = cols / 32;
-        let pairs = a.pairs();
-        let mut acc = [[_mm512_setzero_ps(); B]; R];
-        let mut cacc = [[_mm_setzero_ps(); B]; R];
-        if F::PER == 256 {
-            // Super-blocks: their scales decoded once per block, four pairs each.
-            for blk in 0..chunks / 8 {
-                let mut sc = [(_mm512_setzero_ps(), _mm512_setzero_ps()); R];
-                for (ri, s) in sc.iter_mut().enumerate() {
-                    // SAFETY: the caller checked the rows exist.
-                    *s = unsafe { F::block_scales(w.add((r0 + ri) * row_bytes + blk * F::BYTES)) };
+            #[target_feature(enable = $feat)]
+            pub(super) unsafe fn fast<F: Fmt, const R: usize, const B: usize>(
+                w: *const u8,
+                row_bytes: usize,
+                r0: usize,
+                a: &QActs,
+                b0: usize,
+                out: &Out,
+            ) {
+                let cols = a.cols;
+                let chunks = cols / 32;
+                let pairs = a.pairs();
+                let mut acc = [[_mm512_setzero_ps(); B]; R];
+                let mut cacc = [[_mm_setzero_ps(); B]; R];
+                if F::PER == 256 {
+                    // Super-blocks: their scales decoded once per block, four pairs each.
+                    for blk in 0..chunks / 8 {
+                        let mut sc = [(_mm512_setzero_ps(), _mm512_setzero_ps()); R];
+                        for (ri, s) in sc.iter_mut().enumerate() {
+                            // SAFETY: the caller checked the rows exist.
+                            *s = unsafe {
+                                F::block_scales(w.add((r0 + ri) * row_bytes + blk * F::BYTES))
+                            };
+                        }
+                        for p in 0..4 {
+                            // SAFETY: as above.
+                            unsafe {
+                                step_k::<F, R, B>(
+                                    w,
+                                    row_bytes,
+                                    r0,
+                                    a,
+                                    b0,
+                                    4 * blk + p,
+                                    pairs,
+                                    &sc,
+                                    &mut acc,
+                                    &mut cacc,
+                                )
+                            };
+                        }
+                    }
+                } else {
+                    for j in 0..chunks / 2 {
+                        // SAFETY: the caller checked the rows, and whole pairs lie inside them.
+                        unsafe {
+                            step::<F, R, B, true>(
+                                w, row_bytes, r0, a, b0, j, pairs, &mut acc, &mut cacc,
+                            )
+                        };
+                    }
+                    if chunks % 2 == 1 {
+                        // SAFETY: as above; the last half pair reads only its own chunk.
+                        unsafe {
+                            step::<F, R, B, false>(
+                                w,
+                                row_bytes,
+                                r0,
+                                a,
+                                b0,
+                                chunks / 2,
+                                pairs,
+                                &mut acc,
+                                &mut cacc,
+                            )
+                        };
+                    }
                 }
-                for p in 0..4 {
-                    // SAFETY: as above.
+                for ri in 0..R {
+                    for bi in 0..B {
+                        let c = cacc[ri][bi];
+                        let c = _mm_add_ps(c, _mm_movehl_ps(c, c));
+                        let c = _mm_add_ss(c, _mm_movehdup_ps(c));
+                        let v = _mm512_reduce_add_ps(acc[ri][bi]) + _mm_cvtss_f32(c);
+                        out.set(b0 + bi, r0 + ri, v);
+                    }
+                }
+            }
+
+            /// Pair `j` of a super-block format, with each row's block scales decoded.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn step_k<F: Fmt, const R: usize, const B: usize>(
+                w: *const u8,
+                row_bytes: usize,
+                r0: usize,
+                a: &QActs,
+                b0: usize,
+                j: usize,
+                pairs: usize,
+                sc: &[(__m512, __m512); R],
+                acc: &mut [[__m512; B]; R],
+                cacc: &mut [[__m128; B]; R],
+            ) {
+                let cols = a.cols;
+                let k = 2 * j;
+                let blk = (k / 8) * F::BYTES;
+                let c = k % 8;
+                // Halves 2c..2c+4 of the block: lanes 4h..4h+4 of a product hold half 2c + h.
+                let first = _mm512_set1_epi32(2 * c as i32);
+                let spread = _mm512_add_epi32(
+                    first,
+                    _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                );
+                let four = _mm512_add_epi32(
+                    first,
+                    _mm512_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+                );
+                let mut xs = [_mm512_setzero_si512(); B];
+                let mut xs2 = [_mm512_setzero_si512(); B];
+                let mut dxv = [_mm512_setzero_ps(); B];
+                let mut ds = [_mm_setzero_ps(); B];
+                for bi in 0..B {
+                    let b = b0 + bi;
+                    // SAFETY: the caller checked the activation rows exist.
                     unsafe {
-                        step_k::<F, R, B>(
-                            w,
-                            row_bytes,
-                            r0,
-                            a,
-                            b0,
-                            4 * blk + p,
-                            pairs,
-                            &sc,
-                            &mut acc,
-                            &mut cacc,
-                        )
+                        xs[bi] = _mm512_loadu_si512(
+                            a.q.as_ptr().add(b * cols + 32 * k) as *const __m512i
+                        );
+                        xs2[bi] = _mm512_loadu_si512(
+                            a.q2.as_ptr().add(b * cols + 32 * k) as *const __m512i
+                        );
+                        dxv[bi] = _mm512_loadu_ps(a.dxv.as_ptr().add((b * pairs + j) * 16));
+                        ds[bi] = _mm_loadu_ps(a.ds16.as_ptr().add((b * pairs + j) * 4));
+                    }
+                }
+                for ri in 0..R {
+                    let row = w.wrapping_add((r0 + ri) * row_bytes + blk);
+                    _mm_prefetch::<_MM_HINT_T0>(
+                        row.wrapping_add(PREFETCH + 64 * (c / 2)) as *const i8
+                    );
+                    // SAFETY: the caller checked the weight rows exist.
+                    let (v, _) = unsafe { F::unpack2(row, c) };
+                    let (s16, m16) = sc[ri];
+                    let svw = _mm512_permutexvar_ps(spread, s16);
+                    let s4 = _mm512_castps512_ps128(_mm512_permutexvar_ps(four, s16));
+                    let m4 = _mm512_castps512_ps128(_mm512_permutexvar_ps(four, m16));
+                    let corr = if F::OFF == 0 {
+                        m4
+                    } else {
+                        _mm_sub_ps(m4, _mm_mul_ps(_mm_set1_ps(F::OFF as f32), s4))
                     };
+                    let vu = if F::SIGNED { _mm512_abs_epi8(v) } else { v };
+                    let neg = _mm512_movepi8_mask(v);
+                    for bi in 0..B {
+                        let xx = if F::SIGNED {
+                            _mm512_mask_sub_epi8(xs[bi], neg, _mm512_setzero_si512(), xs[bi])
+                        } else {
+                            xs[bi]
+                        };
+                        let xx2 = if F::SIGNED {
+                            _mm512_mask_sub_epi8(xs2[bi], neg, _mm512_setzero_si512(), xs2[bi])
+                        } else {
+                            xs2[bi]
+                        };
+                        // 256 * Σ w·hi + Σ w·lo, exact in 32 bits.
+                        let hi = dot(_mm512_setzero_si512(), vu, xx);
+                        let p = dot(_mm512_slli_epi32(hi, 8), vu, xx2);
+                        let p = _mm512_cvtepi32_ps(p);
+                        acc[ri][bi] = _mm512_fmadd_ps(_mm512_mul_ps(svw, dxv[bi]), p, acc[ri][bi]);
+                        if F::CORR {
+                            cacc[ri][bi] = _mm_fmadd_ps(corr, ds[bi], cacc[ri][bi]);
+                        }
+                    }
                 }
             }
-        } else {
-            for j in 0..chunks / 2 {
-                // SAFETY: the caller checked the rows, and whole pairs lie inside them.
-                unsafe {
-                    step::<F, R, B, true>(w, row_bytes, r0, a, b0, j, pairs, &mut acc, &mut cacc)
-                };
-            }
-            if chunks % 2 == 1 {
-                // SAFETY: as above; the last half pair reads only its own chunk.
-                unsafe {
-                    step::<F, R, B, false>(
-                        w,
-                        row_bytes,
-                        r0,
-                        a,
-                        b0,
-                        chunks / 2,
-                        pairs,
-                        &mut acc,
-                        &mut cacc,
-                    )
-                };
-            }
-        }
-        for ri in 0..R {
-            for bi in 0..B {
-                let c = cacc[ri][bi];
-                let c = _mm_add_ps(c, _mm_movehl_ps(c, c));
-                let c = _mm_add_ss(c, _mm_movehdup_ps(c));
-                let v = _mm512_reduce_add_ps(acc[ri][bi]) + _mm_cvtss_f32(c);
-                out.set(b0 + bi, r0 + ri, v);
-            }
-        }
-    }
 
-    /// Pair `j` of a super-block format, with each row's block scales decoded.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
-    #[inline]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn step_k<F: Fmt, const R: usize, const B: usize>(
-        w: *const u8,
-        row_bytes: usize,
-        r0: usize,
-        a: &QActs,
-        b0: usize,
-        j: usize,
-        pairs: usize,
-        sc: &[(__m512, __m512); R],
-        acc: &mut [[__m512; B]; R],
-        cacc: &mut [[__m128; B]; R],
-    ) {
-        let cols = a.cols;
-        let k = 2 * j;
-        let blk = (k / 8) * F::BYTES;
-        let c = k % 8;
-        // Halves 2c..2c+4 of the block: lanes 4h..4h+4 of a product hold half 2c + h.
-        let first = _mm512_set1_epi32(2 * c as i32);
-        let spread = _mm512_add_epi32(
-            first,
-            _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-        );
-        let four = _mm512_add_epi32(
-            first,
-            _mm512_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-        );
-        let mut xs = [_mm512_setzero_si512(); B];
-        let mut xs2 = [_mm512_setzero_si512(); B];
-        let mut dxv = [_mm512_setzero_ps(); B];
-        let mut ds = [_mm_setzero_ps(); B];
-        for bi in 0..B {
-            let b = b0 + bi;
-            // SAFETY: the caller checked the activation rows exist.
-            unsafe {
-                xs[bi] = _mm512_loadu_si512(a.q.as_ptr().add(b * cols + 32 * k) as *const __m512i);
-                xs2[bi] =
-                    _mm512_loadu_si512(a.q2.as_ptr().add(b * cols + 32 * k) as *const __m512i);
-                dxv[bi] = _mm512_loadu_ps(a.dxv.as_ptr().add((b * pairs + j) * 16));
-                ds[bi] = _mm_loadu_ps(a.ds16.as_ptr().add((b * pairs + j) * 4));
-            }
-        }
-        for ri in 0..R {
-            let row = w.wrapping_add((r0 + ri) * row_bytes + blk);
-            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(PREFETCH + 64 * (c / 2)) as *const i8);
-            // SAFETY: the caller checked the weight rows exist.
-            let (v, _) = unsafe { F::unpack2(row, c) };
-            let (s16, m16) = sc[ri];
-            let svw = _mm512_permutexvar_ps(spread, s16);
-            let s4 = _mm512_castps512_ps128(_mm512_permutexvar_ps(four, s16));
-            let m4 = _mm512_castps512_ps128(_mm512_permutexvar_ps(four, m16));
-            let corr = if F::OFF == 0 {
-                m4
-            } else {
-                _mm_sub_ps(m4, _mm_mul_ps(_mm_set1_ps(F::OFF as f32), s4))
-            };
-            let vu = if F::SIGNED { _mm512_abs_epi8(v) } else { v };
-            let neg = _mm512_movepi8_mask(v);
-            for bi in 0..B {
-                let xx = if F::SIGNED {
-                    _mm512_mask_sub_epi8(xs[bi], neg, _mm512_setzero_si512(), xs[bi])
-                } else {
-                    xs[bi]
-                };
-                let xx2 = if F::SIGNED {
-                    _mm512_mask_sub_epi8(xs2[bi], neg, _mm512_setzero_si512(), xs2[bi])
-                } else {
-                    xs2[bi]
-                };
-                // 256 * Σ w·hi + Σ w·lo, exact in 32 bits.
-                let hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), vu, xx);
-                let p = _mm512_dpbusd_epi32(_mm512_slli_epi32(hi, 8), vu, xx2);
-                let p = _mm512_cvtepi32_ps(p);
-                acc[ri][bi] = _mm512_fmadd_ps(_mm512_mul_ps(svw, dxv[bi]), p, acc[ri][bi]);
-                if F::CORR {
-                    cacc[ri][bi] = _mm_fmadd_ps(corr, ds[bi], cacc[ri][bi]);
+            /// Pair `j` (chunks `2j`, `2j + 1`, or only `2j` when not `WHOLE`) of rows `r0..r0+R`
+            /// against activation rows `b0..b0+B`.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn step<F: Fmt, const R: usize, const B: usize, const WHOLE: bool>(
+                w: *const u8,
+                row_bytes: usize,
+                r0: usize,
+                a: &QActs,
+                b0: usize,
+                j: usize,
+                pairs: usize,
+                acc: &mut [[__m512; B]; R],
+                cacc: &mut [[__m128; B]; R],
+            ) {
+                let cols = a.cols;
+                let k = 2 * j;
+                let cpb = F::PER / 32;
+                let blk = (k / cpb) * F::BYTES;
+                let c = k % cpb;
+                // Lanes 4h..4h+4 of a product hold 16-value half h: its scale is s[h].
+                let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+                let mut xs = [_mm512_setzero_si512(); B];
+                let mut xs2 = [_mm512_setzero_si512(); B];
+                let mut dxv = [_mm512_setzero_ps(); B];
+                let mut ds = [_mm_setzero_ps(); B];
+                for bi in 0..B {
+                    let b = b0 + bi;
+                    // SAFETY: the caller checked the activation rows exist; a row's last half pair
+                    // reads only its own 32 bytes.
+                    unsafe {
+                        let xq = a.q.as_ptr().add(b * cols + 32 * k) as *const u8;
+                        let xq2 = a.q2.as_ptr().add(b * cols + 32 * k) as *const u8;
+                        xs[bi] = if WHOLE {
+                            _mm512_loadu_si512(xq as *const __m512i)
+                        } else {
+                            _mm512_zextsi256_si512(load256(xq))
+                        };
+                        xs2[bi] = if WHOLE {
+                            _mm512_loadu_si512(xq2 as *const __m512i)
+                        } else {
+                            _mm512_zextsi256_si512(load256(xq2))
+                        };
+                        dxv[bi] = _mm512_loadu_ps(a.dxv.as_ptr().add((b * pairs + j) * 16));
+                        ds[bi] = _mm_loadu_ps(a.ds16.as_ptr().add((b * pairs + j) * 4));
+                    }
+                }
+                for ri in 0..R {
+                    let row = w.wrapping_add((r0 + ri) * row_bytes + blk);
+                    _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(PREFETCH) as *const i8);
+                    // SAFETY: the caller checked the weight rows exist.
+                    let (v, sc) = unsafe {
+                        if WHOLE {
+                            F::unpack2(row, c)
+                        } else {
+                            let (v, s) = F::unpack(row, c);
+                            (
+                                _mm512_zextsi256_si512(v),
+                                Sc2 {
+                                    s: _mm_setr_ps(s.s[0], s.s[1], 0.0, 0.0),
+                                    m: _mm_setr_ps(s.m[0], s.m[1], 0.0, 0.0),
+                                },
+                            )
+                        }
+                    };
+                    let svw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sc.s));
+                    let corr = if F::OFF == 0 {
+                        sc.m
+                    } else {
+                        _mm_sub_ps(sc.m, _mm_mul_ps(_mm_set1_ps(F::OFF as f32), sc.s))
+                    };
+                    let vu = if F::SIGNED { _mm512_abs_epi8(v) } else { v };
+                    let neg = _mm512_movepi8_mask(v);
+                    for bi in 0..B {
+                        let xx = if F::SIGNED {
+                            _mm512_mask_sub_epi8(xs[bi], neg, _mm512_setzero_si512(), xs[bi])
+                        } else {
+                            xs[bi]
+                        };
+                        let xx2 = if F::SIGNED {
+                            _mm512_mask_sub_epi8(xs2[bi], neg, _mm512_setzero_si512(), xs2[bi])
+                        } else {
+                            xs2[bi]
+                        };
+                        // 256 * Σ w·hi + Σ w·lo, exact in 32 bits.
+                        let hi = dot(_mm512_setzero_si512(), vu, xx);
+                        let p = dot(_mm512_slli_epi32(hi, 8), vu, xx2);
+                        let p = _mm512_cvtepi32_ps(p);
+                        acc[ri][bi] = _mm512_fmadd_ps(_mm512_mul_ps(svw, dxv[bi]), p, acc[ri][bi]);
+                        if F::CORR {
+                            cacc[ri][bi] = _mm_fmadd_ps(corr, ds[bi], cacc[ri][bi]);
+                        }
+                    }
                 }
             }
-        }
-    }
 
-    /// Pair `j` (chunks `2j`, `2j + 1`, or only `2j` when not `WHOLE`) of rows `r0..r0+R`
-    /// against activation rows `b0..b0+B`.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
-    #[inline]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn step<F: Fmt, const R: usize, const B: usize, const WHOLE: bool>(
-        w: *const u8,
-        row_bytes: usize,
-        r0: usize,
-        a: &QActs,
-        b0: usize,
-        j: usize,
-        pairs: usize,
-        acc: &mut [[__m512; B]; R],
-        cacc: &mut [[__m128; B]; R],
-    ) {
-        let cols = a.cols;
-        let k = 2 * j;
-        let cpb = F::PER / 32;
-        let blk = (k / cpb) * F::BYTES;
-        let c = k % cpb;
-        // Lanes 4h..4h+4 of a product hold 16-value half h: its scale is s[h].
-        let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-        let mut xs = [_mm512_setzero_si512(); B];
-        let mut xs2 = [_mm512_setzero_si512(); B];
-        let mut dxv = [_mm512_setzero_ps(); B];
-        let mut ds = [_mm_setzero_ps(); B];
-        for bi in 0..B {
-            let b = b0 + bi;
-            // SAFETY: the caller checked the activation rows exist; a row's last half pair
-            // reads only its own 32 bytes.
-            unsafe {
-                let xq = a.q.as_ptr().add(b * cols + 32 * k) as *const u8;
-                let xq2 = a.q2.as_ptr().add(b * cols + 32 * k) as *const u8;
-                xs[bi] = if WHOLE {
-                    _mm512_loadu_si512(xq as *const __m512i)
+            /// `acc` plus the sums of 4 products of unsigned `v` and signed `x` bytes, as 16 x i32: one
+            /// `vpdpbusd` with VNNI; without it `vpmaddubsw`, then `vpmaddwd` by ones: the same sums, bit
+            /// for bit (the unpacked weights and the activations are small enough that a pair's 16-bit
+            /// sum never saturates: at most 2 x 128 x 127).
+            #[target_feature(enable = $feat)]
+            #[inline]
+            #[allow(unused_unsafe)]
+            fn dot(acc: __m512i, v: __m512i, x: __m512i) -> __m512i {
+                if $vnni {
+                    // SAFETY: only reached in the VNNI instantiation, whose features include it.
+                    unsafe { _mm512_dpbusd_epi32(acc, v, x) }
                 } else {
-                    _mm512_zextsi256_si512(load256(xq))
-                };
-                xs2[bi] = if WHOLE {
-                    _mm512_loadu_si512(xq2 as *const __m512i)
-                } else {
-                    _mm512_zextsi256_si512(load256(xq2))
-                };
-                dxv[bi] = _mm512_loadu_ps(a.dxv.as_ptr().add((b * pairs + j) * 16));
-                ds[bi] = _mm_loadu_ps(a.ds16.as_ptr().add((b * pairs + j) * 4));
-            }
-        }
-        for ri in 0..R {
-            let row = w.wrapping_add((r0 + ri) * row_bytes + blk);
-            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(PREFETCH) as *const i8);
-            // SAFETY: the caller checked the weight rows exist.
-            let (v, sc) = unsafe {
-                if WHOLE {
-                    F::unpack2(row, c)
-                } else {
-                    let (v, s) = F::unpack(row, c);
-                    (
-                        _mm512_zextsi256_si512(v),
-                        Sc2 {
-                            s: _mm_setr_ps(s.s[0], s.s[1], 0.0, 0.0),
-                            m: _mm_setr_ps(s.m[0], s.m[1], 0.0, 0.0),
-                        },
-                    )
-                }
-            };
-            let svw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sc.s));
-            let corr = if F::OFF == 0 {
-                sc.m
-            } else {
-                _mm_sub_ps(sc.m, _mm_mul_ps(_mm_set1_ps(F::OFF as f32), sc.s))
-            };
-            let vu = if F::SIGNED { _mm512_abs_epi8(v) } else { v };
-            let neg = _mm512_movepi8_mask(v);
-            for bi in 0..B {
-                let xx = if F::SIGNED {
-                    _mm512_mask_sub_epi8(xs[bi], neg, _mm512_setzero_si512(), xs[bi])
-                } else {
-                    xs[bi]
-                };
-                let xx2 = if F::SIGNED {
-                    _mm512_mask_sub_epi8(xs2[bi], neg, _mm512_setzero_si512(), xs2[bi])
-                } else {
-                    xs2[bi]
-                };
-                // 256 * Σ w·hi + Σ w·lo, exact in 32 bits.
-                let hi = _mm512_dpbusd_epi32(_mm512_setzero_si512(), vu, xx);
-                let p = _mm512_dpbusd_epi32(_mm512_slli_epi32(hi, 8), vu, xx2);
-                let p = _mm512_cvtepi32_ps(p);
-                acc[ri][bi] = _mm512_fmadd_ps(_mm512_mul_ps(svw, dxv[bi]), p, acc[ri][bi]);
-                if F::CORR {
-                    cacc[ri][bi] = _mm_fmadd_ps(corr, ds[bi], cacc[ri][bi]);
+                    let pairs = _mm512_maddubs_epi16(v, x);
+                    _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
                 }
             }
         }
-    }
+    };
 }
+
+avx512_kernels!(
+    avx512,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni",
+    true
+);
+avx512_kernels!(
+    avx512bw,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl",
+    false
+);
 
 /// The exact path (f32 activations against weights dequantized in registers): one AVX2
 /// compilation serves every x86 instruction set, so its results are the same on all of them.
@@ -1261,11 +1308,7 @@ mod exact_avx2 {
 }
 
 isa_kernels!(avx2, "avx2,fma,f16c", false);
-isa_kernels!(
-    vnni,
-    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-    true
-);
+isa_kernels!(vnni, "avx2,fma,f16c,avxvnni", true);
 
 /// Tiles rows and activation rows and runs the kernel of `isa` for format `F`.
 fn go_fast<F: Fmt>(isa: Isa, w: &[u8], rows: Range<usize>, a: &QActs, out: &Out) {
@@ -1284,6 +1327,7 @@ fn go_fast<F: Fmt>(isa: Isa, w: &[u8], rows: Range<usize>, a: &QActs, out: &Out)
             unsafe {
                 match isa {
                     Isa::Avx512 => avx512::fast::<F, $r, $b>(p, row_bytes, $r0, a, $b0, out),
+                    Isa::Avx512Bw => avx512bw::fast::<F, $r, $b>(p, row_bytes, $r0, a, $b0, out),
                     Isa::AvxVnni => vnni::fast::<F, $r, $b>(p, row_bytes, $r0, a, $b0, out),
                     _ => avx2::fast::<F, $r, $b>(p, row_bytes, $r0, a, $b0, out),
                 }
@@ -1429,7 +1473,7 @@ pub(crate) fn gemm_tile(isa: Isa, w: &[f32], k: usize, xt: &[f32], width: usize,
     assert!(w.len() >= TILE_ROWS * k && xt.len() >= k * width && c.len() >= TILE_ROWS * width);
     // SAFETY: bounds checked above; the ISA was detected at run time.
     unsafe {
-        if isa == Isa::Avx512 {
+        if matches!(isa, Isa::Avx512 | Isa::Avx512Bw) {
             assert!(width.is_multiple_of(32));
             for j in (0..width).step_by(32) {
                 gemm6x32(w.as_ptr(), k, xt.as_ptr(), width, j, c.as_mut_ptr());
