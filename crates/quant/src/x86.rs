@@ -1069,28 +1069,14 @@ macro_rules! avx512_kernels {
                     } else {
                         _mm_sub_ps(m4, _mm_mul_ps(_mm_set1_ps(F::OFF as f32), s4))
                     };
-                    let vu = if F::SIGNED { _mm512_abs_epi8(v) } else { v };
-                    let neg = _mm512_movepi8_mask(v);
-                    for bi in 0..B {
-                        let xx = if F::SIGNED {
-                            _mm512_mask_sub_epi8(xs[bi], neg, _mm512_setzero_si512(), xs[bi])
-                        } else {
-                            xs[bi]
-                        };
-                        let xx2 = if F::SIGNED {
-                            _mm512_mask_sub_epi8(xs2[bi], neg, _mm512_setzero_si512(), xs2[bi])
-                        } else {
-                            xs2[bi]
-                        };
-                        // 256 * Σ w·hi + Σ w·lo, exact in 32 bits.
-                        let hi = dot(_mm512_setzero_si512(), vu, xx);
-                        let p = dot(_mm512_slli_epi32(hi, 8), vu, xx2);
-                        let p = _mm512_cvtepi32_ps(p);
-                        acc[ri][bi] = _mm512_fmadd_ps(_mm512_mul_ps(svw, dxv[bi]), p, acc[ri][bi]);
-                        if F::CORR {
-                            cacc[ri][bi] = _mm_fmadd_ps(corr, ds[bi], cacc[ri][bi]);
-                        }
-                    }
+                    accumulate::<F, B>(
+                        v,
+                        svw,
+                        corr,
+                        (&xs, &xs2),
+                        (&dxv, &ds),
+                        (&mut acc[ri], &mut cacc[ri]),
+                    );
                 }
             }
 
@@ -1166,27 +1152,50 @@ macro_rules! avx512_kernels {
                     } else {
                         _mm_sub_ps(sc.m, _mm_mul_ps(_mm_set1_ps(F::OFF as f32), sc.s))
                     };
-                    let vu = if F::SIGNED { _mm512_abs_epi8(v) } else { v };
-                    let neg = _mm512_movepi8_mask(v);
-                    for bi in 0..B {
-                        let xx = if F::SIGNED {
-                            _mm512_mask_sub_epi8(xs[bi], neg, _mm512_setzero_si512(), xs[bi])
-                        } else {
-                            xs[bi]
-                        };
-                        let xx2 = if F::SIGNED {
-                            _mm512_mask_sub_epi8(xs2[bi], neg, _mm512_setzero_si512(), xs2[bi])
-                        } else {
-                            xs2[bi]
-                        };
-                        // 256 * Σ w·hi + Σ w·lo, exact in 32 bits.
-                        let hi = dot(_mm512_setzero_si512(), vu, xx);
-                        let p = dot(_mm512_slli_epi32(hi, 8), vu, xx2);
-                        let p = _mm512_cvtepi32_ps(p);
-                        acc[ri][bi] = _mm512_fmadd_ps(_mm512_mul_ps(svw, dxv[bi]), p, acc[ri][bi]);
-                        if F::CORR {
-                            cacc[ri][bi] = _mm_fmadd_ps(corr, ds[bi], cacc[ri][bi]);
-                        }
+                    accumulate::<F, B>(
+                        v,
+                        svw,
+                        corr,
+                        (&xs, &xs2),
+                        (&dxv, &ds),
+                        (&mut acc[ri], &mut cacc[ri]),
+                    );
+                }
+            }
+
+            /// One weight pair `v` (its per-half scales `svw` spread over the lanes, its
+            /// per-half corrections `corr`) against activation rows `xs`, `xs2` (the two planes)
+            /// with their scales `dxv` and scaled sums `ds`, into one weight row's accumulators.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            fn accumulate<F: Fmt, const B: usize>(
+                v: __m512i,
+                svw: __m512,
+                corr: __m128,
+                (xs, xs2): (&[__m512i; B], &[__m512i; B]),
+                (dxv, ds): (&[__m512; B], &[__m128; B]),
+                (acc, cacc): (&mut [__m512; B], &mut [__m128; B]),
+            ) {
+                let vu = if F::SIGNED { _mm512_abs_epi8(v) } else { v };
+                let neg = _mm512_movepi8_mask(v);
+                for bi in 0..B {
+                    let xx = if F::SIGNED {
+                        _mm512_mask_sub_epi8(xs[bi], neg, _mm512_setzero_si512(), xs[bi])
+                    } else {
+                        xs[bi]
+                    };
+                    let xx2 = if F::SIGNED {
+                        _mm512_mask_sub_epi8(xs2[bi], neg, _mm512_setzero_si512(), xs2[bi])
+                    } else {
+                        xs2[bi]
+                    };
+                    // 256 * Σ w·hi + Σ w·lo, exact in 32 bits.
+                    let hi = dot(_mm512_setzero_si512(), vu, xx);
+                    let p = dot(_mm512_slli_epi32(hi, 8), vu, xx2);
+                    let p = _mm512_cvtepi32_ps(p);
+                    acc[bi] = _mm512_fmadd_ps(_mm512_mul_ps(svw, dxv[bi]), p, acc[bi]);
+                    if F::CORR {
+                        cacc[bi] = _mm_fmadd_ps(corr, ds[bi], cacc[bi]);
                     }
                 }
             }
