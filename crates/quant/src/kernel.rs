@@ -108,8 +108,18 @@ impl Isa {
         v
     }
 
+    /// Activation rows a prompt GEMM tile spans: the f32 lanes of two of its vectors (the
+    /// GEMM's panels are padded to a multiple of it).
+    pub(crate) fn gemm_width(self) -> usize {
+        match self {
+            Isa::Avx512 | Isa::Avx512Bw => 32,
+            Isa::Avx2 | Isa::AvxVnni => 16,
+            Isa::Scalar => 1,
+        }
+    }
+
     /// The fastest available, unless `TESSERA_ISA` names another (scalar, avx2, avx-vnni,
-    /// avx512).
+    /// avx512bw, avx512).
     pub fn best() -> Isa {
         static BEST: OnceLock<Isa> = OnceLock::new();
         *BEST.get_or_init(|| {
@@ -279,11 +289,7 @@ pub fn matmul_rows(
     };
     let total_rows: usize = ws.iter().map(|w| w.rows).sum();
     if !gemm.is_empty() {
-        let width = match isa {
-            Isa::Avx512 | Isa::Avx512Bw => gemm.len().next_multiple_of(32),
-            Isa::Avx2 | Isa::AvxVnni => gemm.len().next_multiple_of(16),
-            Isa::Scalar => gemm.len(),
-        };
+        let width = gemm.len().next_multiple_of(isa.gemm_width());
         let xt = crate::gemm::transpose(x, cols, &gemm, width);
         let outs: Vec<Out> = ys
             .iter_mut()

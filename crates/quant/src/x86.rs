@@ -1021,7 +1021,6 @@ macro_rules! avx512_kernels {
                 acc: &mut [[__m512; B]; R],
                 cacc: &mut [[__m128; B]; R],
             ) {
-                let cols = a.cols;
                 let k = 2 * j;
                 let blk = (k / 8) * F::BYTES;
                 let c = k % 8;
@@ -1035,24 +1034,8 @@ macro_rules! avx512_kernels {
                     first,
                     _mm512_setr_epi32(0, 1, 2, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
                 );
-                let mut xs = [_mm512_setzero_si512(); B];
-                let mut xs2 = [_mm512_setzero_si512(); B];
-                let mut dxv = [_mm512_setzero_ps(); B];
-                let mut ds = [_mm_setzero_ps(); B];
-                for bi in 0..B {
-                    let b = b0 + bi;
-                    // SAFETY: the caller checked the activation rows exist.
-                    unsafe {
-                        xs[bi] = _mm512_loadu_si512(
-                            a.q.as_ptr().add(b * cols + 32 * k) as *const __m512i
-                        );
-                        xs2[bi] = _mm512_loadu_si512(
-                            a.q2.as_ptr().add(b * cols + 32 * k) as *const __m512i
-                        );
-                        dxv[bi] = _mm512_loadu_ps(a.dxv.as_ptr().add((b * pairs + j) * 16));
-                        ds[bi] = _mm_loadu_ps(a.ds16.as_ptr().add((b * pairs + j) * 4));
-                    }
-                }
+                // SAFETY: the caller checked the activation rows exist.
+                let (xs, xs2, dxv, ds) = unsafe { pair_acts::<B, true>(a, b0, j, pairs) };
                 for ri in 0..R {
                     let row = w.wrapping_add((r0 + ri) * row_bytes + blk);
                     _mm_prefetch::<_MM_HINT_T0>(
@@ -1064,11 +1047,7 @@ macro_rules! avx512_kernels {
                     let svw = _mm512_permutexvar_ps(spread, s16);
                     let s4 = _mm512_castps512_ps128(_mm512_permutexvar_ps(four, s16));
                     let m4 = _mm512_castps512_ps128(_mm512_permutexvar_ps(four, m16));
-                    let corr = if F::OFF == 0 {
-                        m4
-                    } else {
-                        _mm_sub_ps(m4, _mm_mul_ps(_mm_set1_ps(F::OFF as f32), s4))
-                    };
+                    let corr = correction::<F>(s4, m4);
                     accumulate::<F, B>(
                         v,
                         svw,
@@ -1096,38 +1075,15 @@ macro_rules! avx512_kernels {
                 acc: &mut [[__m512; B]; R],
                 cacc: &mut [[__m128; B]; R],
             ) {
-                let cols = a.cols;
                 let k = 2 * j;
                 let cpb = F::PER / 32;
                 let blk = (k / cpb) * F::BYTES;
                 let c = k % cpb;
                 // Lanes 4h..4h+4 of a product hold 16-value half h: its scale is s[h].
                 let spread = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-                let mut xs = [_mm512_setzero_si512(); B];
-                let mut xs2 = [_mm512_setzero_si512(); B];
-                let mut dxv = [_mm512_setzero_ps(); B];
-                let mut ds = [_mm_setzero_ps(); B];
-                for bi in 0..B {
-                    let b = b0 + bi;
-                    // SAFETY: the caller checked the activation rows exist; a row's last half pair
-                    // reads only its own 32 bytes.
-                    unsafe {
-                        let xq = a.q.as_ptr().add(b * cols + 32 * k) as *const u8;
-                        let xq2 = a.q2.as_ptr().add(b * cols + 32 * k) as *const u8;
-                        xs[bi] = if WHOLE {
-                            _mm512_loadu_si512(xq as *const __m512i)
-                        } else {
-                            _mm512_zextsi256_si512(load256(xq))
-                        };
-                        xs2[bi] = if WHOLE {
-                            _mm512_loadu_si512(xq2 as *const __m512i)
-                        } else {
-                            _mm512_zextsi256_si512(load256(xq2))
-                        };
-                        dxv[bi] = _mm512_loadu_ps(a.dxv.as_ptr().add((b * pairs + j) * 16));
-                        ds[bi] = _mm_loadu_ps(a.ds16.as_ptr().add((b * pairs + j) * 4));
-                    }
-                }
+                // SAFETY: the caller checked the activation rows exist; a row's last half pair
+                // reads only its own 32 bytes.
+                let (xs, xs2, dxv, ds) = unsafe { pair_acts::<B, WHOLE>(a, b0, j, pairs) };
                 for ri in 0..R {
                     let row = w.wrapping_add((r0 + ri) * row_bytes + blk);
                     _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(PREFETCH) as *const i8);
@@ -1147,11 +1103,7 @@ macro_rules! avx512_kernels {
                         }
                     };
                     let svw = _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(sc.s));
-                    let corr = if F::OFF == 0 {
-                        sc.m
-                    } else {
-                        _mm_sub_ps(sc.m, _mm_mul_ps(_mm_set1_ps(F::OFF as f32), sc.s))
-                    };
+                    let corr = correction::<F>(sc.s, sc.m);
                     accumulate::<F, B>(
                         v,
                         svw,
@@ -1160,6 +1112,54 @@ macro_rules! avx512_kernels {
                         (&dxv, &ds),
                         (&mut acc[ri], &mut cacc[ri]),
                     );
+                }
+            }
+
+            /// Activation rows `b0..b0+B` at pair `j`: both planes (only the pair's first chunk,
+            /// zero above, when not `WHOLE`), their scales spread over the lanes, their scaled
+            /// sums.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            unsafe fn pair_acts<const B: usize, const WHOLE: bool>(
+                a: &QActs,
+                b0: usize,
+                j: usize,
+                pairs: usize,
+            ) -> ([__m512i; B], [__m512i; B], [__m512; B], [__m128; B]) {
+                let mut xs = [_mm512_setzero_si512(); B];
+                let mut xs2 = [_mm512_setzero_si512(); B];
+                let mut dxv = [_mm512_setzero_ps(); B];
+                let mut ds = [_mm_setzero_ps(); B];
+                for bi in 0..B {
+                    let b = b0 + bi;
+                    // SAFETY: the caller checked the activation rows exist (a half pair: its
+                    // own 32 bytes), with scales and sums for every pair.
+                    unsafe {
+                        let xq = a.q.as_ptr().add(b * a.cols + 64 * j) as *const u8;
+                        let xq2 = a.q2.as_ptr().add(b * a.cols + 64 * j) as *const u8;
+                        if WHOLE {
+                            xs[bi] = _mm512_loadu_si512(xq as *const __m512i);
+                            xs2[bi] = _mm512_loadu_si512(xq2 as *const __m512i);
+                        } else {
+                            xs[bi] = _mm512_zextsi256_si512(load256(xq));
+                            xs2[bi] = _mm512_zextsi256_si512(load256(xq2));
+                        }
+                        dxv[bi] = _mm512_loadu_ps(a.dxv.as_ptr().add((b * pairs + j) * 16));
+                        ds[bi] = _mm_loadu_ps(a.ds16.as_ptr().add((b * pairs + j) * 4));
+                    }
+                }
+                (xs, xs2, dxv, ds)
+            }
+
+            /// The per-half correction a pair's sums need: the weights' mins `m`, less their
+            /// offset times their scales `s` where the format stores values with one.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            fn correction<F: Fmt>(s: __m128, m: __m128) -> __m128 {
+                if F::OFF == 0 {
+                    m
+                } else {
+                    _mm_sub_ps(m, _mm_mul_ps(_mm_set1_ps(F::OFF as f32), s))
                 }
             }
 
@@ -1482,14 +1482,12 @@ pub(crate) fn gemm_tile(isa: Isa, w: &[f32], k: usize, xt: &[f32], width: usize,
     assert!(w.len() >= TILE_ROWS * k && xt.len() >= k * width && c.len() >= TILE_ROWS * width);
     // SAFETY: bounds checked above; the ISA was detected at run time.
     unsafe {
-        if matches!(isa, Isa::Avx512 | Isa::Avx512Bw) {
-            assert!(width.is_multiple_of(32));
-            for j in (0..width).step_by(32) {
+        let step = isa.gemm_width();
+        assert!(step >= 16 && width.is_multiple_of(step));
+        for j in (0..width).step_by(step) {
+            if step == 32 {
                 gemm6x32(w.as_ptr(), k, xt.as_ptr(), width, j, c.as_mut_ptr());
-            }
-        } else {
-            assert!(width.is_multiple_of(16));
-            for j in (0..width).step_by(16) {
+            } else {
                 gemm6x16(w.as_ptr(), k, xt.as_ptr(), width, j, c.as_mut_ptr());
             }
         }
