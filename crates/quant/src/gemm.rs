@@ -18,14 +18,22 @@ pub(crate) fn dequant_rows(isa: Isa, w: &QMatrix, r0: usize, rows: usize, out: &
     let rb = w.row_bytes();
     for (i, o) in out.chunks_exact_mut(w.cols).take(rows).enumerate() {
         let row = &w.data[(r0 + i) * rb..(r0 + i + 1) * rb];
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Bw | Isa::Avx512 => {
-                crate::x86::dequant_row(w.ty, row, o)
-            }
-            _ => dequant_row_scalar(w.ty, row, o),
+        #[cfg(target_arch = "x86_64")]
+        if isa.is_x86() {
+            crate::x86::dequant_row(w.ty, row, o);
+            continue;
         }
+        dequant_row_scalar(w.ty, row, o);
     }
+}
+
+/// One tile of the GEMM with `isa`'s kernel.
+fn gemm_tile(isa: Isa, w: &[f32], k: usize, xt: &[f32], width: usize, c: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.is_x86() {
+        return crate::x86::gemm_tile(isa, w, k, xt, width, c);
+    }
+    gemm_tile_scalar(w, k, xt, width, c)
 }
 
 fn dequant_row_scalar(ty: GgmlType, row: &[u8], out: &mut [f32]) {
@@ -84,13 +92,7 @@ pub(crate) fn gemm_tiles(
         dequant_rows(isa, w, r0, nr, &mut wbuf);
         // Rows past the matrix compute zeros and are not written.
         wbuf[nr * k..].iter_mut().for_each(|v| *v = 0.0);
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Bw | Isa::Avx512 => {
-                crate::x86::gemm_tile(isa, &wbuf, k, xt, width, &mut c)
-            }
-            _ => gemm_tile_scalar(&wbuf, k, xt, width, &mut c),
-        }
+        gemm_tile(isa, &wbuf, k, xt, width, &mut c);
         // The tile is [row][activation]; outputs are [activation][row]: 6 values a run.
         let mut run = [0f32; TILE_ROWS];
         for j in 0..m {

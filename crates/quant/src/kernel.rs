@@ -108,6 +108,11 @@ impl Isa {
         v
     }
 
+    /// Whether the x86 module's kernels serve it: the one list to extend with a new x86 set.
+    pub(crate) fn is_x86(self) -> bool {
+        matches!(self, Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Bw | Isa::Avx512)
+    }
+
     /// Activation rows a prompt GEMM tile spans: the f32 lanes of two of its vectors (the
     /// GEMM's panels are padded to a multiple of it).
     pub(crate) fn gemm_width(self) -> usize {
@@ -347,13 +352,11 @@ pub fn matmul_rows(
 }
 
 fn rows_fast(isa: Isa, ty: GgmlType, w: &[u8], rows: std::ops::Range<usize>, a: &QActs, out: &Out) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Bw | Isa::Avx512 => {
-            crate::x86::rows_fast(isa, ty, w, rows, a, out)
-        }
-        _ => crate::scalar::rows_fast(ty, w, rows, a, out),
+    #[cfg(target_arch = "x86_64")]
+    if isa.is_x86() {
+        return crate::x86::rows_fast(isa, ty, w, rows, a, out);
     }
+    crate::scalar::rows_fast(ty, w, rows, a, out)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -367,11 +370,9 @@ fn rows_exact(
     cols: usize,
     out: &Out,
 ) {
-    match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Bw | Isa::Avx512 => {
-            crate::x86::rows_exact(ty, w, rows, x, n, cols, out)
-        }
-        _ => crate::scalar::rows_exact(ty, w, rows, x, n, cols, out),
+    #[cfg(target_arch = "x86_64")]
+    if isa.is_x86() {
+        return crate::x86::rows_exact(ty, w, rows, x, n, cols, out);
     }
+    crate::scalar::rows_exact(ty, w, rows, x, n, cols, out)
 }

@@ -6,7 +6,7 @@
 //!   kernels.
 //! - [`kernel`]: `y = x · Wᵀ` for a batch of rows, on threads, in two precisions (quantized
 //!   activations, or f32 activations against weights dequantized in registers), with the
-//!   instruction set chosen at run time (scalar, AVX2, AVX-512 VNNI).
+//!   instruction set chosen at run time (scalar, AVX2, AVX-VNNI, AVX-512 with or without VNNI).
 //! - [`quantize`]: f32 rows into GGML blocks, for requantizing model files.
 //!
 //! No dependency on Burn: the model crate calls these kernels behind its `Linear` seam.

@@ -4,7 +4,7 @@
 //! AVX-VNNI and AVX-512 VNNI) or f32 FMAs against f32 activations (the exact path, one AVX2
 //! compilation for every instruction set).
 //! The instruction set is picked at run time. Super-block formats decode their scales once per
-//! block on AVX-512; weights are prefetched ahead of the row being read.
+//! block at either width; weights are prefetched ahead of the row being read.
 
 // The kernels index several small arrays (rows x activation rows of a tile) by position.
 #![allow(clippy::needless_range_loop)]
@@ -130,10 +130,10 @@ trait Fmt {
     }
 
     /// For super-block formats: the scale and min of each of the block's sixteen 16-value
-    /// halves, decoded once for the whole block.
-    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+    /// halves, decoded once for the whole block (halves 0..8, then 8..16).
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn block_scales(b: *const u8) -> (__m512, __m512) {
+    unsafe fn block_scales(b: *const u8) -> ([__m256; 2], [__m256; 2]) {
         let (mut s, mut m) = ([0f32; 16], [0f32; 16]);
         for c in 0..Self::PER / 32 {
             // SAFETY: chunk c of the caller's block; only its scales are used.
@@ -142,15 +142,63 @@ trait Fmt {
             m[2 * c..2 * c + 2].copy_from_slice(&sc.m);
         }
         // SAFETY: 16 floats each.
-        unsafe { (_mm512_loadu_ps(s.as_ptr()), _mm512_loadu_ps(m.as_ptr())) }
+        unsafe {
+            (
+                [
+                    _mm256_loadu_ps(s.as_ptr()),
+                    _mm256_loadu_ps(s.as_ptr().add(8)),
+                ],
+                [
+                    _mm256_loadu_ps(m.as_ptr()),
+                    _mm256_loadu_ps(m.as_ptr().add(8)),
+                ],
+            )
+        }
     }
+
+    /// [`Fmt::block_scales`] in one 512-bit vector each.
+    #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+    #[inline]
+    unsafe fn block_scales16(b: *const u8) -> (__m512, __m512) {
+        // SAFETY: the caller's block.
+        let (s, m) = unsafe { Self::block_scales(b) };
+        (
+            _mm512_insertf32x8(_mm512_castps256_ps512(s[0]), s[1], 1),
+            _mm512_insertf32x8(_mm512_castps256_ps512(m[0]), m[1], 1),
+        )
+    }
+}
+
+/// The low eight bytes of `bytes` as f32, each times `d` (`signed`: as i8, else as u8).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn bytes8_times(bytes: __m128i, signed: bool, d: f32) -> __m256 {
+    let i = if signed {
+        _mm256_cvtepi8_epi32(bytes)
+    } else {
+        _mm256_cvtepu8_epi32(bytes)
+    };
+    _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(i))
+}
+
+/// Each of a chunk's two halves given its chunk's value: `[v0, v0, v1, v1, ..]` from the first
+/// (`hi` false) or last four of eight.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn twice(v: __m256, hi: bool) -> __m256 {
+    let idx = if hi {
+        _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7)
+    } else {
+        _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)
+    };
+    _mm256_permutevar8x32_ps(v, idx)
 }
 
 /// Q4_K / Q5_K: the 8 six-bit scales and mins of the super-block at `b`, as the scale and min
 /// of each 16-value half (`d * sc`, `-(dmin * m)`, as the chunk decoder computes them).
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn k4_scales(b: *const u8) -> (__m512, __m512) {
+unsafe fn k4_scales(b: *const u8) -> ([__m256; 2], [__m256; 2]) {
     unsafe {
         let (d, dmin) = (h2f(b), h2f(b.add(2)));
         let q = b.add(4);
@@ -162,46 +210,69 @@ unsafe fn k4_scales(b: *const u8) -> (__m512, __m512) {
         let sc_hi = (w2 & k2) | (((w0 >> 6) & k3) << 4);
         let m_lo = w1 & k1;
         let m_hi = ((w2 >> 4) & k2) | (((w1 >> 6) & k3) << 4);
-        let bytes = _mm_setr_epi32(sc_lo as i32, sc_hi as i32, m_lo as i32, m_hi as i32);
-        let all = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)); // 8 scales, then 8 mins
-        // Each chunk's scale for both of its halves.
-        let twice = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-        let mins = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
-        let s = _mm512_mul_ps(_mm512_set1_ps(d), _mm512_permutexvar_ps(twice, all));
-        let m = _mm512_mul_ps(_mm512_set1_ps(dmin), _mm512_permutexvar_ps(mins, all));
-        (s, _mm512_xor_ps(m, _mm512_set1_ps(-0.0)))
+        let sc = bytes8_times(_mm_setr_epi32(sc_lo as i32, sc_hi as i32, 0, 0), false, d);
+        let m = bytes8_times(_mm_setr_epi32(m_lo as i32, m_hi as i32, 0, 0), false, dmin);
+        let m = _mm256_xor_ps(m, _mm256_set1_ps(-0.0));
+        (
+            [twice(sc, false), twice(sc, true)],
+            [twice(m, false), twice(m, true)],
+        )
     }
 }
 
-/// Q3_K: the 16 six-bit scales of the super-block at `b` (minus 32), times `d`.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+/// Q2_K: the 16 four-bit scales and mins of the super-block at `b`, times `d` and `-dmin`.
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q3k_block_scales(b: *const u8) -> (__m512, __m512) {
+unsafe fn q2k_scales(b: *const u8) -> ([__m256; 2], [__m256; 2]) {
+    unsafe {
+        let (d, dmin) = (h2f(b.add(80)), h2f(b.add(82)));
+        let raw = _mm_loadu_si128(b as *const __m128i);
+        let lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
+        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
+        let neg = _mm256_set1_ps(-0.0);
+        (
+            [
+                bytes8_times(lo, false, d),
+                bytes8_times(_mm_srli_si128(lo, 8), false, d),
+            ],
+            [
+                _mm256_xor_ps(bytes8_times(hi, false, dmin), neg),
+                _mm256_xor_ps(bytes8_times(_mm_srli_si128(hi, 8), false, dmin), neg),
+            ],
+        )
+    }
+}
+
+/// Sixteen signed scale bytes at `p`, times `d`; no mins.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn signed16_scales(p: *const u8, d: f32) -> ([__m256; 2], [__m256; 2]) {
+    let raw = unsafe { _mm_loadu_si128(p as *const __m128i) };
+    let zero = _mm256_set1_ps(-0.0);
+    (
+        [
+            bytes8_times(raw, true, d),
+            bytes8_times(_mm_srli_si128(raw, 8), true, d),
+        ],
+        [zero, zero],
+    )
+}
+
+/// Q3_K: the 16 six-bit scales of the super-block at `b` (minus 32), times `d`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn q3k_block_scales(b: *const u8) -> ([__m256; 2], [__m256; 2]) {
     unsafe {
         let sc = q3k_scales(std::slice::from_raw_parts(b.add(96), 12));
-        let v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-            sc.as_ptr() as *const __m128i
-        )));
-        (
-            _mm512_mul_ps(_mm512_set1_ps(h2f(b.add(108))), v),
-            _mm512_set1_ps(-0.0),
-        )
+        signed16_scales(sc.as_ptr() as *const u8, h2f(b.add(108)))
     }
 }
 
 /// Q6_K: the 16 signed 8-bit scales of the super-block at `b`, times `d`.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn q6k_scales(b: *const u8) -> (__m512, __m512) {
-    unsafe {
-        let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-            b.add(192) as *const __m128i
-        )));
-        (
-            _mm512_mul_ps(_mm512_set1_ps(h2f(b.add(208))), sc),
-            _mm512_set1_ps(-0.0),
-        )
-    }
+unsafe fn q6k_scales(b: *const u8) -> ([__m256; 2], [__m256; 2]) {
+    unsafe { signed16_scales(b.add(192), h2f(b.add(208))) }
 }
 
 /// [`Fmt::unpack2`] from two [`Fmt::unpack`]s.
@@ -367,9 +438,9 @@ macro_rules! fmt {
             }
             )?
             $(
-            #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+            #[target_feature(enable = "avx2,fma,f16c")]
             #[inline]
-            unsafe fn block_scales(b: *const u8) -> (__m512, __m512) {
+            unsafe fn block_scales(b: *const u8) -> ([__m256; 2], [__m256; 2]) {
                 unsafe { $scales(b) }
             }
             )?
@@ -585,17 +656,26 @@ fmt!(
     },
     pair = iq4nl_pair
 );
-fmt!(Q2K, 256, 84, false, 0, true, |b, c| {
-    let (d, dmin) = (h2f(b.add(80)), h2f(b.add(82)));
-    let (half, j) = (c / 4, c % 4);
-    let v = shr_mask(load256(b.add(16 + 32 * half)), 2 * j as u32, 3);
-    let (s0, s1) = (*b.add(2 * c), *b.add(2 * c + 1));
-    let sc = Sc {
-        s: [d * (s0 & 0xF) as f32, d * (s1 & 0xF) as f32],
-        m: [-(dmin * (s0 >> 4) as f32), -(dmin * (s1 >> 4) as f32)],
-    };
-    (v, sc)
-});
+fmt!(
+    Q2K,
+    256,
+    84,
+    false,
+    0,
+    true,
+    |b, c| {
+        let (d, dmin) = (h2f(b.add(80)), h2f(b.add(82)));
+        let (half, j) = (c / 4, c % 4);
+        let v = shr_mask(load256(b.add(16 + 32 * half)), 2 * j as u32, 3);
+        let (s0, s1) = (*b.add(2 * c), *b.add(2 * c + 1));
+        let sc = Sc {
+            s: [d * (s0 & 0xF) as f32, d * (s1 & 0xF) as f32],
+            m: [-(dmin * (s0 >> 4) as f32), -(dmin * (s1 >> 4) as f32)],
+        };
+        (v, sc)
+    },
+    scales = q2k_scales
+);
 fmt!(
     Q3K,
     256,
@@ -811,23 +891,18 @@ unsafe fn dense32(ty: GgmlType, p: *const u8) -> [__m256; 4] {
     out
 }
 
+/// The 256-bit kernel: one 32-value chunk per vector, with the activations' per-half scales and
+/// scaled sums as [`QActs`] lays them out for the 512-bit kernels (a chunk is half a pair).
+/// Super-block formats decode their scales once per block; the float work per chunk is one
+/// multiply and one FMA. Two instantiations: `avx2` (`maddubs`) and `vnni` (AVX-VNNI's 256-bit
+/// `vpdpbusd`), whose sums come out the same.
 macro_rules! isa_kernels {
     ($m:ident, $feat:tt, $vnni:expr) => {
         mod $m {
             use super::*;
 
-            /// Sums of 4 products of unsigned `v` and signed `x` bytes, as 8 x i32.
-            #[target_feature(enable = $feat)]
-            #[inline]
-            #[allow(unused_unsafe)]
-            fn dot(v: __m256i, x: __m256i) -> __m256i {
-                if $vnni {
-                    // SAFETY: only reached in the VNNI instantiation, whose features include it.
-                    unsafe { _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), v, x) }
-                } else {
-                    _mm256_madd_epi16(_mm256_maddubs_epi16(v, x), _mm256_set1_epi16(1))
-                }
-            }
+            /// How far ahead of the current block the weights are prefetched, in bytes.
+            const PREFETCH: usize = 2048;
 
             /// Rows `r0..r0+R` against activation rows `b0..b0+B`, quantized activations.
             #[target_feature(enable = $feat)]
@@ -839,74 +914,178 @@ macro_rules! isa_kernels {
                 b0: usize,
                 out: &Out,
             ) {
-                let cols = a.cols;
-                let chunks = cols / 32;
-                let cpb = F::PER / 32;
+                let chunks = a.cols / 32;
+                let pairs = a.pairs();
                 let mut acc = [[_mm256_setzero_ps(); B]; R];
-                let mut sacc = [[0f32; B]; R];
-                let (qp, q2p, dp, sp) =
-                    (a.q.as_ptr(), a.q2.as_ptr(), a.d.as_ptr(), a.sums.as_ptr());
-                for k in 0..chunks {
-                    let blk = (k / cpb) * F::BYTES;
-                    let c = k % cpb;
-                    let mut xs = [_mm256_setzero_si256(); B];
-                    let mut xs2 = [_mm256_setzero_si256(); B];
-                    let mut dx = [[0f32; 2]; B];
-                    let mut s = [[0f32; 2]; B];
-                    for bi in 0..B {
-                        let b = b0 + bi;
-                        // SAFETY: the caller checked the activation rows exist.
-                        unsafe {
-                            xs[bi] = load256(qp.add(b * cols + 32 * k) as *const u8);
-                            xs2[bi] = load256(q2p.add(b * cols + 32 * k) as *const u8);
-                            let at = b * 2 * chunks + 2 * k;
-                            dx[bi] = [*dp.add(at), *dp.add(at + 1)];
-                            s[bi] = [*sp.add(at) as f32, *sp.add(at + 1) as f32];
-                        }
-                    }
-                    if c == 0 {
-                        // The next tile's rows, while this one computes: row-interleaved reads
-                        // defeat the hardware prefetchers once the weights are out of L2.
+                let mut cacc = [[_mm256_setzero_ps(); B]; R];
+                if F::PER == 256 {
+                    // Chunk c's halves 2c and 2c + 1 of a vector of eight, each over 4 lanes.
+                    let idx = [
+                        _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+                        _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
+                        _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5),
+                        _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7),
+                    ];
+                    for blk in 0..chunks / 8 {
+                        let mut svw = [[_mm256_setzero_ps(); 8]; R];
                         for ri in 0..R {
-                            let p = w.wrapping_add((r0 + R + ri) * row_bytes + blk);
-                            _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
-                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64) as *const i8);
+                            let row = w.wrapping_add((r0 + ri) * row_bytes + blk * F::BYTES);
+                            // SAFETY: the caller checked the rows exist.
+                            let (s, m) = unsafe { F::block_scales(row) };
+                            for c in 0..8 {
+                                svw[ri][c] = _mm256_permutevar8x32_ps(s[c / 4], idx[c % 4]);
+                            }
+                            if F::CORR {
+                                let corr = [correction::<F>(s[0], m[0]), correction::<F>(s[1], m[1])];
+                                for bi in 0..B {
+                                    // The scaled sums of the block's 16 halves (4 pairs).
+                                    let at = ((b0 + bi) * pairs + 4 * blk) * 4;
+                                    // SAFETY: the caller checked the activation rows exist.
+                                    let ds = unsafe {
+                                        [
+                                            _mm256_loadu_ps(a.ds16.as_ptr().add(at)),
+                                            _mm256_loadu_ps(a.ds16.as_ptr().add(at + 8)),
+                                        ]
+                                    };
+                                    let c = _mm256_fmadd_ps(corr[0], ds[0], cacc[ri][bi]);
+                                    cacc[ri][bi] = _mm256_fmadd_ps(corr[1], ds[1], c);
+                                }
+                            }
+                        }
+                        for c in 0..8 {
+                            // SAFETY: as above.
+                            let (xs, xs2, dxv) = unsafe { chunk_acts::<B>(a, b0, 8 * blk + c, pairs) };
+                            for ri in 0..R {
+                                let row = w.wrapping_add((r0 + ri) * row_bytes + blk * F::BYTES);
+                                if c % 2 == 0 {
+                                    _mm_prefetch::<_MM_HINT_T0>(
+                                        row.wrapping_add(PREFETCH + 32 * c) as *const i8
+                                    );
+                                }
+                                // SAFETY: the caller checked the weight rows exist.
+                                let (v, _) = unsafe { F::unpack(row, c) };
+                                accumulate::<F, B>(v, svw[ri][c], (&xs, &xs2), &dxv, &mut acc[ri]);
+                            }
                         }
                     }
-                    for ri in 0..R {
-                        // SAFETY: the caller checked the weight rows exist.
-                        let (v, sc) = unsafe { F::unpack(w.add((r0 + ri) * row_bytes + blk), c) };
-                        let corr = [
-                            sc.m[0] - F::OFF as f32 * sc.s[0],
-                            sc.m[1] - F::OFF as f32 * sc.s[1],
-                        ];
-                        let vu = if F::SIGNED { _mm256_sign_epi8(v, v) } else { v };
-                        for bi in 0..B {
-                            let (xx, xx2) = if F::SIGNED {
-                                (_mm256_sign_epi8(xs[bi], v), _mm256_sign_epi8(xs2[bi], v))
-                            } else {
-                                (xs[bi], xs2[bi])
-                            };
-                            // 256 * Σ w·hi + Σ w·lo, exact in 32 bits.
-                            let p =
-                                _mm256_add_epi32(_mm256_slli_epi32(dot(vu, xx), 8), dot(vu, xx2));
-                            let p = _mm256_cvtepi32_ps(p);
-                            let sv = _mm256_set_m128(
-                                _mm_set1_ps(sc.s[1] * dx[bi][1]),
-                                _mm_set1_ps(sc.s[0] * dx[bi][0]),
-                            );
-                            acc[ri][bi] = _mm256_fmadd_ps(sv, p, acc[ri][bi]);
+                } else {
+                    for k in 0..chunks {
+                        // SAFETY: the caller checked the activation rows exist.
+                        let (xs, xs2, dxv) = unsafe { chunk_acts::<B>(a, b0, k, pairs) };
+                        let mut ds = [_mm256_setzero_ps(); B];
+                        if F::CORR {
+                            for bi in 0..B {
+                                // The chunk's two scaled sums, the other lanes zero.
+                                let at = ((b0 + bi) * pairs + k / 2) * 4 + 2 * (k % 2);
+                                // SAFETY: as above.
+                                ds[bi] = _mm256_zextps128_ps256(_mm_castpd_ps(unsafe {
+                                    _mm_load_sd(a.ds16.as_ptr().add(at) as *const f64)
+                                }));
+                            }
+                        }
+                        for ri in 0..R {
+                            let row = w.wrapping_add((r0 + ri) * row_bytes + k * F::BYTES);
+                            if k % 2 == 0 {
+                                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(PREFETCH) as *const i8);
+                            }
+                            // SAFETY: the caller checked the weight rows exist.
+                            let (v, sc) = unsafe { F::unpack(row, 0) };
+                            let svw = _mm256_setr_m128(_mm_set1_ps(sc.s[0]), _mm_set1_ps(sc.s[1]));
+                            accumulate::<F, B>(v, svw, (&xs, &xs2), &dxv, &mut acc[ri]);
                             if F::CORR {
-                                sacc[ri][bi] += corr[0] * (dx[bi][0] * s[bi][0])
-                                    + corr[1] * (dx[bi][1] * s[bi][1]);
+                                let s = _mm256_setr_ps(sc.s[0], sc.s[1], 0., 0., 0., 0., 0., 0.);
+                                let m = _mm256_setr_ps(sc.m[0], sc.m[1], 0., 0., 0., 0., 0., 0.);
+                                let corr = correction::<F>(s, m);
+                                for bi in 0..B {
+                                    cacc[ri][bi] = _mm256_fmadd_ps(corr, ds[bi], cacc[ri][bi]);
+                                }
                             }
                         }
                     }
                 }
                 for ri in 0..R {
                     for bi in 0..B {
-                        out.set(b0 + bi, r0 + ri, hsum(acc[ri][bi]) + sacc[ri][bi]);
+                        out.set(b0 + bi, r0 + ri, hsum(acc[ri][bi]) + hsum(cacc[ri][bi]));
                     }
+                }
+            }
+
+            /// Activation rows `b0..b0+B` at chunk `k`: both planes and each half's scale spread
+            /// over its 4 lanes.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            unsafe fn chunk_acts<const B: usize>(
+                a: &QActs,
+                b0: usize,
+                k: usize,
+                pairs: usize,
+            ) -> ([__m256i; B], [__m256i; B], [__m256; B]) {
+                let mut xs = [_mm256_setzero_si256(); B];
+                let mut xs2 = [_mm256_setzero_si256(); B];
+                let mut dxv = [_mm256_setzero_ps(); B];
+                for bi in 0..B {
+                    let b = b0 + bi;
+                    // SAFETY: the caller checked the activation rows exist, with scales for
+                    // every pair.
+                    unsafe {
+                        xs[bi] = load256(a.q.as_ptr().add(b * a.cols + 32 * k) as *const u8);
+                        xs2[bi] = load256(a.q2.as_ptr().add(b * a.cols + 32 * k) as *const u8);
+                        let at = (b * pairs + k / 2) * 16 + 8 * (k % 2);
+                        dxv[bi] = _mm256_loadu_ps(a.dxv.as_ptr().add(at));
+                    }
+                }
+                (xs, xs2, dxv)
+            }
+
+            /// The per-half correction the sums need: the weights' mins `m`, less their offset
+            /// times their scales `s` where the format stores values with one.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            fn correction<F: Fmt>(s: __m256, m: __m256) -> __m256 {
+                if F::OFF == 0 {
+                    m
+                } else {
+                    _mm256_sub_ps(m, _mm256_mul_ps(_mm256_set1_ps(F::OFF as f32), s))
+                }
+            }
+
+            /// One weight chunk `v` (its per-half scales `svw` spread over the lanes) against
+            /// activation rows `xs`, `xs2` (the two planes) with their scales `dxv`.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            fn accumulate<F: Fmt, const B: usize>(
+                v: __m256i,
+                svw: __m256,
+                (xs, xs2): (&[__m256i; B], &[__m256i; B]),
+                dxv: &[__m256; B],
+                acc: &mut [__m256; B],
+            ) {
+                let vu = if F::SIGNED { _mm256_sign_epi8(v, v) } else { v };
+                for bi in 0..B {
+                    let (xx, xx2) = if F::SIGNED {
+                        (_mm256_sign_epi8(xs[bi], v), _mm256_sign_epi8(xs2[bi], v))
+                    } else {
+                        (xs[bi], xs2[bi])
+                    };
+                    // 256 * Σ w·hi + Σ w·lo, exact in 32 bits.
+                    let hi = dot(_mm256_setzero_si256(), vu, xx);
+                    let p = _mm256_cvtepi32_ps(dot(_mm256_slli_epi32(hi, 8), vu, xx2));
+                    acc[bi] = _mm256_fmadd_ps(_mm256_mul_ps(svw, dxv[bi]), p, acc[bi]);
+                }
+            }
+
+            /// `acc` plus the sums of 4 products of unsigned `v` and signed `x` bytes, as 8 x i32
+            /// (the same sums either way, as in the 512-bit kernels).
+            #[target_feature(enable = $feat)]
+            #[inline]
+            #[allow(unused_unsafe)]
+            fn dot(acc: __m256i, v: __m256i, x: __m256i) -> __m256i {
+                if $vnni {
+                    // SAFETY: only reached in the VNNI instantiation, whose features include it.
+                    unsafe { _mm256_dpbusd_avx_epi32(acc, v, x) }
+                } else {
+                    let pairs = _mm256_maddubs_epi16(v, x);
+                    _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
                 }
             }
         }
@@ -947,7 +1126,7 @@ macro_rules! avx512_kernels {
                         for (ri, s) in sc.iter_mut().enumerate() {
                             // SAFETY: the caller checked the rows exist.
                             *s = unsafe {
-                                F::block_scales(w.add((r0 + ri) * row_bytes + blk * F::BYTES))
+                                F::block_scales16(w.add((r0 + ri) * row_bytes + blk * F::BYTES))
                             };
                         }
                         for p in 0..4 {

@@ -307,39 +307,49 @@ fn shapes_are_checked() {
     assert!(QMatrix::new(GgmlType::Q6_K, usize::MAX / 2, 256, &[]).is_err());
 }
 
-/// The 512-bit kernel without VNNI (`vpmaddubsw` + `vpmaddwd`) sums the same integers as the one
-/// with it (`vpdpbusd`), so a Skylake-SP worker and an Ice Lake one give the same bits: every
-/// format, decode rows and small batches, whole and half pairs of 32-blocks. Needs a machine
-/// with AVX-512 VNNI (the one instruction set it compares against); elsewhere it says so.
+/// The kernels without VNNI (`vpmaddubsw` + `vpmaddwd`) sum the same integers as those with it
+/// (`vpdpbusd`), at either width, so a Skylake-SP worker and an Ice Lake one, or a Zen 3 and an
+/// Alder Lake one, give the same bits: every format, decode rows and small batches, whole and
+/// half pairs of 32-blocks. Each pair needs a machine with its VNNI instruction set; where one
+/// is missing the test says so.
 #[test]
-fn avx512_without_vnni_gives_the_vnni_kernels_bits() {
+fn kernels_without_vnni_give_the_vnni_kernels_bits() {
     let avail = Isa::available();
-    if !(avail.contains(&Isa::Avx512) && avail.contains(&Isa::Avx512Bw)) {
-        eprintln!("skipped: this machine lacks AVX-512 VNNI, the kernel to compare against");
-        return;
-    }
-    for (i, ty) in ALL_TYPES.iter().enumerate() {
-        if ty.is_dense() {
+    for (with_vnni, without) in [(Isa::Avx512, Isa::Avx512Bw), (Isa::AvxVnni, Isa::Avx2)] {
+        if !(avail.contains(&with_vnni) && avail.contains(&without)) {
+            eprintln!(
+                "skipped {} against {}: this machine lacks one of them",
+                without.name(),
+                with_vnni.name()
+            );
             continue;
         }
-        // 7 chunks a row: three whole pairs and a half one (256-value formats: two blocks).
-        let cols = if ty.block_values() == 256 { 512 } else { 224 };
-        let mut rng = ChaCha8Rng::seed_from_u64(500 + i as u64);
-        let data = random_matrix(*ty, 11, cols, &mut rng);
-        let m = QMatrix::new(*ty, 11, cols, &data).unwrap();
-        for n in [1, 2, 5] {
-            let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-3.0..3.0)).collect();
-            let run = |isa| {
-                let mut y = vec![f32::NAN; n * 11];
-                matmul_group(&[m], &x, n, &mut [&mut y], Precision::Fast, isa);
-                y
-            };
-            let (with, without) = (run(Isa::Avx512), run(Isa::Avx512Bw));
-            let same = with
-                .iter()
-                .zip(&without)
-                .all(|(a, b)| a.to_bits() == b.to_bits());
-            assert!(same, "{} batch {n}: {with:?} != {without:?}", ty.name());
+        for (i, ty) in ALL_TYPES.iter().enumerate() {
+            if ty.is_dense() {
+                continue;
+            }
+            // 7 chunks a row: three whole pairs and a half one (256-value formats: two blocks).
+            let cols = if ty.block_values() == 256 { 512 } else { 224 };
+            let mut rng = ChaCha8Rng::seed_from_u64(500 + i as u64);
+            let data = random_matrix(*ty, 11, cols, &mut rng);
+            let m = QMatrix::new(*ty, 11, cols, &data).unwrap();
+            for n in [1, 2, 5] {
+                let x: Vec<f32> = (0..n * cols).map(|_| rng.random_range(-3.0..3.0)).collect();
+                let run = |isa| {
+                    let mut y = vec![f32::NAN; n * 11];
+                    matmul_group(&[m], &x, n, &mut [&mut y], Precision::Fast, isa);
+                    y
+                };
+                let (a, b) = (run(with_vnni), run(without));
+                let same = a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{} against {}, {} batch {n}: {a:?} != {b:?}",
+                    without.name(),
+                    with_vnni.name(),
+                    ty.name()
+                );
+            }
         }
     }
 }
