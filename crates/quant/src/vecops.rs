@@ -37,21 +37,77 @@ fn axpy_impl(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// Keys (or value rows) that [`scores_impl`] and [`weighted_sum_impl`] take in one pass: their
+/// independent accumulators hide the latency of each one's chain of adds, and the query (or
+/// the output) is loaded once for all of them. Each key's own operations, and their order,
+/// are [`dot_impl`]'s (each value row's, `axpy_impl`'s), so the results do not change.
+const KEYS: usize = 4; // scores_impl names its four accumulators
+
 /// `out[p] = scale * (q · k[p * stride..][..q.len()])`.
 #[inline(always)]
 fn scores_impl(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+    const L: usize = 16;
     let hd = q.len();
-    for (p, o) in out.iter_mut().enumerate() {
+    let whole = hd / L * L;
+    let mut groups = out.chunks_exact_mut(KEYS);
+    let mut p = 0;
+    for o in groups.by_ref() {
+        let ks: [&[f32]; KEYS] = std::array::from_fn(|j| &k[(p + j) * stride..][..hd]);
+        // One accumulator per key, named, so that each stays in registers.
+        let (mut a0, mut a1, mut a2, mut a3) = ([0f32; L], [0f32; L], [0f32; L], [0f32; L]);
+        for c in 0..whole / L {
+            let at = |s: &[f32]| -> [f32; L] { s[c * L..][..L].try_into().unwrap() };
+            let (qc, k0, k1, k2, k3) = (at(q), at(ks[0]), at(ks[1]), at(ks[2]), at(ks[3]));
+            for i in 0..L {
+                a0[i] += qc[i] * k0[i];
+                a1[i] += qc[i] * k1[i];
+                a2[i] += qc[i] * k2[i];
+                a3[i] += qc[i] * k3[i];
+            }
+        }
+        let mut acc = [a0, a1, a2, a3];
+        for j in 0..KEYS {
+            // dot_impl's tree and tail.
+            let a = &mut acc[j];
+            let mut w = L / 2;
+            while w > 0 {
+                for i in 0..w {
+                    a[i] += a[i + w];
+                }
+                w /= 2;
+            }
+            let mut s = a[0];
+            for i in whole..hd {
+                s += q[i] * ks[j][i];
+            }
+            o[j] = s * scale;
+        }
+        p += KEYS;
+    }
+    for o in groups.into_remainder() {
         *o = dot_impl(q, &k[p * stride..p * stride + hd]) * scale;
+        p += 1;
     }
 }
 
-/// `out += Σ_p w[p] * v[p * stride..][..out.len()]`.
+/// `out += Σ_p w[p] * v[p * stride..][..out.len()]`, in order of `p`.
 #[inline(always)]
 fn weighted_sum_impl(w: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
     let hd = out.len();
-    for (p, &wp) in w.iter().enumerate() {
+    let mut groups = w.chunks_exact(KEYS);
+    let mut p = 0;
+    for wg in groups.by_ref() {
+        let vs: [&[f32]; KEYS] = std::array::from_fn(|j| &v[(p + j) * stride..][..hd]);
+        let (w0, w1, w2, w3) = (wg[0], wg[1], wg[2], wg[3]);
+        let rows = vs[0].iter().zip(vs[1]).zip(vs[2]).zip(vs[3]);
+        for (o, (((v0, v1), v2), v3)) in out.iter_mut().zip(rows) {
+            *o = *o + w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3;
+        }
+        p += KEYS;
+    }
+    for &wp in groups.remainder() {
         axpy_impl(out, wp, &v[p * stride..p * stride + hd]);
+        p += 1;
     }
 }
 
@@ -173,5 +229,39 @@ mod tests {
         super::axpy(&mut y1, 0.3, &a);
         super::axpy_impl(&mut y2, 0.3, &a);
         assert_eq!(y1, y2);
+    }
+
+    /// Scores taken several keys at a time are each key's `dot`, scaled, bit for bit; the
+    /// weighted sum is the chain of `axpy`s in order: every head size, stride and key count
+    /// (whole groups and remainders).
+    #[test]
+    fn grouped_attention_products_equal_one_key_at_a_time() {
+        let data: Vec<f32> = (0..40_000)
+            .map(|i| (i as f32 * 0.173).sin() * 3.0)
+            .collect();
+        for hd in [1, 16, 17, 64, 80, 256] {
+            for (stride, keys) in [(hd, 1), (hd, 4), (hd + 5, 7), (3 * hd, 13)] {
+                let q = &data[7..7 + hd];
+                let k = &data[1000..];
+                let mut got = vec![0f32; keys];
+                super::scores(q, k, stride, 0.125, &mut got);
+                for (p, g) in got.iter().enumerate() {
+                    let want = super::dot_impl(q, &k[p * stride..p * stride + hd]) * 0.125;
+                    assert_eq!(g.to_bits(), want.to_bits(), "hd {hd} key {p}");
+                }
+                let w = &data[20_000..20_000 + keys];
+                let mut got = data[30_000..30_000 + hd].to_vec();
+                let mut want = got.clone();
+                super::weighted_sum(w, k, stride, &mut got);
+                for (p, &wp) in w.iter().enumerate() {
+                    super::axpy_impl(&mut want, wp, &k[p * stride..p * stride + hd]);
+                }
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "hd {hd} stride {stride} keys {keys}");
+            }
+        }
     }
 }
