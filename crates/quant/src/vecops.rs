@@ -43,6 +43,16 @@ fn axpy_impl(y: &mut [f32], a: f32, x: &[f32]) {
 /// are [`dot_impl`]'s (each value row's, `axpy_impl`'s), so the results do not change.
 const KEYS: usize = 4; // scores_impl names its four accumulators
 
+/// Rows `p..p + N` of `len` values, `stride` apart, from `m`.
+#[inline(always)]
+fn rows<const N: usize>(m: &[f32], p: usize, stride: usize, len: usize) -> [&[f32]; N] {
+    let mut r: [&[f32]; N] = [&[]; N];
+    for (j, r) in r.iter_mut().enumerate() {
+        *r = &m[(p + j) * stride..][..len];
+    }
+    r
+}
+
 /// `out[p] = scale * (q · k[p * stride..][..q.len()])`.
 #[inline(always)]
 fn scores_impl(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
@@ -52,7 +62,7 @@ fn scores_impl(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32])
     let mut groups = out.chunks_exact_mut(KEYS);
     let mut p = 0;
     for o in groups.by_ref() {
-        let ks: [&[f32]; KEYS] = std::array::from_fn(|j| &k[(p + j) * stride..][..hd]);
+        let ks = rows::<KEYS>(k, p, stride, hd);
         // One accumulator per key, named, so that each stays in registers.
         let (mut a0, mut a1, mut a2, mut a3) = ([0f32; L], [0f32; L], [0f32; L], [0f32; L]);
         for c in 0..whole / L {
@@ -97,7 +107,7 @@ fn weighted_sum_impl(w: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
     let mut groups = w.chunks_exact(KEYS);
     let mut p = 0;
     for wg in groups.by_ref() {
-        let vs: [&[f32]; KEYS] = std::array::from_fn(|j| &v[(p + j) * stride..][..hd]);
+        let vs = rows::<KEYS>(v, p, stride, hd);
         let (w0, w1, w2, w3) = (wg[0], wg[1], wg[2], wg[3]);
         let rows = vs[0].iter().zip(vs[1]).zip(vs[2]).zip(vs[3]);
         for (o, (((v0, v1), v2), v3)) in out.iter_mut().zip(rows) {
