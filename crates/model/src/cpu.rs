@@ -93,10 +93,50 @@ impl HostKv {
     }
 }
 
+/// Keys a tile of [`attention`] takes for all the query heads of a KV head before moving on, so
+/// that their K and V rows are read from memory once and then from the core's own caches.
+const TILE: usize = 128;
+
+/// How many of a cache head's query heads one work item takes: as many as keep the threads
+/// as evenly loaded as one head an item would (the largest items first, each to the least
+/// loaded thread), so that a decode step's few heads still spread over every thread.
+fn group_part(heads_of: &[Vec<usize>], t: usize, threads: usize) -> usize {
+    let threads = threads.max(1);
+    let widest = heads_of.iter().map(Vec::len).max().unwrap_or(1).max(1);
+    let groups = heads_of.iter().filter(|hs| !hs.is_empty()).count();
+    if t * groups >= 4 * threads {
+        // A prompt's rows: whole groups are items enough.
+        return widest;
+    }
+    let total: usize = t * heads_of.iter().map(Vec::len).sum::<usize>();
+    let even = total.div_ceil(threads);
+    (1..=widest)
+        .rev()
+        .find(|&size| {
+            let mut items: Vec<usize> = heads_of
+                .iter()
+                .flat_map(|hs| hs.chunks(size).map(<[usize]>::len))
+                .flat_map(|n| std::iter::repeat_n(n, t))
+                .collect();
+            items.sort_unstable_by(|a, b| b.cmp(a));
+            let mut load = vec![0usize; threads];
+            for n in items {
+                *load.iter_mut().min().expect("a thread") += n;
+            }
+            load.into_iter().max().unwrap_or(0) <= even
+        })
+        .unwrap_or(1)
+}
+
 /// Causal attention of one sequence's `t` new queries (rows of `nq * hd` values, the first at
 /// position `pos`) over its cache (`pos + t` positions, the new ones already appended).
 /// `kv_of[h]` is the cache head query head `h` reads; a query sees the last `window`
 /// positions (itself included) when set, else all. Writes rows of `nq * hd` into `out`.
+///
+/// The query heads that share a cache head go together, a tile of positions at a time (split
+/// in parts where whole groups would load the threads unevenly: see [`group_part`]). Every head's scores and weighted sums
+/// are the same operations in the same order as one head at a time, so the result does not
+/// depend on the grouping.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
@@ -112,36 +152,184 @@ pub fn attention(
     window: Option<usize>,
 ) {
     let kvw = nkv * hd;
-    let one = |(i, h, o): (usize, usize, &mut [f32])| {
-        let qh = &q[i * nq * hd + h * hd..][..hd];
-        let g = kv_of[h];
-        let end = pos + i + 1;
+    // One work item: query row `i`, cache head `g`, and some of the heads that read it, each
+    // with its output row.
+    type Item<'a> = (usize, usize, Vec<(usize, &'a mut [f32])>);
+    let work = t * nq * (pos + t) * hd;
+    let threads = if work < 1 << 16 {
+        1
+    } else {
+        tessera_quant::threads()
+    };
+    let mut heads_of: Vec<Vec<usize>> = vec![Vec::new(); nkv];
+    for (h, &g) in kv_of.iter().enumerate().take(nq) {
+        heads_of[g].push(h);
+    }
+    let size = group_part(&heads_of, t, threads);
+    let mut rows: Vec<Option<&mut [f32]>> = out.chunks_exact_mut(hd).map(Some).collect();
+    let mut items: Vec<Item> = Vec::new();
+    for i in 0..t {
+        for (g, hs) in heads_of.iter().enumerate() {
+            for part in hs.chunks(size) {
+                let outs = part
+                    .iter()
+                    .map(|&h| (h, rows[i * nq + h].take().expect("one output row per head")))
+                    .collect();
+                items.push((i, g, outs));
+            }
+        }
+    }
+    let one = |(i, g, outs): &mut Item| {
+        let end = pos + *i + 1;
         let lo = window.map_or(0, |w| end.saturating_sub(w));
         let len = end - lo;
-        let mut sc = vec![0f32; len];
-        let base = lo * kvw + g * hd;
-        scores(qh, &cache.k[base..], kvw, scale, &mut sc);
-        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-        let mut sum = 0f32;
-        for s in sc.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+        let base = lo * kvw + *g * hd;
+        let qrow = &q[*i * nq * hd..][..nq * hd];
+        let mut sc = vec![0f32; len * outs.len()];
+        for t0 in (0..len).step_by(TILE) {
+            let n = TILE.min(len - t0);
+            for ((h, _), s) in outs.iter().zip(sc.chunks_exact_mut(len)) {
+                let qh = &qrow[*h * hd..][..hd];
+                scores(
+                    qh,
+                    &cache.k[base + t0 * kvw..],
+                    kvw,
+                    scale,
+                    &mut s[t0..t0 + n],
+                );
+            }
         }
-        let inv = 1.0 / sum;
-        sc.iter_mut().for_each(|s| *s *= inv);
-        o.iter_mut().for_each(|v| *v = 0.0);
-        weighted_sum(&sc, &cache.v[base..], kvw, o);
+        for s in sc.chunks_exact_mut(len) {
+            let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+            let mut sum = 0f32;
+            for v in s.iter_mut() {
+                *v = (*v - max).exp();
+                sum += *v;
+            }
+            let inv = 1.0 / sum;
+            s.iter_mut().for_each(|v| *v *= inv);
+        }
+        outs.iter_mut()
+            .for_each(|(_, o)| o.iter_mut().for_each(|v| *v = 0.0));
+        for t0 in (0..len).step_by(TILE) {
+            let n = TILE.min(len - t0);
+            for ((_, o), s) in outs.iter_mut().zip(sc.chunks_exact(len)) {
+                weighted_sum(&s[t0..t0 + n], &cache.v[base + t0 * kvw..], kvw, o);
+            }
+        }
     };
-    let work = t * nq * (pos + t) * hd;
-    if work < 1 << 16 {
-        out.chunks_exact_mut(hd)
-            .enumerate()
-            .for_each(|(j, o)| one((j / nq, j % nq, o)));
+    if items.len() == 1 || threads == 1 {
+        items.iter_mut().for_each(one);
     } else {
-        tessera_quant::in_pool(|| {
-            out.par_chunks_exact_mut(hd)
-                .enumerate()
-                .for_each(|(j, o)| one((j / nq, j % nq, o)))
-        });
+        tessera_quant::in_pool(|| items.par_iter_mut().for_each(one));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One head at a time over the whole range, as attention was computed before heads were
+    /// grouped: the reference the grouped version must equal bit for bit.
+    #[allow(clippy::too_many_arguments)]
+    fn per_head(
+        q: &[f32],
+        cache: &HostKv,
+        t: usize,
+        pos: usize,
+        nq: usize,
+        nkv: usize,
+        hd: usize,
+        kv_of: &[usize],
+        window: Option<usize>,
+    ) -> Vec<f32> {
+        let kvw = nkv * hd;
+        let mut out = vec![0f32; t * nq * hd];
+        for (j, o) in out.chunks_exact_mut(hd).enumerate() {
+            let (i, h) = (j / nq, j % nq);
+            let end = pos + i + 1;
+            let lo = window.map_or(0, |w| end.saturating_sub(w));
+            let mut sc = vec![0f32; end - lo];
+            let base = lo * kvw + kv_of[h] * hd;
+            scores(
+                &q[i * nq * hd + h * hd..][..hd],
+                &cache.k[base..],
+                kvw,
+                0.3,
+                &mut sc,
+            );
+            let max = sc.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            let mut sum = 0f32;
+            for s in sc.iter_mut() {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let inv = 1.0 / sum;
+            sc.iter_mut().for_each(|s| *s *= inv);
+            weighted_sum(&sc, &cache.v[base..], kvw, o);
+        }
+        out
+    }
+
+    #[test]
+    fn grouped_heads_give_the_per_head_bits() {
+        let hd = 16;
+        // (query heads' cache heads): even groups, one shared head, an uneven shard's cut.
+        let layouts: [&[usize]; 3] = [
+            &[0, 0, 0, 1, 1, 1, 2, 2, 2],
+            &[0, 0, 0, 0],
+            &[0, 0, 0, 1, 1],
+        ];
+        for kv_of in layouts {
+            let (nq, nkv) = (kv_of.len(), kv_of.iter().max().unwrap() + 1);
+            for (t, pos, window) in [
+                (1, 0, None),
+                (1, 300, None),
+                (1, 600, None),
+                (1, 700, Some(300)),
+                (5, 140, None),
+                (40, 0, None),
+                (3, 290, Some(100)),
+            ] {
+                let n = pos + t;
+                let val = |i: usize, f: f32| ((i as f32) * f).sin();
+                let mut cache = HostKv::default();
+                let k: Vec<f32> = (0..n * nkv * hd).map(|i| val(i, 0.37)).collect();
+                let v: Vec<f32> = (0..n * nkv * hd).map(|i| val(i, 0.11)).collect();
+                cache.append(&k, &v);
+                let q: Vec<f32> = (0..t * nq * hd).map(|i| val(i, 0.53)).collect();
+                let mut got = vec![f32::NAN; t * nq * hd];
+                attention(
+                    &q, &cache, &mut got, t, pos, nq, nkv, hd, kv_of, 0.3, window,
+                );
+                let want = per_head(&q, &cache, t, pos, nq, nkv, hd, kv_of, window);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "heads {kv_of:?}, t {t}, pos {pos}, window {window:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn groups_split_only_to_even_out_the_threads() {
+        let groups = |kv_of: &[usize]| {
+            let mut g = vec![Vec::new(); kv_of.iter().max().unwrap() + 1];
+            for (h, &k) in kv_of.iter().enumerate() {
+                g[k].push(h);
+            }
+            g
+        };
+        let smollm2 = groups(&[0, 0, 0, 1, 1, 1, 2, 2, 2]);
+        let gemma = groups(&[0, 0, 0, 0]);
+        // Decode on two threads: 9 heads split 5 + 4 (items of 2 and 1), 4 heads 2 + 2.
+        assert_eq!(group_part(&smollm2, 1, 2), 2);
+        assert_eq!(group_part(&gemma, 1, 2), 2);
+        // One thread, or a prompt's many rows: whole groups.
+        assert_eq!(group_part(&smollm2, 1, 1), 3);
+        assert_eq!(group_part(&gemma, 1, 1), 4);
+        assert_eq!(group_part(&smollm2, 128, 2), 3);
+        assert_eq!(group_part(&gemma, 2, 2), 4);
     }
 }
