@@ -93,6 +93,18 @@ impl HostKv {
     }
 }
 
+/// `s` in place as softmax weights: `exp(s - max)`, normalized.
+fn softmax(s: &mut [f32]) {
+    let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f32;
+    for v in s.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    s.iter_mut().for_each(|v| *v *= inv);
+}
+
 /// Keys a tile of [`attention`] takes for all the query heads of a KV head before moving on, so
 /// that their K and V rows are read from memory once and then from the core's own caches.
 const TILE: usize = 128;
@@ -199,16 +211,7 @@ pub fn attention(
                 );
             }
         }
-        for s in sc.chunks_exact_mut(len) {
-            let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let mut sum = 0f32;
-            for v in s.iter_mut() {
-                *v = (*v - max).exp();
-                sum += *v;
-            }
-            let inv = 1.0 / sum;
-            s.iter_mut().for_each(|v| *v *= inv);
-        }
+        sc.chunks_exact_mut(len).for_each(softmax);
         outs.iter_mut()
             .for_each(|(_, o)| o.iter_mut().for_each(|v| *v = 0.0));
         for t0 in (0..len).step_by(TILE) {
@@ -258,14 +261,7 @@ mod tests {
                 0.3,
                 &mut sc,
             );
-            let max = sc.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
-            let mut sum = 0f32;
-            for s in sc.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            sc.iter_mut().for_each(|s| *s *= inv);
+            softmax(&mut sc);
             weighted_sum(&sc, &cache.v[base..], kvw, o);
         }
         out

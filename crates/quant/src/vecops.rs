@@ -4,9 +4,11 @@
 //! at run time. Every compilation performs the same operations in the same order, so they
 //! agree bit for bit.
 
+/// Independent accumulator lanes of a dot product.
+const L: usize = 16;
+
 #[inline(always)]
 fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 16;
     let n = a.len().min(b.len());
     let whole = n / L * L;
     let mut acc = [0f32; L];
@@ -15,6 +17,12 @@ fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
             acc[i] += x[i] * y[i];
         }
     }
+    finish(acc, &a[whole..n], &b[whole..n])
+}
+
+/// A dot product's lanes summed, then its tail past the whole lanes (`a`, `b`) added.
+#[inline(always)]
+fn finish(mut acc: [f32; L], a: &[f32], b: &[f32]) -> f32 {
     // A tree, not a chain: 4 dependent adds instead of 16.
     let mut w = L / 2;
     while w > 0 {
@@ -24,8 +32,8 @@ fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
         w /= 2;
     }
     let mut s = acc[0];
-    for i in whole..n {
-        s += a[i] * b[i];
+    for (x, y) in a.iter().zip(b) {
+        s += x * y;
     }
     s
 }
@@ -56,7 +64,6 @@ fn rows<const N: usize>(m: &[f32], p: usize, stride: usize, len: usize) -> [&[f3
 /// `out[p] = scale * (q · k[p * stride..][..q.len()])`.
 #[inline(always)]
 fn scores_impl(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
-    const L: usize = 16;
     let hd = q.len();
     let whole = hd / L * L;
     let mut groups = out.chunks_exact_mut(KEYS);
@@ -75,22 +82,8 @@ fn scores_impl(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32])
                 a3[i] += qc[i] * k3[i];
             }
         }
-        let mut acc = [a0, a1, a2, a3];
-        for j in 0..KEYS {
-            // dot_impl's tree and tail.
-            let a = &mut acc[j];
-            let mut w = L / 2;
-            while w > 0 {
-                for i in 0..w {
-                    a[i] += a[i + w];
-                }
-                w /= 2;
-            }
-            let mut s = a[0];
-            for i in whole..hd {
-                s += q[i] * ks[j][i];
-            }
-            o[j] = s * scale;
+        for (j, acc) in [a0, a1, a2, a3].into_iter().enumerate() {
+            o[j] = finish(acc, &q[whole..], &ks[j][whole..]) * scale;
         }
         p += KEYS;
     }
