@@ -94,12 +94,18 @@ pub(crate) fn gemm_tiles(
         wbuf[nr * k..].iter_mut().for_each(|v| *v = 0.0);
         gemm_tile(isa, &wbuf, k, xt, width, &mut c);
         // The tile is [row][activation]; outputs are [activation][row]: 6 values a run.
-        let mut run = [0f32; TILE_ROWS];
         for j in 0..m {
-            for (r, v) in run.iter_mut().enumerate().take(nr) {
-                *v = c[r * width + j];
+            if nr == TILE_ROWS {
+                let mut run = [0f32; TILE_ROWS];
+                for (r, v) in run.iter_mut().enumerate() {
+                    *v = c[r * width + j];
+                }
+                out.set_run(j, r0, &run);
+            } else {
+                for r in 0..nr {
+                    out.set(j, r0 + r, c[r * width + j]);
+                }
             }
-            out.set_run(j, r0, &run[..nr]);
         }
     }
 }
