@@ -4,7 +4,7 @@
 //! result never depends on the rest of its batch.
 
 use rayon::prelude::*;
-use tessera_quant::vecops::{dot, scores, weighted_sum};
+use tessera_quant::vecops::{dot, scores, softmax, weighted_sum};
 
 /// `x * w / sqrt(mean(x²) + eps)` per row of `h` values, in place.
 pub fn rms_norm(x: &mut [f32], w: &[f32], h: usize, eps: f32) {
@@ -91,18 +91,6 @@ impl HostKv {
         self.k.extend_from_slice(k);
         self.v.extend_from_slice(v);
     }
-}
-
-/// `s` in place as softmax weights: `exp(s - max)`, normalized.
-fn softmax(s: &mut [f32]) {
-    let max = s.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    let mut sum = 0f32;
-    for v in s.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    s.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// Keys a tile of [`attention`] takes for all the query heads of a KV head before moving on, so

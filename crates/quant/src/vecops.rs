@@ -114,6 +114,60 @@ fn weighted_sum_impl(w: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
     }
 }
 
+/// `e^x`, within 2 ulp for the arguments softmax meets (`x <= 0`; below -87.3 it gives about
+/// 1e-38 instead of a smaller number or 0). Plain arithmetic on f32 and its bits (Cephes'
+/// range reduction and polynomial), so that a loop of it vectorizes and every compilation
+/// gives the same bits, unlike a call to the C library's `expf` per value.
+#[inline(always)]
+fn exp_impl(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 in two parts: n * C1 is exact for the n that occur.
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.3, 88.7);
+    let n = (x * LOG2E).round_ties_even();
+    let r = x - n * C1 - n * C2;
+    let p = 1.987_569_1e-4;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5.000_000_1e-1;
+    let y = p * (r * r) + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `s` in place as softmax weights: `e^(s - max)`, then divided by their sum.
+#[inline(always)]
+fn softmax_impl(s: &mut [f32]) {
+    let whole = s.len() / L * L;
+    let mut m = [f32::NEG_INFINITY; L];
+    for c in s[..whole].chunks_exact(L) {
+        for i in 0..L {
+            m[i] = m[i].max(c[i]);
+        }
+    }
+    // The largest value, whatever the order it is found in.
+    let max = m
+        .iter()
+        .chain(&s[whole..])
+        .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let mut acc = [0f32; L];
+    for c in s[..whole].chunks_exact_mut(L) {
+        for i in 0..L {
+            c[i] = exp_impl(c[i] - max);
+            acc[i] += c[i];
+        }
+    }
+    for v in s[whole..].iter_mut() {
+        *v = exp_impl(*v - max);
+    }
+    let ones = [1f32; L];
+    let sum = finish(acc, &s[whole..], &ones[..s.len() - whole]);
+    let inv = 1.0 / sum;
+    s.iter_mut().for_each(|v| *v *= inv);
+}
+
 macro_rules! multiversion {
     ($name:ident, $imp:ident, $avx512:ident, $avx2:ident, ($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
         #[cfg(target_arch = "x86_64")]
@@ -144,6 +198,7 @@ macro_rules! multiversion {
 
 multiversion!(scores, scores_impl, scores_avx512, scores_avx2,
     (q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]));
+multiversion!(softmax, softmax_impl, softmax_avx512, softmax_avx2, (s: &mut [f32]));
 multiversion!(weighted_sum, weighted_sum_impl, weighted_sum_avx512, weighted_sum_avx2,
     (w: &[f32], v: &[f32], stride: usize, out: &mut [f32]));
 
@@ -232,6 +287,43 @@ mod tests {
         super::axpy(&mut y1, 0.3, &a);
         super::axpy_impl(&mut y2, 0.3, &a);
         assert_eq!(y1, y2);
+    }
+
+    /// The polynomial `exp` is within 2 ulp of the true value over softmax's range, and the
+    /// softmax of any length sums to 1, matches f64 closely, and is the same in every
+    /// compilation.
+    #[test]
+    fn softmax_is_close_to_f64_and_alike_everywhere() {
+        let mut x = -87.0f32;
+        while x <= 10.0 {
+            let (got, want) = (super::exp_impl(x) as f64, (x as f64).exp());
+            let ulp = (want as f32).to_bits().abs_diff((got as f32).to_bits());
+            assert!(ulp <= 2, "exp({x}) = {got}, want {want}");
+            x += 0.0137;
+        }
+        for n in [1, 3, 16, 17, 40, 129] {
+            let s: Vec<f32> = (0..n).map(|i| (i as f32 * 0.731).sin() * 12.0).collect();
+            let mut got = s.clone();
+            super::softmax(&mut got);
+            let mut base = s.clone();
+            super::softmax_impl(&mut base);
+            assert!(
+                got.iter()
+                    .zip(&base)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+            let max = s.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(v as f64));
+            let sum: f64 = s.iter().map(|&v| (v as f64 - max).exp()).sum();
+            for (g, v) in got.iter().zip(&s) {
+                let want = (*v as f64 - max).exp() / sum;
+                assert!(
+                    (*g as f64 - want).abs() <= 1e-6 * want.max(1e-3),
+                    "{g} vs {want}"
+                );
+            }
+            let total: f64 = got.iter().map(|&v| v as f64).sum();
+            assert!((total - 1.0).abs() < 1e-5, "sums to {total}");
+        }
     }
 
     /// Scores taken several keys at a time are each key's `dot`, scaled, bit for bit; the
