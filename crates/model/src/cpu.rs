@@ -161,8 +161,9 @@ pub fn attention(
     } else {
         tessera_quant::threads()
     };
+    assert_eq!(kv_of.len(), nq, "one cache head per query head");
     let mut heads_of: Vec<Vec<usize>> = vec![Vec::new(); nkv];
-    for (h, &g) in kv_of.iter().enumerate().take(nq) {
+    for (h, &g) in kv_of.iter().enumerate() {
         heads_of[g].push(h);
     }
     let size = group_part(&heads_of, t, threads);
