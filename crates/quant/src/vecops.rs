@@ -102,8 +102,8 @@ fn weighted_sum_impl(w: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
     for wg in groups.by_ref() {
         let vs = rows::<KEYS>(v, p, stride, hd);
         let (w0, w1, w2, w3) = (wg[0], wg[1], wg[2], wg[3]);
-        let rows = vs[0].iter().zip(vs[1]).zip(vs[2]).zip(vs[3]);
-        for (o, (((v0, v1), v2), v3)) in out.iter_mut().zip(rows) {
+        let lanes = vs[0].iter().zip(vs[1]).zip(vs[2]).zip(vs[3]);
+        for (o, (((v0, v1), v2), v3)) in out.iter_mut().zip(lanes) {
             *o = *o + w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3;
         }
         p += KEYS;
@@ -169,7 +169,7 @@ fn softmax_impl(s: &mut [f32]) {
 }
 
 macro_rules! multiversion {
-    ($name:ident, $imp:ident, $avx512:ident, $avx2:ident, ($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
+    ($(#[$doc:meta])* $name:ident, $imp:ident, $avx512:ident, $avx2:ident, ($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx2,fma")]
         fn $avx512($($arg: $ty),*) $(-> $ret)? {
@@ -180,6 +180,7 @@ macro_rules! multiversion {
         fn $avx2($($arg: $ty),*) $(-> $ret)? {
             $imp($($arg),*)
         }
+        $(#[$doc])*
         pub fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             if avx512() {
@@ -196,35 +197,17 @@ macro_rules! multiversion {
     };
 }
 
+multiversion!(
+    /// `Σ a[i] * b[i]` over the shorter length.
+    dot, dot_impl, dot_avx512, dot_avx2, (a: &[f32], b: &[f32]) -> f32);
+multiversion!(
+    /// `y += a * x`.
+    axpy, axpy_impl, axpy_avx512, axpy_avx2, (y: &mut [f32], a: f32, x: &[f32]));
 multiversion!(scores, scores_impl, scores_avx512, scores_avx2,
     (q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]));
 multiversion!(softmax, softmax_impl, softmax_avx512, softmax_avx2, (s: &mut [f32]));
 multiversion!(weighted_sum, weighted_sum_impl, weighted_sum_avx512, weighted_sum_avx2,
     (w: &[f32], v: &[f32], stride: usize, out: &mut [f32]));
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_impl(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn axpy_avx2(y: &mut [f32], a: f32, x: &[f32]) {
-    axpy_impl(y, a, x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn dot_avx512(a: &[f32], b: &[f32]) -> f32 {
-    dot_impl(a, b)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-fn axpy_avx512(y: &mut [f32], a: f32, x: &[f32]) {
-    axpy_impl(y, a, x)
-}
 
 #[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
@@ -238,36 +221,6 @@ fn avx2() -> bool {
     use std::sync::OnceLock;
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(crate::x86::has_avx2)
-}
-
-/// `Σ a[i] * b[i]` over the shorter length.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: AVX-512F, AVX2 and FMA were detected at run time.
-        return unsafe { dot_avx512(a, b) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // SAFETY: AVX2 and FMA were detected at run time.
-        return unsafe { dot_avx2(a, b) };
-    }
-    dot_impl(a, b)
-}
-
-/// `y += a * x`.
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if avx512() {
-        // SAFETY: AVX-512F, AVX2 and FMA were detected at run time.
-        return unsafe { axpy_avx512(y, a, x) };
-    }
-    #[cfg(target_arch = "x86_64")]
-    if avx2() {
-        // SAFETY: AVX2 and FMA were detected at run time.
-        return unsafe { axpy_avx2(y, a, x) };
-    }
-    axpy_impl(y, a, x)
 }
 
 #[cfg(test)]
