@@ -97,6 +97,15 @@ impl HostKv {
 /// that their K and V rows are read from memory once and then from the core's own caches.
 const TILE: usize = 128;
 
+/// The query heads that read each of `nkv` cache heads (`kv_of[h]`: query head `h`'s).
+fn heads_of(kv_of: &[usize], nkv: usize) -> Vec<Vec<usize>> {
+    let mut heads = vec![Vec::new(); nkv];
+    for (h, &g) in kv_of.iter().enumerate() {
+        heads[g].push(h);
+    }
+    heads
+}
+
 /// How many of a cache head's query heads one work item takes: as many as keep the threads
 /// as evenly loaded as one head an item would (the largest items first, each to the least
 /// loaded thread), so that a decode step's few heads still spread over every thread.
@@ -134,9 +143,9 @@ fn group_part(heads_of: &[Vec<usize>], t: usize, threads: usize) -> usize {
 /// positions (itself included) when set, else all. Writes rows of `nq * hd` into `out`.
 ///
 /// The query heads that share a cache head go together, a tile of positions at a time (split
-/// in parts where whole groups would load the threads unevenly: see [`group_part`]). Every head's scores and weighted sums
-/// are the same operations in the same order as one head at a time, so the result does not
-/// depend on the grouping.
+/// in parts where whole groups would load the threads unevenly: see [`group_part`]). Every
+/// head's scores and weighted sums are the same operations in the same order as one head at a
+/// time, so the result does not depend on the grouping.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &[f32],
@@ -162,15 +171,12 @@ pub fn attention(
         tessera_quant::threads()
     };
     assert_eq!(kv_of.len(), nq, "one cache head per query head");
-    let mut heads_of: Vec<Vec<usize>> = vec![Vec::new(); nkv];
-    for (h, &g) in kv_of.iter().enumerate() {
-        heads_of[g].push(h);
-    }
-    let size = group_part(&heads_of, t, threads);
+    let groups = heads_of(kv_of, nkv);
+    let size = group_part(&groups, t, threads);
     let mut rows: Vec<Option<&mut [f32]>> = out.chunks_exact_mut(hd).map(Some).collect();
     let mut items: Vec<Item> = Vec::new();
     for i in 0..t {
-        for (g, hs) in heads_of.iter().enumerate() {
+        for (g, hs) in groups.iter().enumerate() {
             for part in hs.chunks(size) {
                 let outs = part
                     .iter()
@@ -299,15 +305,8 @@ mod tests {
 
     #[test]
     fn groups_split_only_to_even_out_the_threads() {
-        let groups = |kv_of: &[usize]| {
-            let mut g = vec![Vec::new(); kv_of.iter().max().unwrap() + 1];
-            for (h, &k) in kv_of.iter().enumerate() {
-                g[k].push(h);
-            }
-            g
-        };
-        let smollm2 = groups(&[0, 0, 0, 1, 1, 1, 2, 2, 2]);
-        let gemma = groups(&[0, 0, 0, 0]);
+        let smollm2 = heads_of(&[0, 0, 0, 1, 1, 1, 2, 2, 2], 3);
+        let gemma = heads_of(&[0, 0, 0, 0], 1);
         // Decode on two threads: 9 heads split 5 + 4 (items of 2 and 1), 4 heads 2 + 2.
         assert_eq!(group_part(&smollm2, 1, 2), 2);
         assert_eq!(group_part(&gemma, 1, 2), 2);

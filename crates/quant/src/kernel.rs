@@ -160,8 +160,7 @@ impl Out {
             map,
         }
     }
-    /// Writes `vals` at row `b`, columns `r..r + vals.len()`.
-    /// `N` values from row `r` on, of activation row `b`: `N` is fixed so that the copy is a
+    /// Writes `vals` at activation row `b`, rows `r..r + N`: `N` is fixed so that the copy is a
     /// few moves, not a call to `memcpy` for every 24 bytes.
     #[inline(always)]
     pub(crate) fn set_run<const N: usize>(&self, b: usize, r: usize, vals: &[f32; N]) {
