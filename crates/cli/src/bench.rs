@@ -515,6 +515,18 @@ fn run_local(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         "weights read per token: {:.1} MB (in the file's formats)",
         bytes as f64 / 1e6
     );
+    // What the last decode step read of the KV cache besides (a GPU's cache is f32).
+    let kv = match a.m().backend {
+        tessera_model::Backend::Cpu => files.cache_type(a.m().compute.precision()),
+        _ => tessera_core::CacheType::F32,
+    };
+    let kv_last = kv.bytes_per_position(cfg) * (prompt.len() + a.gen_tokens) as u64;
+    println!(
+        "KV cache: {}, {:.1} MB at the last step ({} positions; sliding layers read less)",
+        kv.name(),
+        kv_last as f64 / 1e6,
+        prompt.len() + a.gen_tokens
+    );
     let rss = tessera_core::mem::peak_rss_bytes().unwrap_or(0);
     println!(
         "weights held: {:.1} MB; peak resident memory: {:.1} MB",
@@ -536,6 +548,8 @@ fn run_local(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         "format": files.format,
         "backend": a.m().backend.name(),
         "precision": precision_name(a),
+        "kv_cache": kv.name(),
+        "kv_bytes_at_last_step": kv_last,
         "shards": a.m().shards,
         "threads": threads,
         "prompt_tokens": prompt.len(),

@@ -124,11 +124,12 @@ impl ServeArgs {
         }
     }
 
-    fn scheduler(&self, model: &std::path::Path) -> anyhow::Result<SchedulerConfig> {
+    fn scheduler(&self, model: &std::path::Path, exact: bool) -> anyhow::Result<SchedulerConfig> {
         let files = tessera_model::ModelFiles::open(model)?;
         let c = &files.cfg;
-        // f32 K and V for every layer and KV head.
-        let per_position = (2 * c.layers * c.kv_heads * c.head_dim * 4) as f64;
+        // K and V for every layer and KV head, in the workers' cache type.
+        let ty = files.cache_type(precision(exact));
+        let per_position = ty.bytes_per_position(c) as f64;
         let kv_budget = (self.kv_cache_gib * (1u64 << 30) as f64 / per_position) as usize;
         if kv_budget < c.max_context.min(1024) {
             bail!(
@@ -271,7 +272,7 @@ async fn bind_http(
 pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     let model = crate::resolve_model(&a.model)?;
     let state = CoordinatorState::new(&CoordinatorConfig {
-        scheduler: a.serve.scheduler(&model)?,
+        scheduler: a.serve.scheduler(&model, a.exact)?,
         model,
         model_name: crate::model_name(&a.model),
         workers: a.workers,
@@ -337,7 +338,7 @@ pub fn start_local(
     let path = crate::resolve_model(&model.model)?;
     let token = token.unwrap_or_else(random_token);
     let state = CoordinatorState::new(&CoordinatorConfig {
-        scheduler: serve.scheduler(&path)?,
+        scheduler: serve.scheduler(&path, model.compute.exact)?,
         model: path,
         model_name: crate::model_name(&model.model),
         workers,
@@ -797,5 +798,13 @@ pub fn probe(url: &str) -> anyhow::Result<()> {
         Ok(())
     } else {
         bail!("{url} answered {:?}", head.lines().next().unwrap_or(""))
+    }
+}
+
+fn precision(exact: bool) -> tessera_model::Precision {
+    if exact {
+        tessera_model::Precision::Exact
+    } else {
+        tessera_model::Precision::Fast
     }
 }

@@ -30,6 +30,10 @@ pub struct PlanArgs {
     /// Memory bandwidth of each worker in GB/s (default: measured on this machine)
     #[arg(long)]
     bandwidth: Option<f64>,
+    /// Plan for the exact path (the coordinator's --exact), whose KV cache is f32 (the fast
+    /// path's is f16 on quantized weights)
+    #[arg(long)]
+    exact: bool,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -50,7 +54,12 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         files.plan(&memory)?
     };
     // The same positions the coordinator's scheduler lets sequences reserve.
-    let per_position = (2 * cfg.layers * cfg.kv_heads * cfg.head_dim * 4) as f64;
+    let cache = files.cache_type(if a.exact {
+        tessera_model::Precision::Exact
+    } else {
+        tessera_model::Precision::Fast
+    });
+    let per_position = cache.bytes_per_position(cfg) as f64;
     let ctx = a
         .context
         .unwrap_or((a.kv_cache_gib * GIB / per_position) as usize);
@@ -86,8 +95,9 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         read.iter().sum::<u64>() as f64 / (1 << 20) as f64,
     );
     println!(
-        "weights are held in the file's formats ({}); the KV cache is f32",
-        files.format
+        "weights are held in the file's formats ({}); the KV cache is {}",
+        files.format,
+        cache.name()
     );
     println!(
         "all-reduce per token: {} bytes per worker ({} all-reduces of {} values)",
@@ -97,7 +107,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
     );
     let mut all_fit = true;
     for s in &plan.shards {
-        let c = s.cost(cfg, 4);
+        let c = s.cost(cfg, cache.bytes());
         let weights = held[s.rank];
         let kv_full = c.kv_bytes_per_token * ctx as u64;
         let need = WorkerNeed::new(weights, c.kv_bytes_per_token, ctx as u64);

@@ -429,7 +429,8 @@ async fn cluster(State(app): State<Shared>) -> Response {
             "kv_reserved_positions": reserved,
             "prefill_chunk": sc.prefill_chunk,
         },
-        "kv_bytes_per_position": 2 * cfg.layers * cfg.kv_heads * cfg.head_dim * 4,
+        "kv_cache_type": st.cache_type().name(),
+        "kv_bytes_per_position": st.cache_type().bytes_per_position(cfg),
         "uptime_seconds": st.started.elapsed().as_secs_f64(),
     }))
     .into_response()

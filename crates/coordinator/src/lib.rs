@@ -449,11 +449,12 @@ impl CoordinatorState {
             .or_else(|_| self.files.plan(&vec![1.0; ids.len()]))?;
         let cfg = &self.files.cfg;
         let positions = self.scheduler.config().kv_budget as u64;
+        let cache = self.cache_type().bytes();
         let mut short = Vec::new();
         for (rank, w) in workers.iter().enumerate() {
             let spec = &plan.shards[rank];
             let bytes = self.files.shard_bytes(spec)?;
-            let need = WorkerNeed::new(bytes, spec.cost(cfg, 4).kv_bytes_per_token, positions);
+            let need = WorkerNeed::new(bytes, spec.cost(cfg, cache).kv_bytes_per_token, positions);
             if let Some(s) = need.shortfall(w.memory) {
                 short.push(format!(
                     "worker {} (rank {rank}) offers {:.1} MiB but its shard needs {}: {:.1} MiB short",
@@ -963,6 +964,16 @@ pub struct WorkerView {
 }
 
 impl CoordinatorState {
+    /// What the workers' KV caches hold on the CPU (GPU workers keep f32).
+    pub fn cache_type(&self) -> tessera_core::CacheType {
+        let precision = if self.exact {
+            tessera_model::Precision::Exact
+        } else {
+            tessera_model::Precision::Fast
+        };
+        self.files.cache_type(precision)
+    }
+
     pub fn workers(&self) -> Vec<WorkerView> {
         let usage = self.cache_usage.lock().unwrap().clone();
         let g = self.inner.lock().unwrap();

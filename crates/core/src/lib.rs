@@ -11,6 +11,6 @@ pub use config::{
     Activation, Arch, ConfigError, LayerOptions, ModelConfig, MoeConfig, RopePrecision, RopeScaling,
 };
 pub use plan::{
-    DecodeEstimate, Link, PlanError, ShardCost, ShardPlan, ShardSpec, WORKER_OVERHEAD_BYTES,
-    WorkerNeed, allreduce_bytes_per_token, split_even, split_weighted,
+    CacheType, DecodeEstimate, Link, PlanError, ShardCost, ShardPlan, ShardSpec,
+    WORKER_OVERHEAD_BYTES, WorkerNeed, allreduce_bytes_per_token, split_even, split_weighted,
 };

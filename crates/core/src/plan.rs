@@ -308,6 +308,51 @@ impl ShardSpec {
     }
 }
 
+/// What the KV cache holds. The exact path keeps f32 (it reproduces transformers, whose
+/// cache is the model's f32 activations); the fast path on quantized weights keeps f16, as
+/// llama.cpp does by default: half the memory, and half the bytes a decode step reads once
+/// the context is long. `TESSERA_KV=f32` or `f16` overrides the choice (for comparisons; set
+/// it alike on the coordinator and the workers, whose memory plan follows it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheType {
+    F32,
+    F16,
+}
+
+impl CacheType {
+    /// The cache for a path (`fast`: activations quantized against quantized weights) on
+    /// weights that are `quantized` (some layer matrix is in GGML blocks), unless
+    /// `TESSERA_KV` says otherwise.
+    pub fn choose(fast: bool, quantized: bool) -> CacheType {
+        match std::env::var("TESSERA_KV").as_deref() {
+            Ok("f32") => CacheType::F32,
+            Ok("f16") => CacheType::F16,
+            _ if fast && quantized => CacheType::F16,
+            _ => CacheType::F32,
+        }
+    }
+
+    /// Bytes of one cached value.
+    pub fn bytes(self) -> u64 {
+        match self {
+            CacheType::F32 => 4,
+            CacheType::F16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheType::F32 => "f32",
+            CacheType::F16 => "f16",
+        }
+    }
+
+    /// KV cache bytes per position of context for the whole model (every layer and KV head).
+    pub fn bytes_per_position(self, cfg: &ModelConfig) -> u64 {
+        2 * (cfg.layers * cfg.kv_heads * cfg.head_dim) as u64 * self.bytes()
+    }
+}
+
 /// Memory a worker process takes besides its weights and KV cache (code, runtime, buffers):
 /// measured, a worker holding a shard of SmolLM2 is 31 MB above its weights; with margin for
 /// the load's transient buffers.

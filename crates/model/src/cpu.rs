@@ -4,7 +4,7 @@
 //! result never depends on the rest of its batch.
 
 use rayon::prelude::*;
-use tessera_quant::vecops::{dot, scores, softmax, weighted_sum};
+use tessera_quant::vecops::{CacheElem, dot, softmax};
 
 /// `x * w / sqrt(mean(x²) + eps)` per row of `h` values, in place.
 pub fn rms_norm(x: &mut [f32], w: &[f32], h: usize, eps: f32) {
@@ -69,15 +69,24 @@ pub fn geglu(gate: &mut [f32], up: &[f32]) {
 }
 
 /// One sequence's KV cache for one layer, position-major: position `p`'s K (and V) for every
-/// KV head of the shard is `kv_width` contiguous values at `p * kv_width`. New positions are
-/// written in place at the end; attention reads it where it lies.
-#[derive(Default)]
-pub struct HostKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+/// KV head of the shard is `kv_width` contiguous values at `p * kv_width`, as `T` (f32, or
+/// f16: see [`tessera_core::CacheType`]). New positions are written in place at the end;
+/// attention reads it where it lies.
+pub struct HostKv<T = f32> {
+    pub k: Vec<T>,
+    pub v: Vec<T>,
 }
 
-impl HostKv {
+impl<T> Default for HostKv<T> {
+    fn default() -> Self {
+        HostKv {
+            k: Vec::new(),
+            v: Vec::new(),
+        }
+    }
+}
+
+impl<T: CacheElem> HostKv<T> {
     pub fn len(&self, kv_width: usize) -> usize {
         self.k.len() / kv_width.max(1)
     }
@@ -88,8 +97,8 @@ impl HostKv {
             self.k.reserve_exact(extra);
             self.v.reserve_exact(extra);
         }
-        self.k.extend_from_slice(k);
-        self.v.extend_from_slice(v);
+        T::extend(&mut self.k, k);
+        T::extend(&mut self.v, v);
     }
 }
 
@@ -147,9 +156,9 @@ fn group_part(heads_of: &[Vec<usize>], t: usize, threads: usize) -> usize {
 /// head's scores and weighted sums are the same operations in the same order as one head at a
 /// time, so the result does not depend on the grouping.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(
+pub fn attention<T: CacheElem>(
     q: &[f32],
-    cache: &HostKv,
+    cache: &HostKv<T>,
     out: &mut [f32],
     t: usize,
     pos: usize,
@@ -193,17 +202,22 @@ pub fn attention(
         let base = lo * kvw + *g * hd;
         let qrow = &q[*i * nq * hd..][..nq * hd];
         let mut sc = vec![0f32; len * outs.len()];
+        // Heads that share a tile of a converting cache (f16) widen it once, into `wide`.
+        let shared = T::CONVERTS && outs.len() > 1;
+        let mut wide = vec![0f32; if shared { TILE.min(len) * hd } else { 0 }];
         for t0 in (0..len).step_by(TILE) {
             let n = TILE.min(len - t0);
+            let k = &cache.k[base + t0 * kvw..];
+            if shared {
+                T::widen_rows(k, kvw, n, hd, &mut wide);
+            }
             for ((h, _), s) in outs.iter().zip(sc.chunks_exact_mut(len)) {
-                let qh = &qrow[*h * hd..][..hd];
-                scores(
-                    qh,
-                    &cache.k[base + t0 * kvw..],
-                    kvw,
-                    scale,
-                    &mut s[t0..t0 + n],
-                );
+                let (qh, s) = (&qrow[*h * hd..][..hd], &mut s[t0..t0 + n]);
+                if shared {
+                    f32::scores(qh, &wide, hd, scale, s);
+                } else {
+                    T::scores(qh, k, kvw, scale, s);
+                }
             }
         }
         sc.chunks_exact_mut(len).for_each(softmax);
@@ -211,8 +225,16 @@ pub fn attention(
             .for_each(|(_, o)| o.iter_mut().for_each(|v| *v = 0.0));
         for t0 in (0..len).step_by(TILE) {
             let n = TILE.min(len - t0);
+            let v = &cache.v[base + t0 * kvw..];
+            if shared {
+                T::widen_rows(v, kvw, n, hd, &mut wide);
+            }
             for ((_, o), s) in outs.iter_mut().zip(sc.chunks_exact(len)) {
-                weighted_sum(&s[t0..t0 + n], &cache.v[base + t0 * kvw..], kvw, o);
+                if shared {
+                    f32::weighted_sum(&s[t0..t0 + n], &wide, hd, o);
+                } else {
+                    T::weighted_sum(&s[t0..t0 + n], v, kvw, o);
+                }
             }
         }
     };
@@ -230,9 +252,9 @@ mod tests {
     /// One head at a time over the whole range, as attention was computed before heads were
     /// grouped: the reference the grouped version must equal bit for bit.
     #[allow(clippy::too_many_arguments)]
-    fn per_head(
+    fn per_head<T: CacheElem>(
         q: &[f32],
-        cache: &HostKv,
+        cache: &HostKv<T>,
         t: usize,
         pos: usize,
         nq: usize,
@@ -249,7 +271,7 @@ mod tests {
             let lo = window.map_or(0, |w| end.saturating_sub(w));
             let mut sc = vec![0f32; end - lo];
             let base = lo * kvw + kv_of[h] * hd;
-            scores(
+            T::scores(
                 &q[i * nq * hd + h * hd..][..hd],
                 &cache.k[base..],
                 kvw,
@@ -257,13 +279,18 @@ mod tests {
                 &mut sc,
             );
             softmax(&mut sc);
-            weighted_sum(&sc, &cache.v[base..], kvw, o);
+            T::weighted_sum(&sc, &cache.v[base..], kvw, o);
         }
         out
     }
 
     #[test]
     fn grouped_heads_give_the_per_head_bits() {
+        grouped_heads_equal_per_head::<f32>();
+        grouped_heads_equal_per_head::<half::f16>();
+    }
+
+    fn grouped_heads_equal_per_head<T: CacheElem>() {
         let hd = 16;
         // (query heads' cache heads): even groups, one shared head, an uneven shard's cut.
         let layouts: [&[usize]; 3] = [
@@ -284,7 +311,7 @@ mod tests {
             ] {
                 let n = pos + t;
                 let val = |i: usize, f: f32| ((i as f32) * f).sin();
-                let mut cache = HostKv::default();
+                let mut cache = HostKv::<T>::default();
                 let k: Vec<f32> = (0..n * nkv * hd).map(|i| val(i, 0.37)).collect();
                 let v: Vec<f32> = (0..n * nkv * hd).map(|i| val(i, 0.11)).collect();
                 cache.append(&k, &v);
@@ -301,6 +328,49 @@ mod tests {
                 assert!(same, "heads {kv_of:?}, t {t}, pos {pos}, window {window:?}");
             }
         }
+    }
+
+    /// An f16 cache gives exactly what an f32 cache holding the same values rounded to f16
+    /// gives (widening is exact), and stays within f16's rounding of the f32 cache's result.
+    #[test]
+    fn an_f16_cache_is_the_f32_cache_of_its_rounded_values() {
+        use half::f16;
+        let (hd, nq, nkv, t, pos) = (64, 6, 2, 3, 517);
+        let kv_of = [0, 0, 0, 1, 1, 1];
+        let n = pos + t;
+        let val = |i: usize, f: f32| ((i as f32) * f).sin() * 2.0;
+        let k: Vec<f32> = (0..n * nkv * hd).map(|i| val(i, 0.37)).collect();
+        let v: Vec<f32> = (0..n * nkv * hd).map(|i| val(i, 0.11)).collect();
+        let q: Vec<f32> = (0..t * nq * hd).map(|i| val(i, 0.53)).collect();
+        let round =
+            |x: &[f32]| -> Vec<f32> { x.iter().map(|&x| f16::from_f32(x).to_f32()).collect() };
+        let run = |cache_f16: bool, k: &[f32], v: &[f32]| {
+            let mut out = vec![f32::NAN; t * nq * hd];
+            if cache_f16 {
+                let mut c = HostKv::<f16>::default();
+                c.append(k, v);
+                attention(&q, &c, &mut out, t, pos, nq, nkv, hd, &kv_of, 0.125, None);
+            } else {
+                let mut c = HostKv::<f32>::default();
+                c.append(k, v);
+                attention(&q, &c, &mut out, t, pos, nq, nkv, hd, &kv_of, 0.125, None);
+            }
+            out
+        };
+        let half = run(true, &k, &v);
+        let rounded = run(false, &round(&k), &round(&v));
+        assert!(
+            half.iter()
+                .zip(&rounded)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        let full = run(false, &k, &v);
+        let worst = half
+            .iter()
+            .zip(&full)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst > 0.0 && worst < 2e-3, "f16 cache off by {worst}");
     }
 
     #[test]

@@ -270,6 +270,18 @@ impl LocalCluster {
         backend: Backend,
         precision: Precision,
     ) -> Result<LocalCluster> {
+        Self::load_with(files, n, backend, precision, None)
+    }
+
+    /// [`LocalCluster::load`], with the KV cache's type set rather than chosen for the path
+    /// (see [`tessera_core::CacheType`]; a GPU's cache stays f32).
+    pub fn load_with(
+        files: &ModelFiles,
+        n: usize,
+        backend: Backend,
+        precision: Precision,
+        cache: Option<tessera_core::CacheType>,
+    ) -> Result<LocalCluster> {
         let started = Instant::now();
         let cfg = files.cfg.clone();
         let plan = files.plan(&vec![1.0; n])?;
@@ -298,7 +310,10 @@ impl LocalCluster {
                     };
                     let mut model =
                         match ShardModel::load(&weights, &cfg, &spec, &device, precision) {
-                            Ok(m) => {
+                            Ok(mut m) => {
+                                if let Some(ty) = cache {
+                                    m.set_cache_type(ty);
+                                }
                                 let _ = ready_tx
                                     .send(Ok((m.weight_bytes_per_token(), m.weight_bytes_held())));
                                 m

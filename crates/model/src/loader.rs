@@ -120,6 +120,19 @@ impl ModelFiles {
 
     /// Width of the FFN's `down` blocks (the widest over the layers): where its rows can be
     /// cut without straddling a block.
+    /// What a worker's KV cache holds on the CPU on `precision`'s path: f16 on the fast path
+    /// over quantized weights (the first layer's Q projection in GGML blocks), else f32.
+    pub fn cache_type(&self, precision: tessera_quant::Precision) -> tessera_core::CacheType {
+        let quantized = match &self.weights {
+            Weights::Gguf { file } => file
+                .tensors
+                .get(&crate::weights::Tensor::Q(0).gguf_name())
+                .is_some_and(|t| !t.ty.is_dense()),
+            _ => false,
+        };
+        tessera_core::CacheType::choose(precision == tessera_quant::Precision::Fast, quantized)
+    }
+
     pub fn ffn_block(&self) -> usize {
         (0..self.cfg.layers)
             .filter_map(|l| match self.cfg.moe_at(l) {

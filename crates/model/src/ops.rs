@@ -9,7 +9,7 @@ use burn::backend::flex::FlexTensor;
 use burn::backend::{DispatchDevice, Flex};
 use burn::tensor::activation::softmax;
 use burn::tensor::{Device, IndexingUpdateOp, Int, Tensor, TensorData};
-use tessera_core::Activation;
+use tessera_core::{Activation, CacheType};
 
 /// Whether tensors on `device` live in host memory (Burn's Flex backend).
 pub fn is_host(device: &Device) -> bool {
@@ -288,6 +288,8 @@ impl Rope {
 #[allow(clippy::large_enum_variant)]
 pub enum Kv {
     Host(HostKv),
+    /// The fast path's cache on the CPU: f16 (see [`tessera_core::CacheType`]).
+    Half(HostKv<half::f16>),
     /// `[kv_heads, capacity, head_dim]` K and V, of which `len` positions are filled.
     Dev {
         k: Tensor<3>,
@@ -297,9 +299,13 @@ pub enum Kv {
 }
 
 impl Kv {
-    pub fn new(device: &Device) -> Kv {
+    /// An empty cache on `device`, holding `ty` on the CPU (a GPU's cache is f32).
+    pub fn new(device: &Device, ty: CacheType) -> Kv {
         if is_host(device) {
-            Kv::Host(HostKv::default())
+            match ty {
+                CacheType::F32 => Kv::Host(HostKv::default()),
+                CacheType::F16 => Kv::Half(HostKv::default()),
+            }
         } else {
             let z = Tensor::<3>::zeros([1, 0, 1], device);
             Kv::Dev {
@@ -313,6 +319,7 @@ impl Kv {
     pub fn len(&self, kv_width: usize) -> usize {
         match self {
             Kv::Host(h) => h.len(kv_width),
+            Kv::Half(h) => h.len(kv_width),
             Kv::Dev { len, .. } => *len,
         }
     }
@@ -320,6 +327,13 @@ impl Kv {
     pub fn is_empty(&self, kv_width: usize) -> bool {
         self.len(kv_width) == 0
     }
+}
+
+/// A sequence's CPU cache for one layer, in either element type.
+#[derive(Clone, Copy)]
+enum HostCache<'a> {
+    F32(&'a HostKv),
+    F16(&'a HostKv<half::f16>),
 }
 
 /// How a shard's query heads read its KV heads.
@@ -373,29 +387,33 @@ pub fn attention(
         let mut o = 0;
         for (s, cache) in steps.iter().zip(caches.iter_mut()) {
             let t = s.ids.len();
-            let Kv::Host(c) = &mut **cache else {
-                unreachable!("host cache")
+            let (kn, vn) = (&ks[o * kvw..(o + t) * kvw], &vs[o * kvw..(o + t) * kvw]);
+            let c = match &mut **cache {
+                Kv::Host(c) => {
+                    c.append(kn, vn);
+                    HostCache::F32(&*c)
+                }
+                Kv::Half(c) => {
+                    c.append(kn, vn);
+                    HostCache::F16(&*c)
+                }
+                Kv::Dev { .. } => unreachable!("host cache"),
             };
-            c.append(&ks[o * kvw..(o + t) * kvw], &vs[o * kvw..(o + t) * kvw]);
             let (mine, tail) = rest.split_at_mut(t * qw);
             rest = tail;
-            jobs.push((&qs[o * qw..(o + t) * qw], &*c, mine, t, s.pos));
+            jobs.push((&qs[o * qw..(o + t) * qw], c, mine, t, s.pos));
             o += t;
         }
-        let one = |(q, c, o, t, pos): (&[f32], &HostKv, &mut [f32], usize, usize)| {
-            cpu::attention(
-                q,
-                c,
-                o,
-                t,
-                pos,
-                nq,
-                nkv,
-                hd,
-                &heads.kv_of,
-                heads.scale,
-                window,
-            )
+        let one = |(q, c, o, t, pos): (&[f32], HostCache, &mut [f32], usize, usize)| {
+            let (kv_of, scale) = (&heads.kv_of[..], heads.scale);
+            match c {
+                HostCache::F32(c) => {
+                    cpu::attention(q, c, o, t, pos, nq, nkv, hd, kv_of, scale, window)
+                }
+                HostCache::F16(c) => {
+                    cpu::attention(q, c, o, t, pos, nq, nkv, hd, kv_of, scale, window)
+                }
+            }
         };
         if jobs.len() == 1 {
             jobs.into_iter().for_each(one);

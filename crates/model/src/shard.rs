@@ -19,7 +19,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use std::collections::HashMap;
 use std::ops::Range;
 use tessera_collective::Collective;
-use tessera_core::{ModelConfig, ShardSpec};
+use tessera_core::{CacheType, ModelConfig, ShardSpec};
 pub use tessera_quant::Precision;
 
 struct Layer {
@@ -67,6 +67,8 @@ pub struct ShardModel {
     pub spec: ShardSpec,
     device: Device,
     precision: Precision,
+    /// What the KV cache holds on the CPU.
+    cache_type: CacheType,
     layers: Vec<Layer>,
     final_norm: Norm,
     /// LM head rows for the shard's vocabulary slice.
@@ -457,11 +459,15 @@ impl ShardModel {
             )
         });
         let embed_bytes = embed.as_ref().map_or(0, |e| e.bytes());
+        // The same test as `ModelFiles::cache_type`: the first layer's Q projection.
+        let quantized = layers.first().is_some_and(|l| l.q.quantized());
+        let cache_type = CacheType::choose(precision == Precision::Fast, quantized);
         Ok(ShardModel {
             cfg: cfg.clone(),
             spec: spec.clone(),
             device: device.clone(),
             precision,
+            cache_type,
             layers,
             final_norm,
             head,
@@ -498,6 +504,22 @@ impl ShardModel {
 
     pub fn precision(&self) -> Precision {
         self.precision
+    }
+
+    /// Makes the CPU cache hold `ty` instead of the type chosen for the path, dropping every
+    /// sequence's cache.
+    pub fn set_cache_type(&mut self, ty: CacheType) {
+        self.caches.clear();
+        self.cache_type = ty;
+    }
+
+    /// What the KV cache holds (on the CPU; a GPU's cache is f32).
+    pub fn cache_type(&self) -> CacheType {
+        if ops::is_host(&self.device) {
+            self.cache_type
+        } else {
+            CacheType::F32
+        }
     }
 
     /// Drops every sequence's KV cache.
@@ -707,13 +729,15 @@ impl ShardModel {
             .collect();
         let (nq, nkv) = (self.heads.nq, self.heads.nkv);
         let n_layers = cfg.layers;
-        let device = self.device.clone();
+        let (device, cache_type) = (self.device.clone(), self.cache_type);
         let mut caches: Vec<Vec<Kv>> = steps
             .iter()
             .map(|s| {
-                self.caches
-                    .remove(&s.seq)
-                    .unwrap_or_else(|| (0..n_layers).map(|_| Kv::new(&device)).collect())
+                self.caches.remove(&s.seq).unwrap_or_else(|| {
+                    (0..n_layers)
+                        .map(|_| Kv::new(&device, cache_type))
+                        .collect()
+                })
             })
             .collect();
         let result = (|| -> Result<Tensor<2>> {

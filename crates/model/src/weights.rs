@@ -116,7 +116,7 @@ impl Tensor {
         }
     }
 
-    fn gguf_name(self) -> String {
+    pub(crate) fn gguf_name(self) -> String {
         use Tensor::*;
         let l = |i: usize, s: &str| format!("blk.{i}.{s}");
         match self {

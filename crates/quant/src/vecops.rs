@@ -3,26 +3,122 @@
 //! vectorizes it, and compiled three times: for the baseline, AVX2 + FMA and AVX-512, picked
 //! at run time. Every compilation performs the same operations in the same order, so they
 //! agree bit for bit.
+//!
+//! Attention's products read the KV cache in its element type ([`CacheElem`]): f32, or f16
+//! (half the bytes, as llama.cpp keeps its cache), widened to f32 as it is loaded, `L` values
+//! at a time, by each compilation's own instruction (`vcvtph2ps` on x86). Widening is exact,
+//! so the f16 products are the f32 products of the f16 values, in every compilation.
+
+use half::f16;
 
 /// Independent accumulator lanes of a dot product.
 const L: usize = 16;
 
+/// How a compilation loads stored values as f32: `L` at a time, or one. Exact for every
+/// element type here, so all of a type's widenings give the same values.
+trait Widen<T> {
+    /// The first `L` values of `s` (which holds at least `L`).
+    fn chunk(s: &[T]) -> [f32; L];
+    fn one(x: T) -> f32;
+}
+
+/// f32 as it is.
+struct Plain;
+
+impl Widen<f32> for Plain {
+    #[inline(always)]
+    fn chunk(s: &[f32]) -> [f32; L] {
+        s[..L].try_into().expect("L values")
+    }
+    #[inline(always)]
+    fn one(x: f32) -> f32 {
+        x
+    }
+}
+
+/// f16 in portable code (the `half` crate's conversion).
+struct Soft;
+
+impl Widen<f16> for Soft {
+    #[inline(always)]
+    fn chunk(s: &[f16]) -> [f32; L] {
+        std::array::from_fn(|i| s[i].to_f32())
+    }
+    #[inline(always)]
+    fn one(x: f16) -> f32 {
+        x.to_f32()
+    }
+}
+
+/// f16 by F16C's `vcvtph2ps` on 8 values, twice. Only inside a compilation that enables F16C.
+#[cfg(target_arch = "x86_64")]
+struct F16c;
+
+#[cfg(target_arch = "x86_64")]
+impl Widen<f16> for F16c {
+    #[inline(always)]
+    fn chunk(s: &[f16]) -> [f32; L] {
+        use std::arch::x86_64::*;
+        let s = &s[..L];
+        // SAFETY: 16 readable values (checked above); F16C is enabled in every function this
+        // is inlined into (the AVX2 compilations, chosen only where F16C was detected).
+        unsafe {
+            let lo = _mm256_cvtph_ps(_mm_loadu_si128(s.as_ptr().cast()));
+            let hi = _mm256_cvtph_ps(_mm_loadu_si128(s[8..].as_ptr().cast()));
+            std::mem::transmute::<[__m256; 2], [f32; L]>([lo, hi])
+        }
+    }
+    #[inline(always)]
+    fn one(x: f16) -> f32 {
+        x.to_f32()
+    }
+}
+
+/// f16 by AVX-512's `vcvtph2ps` on 16 values. Only inside the AVX-512 compilations.
+#[cfg(target_arch = "x86_64")]
+struct F16x16;
+
+#[cfg(target_arch = "x86_64")]
+impl Widen<f16> for F16x16 {
+    #[inline(always)]
+    fn chunk(s: &[f16]) -> [f32; L] {
+        use std::arch::x86_64::*;
+        let s = &s[..L];
+        // SAFETY: 16 readable values (checked above); AVX-512F is enabled in every function
+        // this is inlined into (the AVX-512 compilations, chosen only where it was detected).
+        unsafe {
+            let v = _mm512_cvtph_ps(_mm256_loadu_si256(s.as_ptr().cast()));
+            std::mem::transmute::<__m512, [f32; L]>(v)
+        }
+    }
+    #[inline(always)]
+    fn one(x: f16) -> f32 {
+        x.to_f32()
+    }
+}
+
 #[inline(always)]
 fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
+    dot_w::<f32, Plain>(a, b)
+}
+
+#[inline(always)]
+fn dot_w<T: Copy, W: Widen<T>>(a: &[f32], b: &[T]) -> f32 {
     let n = a.len().min(b.len());
     let whole = n / L * L;
     let mut acc = [0f32; L];
     for (x, y) in a[..whole].chunks_exact(L).zip(b[..whole].chunks_exact(L)) {
+        let y = W::chunk(y);
         for i in 0..L {
             acc[i] += x[i] * y[i];
         }
     }
-    finish(acc, &a[whole..n], &b[whole..n])
+    finish::<T, W>(acc, &a[whole..n], &b[whole..n])
 }
 
 /// A dot product's lanes summed, then its tail past the whole lanes (`a`, `b`) added.
 #[inline(always)]
-fn finish(mut acc: [f32; L], a: &[f32], b: &[f32]) -> f32 {
+fn finish<T: Copy, W: Widen<T>>(mut acc: [f32; L], a: &[f32], b: &[T]) -> f32 {
     // A tree, not a chain: 4 dependent adds instead of 16.
     let mut w = L / 2;
     while w > 0 {
@@ -32,16 +128,29 @@ fn finish(mut acc: [f32; L], a: &[f32], b: &[f32]) -> f32 {
         w /= 2;
     }
     let mut s = acc[0];
-    for (x, y) in a.iter().zip(b) {
-        s += x * y;
+    for (x, &y) in a.iter().zip(b) {
+        s += x * W::one(y);
     }
     s
 }
 
 #[inline(always)]
 fn axpy_impl(y: &mut [f32], a: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += a * x;
+    axpy_w::<f32, Plain>(y, a, x)
+}
+
+#[inline(always)]
+fn axpy_w<T: Copy, W: Widen<T>>(y: &mut [f32], a: f32, x: &[T]) {
+    let n = y.len().min(x.len());
+    let whole = n / L * L;
+    for (y, x) in y[..whole].chunks_exact_mut(L).zip(x.chunks_exact(L)) {
+        let x = W::chunk(x);
+        for i in 0..L {
+            y[i] += a * x[i];
+        }
+    }
+    for (y, &x) in y[whole..n].iter_mut().zip(&x[whole..n]) {
+        *y += a * W::one(x);
     }
 }
 
@@ -53,8 +162,8 @@ const KEYS: usize = 4; // scores_impl names its four accumulators
 
 /// Rows `p..p + N` of `len` values, `stride` apart, from `m`.
 #[inline(always)]
-fn rows<const N: usize>(m: &[f32], p: usize, stride: usize, len: usize) -> [&[f32]; N] {
-    let mut r: [&[f32]; N] = [&[]; N];
+fn rows<T, const N: usize>(m: &[T], p: usize, stride: usize, len: usize) -> [&[T]; N] {
+    let mut r: [&[T]; N] = [&[]; N];
     for (j, r) in r.iter_mut().enumerate() {
         *r = &m[(p + j) * stride..][..len];
     }
@@ -63,18 +172,25 @@ fn rows<const N: usize>(m: &[f32], p: usize, stride: usize, len: usize) -> [&[f3
 
 /// `out[p] = scale * (q · k[p * stride..][..q.len()])`.
 #[inline(always)]
-fn scores_impl(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+fn scores_impl<T: Copy, W: Widen<T>>(
+    q: &[f32],
+    k: &[T],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     let hd = q.len();
     let whole = hd / L * L;
     let mut groups = out.chunks_exact_mut(KEYS);
     let mut p = 0;
     for o in groups.by_ref() {
-        let ks = rows::<KEYS>(k, p, stride, hd);
+        let ks = rows::<T, KEYS>(k, p, stride, hd);
         // One accumulator per key, named, so that each stays in registers.
         let (mut a0, mut a1, mut a2, mut a3) = ([0f32; L], [0f32; L], [0f32; L], [0f32; L]);
         for c in 0..whole / L {
-            let at = |s: &[f32]| -> [f32; L] { s[c * L..][..L].try_into().unwrap() };
-            let (qc, k0, k1, k2, k3) = (at(q), at(ks[0]), at(ks[1]), at(ks[2]), at(ks[3]));
+            let qc: [f32; L] = q[c * L..][..L].try_into().expect("L values");
+            let at = |s: &[T]| W::chunk(&s[c * L..]);
+            let (k0, k1, k2, k3) = (at(ks[0]), at(ks[1]), at(ks[2]), at(ks[3]));
             for i in 0..L {
                 a0[i] += qc[i] * k0[i];
                 a1[i] += qc[i] * k1[i];
@@ -83,33 +199,41 @@ fn scores_impl(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32])
             }
         }
         for (j, acc) in [a0, a1, a2, a3].into_iter().enumerate() {
-            o[j] = finish(acc, &q[whole..], &ks[j][whole..]) * scale;
+            o[j] = finish::<T, W>(acc, &q[whole..], &ks[j][whole..]) * scale;
         }
         p += KEYS;
     }
     for o in groups.into_remainder() {
-        *o = dot_impl(q, &k[p * stride..p * stride + hd]) * scale;
+        *o = dot_w::<T, W>(q, &k[p * stride..p * stride + hd]) * scale;
         p += 1;
     }
 }
 
 /// `out += Σ_p w[p] * v[p * stride..][..out.len()]`, in order of `p`.
 #[inline(always)]
-fn weighted_sum_impl(w: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+fn weighted_sum_impl<T: Copy, W: Widen<T>>(w: &[f32], v: &[T], stride: usize, out: &mut [f32]) {
     let hd = out.len();
+    let whole = hd / L * L;
     let mut groups = w.chunks_exact(KEYS);
     let mut p = 0;
     for wg in groups.by_ref() {
-        let vs = rows::<KEYS>(v, p, stride, hd);
+        let vs = rows::<T, KEYS>(v, p, stride, hd);
         let (w0, w1, w2, w3) = (wg[0], wg[1], wg[2], wg[3]);
-        let lanes = vs[0].iter().zip(vs[1]).zip(vs[2]).zip(vs[3]);
-        for (o, (((v0, v1), v2), v3)) in out.iter_mut().zip(lanes) {
+        for (c, o) in out[..whole].chunks_exact_mut(L).enumerate() {
+            let at = |s: &[T]| W::chunk(&s[c * L..]);
+            let (v0, v1, v2, v3) = (at(vs[0]), at(vs[1]), at(vs[2]), at(vs[3]));
+            for i in 0..L {
+                o[i] = o[i] + w0 * v0[i] + w1 * v1[i] + w2 * v2[i] + w3 * v3[i];
+            }
+        }
+        for (i, o) in out.iter_mut().enumerate().skip(whole) {
+            let [v0, v1, v2, v3] = vs.map(|r| W::one(r[i]));
             *o = *o + w0 * v0 + w1 * v1 + w2 * v2 + w3 * v3;
         }
         p += KEYS;
     }
     for &wp in groups.remainder() {
-        axpy_impl(out, wp, &v[p * stride..p * stride + hd]);
+        axpy_w::<T, W>(out, wp, &v[p * stride..p * stride + hd]);
         p += 1;
     }
 }
@@ -163,36 +287,50 @@ fn softmax_impl(s: &mut [f32]) {
         *v = exp_impl(*v - max);
     }
     let ones = [1f32; L];
-    let sum = finish(acc, &s[whole..], &ones[..s.len() - whole]);
+    let sum = finish::<f32, Plain>(acc, &s[whole..], &ones[..s.len() - whole]);
     let inv = 1.0 / sum;
     s.iter_mut().for_each(|v| *v *= inv);
 }
 
+/// `$name`, dispatching at run time to a compilation of `$imp` for AVX-512 (`$avx512`), for
+/// AVX2 + FMA + F16C (`$avx2`), or the baseline. `[$w512, $w256, $wbase]`, when given, are
+/// the [`Widen`] each of the three loads the cache with (`$imp` then takes them as its second
+/// type parameter; its first is `$elem`).
 macro_rules! multiversion {
     ($(#[$doc:meta])* $name:ident, $imp:ident, $avx512:ident, $avx2:ident, ($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
+        multiversion!($(#[$doc])* $name, $imp, $avx512, $avx2, ($($arg: $ty),*) $(-> $ret)?;
+            [$imp, $imp, $imp]);
+    };
+    ($(#[$doc:meta])* $name:ident, $imp:ident<$elem:ty>, $avx512:ident, $avx2:ident, ($($arg:ident: $ty:ty),*) $(-> $ret:ty)?;
+        [$w512:ty, $w256:ty, $wbase:ty]) => {
+        multiversion!($(#[$doc])* $name, $imp, $avx512, $avx2, ($($arg: $ty),*) $(-> $ret)?;
+            [$imp::<$elem, $w512>, $imp::<$elem, $w256>, $imp::<$elem, $wbase>]);
+    };
+    ($(#[$doc:meta])* $name:ident, $imp:ident, $avx512:ident, $avx2:ident, ($($arg:ident: $ty:ty),*) $(-> $ret:ty)?;
+        [$f512:expr, $f256:expr, $fbase:expr]) => {
         #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx512f,avx2,fma")]
+        #[target_feature(enable = "avx512f,avx2,fma,f16c")]
         fn $avx512($($arg: $ty),*) $(-> $ret)? {
-            $imp($($arg),*)
+            $f512($($arg),*)
         }
         #[cfg(target_arch = "x86_64")]
-        #[target_feature(enable = "avx2,fma")]
+        #[target_feature(enable = "avx2,fma,f16c")]
         fn $avx2($($arg: $ty),*) $(-> $ret)? {
-            $imp($($arg),*)
+            $f256($($arg),*)
         }
         $(#[$doc])*
         pub fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
             if avx512() {
-                // SAFETY: AVX-512F, AVX2 and FMA were detected at run time.
+                // SAFETY: AVX-512F, AVX2, FMA and F16C were detected at run time.
                 return unsafe { $avx512($($arg),*) };
             }
             #[cfg(target_arch = "x86_64")]
             if avx2() {
-                // SAFETY: AVX2 and FMA were detected at run time.
+                // SAFETY: AVX2, FMA and F16C were detected at run time.
                 return unsafe { $avx2($($arg),*) };
             }
-            $imp($($arg),*)
+            $fbase($($arg),*)
         }
     };
 }
@@ -203,11 +341,110 @@ multiversion!(
 multiversion!(
     /// `y += a * x`.
     axpy, axpy_impl, axpy_avx512, axpy_avx2, (y: &mut [f32], a: f32, x: &[f32]));
-multiversion!(scores, scores_impl, scores_avx512, scores_avx2,
-    (q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]));
 multiversion!(softmax, softmax_impl, softmax_avx512, softmax_avx2, (s: &mut [f32]));
-multiversion!(weighted_sum, weighted_sum_impl, weighted_sum_avx512, weighted_sum_avx2,
-    (w: &[f32], v: &[f32], stride: usize, out: &mut [f32]));
+multiversion!(
+    /// `out[p] = scale * (q · k[p * stride..][..q.len()])`, for an f32 cache.
+    scores, scores_impl<f32>, scores_avx512, scores_avx2,
+    (q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]); [Plain, Plain, Plain]);
+multiversion!(
+    /// `out += Σ_p w[p] * v[p * stride..][..out.len()]`, in order of `p`, for an f32 cache.
+    weighted_sum, weighted_sum_impl<f32>, weighted_sum_avx512, weighted_sum_avx2,
+    (w: &[f32], v: &[f32], stride: usize, out: &mut [f32]); [Plain, Plain, Plain]);
+multiversion!(
+    /// [`scores`] over an f16 cache.
+    scores_f16, scores_impl<f16>, scores_f16_avx512, scores_f16_avx2,
+    (q: &[f32], k: &[f16], stride: usize, scale: f32, out: &mut [f32]); [X16, X8, Soft]);
+multiversion!(
+    /// [`weighted_sum`] over an f16 cache.
+    weighted_sum_f16, weighted_sum_impl<f16>, weighted_sum_f16_avx512, weighted_sum_f16_avx2,
+    (w: &[f32], v: &[f16], stride: usize, out: &mut [f32]); [X16, X8, Soft]);
+
+multiversion!(
+    /// Rows of an f16 cache as contiguous f32 (see [`CacheElem::widen_rows`]).
+    widen_f16, widen_impl<f16>, widen_f16_avx512, widen_f16_avx2,
+    (src: &[f16], stride: usize, n: usize, hd: usize, dst: &mut [f32]); [X16, X8, Soft]);
+
+#[cfg(target_arch = "x86_64")]
+type X16 = F16x16;
+#[cfg(target_arch = "x86_64")]
+type X8 = F16c;
+#[cfg(not(target_arch = "x86_64"))]
+type X16 = Soft;
+#[cfg(not(target_arch = "x86_64"))]
+type X8 = Soft;
+
+/// What a KV cache may hold: f32, or f16 (half the memory and half the bytes a step reads).
+pub trait CacheElem: Copy + Default + Send + Sync + 'static {
+    /// `out[p] = scale * (q · k[p * stride..][..q.len()])`.
+    fn scores(q: &[f32], k: &[Self], stride: usize, scale: f32, out: &mut [f32]);
+    /// `out += Σ_p w[p] * v[p * stride..][..out.len()]`, in order of `p`.
+    fn weighted_sum(w: &[f32], v: &[Self], stride: usize, out: &mut [f32]);
+    /// Appends `src`, rounded to this type (to nearest, ties to even).
+    fn extend(dst: &mut Vec<Self>, src: &[f32]);
+    /// Whether a load of this type costs a conversion: then the heads that share rows
+    /// read them once through [`CacheElem::widen_rows`] rather than each converting them.
+    const CONVERTS: bool;
+    /// `dst` = rows `0..n` of `hd` values, `stride` apart, in `src`, as contiguous f32
+    /// (exact: the products over `dst` are the products over `src`, bit for bit).
+    fn widen_rows(src: &[Self], stride: usize, n: usize, hd: usize, dst: &mut [f32]);
+}
+
+impl CacheElem for f32 {
+    fn scores(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+        scores(q, k, stride, scale, out)
+    }
+    fn weighted_sum(w: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
+        weighted_sum(w, v, stride, out)
+    }
+    fn extend(dst: &mut Vec<f32>, src: &[f32]) {
+        dst.extend_from_slice(src)
+    }
+    const CONVERTS: bool = false;
+    fn widen_rows(src: &[f32], stride: usize, n: usize, hd: usize, dst: &mut [f32]) {
+        for (p, d) in dst[..n * hd].chunks_exact_mut(hd).enumerate() {
+            d.copy_from_slice(&src[p * stride..][..hd]);
+        }
+    }
+}
+
+impl CacheElem for f16 {
+    fn scores(q: &[f32], k: &[f16], stride: usize, scale: f32, out: &mut [f32]) {
+        scores_f16(q, k, stride, scale, out)
+    }
+    fn weighted_sum(w: &[f32], v: &[f16], stride: usize, out: &mut [f32]) {
+        weighted_sum_f16(w, v, stride, out)
+    }
+    fn extend(dst: &mut Vec<f16>, src: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
+        let at = dst.len();
+        dst.resize(at + src.len(), f16::ZERO);
+        dst[at..].convert_from_f32_slice(src);
+    }
+    const CONVERTS: bool = true;
+    fn widen_rows(src: &[f16], stride: usize, n: usize, hd: usize, dst: &mut [f32]) {
+        widen_f16(src, stride, n, hd, dst)
+    }
+}
+
+#[inline(always)]
+fn widen_impl<T: Copy, W: Widen<T>>(
+    src: &[T],
+    stride: usize,
+    n: usize,
+    hd: usize,
+    dst: &mut [f32],
+) {
+    let whole = hd / L * L;
+    for (p, d) in dst[..n * hd].chunks_exact_mut(hd).enumerate() {
+        let row = &src[p * stride..][..hd];
+        for (c, dc) in d[..whole].chunks_exact_mut(L).enumerate() {
+            dc.copy_from_slice(&W::chunk(&row[c * L..]));
+        }
+        for (d, &x) in d[whole..].iter_mut().zip(&row[whole..]) {
+            *d = W::one(x);
+        }
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 fn avx512() -> bool {
@@ -309,6 +546,61 @@ mod tests {
                     .zip(&want)
                     .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "hd {hd} stride {stride} keys {keys}");
+            }
+        }
+    }
+
+    /// Over an f16 cache, every compilation's scores and weighted sums are the f32 ones over
+    /// the widened values, bit for bit.
+    #[test]
+    fn f16_products_are_the_f32_products_of_the_widened_values() {
+        use half::f16;
+        let data: Vec<f32> = (0..40_000)
+            .map(|i| (i as f32 * 0.173).sin() * 3.0)
+            .collect();
+        let halves: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
+        let widened: Vec<f32> = halves.iter().map(|x| x.to_f32()).collect();
+        for hd in [1, 16, 17, 64, 80, 256] {
+            for (stride, keys) in [(hd, 1), (hd, 4), (hd + 5, 7), (3 * hd, 13)] {
+                let q = &data[7..7 + hd];
+                let (k16, k32) = (&halves[1000..], &widened[1000..]);
+                let mut want = vec![0f32; keys];
+                super::scores(q, k32, stride, 0.125, &mut want);
+                let mut got = vec![0f32; keys];
+                super::scores_f16(q, k16, stride, 0.125, &mut got);
+                let mut base = vec![0f32; keys];
+                super::scores_impl::<f16, super::Soft>(q, k16, stride, 0.125, &mut base);
+                let mut narrow = want.clone();
+                #[cfg(target_arch = "x86_64")]
+                if super::avx2() {
+                    // SAFETY: AVX2, FMA and F16C were detected.
+                    unsafe { super::scores_f16_avx2(q, k16, stride, 0.125, &mut narrow) };
+                }
+                for (g, b) in [(&got, "dispatched"), (&base, "portable"), (&narrow, "avx2")] {
+                    let same = g.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{b} scores, hd {hd} stride {stride} keys {keys}");
+                }
+                let w = &data[20_000..20_000 + keys];
+                let mut want = data[30_000..30_000 + hd].to_vec();
+                let (mut got, mut base) = (want.clone(), want.clone());
+                super::weighted_sum(w, k32, stride, &mut want);
+                super::weighted_sum_f16(w, k16, stride, &mut got);
+                super::weighted_sum_impl::<f16, super::Soft>(w, k16, stride, &mut base);
+                // Where AVX2 is missing, nothing to compare: the expected value stands in.
+                let mut narrow = want.clone();
+                #[cfg(target_arch = "x86_64")]
+                if super::avx2() {
+                    narrow.copy_from_slice(&data[30_000..30_000 + hd]);
+                    // SAFETY: AVX2, FMA and F16C were detected.
+                    unsafe { super::weighted_sum_f16_avx2(w, k16, stride, &mut narrow) };
+                }
+                for (g, b) in [(&got, "dispatched"), (&base, "portable"), (&narrow, "avx2")] {
+                    let same = g.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{b} weighted sum, hd {hd} stride {stride} keys {keys}"
+                    );
+                }
             }
         }
     }
