@@ -277,7 +277,8 @@ fn plan_prints_each_workers_share_and_exits_1_when_it_does_not_fit() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     // 9 query heads over 3 KV heads: 5+4 heads, the middle KV group on both, and the FFN
-    // evening out the rest; KV cache 2 x 30 layers x kv_heads x 64 x 4 bytes.
+    // evening out the rest; KV cache 2 x 30 layers x kv_heads x 64 x 2 bytes (f16, the fast
+    // path's cache on quantized weights).
     assert!(
         out.contains("worker 0: q heads 0..5, KV heads 0..2, FFN columns 0..736"),
         "{out}"
@@ -287,10 +288,21 @@ fn plan_prints_each_workers_share_and_exits_1_when_it_does_not_fit() {
         "{out}"
     );
     assert!(
+        out.contains(&format!("KV cache {} B/token", 2 * 30 * 2 * 64 * 2)),
+        "{out}"
+    );
+    assert!(out.contains("the KV cache is f16"), "{out}");
+    assert!(out.contains("fits in 4.00 GiB"), "{out}");
+    // The exact path keeps an f32 cache: twice the bytes.
+    let mut exact = vec!["plan", "--model", m.to_str().unwrap(), "--workers", "2"];
+    exact.extend(["--memory", "4", "--context", "8192", "--exact"]);
+    let o = tessera(&exact);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
         out.contains(&format!("KV cache {} B/token", 2 * 30 * 2 * 64 * 4)),
         "{out}"
     );
-    assert!(out.contains("fits in 4.00 GiB"), "{out}");
     let o = tessera(&[
         "plan",
         "--model",

@@ -669,6 +669,15 @@ mod tests {
         let s = &ShardPlan::new(&c, 1).unwrap().shards[0];
         assert_eq!(s.cost(&c, 4).kv_bytes_per_token, 2 * 30 * 3 * 64 * 4);
         assert_eq!(allreduce_bytes_per_token(&c, 4), 61 * 576 * 4);
+        // The whole model's, in either cache type; f16 is the fast path's on quantized weights
+        // unless TESSERA_KV says otherwise.
+        assert_eq!(CacheType::F32.bytes_per_position(&c), 2 * 30 * 3 * 64 * 4);
+        assert_eq!(CacheType::F16.bytes_per_position(&c), 2 * 30 * 3 * 64 * 2);
+        if std::env::var_os("TESSERA_KV").is_none() {
+            assert_eq!(CacheType::choose(true, true), CacheType::F16);
+            assert_eq!(CacheType::choose(false, true), CacheType::F32);
+            assert_eq!(CacheType::choose(true, false), CacheType::F32);
+        }
     }
 
     #[test]

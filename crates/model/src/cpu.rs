@@ -106,6 +106,9 @@ impl<T: CacheElem> HostKv<T> {
 /// that their K and V rows are read from memory once and then from the core's own caches.
 const TILE: usize = 128;
 
+/// Values of a widened tile of an f16 cache (32 KiB of f32).
+const WIDE: usize = 8192;
+
 /// The query heads that read each of `nkv` cache heads (`kv_of[h]`: query head `h`'s).
 fn heads_of(kv_of: &[usize], nkv: usize) -> Vec<Vec<usize>> {
     let mut heads = vec![Vec::new(); nkv];
@@ -202,11 +205,18 @@ pub fn attention<T: CacheElem>(
         let base = lo * kvw + *g * hd;
         let qrow = &q[*i * nq * hd..][..nq * hd];
         let mut sc = vec![0f32; len * outs.len()];
-        // Heads that share a tile of a converting cache (f16) widen it once, into `wide`.
+        // Heads that share a tile of a converting cache (f16) widen it once, into `wide`, a
+        // tile small enough to stay in the core's L1 cache (a multiple of the weighted sum's
+        // four rows a pass, so the sums' order is the same as in one pass over the range).
         let shared = T::CONVERTS && outs.len() > 1;
-        let mut wide = vec![0f32; if shared { TILE.min(len) * hd } else { 0 }];
-        for t0 in (0..len).step_by(TILE) {
-            let n = TILE.min(len - t0);
+        let tile = if shared {
+            (WIDE / hd).clamp(4, TILE) / 4 * 4
+        } else {
+            TILE
+        };
+        let mut wide = vec![0f32; if shared { tile.min(len) * hd } else { 0 }];
+        for t0 in (0..len).step_by(tile) {
+            let n = tile.min(len - t0);
             let k = &cache.k[base + t0 * kvw..];
             if shared {
                 T::widen_rows(k, kvw, n, hd, &mut wide);
@@ -223,8 +233,8 @@ pub fn attention<T: CacheElem>(
         sc.chunks_exact_mut(len).for_each(softmax);
         outs.iter_mut()
             .for_each(|(_, o)| o.iter_mut().for_each(|v| *v = 0.0));
-        for t0 in (0..len).step_by(TILE) {
-            let n = TILE.min(len - t0);
+        for t0 in (0..len).step_by(tile) {
+            let n = tile.min(len - t0);
             let v = &cache.v[base + t0 * kvw..];
             if shared {
                 T::widen_rows(v, kvw, n, hd, &mut wide);
@@ -291,14 +301,17 @@ mod tests {
     }
 
     fn grouped_heads_equal_per_head<T: CacheElem>() {
-        let hd = 16;
         // (query heads' cache heads): even groups, one shared head, an uneven shard's cut.
         let layouts: [&[usize]; 3] = [
             &[0, 0, 0, 1, 1, 1, 2, 2, 2],
             &[0, 0, 0, 0],
             &[0, 0, 0, 1, 1],
         ];
-        for kv_of in layouts {
+        // Head sizes whose widened f16 tiles are 128, 100 and 32 positions.
+        for (hd, kv_of) in [16, 80, 256]
+            .into_iter()
+            .flat_map(|hd| layouts.map(|l| (hd, l)))
+        {
             let (nq, nkv) = (kv_of.len(), kv_of.iter().max().unwrap() + 1);
             for (t, pos, window) in [
                 (1, 0, None),
@@ -325,7 +338,10 @@ mod tests {
                     .iter()
                     .zip(&want)
                     .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "heads {kv_of:?}, t {t}, pos {pos}, window {window:?}");
+                assert!(
+                    same,
+                    "hd {hd}, heads {kv_of:?}, t {t}, pos {pos}, window {window:?}"
+                );
             }
         }
     }
