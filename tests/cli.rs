@@ -293,16 +293,31 @@ fn plan_prints_each_workers_share_and_exits_1_when_it_does_not_fit() {
     );
     assert!(out.contains("the KV cache is f16"), "{out}");
     assert!(out.contains("fits in 4.00 GiB"), "{out}");
-    // The exact path keeps an f32 cache: twice the bytes.
-    let mut exact = vec!["plan", "--model", m.to_str().unwrap(), "--workers", "2"];
-    exact.extend(["--memory", "4", "--context", "8192", "--exact"]);
-    let o = tessera(&exact);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        out.contains(&format!("KV cache {} B/token", 2 * 30 * 2 * 64 * 4)),
-        "{out}"
+    // The exact path keeps an f32 cache: twice the bytes; --kv-cache chooses either.
+    let plan = |extra: &[&str]| {
+        let mut args = vec!["plan", "--model", m.to_str().unwrap(), "--workers", "2"];
+        args.extend(["--memory", "4", "--context", "8192"]);
+        args.extend(extra);
+        let o = tessera(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    for (extra, bytes) in [
+        (&["--exact"][..], 4),
+        (&["--exact", "--kv-cache", "f16"][..], 2),
+        (&["--kv-cache", "f32"][..], 4),
+    ] {
+        let out = plan(extra);
+        let want = format!("KV cache {} B/token", 2 * 30 * 2 * 64 * bytes);
+        assert!(out.contains(&want), "{extra:?}: {out}");
+    }
+    let o = tessera(
+        &["plan", "--model", m.to_str().unwrap(), "--workers", "1"]
+            .into_iter()
+            .chain(["--kv-cache", "q8"])
+            .collect::<Vec<_>>(),
     );
+    assert_clear_error(&o, &["q8", "f32 or f16"]);
     let o = tessera(&[
         "plan",
         "--model",

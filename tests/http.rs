@@ -205,7 +205,11 @@ fn chat_and_completions_give_the_reference_text_streamed_or_not() {
         held >= tensor_bytes && held <= tensor_bytes + tensor_bytes / 20,
         "workers hold {held} bytes of a file with {tensor_bytes} bytes of tensors: {c:#}"
     );
+    // The exact path's KV cache is f32, on every worker.
+    assert_eq!(c["kv_cache_type"], "f32", "{c:#}");
+    assert_eq!(c["kv_bytes_per_position"], 2 * 30 * 3 * 64 * 4, "{c:#}");
     for w in workers {
+        assert_eq!(w["kv_cache"], "f32", "{w}");
         let (h, rss) = (field(w, "weight_bytes_held"), field(w, "rss_bytes"));
         assert!(
             rss <= h + tessera_core::WORKER_OVERHEAD_BYTES,
@@ -336,15 +340,23 @@ fn chat_and_completions_give_the_reference_text_streamed_or_not() {
 
 #[test]
 fn bad_requests_get_the_right_status_and_a_hung_up_stream_is_freed() {
-    // 0.25 GiB of KV cache: 5825 positions of SmolLM2's (46080 bytes each).
+    // 0.125 GiB of KV cache in f16 (chosen on the exact path): 5825 positions of SmolLM2's
+    // (23040 bytes each), in the scheduler and on every worker.
     let s = Server::run(&[
         "--max-seqs",
         "1",
         "--max-queue",
         "1",
         "--kv-cache-gib",
-        "0.25",
+        "0.125",
+        "--kv-cache",
+        "f16",
     ]);
+    let c = s.cluster();
+    assert_eq!(c["kv_cache_type"], "f16", "{c:#}");
+    assert_eq!(c["scheduler"]["kv_budget_positions"], 5825, "{c:#}");
+    let workers = c["workers"].as_array().unwrap();
+    assert!(workers.iter().all(|w| w["kv_cache"] == "f16"), "{c:#}");
     let error = |resp: &common::http::Response, status: u16| -> Value {
         assert_eq!(resp.status, status, "{}", resp.body);
         let v = resp.json();

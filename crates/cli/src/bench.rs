@@ -517,7 +517,9 @@ fn run_local(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
     );
     // What the last decode step read of the KV cache besides (a GPU's cache is f32).
     let kv = match a.m().backend {
-        tessera_model::Backend::Cpu => files.cache_type(a.m().compute.precision()),
+        tessera_model::Backend::Cpu => {
+            files.cache_type(a.m().compute.precision(), a.m().compute.kv_cache)
+        }
         _ => tessera_core::CacheType::F32,
     };
     let kv_last = kv.bytes_per_position(cfg) * (prompt.len() + a.gen_tokens) as u64;

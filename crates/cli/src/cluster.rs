@@ -124,11 +124,16 @@ impl ServeArgs {
         }
     }
 
-    fn scheduler(&self, model: &std::path::Path, exact: bool) -> anyhow::Result<SchedulerConfig> {
+    fn scheduler(
+        &self,
+        model: &std::path::Path,
+        exact: bool,
+        kv_cache: Option<tessera_core::CacheType>,
+    ) -> anyhow::Result<SchedulerConfig> {
         let files = tessera_model::ModelFiles::open(model)?;
         let c = &files.cfg;
         // K and V for every layer and KV head, in the workers' cache type.
-        let ty = files.cache_type(precision(exact));
+        let ty = files.cache_type(precision(exact), kv_cache);
         let per_position = ty.bytes_per_position(c) as f64;
         let kv_budget = (self.kv_cache_gib * (1u64 << 30) as f64 / per_position) as usize;
         if kv_budget < c.max_context.min(1024) {
@@ -187,6 +192,10 @@ pub struct CoordinatorArgs {
     /// reproduces transformers' outputs); default: quantized activations, as llama.cpp does
     #[arg(long, env = "TESSERA_EXACT")]
     exact: bool,
+    /// What the workers' KV caches hold, f32 or f16 (default: f16 on the fast path over
+    /// quantized weights, f32 with --exact and for dense weights; a GPU's is f32)
+    #[arg(long, env = "TESSERA_KV")]
+    kv_cache: Option<tessera_core::CacheType>,
 }
 
 #[derive(Args)]
@@ -272,13 +281,14 @@ async fn bind_http(
 pub fn coordinator(a: CoordinatorArgs) -> anyhow::Result<()> {
     let model = crate::resolve_model(&a.model)?;
     let state = CoordinatorState::new(&CoordinatorConfig {
-        scheduler: a.serve.scheduler(&model, a.exact)?,
+        scheduler: a.serve.scheduler(&model, a.exact, a.kv_cache)?,
         model,
         model_name: crate::model_name(&a.model),
         workers: a.workers,
         grow: a.grow,
         token: a.token.token,
         exact: a.exact,
+        kv_cache: a.kv_cache,
         wire: a.serve.wire,
     })?;
     runtime()?.block_on(async move {
@@ -338,13 +348,14 @@ pub fn start_local(
     let path = crate::resolve_model(&model.model)?;
     let token = token.unwrap_or_else(random_token);
     let state = CoordinatorState::new(&CoordinatorConfig {
-        scheduler: serve.scheduler(&path, model.compute.exact)?,
+        scheduler: serve.scheduler(&path, model.compute.exact, model.compute.kv_cache)?,
         model: path,
         model_name: crate::model_name(&model.model),
         workers,
         grow: false,
         token: token.clone(),
         exact: model.compute.exact,
+        kv_cache: model.compute.kv_cache,
         wire: serve.wire,
     })?;
     let rt = runtime()?;

@@ -199,6 +199,10 @@ pub struct ComputeArgs {
     /// (faster; logits within about 0.002 of the exact path's)
     #[arg(long, env = "TESSERA_EXACT")]
     pub exact: bool,
+    /// What the KV cache holds, f32 or f16 (default: f16 on the fast path over quantized
+    /// weights, as llama.cpp keeps it; f32 with --exact and for dense weights; a GPU's is f32)
+    #[arg(long, env = "TESSERA_KV")]
+    pub kv_cache: Option<tessera_core::CacheType>,
     /// Threads for the CPU kernels (default: the cores this process may use)
     #[arg(long)]
     pub threads: Option<usize>,
@@ -331,7 +335,13 @@ pub fn load(args: &ModelArgs) -> anyhow::Result<(ModelFiles, LocalCluster)> {
     args.compute.init_threads()?;
     let path = resolve_model(&args.model)?;
     let files = ModelFiles::open(&path)?;
-    let cluster = LocalCluster::load(&files, args.shards, args.backend, args.compute.precision())?;
+    let cluster = LocalCluster::load_with(
+        &files,
+        args.shards,
+        args.backend,
+        args.compute.precision(),
+        args.compute.kv_cache,
+    )?;
     tracing::info!(
         model = %path.display(), format = %files.format, shards = args.shards,
         backend = args.backend.name(), secs = cluster.load_time.as_secs_f64(), "loaded"

@@ -34,6 +34,10 @@ pub struct PlanArgs {
     /// path's is f16 on quantized weights)
     #[arg(long)]
     exact: bool,
+    /// What the KV cache holds, f32 or f16, as the coordinator's --kv-cache (default: the
+    /// path's)
+    #[arg(long, env = "TESSERA_KV")]
+    kv_cache: Option<tessera_core::CacheType>,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -54,11 +58,12 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         files.plan(&memory)?
     };
     // The same positions the coordinator's scheduler lets sequences reserve.
-    let cache = files.cache_type(if a.exact {
+    let precision = if a.exact {
         tessera_model::Precision::Exact
     } else {
         tessera_model::Precision::Fast
-    });
+    };
+    let cache = files.cache_type(precision, a.kv_cache);
     let per_position = cache.bytes_per_position(cfg) as f64;
     let ctx = a
         .context

@@ -76,6 +76,8 @@ pub struct CoordinatorConfig {
     pub scheduler: SchedulerConfig,
     /// Workers compute with f32 activations against the weight blocks (see `Precision`).
     pub exact: bool,
+    /// What the workers' KV caches hold (None: the default for the path and weights).
+    pub kv_cache: Option<tessera_core::CacheType>,
     /// How the workers' partial sums travel between them.
     pub wire: tessera_collective::Wire,
 }
@@ -101,6 +103,8 @@ struct WorkerEntry {
     /// From its last load: bytes of weights held, and the process's resident memory.
     weight_bytes_held: u64,
     rss_bytes: u64,
+    /// What its KV cache holds, as its last load reported ("" before one).
+    kv_cache: String,
     /// The shard it said it holds when it registered (a restarted coordinator may adopt it).
     held: Option<HeldShard>,
     /// Its QUIC public key: the same process registering again presents the same one.
@@ -135,6 +139,7 @@ pub struct CoordinatorState {
     n: usize,
     grow: bool,
     exact: bool,
+    kv_cache: Option<tessera_core::CacheType>,
     wire: tessera_collective::Wire,
     /// What the cluster secret gives: TLS both ways, the bearer value, the CA.
     keys: Arc<ClusterKeys>,
@@ -176,6 +181,7 @@ impl CoordinatorState {
                 n: cfg.workers,
                 grow: cfg.grow,
                 exact: cfg.exact,
+                kv_cache: cfg.kv_cache,
                 wire: cfg.wire,
                 keys,
                 ca,
@@ -539,6 +545,7 @@ impl CoordinatorState {
                     if let Some(w) = self.inner.lock().unwrap().workers.get_mut(&id) {
                         w.weight_bytes_held = reply.weight_bytes_held;
                         w.rss_bytes = reply.rss_bytes;
+                        w.kv_cache = reply.kv_cache.clone();
                     }
                     clients.push((id, c));
                 }
@@ -642,6 +649,7 @@ impl CoordinatorState {
             if h.model_sha256 == self.model_sha256
                 && h.config_json == cfg_json
                 && h.exact == self.exact
+                && h.kv_cache == self.cache_type().name()
                 && h.wire == self.wire.name()
             {
                 meshes.entry(h.mesh_id).or_default().push((spec.rank, *id));
@@ -704,6 +712,7 @@ impl CoordinatorState {
             for m in &members {
                 if let Some(w) = g.workers.get_mut(&m.0) {
                     w.weight_bytes_held = m.3.weight_bytes_held;
+                    w.kv_cache = m.3.kv_cache.clone();
                 }
             }
         }
@@ -805,6 +814,7 @@ impl CoordinatorState {
             exact: self.exact,
             wire: self.wire.name().into(),
             model_sha256: self.model_sha256.clone(),
+            kv_cache: self.cache_type().name().into(),
         };
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
@@ -961,6 +971,8 @@ pub struct WorkerView {
     /// when it finished loading.
     pub weight_bytes_held: u64,
     pub rss_bytes: u64,
+    /// What its KV cache holds ("f16" or "f32"; empty before it loaded a shard).
+    pub kv_cache: String,
 }
 
 impl CoordinatorState {
@@ -971,7 +983,7 @@ impl CoordinatorState {
         } else {
             tessera_model::Precision::Fast
         };
-        self.files.cache_type(precision)
+        self.files.cache_type(precision, self.kv_cache)
     }
 
     pub fn workers(&self) -> Vec<WorkerView> {
@@ -999,6 +1011,7 @@ impl CoordinatorState {
                     kv_cached_positions: if w.state == WState::Ready { pos } else { 0 },
                     weight_bytes_held: w.weight_bytes_held,
                     rss_bytes: w.rss_bytes,
+                    kv_cache: w.kv_cache.clone(),
                 }
             })
             .collect()
@@ -1120,6 +1133,7 @@ impl CoordinatorService {
                 shard: None,
                 weight_bytes_held: 0,
                 rss_bytes: 0,
+                kv_cache: String::new(),
                 held: r.held,
                 public_key: r.public_key_der,
                 standby: r.standby,

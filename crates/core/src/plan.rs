@@ -308,11 +308,10 @@ impl ShardSpec {
     }
 }
 
-/// What the KV cache holds. The exact path keeps f32 (it reproduces transformers, whose
-/// cache is the model's f32 activations); the fast path on quantized weights keeps f16, as
-/// llama.cpp does by default: half the memory, and half the bytes a decode step reads once
-/// the context is long. `TESSERA_KV=f32` or `f16` overrides the choice (for comparisons; set
-/// it alike on the coordinator and the workers, whose memory plan follows it).
+/// What the KV cache holds. By default the exact path keeps f32 (it reproduces transformers,
+/// whose cache is the model's f32 activations); the fast path on quantized weights keeps f16,
+/// as llama.cpp does: half the memory, and half the bytes a decode step reads once the context
+/// is long. `--kv-cache` chooses either for any model and path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheType {
     F32,
@@ -320,15 +319,14 @@ pub enum CacheType {
 }
 
 impl CacheType {
-    /// The cache for a path (`fast`: activations quantized against quantized weights) on
-    /// weights that are `quantized` (some layer matrix is in GGML blocks), unless
-    /// `TESSERA_KV` says otherwise.
-    pub fn choose(fast: bool, quantized: bool) -> CacheType {
-        match std::env::var("TESSERA_KV").as_deref() {
-            Ok("f32") => CacheType::F32,
-            Ok("f16") => CacheType::F16,
-            _ if fast && quantized => CacheType::F16,
-            _ => CacheType::F32,
+    /// `choice` where given, else the default for a path (`fast`: activations quantized
+    /// against quantized weights) on weights that are `quantized` (the layers' matrices in
+    /// GGML blocks).
+    pub fn choose(choice: Option<CacheType>, fast: bool, quantized: bool) -> CacheType {
+        match choice {
+            Some(c) => c,
+            None if fast && quantized => CacheType::F16,
+            None => CacheType::F32,
         }
     }
 
@@ -350,6 +348,17 @@ impl CacheType {
     /// KV cache bytes per position of context for the whole model (every layer and KV head).
     pub fn bytes_per_position(self, cfg: &ModelConfig) -> u64 {
         2 * (cfg.layers * cfg.kv_heads * cfg.head_dim) as u64 * self.bytes()
+    }
+}
+
+impl std::str::FromStr for CacheType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<CacheType, String> {
+        match s {
+            "f32" => Ok(CacheType::F32),
+            "f16" => Ok(CacheType::F16),
+            _ => Err(format!("unknown KV cache type {s:?} (f32 or f16)")),
+        }
     }
 }
 
@@ -670,14 +679,20 @@ mod tests {
         assert_eq!(s.cost(&c, 4).kv_bytes_per_token, 2 * 30 * 3 * 64 * 4);
         assert_eq!(allreduce_bytes_per_token(&c, 4), 61 * 576 * 4);
         // The whole model's, in either cache type; f16 is the fast path's on quantized weights
-        // unless TESSERA_KV says otherwise.
+        // unless chosen otherwise.
         assert_eq!(CacheType::F32.bytes_per_position(&c), 2 * 30 * 3 * 64 * 4);
         assert_eq!(CacheType::F16.bytes_per_position(&c), 2 * 30 * 3 * 64 * 2);
-        if std::env::var_os("TESSERA_KV").is_none() {
-            assert_eq!(CacheType::choose(true, true), CacheType::F16);
-            assert_eq!(CacheType::choose(false, true), CacheType::F32);
-            assert_eq!(CacheType::choose(true, false), CacheType::F32);
-        }
+        assert_eq!(CacheType::choose(None, true, true), CacheType::F16);
+        assert_eq!(CacheType::choose(None, false, true), CacheType::F32);
+        assert_eq!(CacheType::choose(None, true, false), CacheType::F32);
+        let f16 = Some(CacheType::F16);
+        assert_eq!(CacheType::choose(f16, false, false), CacheType::F16);
+        assert_eq!("f32".parse(), Ok(CacheType::F32));
+        assert!(
+            "q8".parse::<CacheType>()
+                .unwrap_err()
+                .contains("f32 or f16")
+        );
     }
 
     #[test]

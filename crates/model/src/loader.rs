@@ -120,9 +120,14 @@ impl ModelFiles {
 
     /// Width of the FFN's `down` blocks (the widest over the layers): where its rows can be
     /// cut without straddling a block.
-    /// What a worker's KV cache holds on the CPU on `precision`'s path: f16 on the fast path
-    /// over quantized weights (the first layer's Q projection in GGML blocks), else f32.
-    pub fn cache_type(&self, precision: tessera_quant::Precision) -> tessera_core::CacheType {
+    /// What a worker's KV cache holds on the CPU on `precision`'s path: `choice` where given,
+    /// else f16 on the fast path over quantized weights (the first layer's Q projection in
+    /// GGML blocks) and f32 otherwise.
+    pub fn cache_type(
+        &self,
+        precision: tessera_quant::Precision,
+        choice: Option<tessera_core::CacheType>,
+    ) -> tessera_core::CacheType {
         let quantized = match &self.weights {
             Weights::Gguf { file } => file
                 .tensors
@@ -130,7 +135,8 @@ impl ModelFiles {
                 .is_some_and(|t| !t.ty.is_dense()),
             _ => false,
         };
-        tessera_core::CacheType::choose(precision == tessera_quant::Precision::Fast, quantized)
+        let fast = precision == tessera_quant::Precision::Fast;
+        tessera_core::CacheType::choose(choice, fast, quantized)
     }
 
     pub fn ffn_block(&self) -> usize {

@@ -461,7 +461,7 @@ impl ShardModel {
         let embed_bytes = embed.as_ref().map_or(0, |e| e.bytes());
         // The same test as `ModelFiles::cache_type`: the first layer's Q projection.
         let quantized = layers.first().is_some_and(|l| l.q.quantized());
-        let cache_type = CacheType::choose(precision == Precision::Fast, quantized);
+        let cache_type = CacheType::choose(None, precision == Precision::Fast, quantized);
         Ok(ShardModel {
             cfg: cfg.clone(),
             spec: spec.clone(),

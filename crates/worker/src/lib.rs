@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tessera_collective::quic::{Identity, QuicNode, generate_key, token_proof};
 use tessera_collective::{Collective, Mesh, Single, Wire};
-use tessera_core::{ModelConfig, ShardSpec};
+use tessera_core::{CacheType, ModelConfig, ShardSpec};
 use tessera_model::gguf::GgmlType;
 use tessera_model::weights::{Bytes, RawTensor, WeightArena, Weights};
 use tessera_model::{Backend, ModelFiles, Picked, Precision, SeqStep, ShardModel, TopSpec};
@@ -231,16 +231,20 @@ impl Worker for WorkerService {
             Precision::Fast
         };
         let wire: Wire = a.wire.parse().map_err(Status::invalid_argument)?;
+        let cache: Option<CacheType> = match a.kv_cache.as_str() {
+            "" => None,
+            s => Some(s.parse().map_err(Status::invalid_argument)?),
+        };
+        let compute = (precision, cache);
         std::thread::Builder::new()
             .name(format!("shard-{}", spec.rank))
             .spawn(move || {
                 shard_thread(
-                    cfg, spec, weights, backend, precision, wire, node, mesh_id, peers, rx,
-                    ready_tx,
+                    cfg, spec, weights, backend, compute, wire, node, mesh_id, peers, rx, ready_tx,
                 )
             })
             .map_err(|e| Status::internal(e.to_string()))?;
-        let (bytes, held) = ready_rx
+        let (bytes, held, cache) = ready_rx
             .await
             .map_err(|_| Status::internal("shard thread died"))?
             .map_err(Status::failed_precondition)?;
@@ -254,6 +258,7 @@ impl Worker for WorkerService {
             peers: a.peers.clone(),
             weight_bytes_per_token: bytes,
             weight_bytes_held: held,
+            kv_cache: a.kv_cache.clone(),
         });
         *self.state.shard.lock().unwrap() = Some(Loaded {
             tx,
@@ -270,6 +275,7 @@ impl Worker for WorkerService {
             seconds: started.elapsed().as_secs_f64(),
             weight_bytes_held: held,
             rss_bytes: tessera_core::mem::rss_bytes().unwrap_or(0),
+            kv_cache: cache.name().into(),
         }))
     }
 
@@ -398,18 +404,21 @@ fn shard_thread(
     spec: ShardSpec,
     weights: Weights,
     backend: Backend,
-    precision: Precision,
+    (precision, cache): (Precision, Option<CacheType>),
     wire: Wire,
     node: Arc<QuicNode>,
     mesh_id: u64,
     peers: Vec<SocketAddr>,
     rx: std::sync::mpsc::Receiver<ShardCmd>,
-    ready: oneshot::Sender<Result<(u64, u64), String>>,
+    ready: oneshot::Sender<Result<(u64, u64, CacheType), String>>,
 ) {
     let setup = || -> Result<(ShardModel, Box<dyn Collective>), String> {
         let device = backend.device().map_err(|e| e.to_string())?;
-        let model = ShardModel::load(&weights, &cfg, &spec, &device, precision)
+        let mut model = ShardModel::load(&weights, &cfg, &spec, &device, precision)
             .map_err(|e| e.to_string())?;
+        if let Some(ty) = cache {
+            model.set_cache_type(ty);
+        }
         let coll: Box<dyn Collective> = if spec.world == 1 {
             Box::new(Single)
         } else {
@@ -432,7 +441,12 @@ fn shard_thread(
     };
     let (mut model, mut coll) = match setup() {
         Ok(x) => {
-            let _ = ready.send(Ok((x.0.weight_bytes_per_token(), x.0.weight_bytes_held())));
+            let m = &x.0;
+            let _ = ready.send(Ok((
+                m.weight_bytes_per_token(),
+                m.weight_bytes_held(),
+                m.cache_type(),
+            )));
             x
         }
         Err(e) => {
