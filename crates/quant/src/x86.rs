@@ -1656,18 +1656,33 @@ pub(crate) fn dequant_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
 }
 
 /// `c[r][j] = Σ_k w[r][k] · xt[k][j]` for the 6 rows of a weight tile.
-pub(crate) fn gemm_tile(isa: Isa, w: &[f32], k: usize, xt: &[f32], width: usize, c: &mut [f32]) {
+/// `tiles` tiles of weight rows (`w`, each `TILE_ROWS` x `k`) against every block of
+/// activation columns of `xt`, the blocks outermost: a block is read from memory once for all
+/// the tiles. Outputs: `c`, each tile's `TILE_ROWS` rows of `width`.
+pub(crate) fn gemm_group(
+    isa: Isa,
+    w: &[f32],
+    tiles: usize,
+    k: usize,
+    xt: &[f32],
+    width: usize,
+    c: &mut [f32],
+) {
     use crate::gemm::TILE_ROWS;
-    assert!(w.len() >= TILE_ROWS * k && xt.len() >= k * width && c.len() >= TILE_ROWS * width);
+    let (wt, ct) = (TILE_ROWS * k, TILE_ROWS * width);
+    assert!(w.len() >= tiles * wt && xt.len() >= k * width && c.len() >= tiles * ct);
     // SAFETY: bounds checked above; the ISA was detected at run time.
     unsafe {
         let step = isa.gemm_width();
         assert!(step >= 16 && width.is_multiple_of(step));
         for j in (0..width).step_by(step) {
-            if step == 32 {
-                gemm6x32(w.as_ptr(), k, xt.as_ptr(), width, j, c.as_mut_ptr());
-            } else {
-                gemm6x16(w.as_ptr(), k, xt.as_ptr(), width, j, c.as_mut_ptr());
+            for t in 0..tiles {
+                let (w, c) = (w.as_ptr().add(t * wt), c.as_mut_ptr().add(t * ct));
+                if step == 32 {
+                    gemm6x32(w, k, xt.as_ptr(), width, j, c);
+                } else {
+                    gemm6x16(w, k, xt.as_ptr(), width, j, c);
+                }
             }
         }
     }
