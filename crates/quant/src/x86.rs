@@ -1655,10 +1655,9 @@ pub(crate) fn dequant_row(ty: GgmlType, row: &[u8], out: &mut [f32]) {
     unsafe { by_type!(ty, dequant_row_f, row, out) }
 }
 
-/// `c[r][j] = Σ_k w[r][k] · xt[k][j]` for the 6 rows of a weight tile.
-/// `tiles` tiles of weight rows (`w`, each `TILE_ROWS` x `k`) against every block of
-/// activation columns of `xt`, the blocks outermost: a block is read from memory once for all
-/// the tiles. Outputs: `c`, each tile's `TILE_ROWS` rows of `width`.
+/// `c[r][j] = Σ_k w[r][k] · xt[k][j]` for `tiles` tiles of weight rows (`w`, each `TILE_ROWS`
+/// x `k`; `c`, each tile's `TILE_ROWS` rows of `width`), the blocks of activation columns of
+/// `xt` outermost: a block is read from memory once for all the tiles.
 pub(crate) fn gemm_group(
     isa: Isa,
     w: &[f32],
