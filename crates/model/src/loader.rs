@@ -118,8 +118,6 @@ impl ModelFiles {
         Ok(files)
     }
 
-    /// Width of the FFN's `down` blocks (the widest over the layers): where its rows can be
-    /// cut without straddling a block.
     /// What a worker's KV cache holds on the CPU on `precision`'s path: `choice` where given,
     /// else f16 on the fast path over quantized weights (the first layer's Q projection in
     /// GGML blocks) and f32 otherwise.
@@ -139,6 +137,8 @@ impl ModelFiles {
         tessera_core::CacheType::choose(choice, fast, quantized)
     }
 
+    /// Width of the FFN's `down` blocks (the widest over the layers): where its rows can be
+    /// cut without straddling a block.
     pub fn ffn_block(&self) -> usize {
         (0..self.cfg.layers)
             .filter_map(|l| match self.cfg.moe_at(l) {
