@@ -133,7 +133,7 @@ impl ServeArgs {
         let files = tessera_model::ModelFiles::open(model)?;
         let c = &files.cfg;
         // K and V for every layer and KV head, in the workers' cache type.
-        let ty = files.cache_type(precision(exact), kv_cache);
+        let ty = files.cache_type(tessera_model::Precision::of(exact), kv_cache);
         let per_position = ty.bytes_per_position(c) as f64;
         let kv_budget = (self.kv_cache_gib * (1u64 << 30) as f64 / per_position) as usize;
         if kv_budget < c.max_context.min(1024) {
@@ -809,13 +809,5 @@ pub fn probe(url: &str) -> anyhow::Result<()> {
         Ok(())
     } else {
         bail!("{url} answered {:?}", head.lines().next().unwrap_or(""))
-    }
-}
-
-fn precision(exact: bool) -> tessera_model::Precision {
-    if exact {
-        tessera_model::Precision::Exact
-    } else {
-        tessera_model::Precision::Fast
     }
 }

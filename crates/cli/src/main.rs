@@ -214,11 +214,7 @@ pub struct ComputeArgs {
 
 impl ComputeArgs {
     pub fn precision(&self) -> Precision {
-        if self.exact {
-            Precision::Exact
-        } else {
-            Precision::Fast
-        }
+        Precision::of(self.exact)
     }
 
     /// Sizes the kernels' thread pool; returns its size.

@@ -58,12 +58,7 @@ pub fn run(a: PlanArgs) -> anyhow::Result<()> {
         files.plan(&memory)?
     };
     // The same positions the coordinator's scheduler lets sequences reserve.
-    let precision = if a.exact {
-        tessera_model::Precision::Exact
-    } else {
-        tessera_model::Precision::Fast
-    };
-    let cache = files.cache_type(precision, a.kv_cache);
+    let cache = files.cache_type(tessera_model::Precision::of(a.exact), a.kv_cache);
     let per_position = cache.bytes_per_position(cfg) as f64;
     let ctx = a
         .context

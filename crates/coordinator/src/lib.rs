@@ -978,12 +978,8 @@ pub struct WorkerView {
 impl CoordinatorState {
     /// What the workers' KV caches hold on the CPU (GPU workers keep f32).
     pub fn cache_type(&self) -> tessera_core::CacheType {
-        let precision = if self.exact {
-            tessera_model::Precision::Exact
-        } else {
-            tessera_model::Precision::Fast
-        };
-        self.files.cache_type(precision, self.kv_cache)
+        self.files
+            .cache_type(tessera_model::Precision::of(self.exact), self.kv_cache)
     }
 
     pub fn workers(&self) -> Vec<WorkerView> {

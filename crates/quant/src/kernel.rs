@@ -61,6 +61,17 @@ pub enum Precision {
     Exact,
 }
 
+impl Precision {
+    /// [`Precision::Exact`] where `exact` (the `--exact` flag), else [`Precision::Fast`].
+    pub fn of(exact: bool) -> Precision {
+        if exact {
+            Precision::Exact
+        } else {
+            Precision::Fast
+        }
+    }
+}
+
 /// The instruction set a kernel uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {

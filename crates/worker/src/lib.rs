@@ -225,11 +225,7 @@ impl Worker for WorkerService {
         let node = self.state.node.clone();
         let backend = self.state.backend;
         let mesh_id = a.mesh_id;
-        let precision = if a.exact {
-            Precision::Exact
-        } else {
-            Precision::Fast
-        };
+        let precision = Precision::of(a.exact);
         let wire: Wire = a.wire.parse().map_err(Status::invalid_argument)?;
         let cache: Option<CacheType> = match a.kv_cache.as_str() {
             "" => None,
