@@ -11,6 +11,7 @@ use common::mutate::{Edit, apply, cases, edits, fuzz, json_edits};
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+use tessera_core::CacheType;
 use tessera_model::{Backend, LocalCluster, ModelFiles, Precision};
 
 /// Opens the model at `path` and, if it opens, tokenizes, loads one shard and decodes two
@@ -260,6 +261,7 @@ fn mutated_step_messages_get_a_reply_or_an_error() {
         &spec,
         &device,
         Precision::Exact,
+        CacheType::F32,
     )
     .unwrap();
     let vocab = files.cfg.vocab as u32;
@@ -343,6 +345,7 @@ fn mutated_assignments_error_or_load() {
                 &spec,
                 &device,
                 Precision::Exact,
+                CacheType::F32,
             ) else {
                 return false;
             };
@@ -405,8 +408,14 @@ fn assignments_that_claim_huge_sizes_are_refused_before_allocation() {
     cases.push(("spec rank", files.cfg.clone(), s));
     for (what, cfg, spec) in cases {
         let t0 = Instant::now();
-        let r =
-            tessera_model::ShardModel::load(&files.weights, &cfg, &spec, &device, Precision::Exact);
+        let r = tessera_model::ShardModel::load(
+            &files.weights,
+            &cfg,
+            &spec,
+            &device,
+            Precision::Exact,
+            CacheType::F32,
+        );
         let e = r.err().unwrap_or_else(|| panic!("{what}: loaded"));
         assert!(t0.elapsed() < Duration::from_secs(2), "{what}: {e}");
         eprintln!("{what}: {e}");

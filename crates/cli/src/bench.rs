@@ -515,13 +515,8 @@ fn run_local(a: &BenchArgs) -> anyhow::Result<serde_json::Value> {
         "weights read per token: {:.1} MB (in the file's formats)",
         bytes as f64 / 1e6
     );
-    // What the last decode step read of the KV cache besides (a GPU's cache is f32).
-    let kv = match a.m().backend {
-        tessera_model::Backend::Cpu => {
-            files.cache_type(a.m().compute.precision(), a.m().compute.kv_cache)
-        }
-        _ => tessera_core::CacheType::F32,
-    };
+    // What the last decode step read of the KV cache besides.
+    let kv = cluster.cache_type();
     let kv_last = kv.bytes_per_position(cfg) * (prompt.len() + a.gen_tokens) as u64;
     println!(
         "KV cache: {}, {:.1} MB at the last step ({} positions; sliding layers read less)",

@@ -139,7 +139,8 @@ pub struct CoordinatorState {
     n: usize,
     grow: bool,
     exact: bool,
-    kv_cache: Option<tessera_core::CacheType>,
+    /// What the workers' KV caches hold on the CPU (GPU workers keep f32).
+    cache_type: tessera_core::CacheType,
     wire: tessera_collective::Wire,
     /// What the cluster secret gives: TLS both ways, the bearer value, the CA.
     keys: Arc<ClusterKeys>,
@@ -153,6 +154,7 @@ impl CoordinatorState {
     pub fn new(cfg: &CoordinatorConfig) -> anyhow::Result<Arc<CoordinatorState>> {
         let files = ModelFiles::open(&cfg.model)?;
         files.plan(&vec![1.0; cfg.workers])?;
+        let cache_type = files.cache_type(tessera_model::Precision::of(cfg.exact), cfg.kv_cache);
         let model_sha256 = if cfg.model.is_file() {
             tessera_model::sha256_file(&cfg.model)?
         } else {
@@ -181,7 +183,7 @@ impl CoordinatorState {
                 n: cfg.workers,
                 grow: cfg.grow,
                 exact: cfg.exact,
-                kv_cache: cfg.kv_cache,
+                cache_type,
                 wire: cfg.wire,
                 keys,
                 ca,
@@ -978,8 +980,7 @@ pub struct WorkerView {
 impl CoordinatorState {
     /// What the workers' KV caches hold on the CPU (GPU workers keep f32).
     pub fn cache_type(&self) -> tessera_core::CacheType {
-        self.files
-            .cache_type(tessera_model::Precision::of(self.exact), self.kv_cache)
+        self.cache_type
     }
 
     pub fn workers(&self) -> Vec<WorkerView> {

@@ -251,6 +251,7 @@ pub struct LocalCluster {
     shards: Vec<ShardThread>,
     weight_bytes: u64,
     held_bytes: u64,
+    cache_type: tessera_core::CacheType,
     pub load_time: Duration,
 }
 
@@ -258,6 +259,11 @@ impl LocalCluster {
     /// Bytes of weights all shards hold, in their stored formats.
     pub fn weight_bytes_held(&self) -> u64 {
         self.held_bytes
+    }
+
+    /// What the shards' KV caches hold.
+    pub fn cache_type(&self) -> tessera_core::CacheType {
+        self.cache_type
     }
 }
 
@@ -273,8 +279,8 @@ impl LocalCluster {
         Self::load_with(files, n, backend, precision, None)
     }
 
-    /// [`LocalCluster::load`], with the KV cache's type set rather than chosen for the path
-    /// (see [`tessera_core::CacheType`]; a GPU's cache stays f32).
+    /// [`LocalCluster::load`], with the KV cache's type chosen (`None`: the default for the
+    /// path and weights, see [`ModelFiles::cache_type`]; a GPU's cache stays f32).
     pub fn load_with(
         files: &ModelFiles,
         n: usize,
@@ -284,6 +290,7 @@ impl LocalCluster {
     ) -> Result<LocalCluster> {
         let started = Instant::now();
         let cfg = files.cfg.clone();
+        let cache = files.cache_type(precision, cache);
         let plan = files.plan(&vec![1.0; n])?;
         let device = backend.device()?;
         let mut transports: Vec<Option<InProcessTransport>> = if n > 1 {
@@ -296,7 +303,7 @@ impl LocalCluster {
         for spec in plan.shards.iter().cloned() {
             let (cmd_tx, cmd_rx) = channel::<Cmd>();
             let (out_tx, out_rx) = channel::<Result<ShardOut>>();
-            let (ready_tx, ready_rx) = channel::<Result<(u64, u64)>>();
+            let (ready_tx, ready_rx) = channel::<Result<(u64, u64, tessera_core::CacheType)>>();
             let weights = files.weights.clone();
             let cfg = cfg.clone();
             let device = device.clone();
@@ -309,13 +316,13 @@ impl LocalCluster {
                         None => Box::new(Single),
                     };
                     let mut model =
-                        match ShardModel::load(&weights, &cfg, &spec, &device, precision) {
-                            Ok(mut m) => {
-                                if let Some(ty) = cache {
-                                    m.set_cache_type(ty);
-                                }
-                                let _ = ready_tx
-                                    .send(Ok((m.weight_bytes_per_token(), m.weight_bytes_held())));
+                        match ShardModel::load(&weights, &cfg, &spec, &device, precision, cache) {
+                            Ok(m) => {
+                                let _ = ready_tx.send(Ok((
+                                    m.weight_bytes_per_token(),
+                                    m.weight_bytes_held(),
+                                    m.cache_type(),
+                                )));
                                 m
                             }
                             Err(e) => {
@@ -361,14 +368,15 @@ impl LocalCluster {
             });
             ready.push(ready_rx);
         }
-        let (mut weight_bytes, mut held_bytes) = (0, 0);
+        let (mut weight_bytes, mut held_bytes, mut cache_type) = (0, 0, cache);
         for (rank, r) in ready.into_iter().enumerate() {
-            let (per_token, held) = r.recv().map_err(|_| ModelError::Shard {
+            let (per_token, held, ty) = r.recv().map_err(|_| ModelError::Shard {
                 rank,
                 msg: "died while loading".into(),
             })??;
             weight_bytes += per_token;
             held_bytes += held;
+            cache_type = ty;
         }
         Ok(LocalCluster {
             cfg,
@@ -376,6 +384,7 @@ impl LocalCluster {
             shards,
             weight_bytes,
             held_bytes,
+            cache_type,
             load_time: started.elapsed(),
         })
     }

@@ -33,8 +33,6 @@ pub struct Linear {
     stored_cols: usize,
     bias: Option<Tensor<2>>,
     bytes: u64,
-    /// Stored in GGML blocks (not F32/F16/BF16).
-    quantized: bool,
 }
 
 impl Linear {
@@ -47,7 +45,6 @@ impl Linear {
         QMatrix::new(raw.ty, out, stored_cols, raw.data.as_slice())
             .map_err(|e| ModelError::Backend(format!("weights: {e}")))?;
         let bytes = raw.data.len() as u64;
-        let quantized = !raw.ty.is_dense();
         let bias = bias.map(|b| Tensor::<2>::from_data(TensorData::new(b, [1, out]), device));
         let store = if crate::ops::is_host(device) {
             Store::Host(raw)
@@ -67,13 +64,7 @@ impl Linear {
             stored_cols,
             bias,
             bytes,
-            quantized,
         })
-    }
-
-    /// Whether the weights are GGML blocks (not F32/F16/BF16).
-    pub fn quantized(&self) -> bool {
-        self.quantized
     }
 
     /// Bytes of weights this matrix holds (and reads per token).

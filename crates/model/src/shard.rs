@@ -248,13 +248,15 @@ fn head_source(cfg: &ModelConfig, weights: &Weights) -> W {
 
 impl ShardModel {
     /// Reads this shard's slice of every tensor from `weights` onto `device`. The weights stay
-    /// in their stored format; `precision` says how activations meet quantized ones.
+    /// in their stored format; `precision` says how activations meet quantized ones, `cache`
+    /// what the KV cache holds on the CPU (`ModelFiles::cache_type` gives the default).
     pub fn load(
         weights: &Weights,
         cfg: &ModelConfig,
         spec: &ShardSpec,
         device: &Device,
         precision: Precision,
+        cache: CacheType,
     ) -> Result<ShardModel> {
         check_assignment(weights, cfg, spec)?;
         let (h, hd) = (cfg.hidden, cfg.head_dim);
@@ -459,15 +461,12 @@ impl ShardModel {
             )
         });
         let embed_bytes = embed.as_ref().map_or(0, |e| e.bytes());
-        // The same test as `ModelFiles::cache_type`: the first layer's Q projection.
-        let quantized = layers.first().is_some_and(|l| l.q.quantized());
-        let cache_type = CacheType::choose(None, precision == Precision::Fast, quantized);
         Ok(ShardModel {
             cfg: cfg.clone(),
             spec: spec.clone(),
             device: device.clone(),
             precision,
-            cache_type,
+            cache_type: cache,
             layers,
             final_norm,
             head,
@@ -504,13 +503,6 @@ impl ShardModel {
 
     pub fn precision(&self) -> Precision {
         self.precision
-    }
-
-    /// Makes the CPU cache hold `ty` instead of the type chosen for the path, dropping every
-    /// sequence's cache.
-    pub fn set_cache_type(&mut self, ty: CacheType) {
-        self.caches.clear();
-        self.cache_type = ty;
     }
 
     /// What the KV cache holds (on the CPU; a GPU's cache is f32).

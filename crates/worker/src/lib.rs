@@ -227,16 +227,17 @@ impl Worker for WorkerService {
         let mesh_id = a.mesh_id;
         let precision = Precision::of(a.exact);
         let wire: Wire = a.wire.parse().map_err(Status::invalid_argument)?;
-        let cache: Option<CacheType> = match a.kv_cache.as_str() {
-            "" => None,
-            s => Some(s.parse().map_err(Status::invalid_argument)?),
+        // An assignment without the field comes from a coordinator that planned f32.
+        let cache: CacheType = match a.kv_cache.as_str() {
+            "" => CacheType::F32,
+            s => s.parse().map_err(Status::invalid_argument)?,
         };
-        let compute = (precision, cache);
         std::thread::Builder::new()
             .name(format!("shard-{}", spec.rank))
             .spawn(move || {
                 shard_thread(
-                    cfg, spec, weights, backend, compute, wire, node, mesh_id, peers, rx, ready_tx,
+                    cfg, spec, weights, backend, precision, cache, wire, node, mesh_id, peers, rx,
+                    ready_tx,
                 )
             })
             .map_err(|e| Status::internal(e.to_string()))?;
@@ -400,7 +401,8 @@ fn shard_thread(
     spec: ShardSpec,
     weights: Weights,
     backend: Backend,
-    (precision, cache): (Precision, Option<CacheType>),
+    precision: Precision,
+    cache: CacheType,
     wire: Wire,
     node: Arc<QuicNode>,
     mesh_id: u64,
@@ -410,11 +412,8 @@ fn shard_thread(
 ) {
     let setup = || -> Result<(ShardModel, Box<dyn Collective>), String> {
         let device = backend.device().map_err(|e| e.to_string())?;
-        let mut model = ShardModel::load(&weights, &cfg, &spec, &device, precision)
+        let model = ShardModel::load(&weights, &cfg, &spec, &device, precision, cache)
             .map_err(|e| e.to_string())?;
-        if let Some(ty) = cache {
-            model.set_cache_type(ty);
-        }
         let coll: Box<dyn Collective> = if spec.world == 1 {
             Box::new(Single)
         } else {
