@@ -338,12 +338,14 @@ fn smollm2_fast_path_agrees_with_the_reference_at_least_as_far_as_llama_cpp() {
 }
 
 /// The fast path against the exact one on every tiny-llama-gguf format, at a decode step (the
-/// prompt but its last token as a prefill, whose rows take the f32 GEMM on both paths, then
-/// the last token through the kernels). Random weights make 8-bit activations err far more than
-/// on a trained model (llama.cpp's logits are up to ~1.0 off here; one 8-bit plane gave up to
-/// 0.6); the fast path's two planes stay within 1e-3 of the logits' range with an f32 KV cache
-/// (1.8e-4 at worst measured). Its own f16 cache errs more on these weights: within 4e-3
-/// (2.8e-3 at worst measured, 0.020 on logits up to 7.2).
+/// prompt but its last token as a prefill, whose rows take the integer GEMM on the fast path
+/// where AVX-512 VNNI runs and the f32 GEMM elsewhere, then the last token through the
+/// kernels). Random weights make 8-bit activations err far more than on a trained model
+/// (llama.cpp's logits are up to ~1.0 off here; one 8-bit plane gave up to 0.6); the fast
+/// path's two planes and 16-bit prompt rows stay within 1e-3 of the logits' range with an f32
+/// KV cache (1.8e-4 at worst measured with f32 prompt rows, 2.3e-4 with 16-bit ones). Its own
+/// f16 cache errs more on these weights: within 4e-3 (2.8e-3 at worst measured, 0.020 on
+/// logits up to 7.2).
 #[test]
 fn tiny_llama_gguf_fast_path_stays_near_the_exact_one() {
     let dir = fixtures().join("tiny-llama-gguf");

@@ -118,7 +118,8 @@ impl Linear {
 
     /// Several matrices that read the same input (Q, K, V; gate, up): on the CPU, one pass of
     /// the threads over all their rows, with the input quantized once. `prompt[b]` marks the
-    /// rows of prompts (steps of several tokens): on the CPU they take the f32 GEMM.
+    /// rows of prompts (steps of several tokens): on the CPU they take a GEMM (see
+    /// [`tessera_quant::matmul_rows`]).
     pub fn forward_group(
         ls: &[&Linear],
         x: Tensor<2>,

@@ -1,8 +1,8 @@
 //! Prefill: f32 activations against weights dequantized a tile at a time, as a register-blocked
 //! f32 GEMM. A prompt's rows are many, so each weight row is dequantized once for all of them
-//! and the FMAs run at the core's f32 peak, faster than the integer kernels (whose weight
-//! unpacking is paid per tile of 4 rows) and exact: prompts are read with f32 activations on
-//! either precision.
+//! and the FMAs run at the core's f32 peak, faster than the decode kernels (whose weight
+//! unpacking is paid per tile of 4 rows) and exact. Every prompt on the exact path takes it,
+//! and on the fast path wherever the integer GEMM ([`crate::igemm`]) does not run.
 //!
 //! `C[r][b] = Σ_k W[r][k] X[b][k]`, accumulated over k in order in one FMA chain per output,
 //! whatever the tile or thread split, so a row's result does not depend on the other rows.

@@ -249,8 +249,9 @@ pub fn matmul_group(
 /// A work item: a range of one matrix's rows (or row tiles).
 type Item = (usize, std::ops::Range<usize>);
 
-/// [`matmul_group`], with the rows of prompts marked (`prompt[b]`, or none): those go through
-/// the f32 GEMM (exact, and the fastest for many rows), the others through `prec`'s kernel.
+/// [`matmul_group`], with the rows of prompts marked (`prompt[b]`, or none): those go through a
+/// GEMM (the fastest for many rows: on the fast path over quantized weights the integer GEMM
+/// where AVX-512 VNNI runs, else the f32 GEMM, exact), the others through `prec`'s kernel.
 /// Which kernel a row takes depends on that row alone, so its result does not depend on the
 /// rest of the batch.
 pub fn matmul_rows(
@@ -287,13 +288,13 @@ pub fn matmul_rows(
         }
     };
     // Work items: ranges of each matrix's rows (or tiles), about 4 per thread for balance.
-    let items = |unit: usize, macs: usize| {
-        let total: usize = ws.iter().map(|w| w.rows.div_ceil(unit)).sum();
+    let items = |unit: &dyn Fn(&QMatrix) -> usize, macs: usize| {
+        let total: usize = ws.iter().map(|w| w.rows.div_ceil(unit(w))).sum();
         let parts = if macs < 1 << 16 { 1 } else { threads * 4 };
         let step = total.div_ceil(parts).max(1);
         let mut v = Vec::new();
         for (i, w) in ws.iter().enumerate() {
-            let units = w.rows.div_ceil(unit);
+            let units = w.rows.div_ceil(unit(w));
             let mut u = 0;
             while u < units {
                 let e = (u + step).min(units);
@@ -305,17 +306,42 @@ pub fn matmul_rows(
     };
     let total_rows: usize = ws.iter().map(|w| w.rows).sum();
     if !gemm.is_empty() {
+        // Quantized weights on the fast path take the integer GEMM where it runs; the rest
+        // the f32 GEMM.
+        let int =
+            |w: &QMatrix| prec == Precision::Fast && !w.ty.is_dense() && crate::igemm::serves(isa);
         let width = gemm.len().next_multiple_of(isa.gemm_width());
-        let xt = crate::gemm::transpose(x, cols, &gemm, width);
+        let xt = if ws.iter().all(int) {
+            Vec::new()
+        } else {
+            crate::gemm::transpose(x, cols, &gemm, width)
+        };
+        let acts = if ws.iter().any(int) {
+            crate::igemm::GemmActs::quantize(x, cols, &gemm)
+        } else {
+            Default::default()
+        };
         let outs: Vec<Out> = ys
             .iter_mut()
             .zip(ws)
             .map(|(y, w)| Out::new(y, w.rows, Some(gemm.clone())))
             .collect();
-        let its = items(crate::gemm::TILE_ROWS, total_rows * cols * gemm.len());
+        let unit = |w: &QMatrix| {
+            if int(w) {
+                crate::igemm::IG_ROWS
+            } else {
+                crate::gemm::TILE_ROWS
+            }
+        };
+        let its = items(&unit, total_rows * cols * gemm.len());
         let m = gemm.len();
         run(&its, &|(i, tiles)| {
-            crate::gemm::gemm_tiles(isa, &ws[*i], tiles.clone(), &xt, width, m, &outs[*i])
+            let w = &ws[*i];
+            if int(w) {
+                crate::igemm::igemm_tiles(isa, w, tiles.clone(), &acts, m, &outs[*i])
+            } else {
+                crate::gemm::gemm_tiles(isa, w, tiles.clone(), &xt, width, m, &outs[*i])
+            }
         });
     }
     if rest.is_empty() {
@@ -338,7 +364,7 @@ pub fn matmul_rows(
         .zip(ws)
         .map(|(y, w)| Out::new(y, w.rows, map.clone()))
         .collect();
-    let its: Vec<Item> = items(4, total_rows * cols * nr)
+    let its: Vec<Item> = items(&|_| 4, total_rows * cols * nr)
         .into_iter()
         .map(|(i, u)| (i, 4 * u.start..(4 * u.end).min(ws[i].rows)))
         .collect();

@@ -6,7 +6,9 @@
 //!   kernels.
 //! - [`kernel`]: `y = x · Wᵀ` for a batch of rows, on threads, in two precisions (quantized
 //!   activations, or f32 activations against weights dequantized in registers), with the
-//!   instruction set chosen at run time (scalar, AVX2, AVX-VNNI, AVX-512 with or without VNNI).
+//!   instruction set chosen at run time (scalar, AVX2, AVX-VNNI, AVX-512 with or without VNNI);
+//!   a prompt's rows through a GEMM: 16-bit integers on the fast path where AVX-512 VNNI runs
+//!   (`igemm`), else f32 over dequantized tiles (`gemm`).
 //! - [`quantize`]: f32 rows into GGML blocks, for requantizing model files.
 //!
 //! No dependency on Burn: the model crate calls these kernels behind its `Linear` seam.
@@ -14,6 +16,7 @@
 pub mod act;
 pub mod format;
 mod gemm;
+mod igemm;
 pub mod kernel;
 pub mod pool;
 pub mod quantize;

@@ -1753,3 +1753,261 @@ pub(crate) fn rows_exact(
     }
     by_type!(ty, go_exact, w, rows, x, n, cols, out)
 }
+
+/// [`crate::igemm::quantize_row`] with AVX-512: the same values (the max is exact in any order,
+/// the conversion rounds to nearest even as `round_ties_even` does, the sums are integers).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+pub(crate) unsafe fn igemm_quantize_row(
+    x: &[f32],
+    a: &mut [i16],
+    d: &mut [f32],
+    ds16: &mut [f32],
+    ds32: &mut [f32],
+) {
+    let n = x.len() / 32;
+    assert!(a.len() >= 32 * n && d.len() >= n && ds16.len() >= 2 * n && ds32.len() >= n);
+    let (lo, hi) = (_mm512_set1_epi32(-32767), _mm512_set1_epi32(32767));
+    for c in 0..n {
+        // SAFETY: 32 values of `x` and of `a` at 32c (checked above).
+        unsafe {
+            let v = [
+                _mm512_loadu_ps(x.as_ptr().add(32 * c)),
+                _mm512_loadu_ps(x.as_ptr().add(32 * c + 16)),
+            ];
+            let amax =
+                _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[0]), _mm512_abs_ps(v[1])));
+            let step = amax / 32767.0;
+            let inv = _mm512_set1_ps(if amax != 0.0 { 32767.0 / amax } else { 0.0 });
+            let mut sums = [0i32; 2];
+            for (h, v) in v.into_iter().enumerate() {
+                let q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+                let q = _mm512_max_epi32(_mm512_min_epi32(q, hi), lo);
+                sums[h] = _mm512_reduce_add_epi32(q);
+                _mm256_storeu_si256(
+                    a.as_mut_ptr().add(32 * c + 16 * h) as *mut __m256i,
+                    _mm512_cvtepi32_epi16(q),
+                );
+            }
+            d[c] = step;
+            ds16[2 * c] = step * sums[0] as f32;
+            ds16[2 * c + 1] = step * sums[1] as f32;
+            ds32[c] = step * (sums[0] + sums[1]) as f32;
+        }
+    }
+}
+
+/// Tile rows `16h..16h + rows.len()` (at most 16) decoded from `rows`: chunk by chunk, each
+/// row's 32 values less the format's offset, widened to 16 bits (16 pairs, one vector), the 16
+/// rows' vectors transposed so that each pair of values lands as the tile lays it out, with
+/// their scales and mins (see [`crate::igemm::Tile`]).
+pub(crate) fn igemm_decode_rows(
+    ty: GgmlType,
+    rows: &[&[u8]],
+    h: usize,
+    t: &mut crate::igemm::Tile,
+) {
+    assert!(rows.len() <= 16 && h < 2 && has_avx512bw());
+    // SAFETY: AVX-512 BW was detected.
+    unsafe { by_type!(ty, igemm_decode_f, rows, h, t) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+unsafe fn igemm_decode_f<F: Fmt>(rows: &[&[u8]], h: usize, t: &mut crate::igemm::Tile) {
+    use crate::igemm::IG_ROWS;
+    let cpb = F::PER / 32;
+    let chunks = t.k / 32;
+    let need = chunks / cpb * F::BYTES;
+    assert!(rows.iter().all(|r| r.len() >= need));
+    assert!(t.q.len() == t.k * IG_ROWS && t.s.len() == t.k / 16 * IG_ROWS);
+    let off = _mm512_set1_epi16(F::OFF as i16);
+    let (mut s, mut m) = ([[0f32; 16]; 2], [[0f32; 16]; 2]);
+    for c in 0..chunks {
+        let mut r = [_mm512_setzero_si512(); 16];
+        for (i, row) in rows.iter().enumerate() {
+            // SAFETY: the block lies inside the row (checked above).
+            let (v, sc) = unsafe { F::unpack(row.as_ptr().add((c / cpb) * F::BYTES), c % cpb) };
+            let w = if F::SIGNED {
+                _mm512_cvtepi8_epi16(v)
+            } else {
+                _mm512_cvtepu8_epi16(v)
+            };
+            r[i] = _mm512_sub_epi16(w, off);
+            for half in 0..2 {
+                s[half][i] = sc.s[half];
+                m[half][i] = sc.m[half];
+            }
+        }
+        let o = transpose16(r);
+        // SAFETY: pair 16c + j of rows 16h.. lies inside the tile (checked above).
+        unsafe {
+            for (j, v) in o.iter().enumerate() {
+                let at = (16 * c + j) * 2 * IG_ROWS + 32 * h;
+                _mm512_storeu_si512(t.q.as_mut_ptr().add(at) as *mut _, *v);
+            }
+            for half in 0..2 {
+                let at = (2 * c + half) * IG_ROWS + 16 * h;
+                _mm512_storeu_ps(t.s.as_mut_ptr().add(at), _mm512_loadu_ps(s[half].as_ptr()));
+                _mm512_storeu_ps(t.m.as_mut_ptr().add(at), _mm512_loadu_ps(m[half].as_ptr()));
+            }
+        }
+    }
+}
+
+/// A 16 x 16 transpose of 32-bit elements: `out[j]` lane `i` is `r[i]` lane `j`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
+#[inline]
+fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+    // Within each 128-bit lane L: pairs of rows interleaved, then quads, so that u[4i + e]
+    // lane L holds element 4L + e of rows 4i..4i + 4.
+    let mut t = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    let mut u = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    // Then the 128-bit lanes: element 4L + e of all 16 rows from lane L of u[e], u[4 + e],
+    // u[8 + e] and u[12 + e].
+    let mut out = [_mm512_setzero_si512(); 16];
+    for e in 0..4 {
+        let v0 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[e], u[4 + e]);
+        let v1 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[e], u[4 + e]);
+        let v2 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[8 + e], u[12 + e]);
+        let v3 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[8 + e], u[12 + e]);
+        out[e] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v0, v2);
+        out[8 + e] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v0, v2);
+        out[4 + e] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v1, v3);
+        out[12 + e] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v1, v3);
+    }
+    out
+}
+
+/// [`crate::igemm::reference`] with AVX-512 VNNI: the same sums and the same float operations
+/// in the same order, so the same bits.
+pub(crate) fn igemm_block(
+    t: &crate::igemm::Tile,
+    g: usize,
+    mins: bool,
+    a: &crate::igemm::GemmActs,
+    b0: usize,
+    n: usize,
+    res: &mut [[f32; crate::igemm::IG_ROWS]; crate::igemm::IG_COLS],
+) {
+    use crate::igemm::{IG_COLS, IG_ROWS};
+    let k = t.k;
+    assert!(
+        k == a.cols
+            && k.is_multiple_of(32)
+            && (1..=IG_COLS).contains(&n)
+            && b0 + n <= a.rows
+            && t.q.len() == k * IG_ROWS
+            && t.s.len() == k / 16 * IG_ROWS
+            && t.m.len() == t.s.len()
+            && has_avx512()
+    );
+    macro_rules! go {
+        ($($n:literal)*) => {
+            match (n, g, mins) {
+                $(
+                    ($n, 32, false) => igemm_block_v::<$n, 32, false>(t, a, b0, res),
+                    ($n, 32, true) => igemm_block_v::<$n, 32, true>(t, a, b0, res),
+                    ($n, 16, false) => igemm_block_v::<$n, 16, false>(t, a, b0, res),
+                    ($n, 16, true) => igemm_block_v::<$n, 16, true>(t, a, b0, res),
+                )*
+                _ => unreachable!("1..=IG_COLS rows; scale groups of 16 or 32 values"),
+            }
+        };
+    }
+    // SAFETY: shapes checked above; AVX-512 VNNI detected.
+    unsafe { go!(1 2 3 4 5 6) }
+}
+
+/// `N` activation rows (a full block, or a prompt's last few: each output's arithmetic is the
+/// same whatever `N`).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+unsafe fn igemm_block_v<const N: usize, const G: usize, const MINS: bool>(
+    t: &crate::igemm::Tile,
+    a: &crate::igemm::GemmActs,
+    b0: usize,
+    res: &mut [[f32; crate::igemm::IG_ROWS]; crate::igemm::IG_COLS],
+) {
+    use crate::igemm::IG_ROWS;
+    let k = t.k;
+    let q = t.q.as_ptr();
+    // SAFETY (whole body): the caller checked the tile's and the activations' shapes; every
+    // pointer below stays inside them.
+    unsafe {
+        let xs: [*const i16; N] = std::array::from_fn(|c| a.a.as_ptr().add((b0 + c) * k));
+        let mut acc = [[_mm512_setzero_ps(); 2]; N];
+        for grp in 0..k / G {
+            let mut s = [[_mm512_setzero_si512(); 2]; N];
+            for p in grp * G / 2..(grp + 1) * G / 2 {
+                let w0 = _mm512_loadu_si512(q.add(p * 2 * IG_ROWS) as *const _);
+                let w1 = _mm512_loadu_si512(q.add(p * 2 * IG_ROWS + IG_ROWS) as *const _);
+                for c in 0..N {
+                    let x = _mm512_set1_epi32((xs[c].add(2 * p) as *const i32).read_unaligned());
+                    s[c][0] = dpwssd(s[c][0], w0, x);
+                    s[c][1] = dpwssd(s[c][1], w1, x);
+                }
+            }
+            let h = grp * G / 16;
+            let sv = [
+                _mm512_loadu_ps(t.s.as_ptr().add(h * IG_ROWS)),
+                _mm512_loadu_ps(t.s.as_ptr().add(h * IG_ROWS + 16)),
+            ];
+            for c in 0..N {
+                let d = _mm512_set1_ps(*a.d.get_unchecked(((b0 + c) * k + grp * G) / 32));
+                for v in 0..2 {
+                    let p = _mm512_mul_ps(_mm512_cvtepi32_ps(s[c][v]), d);
+                    acc[c][v] = _mm512_fmadd_ps(p, sv[v], acc[c][v]);
+                }
+            }
+            if MINS {
+                let mv = [
+                    _mm512_loadu_ps(t.m.as_ptr().add(h * IG_ROWS)),
+                    _mm512_loadu_ps(t.m.as_ptr().add(h * IG_ROWS + 16)),
+                ];
+                for c in 0..N {
+                    let ds = if G == 32 {
+                        *a.ds32.get_unchecked((b0 + c) * k / 32 + grp)
+                    } else {
+                        *a.ds16.get_unchecked((b0 + c) * k / 16 + grp)
+                    };
+                    let ds = _mm512_set1_ps(ds);
+                    for v in 0..2 {
+                        acc[c][v] = _mm512_fmadd_ps(mv[v], ds, acc[c][v]);
+                    }
+                }
+            }
+        }
+        for (c, r) in res.iter_mut().take(N).enumerate() {
+            _mm512_storeu_ps(r.as_mut_ptr(), acc[c][0]);
+            _mm512_storeu_ps(r.as_mut_ptr().add(16), acc[c][1]);
+        }
+    }
+}
+
+/// `vpdpwssd`, written out: LLVM's machine combiner otherwise splits most of them into
+/// `vpmaddwd` + `vpaddd` (to shorten the accumulators' chains), two instructions for one, which
+/// leaves the integer GEMM no faster than the f32 one.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")]
+#[inline]
+fn dpwssd(acc: __m512i, w: __m512i, x: __m512i) -> __m512i {
+    let mut acc = acc;
+    // SAFETY: registers only; the enclosing functions enable AVX-512 VNNI, detected at run time.
+    unsafe {
+        std::arch::asm!(
+            "vpdpwssd {a}, {w}, {x}",
+            a = inout(zmm_reg) acc,
+            w = in(zmm_reg) w,
+            x = in(zmm_reg) x,
+            options(pure, nomem, nostack, preserves_flags)
+        )
+    };
+    acc
+}

@@ -136,11 +136,14 @@ fn every_format_every_isa_every_batch() {
     }
 }
 
-/// Prompt rows take the f32 GEMM: within f32 rounding of the exact product, for every format and
-/// instruction set, batches of 1..40 rows (tiles of 6 weight rows and 16/32 activation rows with
-/// their edges), mixed with rows that take the precision's kernel.
+/// Prompt rows take a GEMM: on the exact path the f32 GEMM, within f32 rounding of the exact
+/// product; on the fast path the integer GEMM where AVX-512 VNNI runs (activations rounded to
+/// 15 bits a 32-value group, so within 1e-4 of the product's scale) and the f32 GEMM elsewhere.
+/// Every format and instruction set, batches of 1..40 rows (tiles of 6 and 32 weight rows and
+/// 6, 16 and 32 activation rows, with their edges), mixed with rows that take the precision's
+/// kernel.
 #[test]
-fn prompt_rows_take_the_f32_gemm() {
+fn prompt_rows_take_a_gemm() {
     for (i, ty) in ALL_TYPES.iter().enumerate() {
         let (rows, cols) = (13, if ty.block_values() == 256 { 256 } else { 96 });
         let mut rng = ChaCha8Rng::seed_from_u64(300 + i as u64);
@@ -153,13 +156,20 @@ fn prompt_rows_take_the_f32_gemm() {
             let scale: f64 = exact.iter().map(|v| v.abs()).fold(1e-3, f64::max);
             // Every third row is not a prompt's.
             let prompt: Vec<bool> = (0..n).map(|b| b % 3 != 2).collect();
-            for isa in Isa::available() {
+            for (isa, prec) in Isa::available()
+                .into_iter()
+                .flat_map(|i| [(i, Precision::Exact), (i, Precision::Fast)])
+            {
                 let mut y = vec![f32::NAN; n * rows];
-                matmul_rows(&[m], &x, n, &mut [&mut y], Precision::Exact, isa, &prompt);
+                matmul_rows(&[m], &x, n, &mut [&mut y], prec, isa, &prompt);
+                let bound = if prec == Precision::Fast { 1e-4 } else { 1e-5 };
                 for (j, (got, want)) in y.iter().zip(&exact).enumerate() {
+                    if !prompt[j / rows] && prec == Precision::Fast {
+                        continue; // the fast kernel's rows: see every_format_every_isa_every_batch
+                    }
                     assert!(
-                        (*got as f64 - want).abs() <= 1e-5 * scale,
-                        "{} {} batch {n}: y[{}][{}] = {got}, want {want}",
+                        (*got as f64 - want).abs() <= bound * scale,
+                        "{} {} {prec:?} batch {n}: y[{}][{}] = {got}, want {want}",
                         ty.name(),
                         isa.name(),
                         j / rows,
@@ -171,13 +181,19 @@ fn prompt_rows_take_the_f32_gemm() {
     }
 }
 
-/// A prompt row's result does not depend on the other rows (how many, which kind), and the GEMM
-/// gives the same bits on every instruction set (one FMA chain per output, in the same order).
+/// A prompt row's result does not depend on the other rows (how many, which kind), on either
+/// path; the f32 GEMM gives the same bits on every instruction set (one FMA chain per output, in
+/// the same order), and so does the fast path wherever it takes the f32 GEMM.
 #[test]
 fn prompt_rows_are_independent_of_their_batch() {
     let mut rng = ChaCha8Rng::seed_from_u64(41);
-    for ty in [GgmlType::Q4_1, GgmlType::Q4_K, GgmlType::F16] {
-        let (rows, cols) = (20, 256);
+    for ty in [
+        GgmlType::Q4_1,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::F16,
+    ] {
+        let (rows, cols) = (40, 256);
         let data = random_matrix(ty, rows, cols, &mut rng);
         let m = QMatrix::new(ty, rows, cols, &data).unwrap();
         let x: Vec<f32> = (0..37 * cols)
@@ -185,45 +201,49 @@ fn prompt_rows_are_independent_of_their_batch() {
             .collect();
         let mut first: Option<Vec<f32>> = None;
         for isa in Isa::available() {
-            let all_prompt = vec![true; 37];
-            let mut all = vec![0f32; 37 * rows];
-            matmul_rows(
-                &[m],
-                &x,
-                37,
-                &mut [&mut all],
-                Precision::Fast,
-                isa,
-                &all_prompt,
-            );
-            for b in [0, 17, 36] {
-                let mut one = vec![0f32; rows];
-                matmul_rows(
-                    &[m],
-                    &x[b * cols..(b + 1) * cols],
-                    1,
-                    &mut [&mut one],
-                    Precision::Fast,
-                    isa,
-                    &[true],
-                );
-                assert_eq!(
-                    one,
-                    all[b * rows..(b + 1) * rows],
-                    "{} {}: row {b}",
-                    ty.name(),
-                    isa.name()
-                );
+            let mut by_prec = Vec::new();
+            for prec in [Precision::Exact, Precision::Fast] {
+                let all_prompt = vec![true; 37];
+                let mut all = vec![0f32; 37 * rows];
+                matmul_rows(&[m], &x, 37, &mut [&mut all], prec, isa, &all_prompt);
+                for b in [0, 17, 36] {
+                    let mut one = vec![0f32; rows];
+                    matmul_rows(
+                        &[m],
+                        &x[b * cols..(b + 1) * cols],
+                        1,
+                        &mut [&mut one],
+                        prec,
+                        isa,
+                        &[true],
+                    );
+                    assert_eq!(
+                        one,
+                        all[b * rows..(b + 1) * rows],
+                        "{} {} {prec:?}: row {b}",
+                        ty.name(),
+                        isa.name()
+                    );
+                }
+                by_prec.push(all);
             }
+            let int_gemm = isa == Isa::Avx512 && !ty.is_dense();
+            assert_eq!(
+                by_prec[0] != by_prec[1],
+                int_gemm,
+                "{} {}: the fast path's prompt rows take the integer GEMM iff AVX-512 VNNI runs",
+                ty.name(),
+                isa.name()
+            );
             match &first {
                 Some(f) => assert_eq!(
                     f,
-                    &all,
-                    "{} {}: the GEMM differs across ISAs",
+                    &by_prec[0],
+                    "{} {}: the f32 GEMM differs across ISAs",
                     ty.name(),
                     isa.name()
                 ),
-                None => first = Some(all),
+                None => first = Some(by_prec[0].clone()),
             }
         }
     }
