@@ -4,6 +4,7 @@
 //! result never depends on the rest of its batch.
 
 use rayon::prelude::*;
+use std::ops::Range;
 use tessera_quant::vecops::{CacheElem, dot, softmax};
 
 /// `x * w / sqrt(mean(x²) + eps)` per row of `h` values, in place.
@@ -109,6 +110,9 @@ const TILE: usize = 128;
 /// Values of a widened tile of an f16 cache (32 KiB of f32).
 const WIDE: usize = 8192;
 
+/// A prompt's query rows that take each tile of the cache together, at most.
+const BLOCK: usize = 16;
+
 /// The query heads that read each of `nkv` cache heads (`kv_of[h]`: query head `h`'s).
 fn heads_of(kv_of: &[usize], nkv: usize) -> Vec<Vec<usize>> {
     let mut heads = vec![Vec::new(); nkv];
@@ -155,9 +159,11 @@ fn group_part(heads_of: &[Vec<usize>], t: usize, threads: usize) -> usize {
 /// positions (itself included) when set, else all. Writes rows of `nq * hd` into `out`.
 ///
 /// The query heads that share a cache head go together, a tile of positions at a time (split
-/// in parts where whole groups would load the threads unevenly: see [`group_part`]). Every
-/// head's scores and weighted sums are the same operations in the same order as one head at a
-/// time, so the result does not depend on the grouping.
+/// in parts where whole groups would load the threads unevenly: see [`group_part`]), and so do
+/// a prompt's rows, in blocks of up to [`BLOCK`]: a tile of an f16 cache is widened once for
+/// all of them, not once per row. Every head's scores and weighted sums are the same
+/// operations in the same order as one head and one row at a time, so the result does not
+/// depend on the grouping.
 #[allow(clippy::too_many_arguments)]
 pub fn attention<T: CacheElem>(
     q: &[f32],
@@ -173,9 +179,9 @@ pub fn attention<T: CacheElem>(
     window: Option<usize>,
 ) {
     let kvw = nkv * hd;
-    // One work item: query row `i`, cache head `g`, and some of the heads that read it, each
-    // with its output row.
-    type Item<'a> = (usize, usize, Vec<(usize, &'a mut [f32])>);
+    // One work item: a block of query rows, cache head `g`, and some of the heads that read it,
+    // each with its output row for every row of the block.
+    type Item<'a> = (Range<usize>, usize, Vec<(usize, Vec<&'a mut [f32]>)>);
     let work = t * nq * (pos + t) * hd;
     let threads = if work < 1 << 16 {
         1
@@ -185,65 +191,106 @@ pub fn attention<T: CacheElem>(
     assert_eq!(kv_of.len(), nq, "one cache head per query head");
     let groups = heads_of(kv_of, nkv);
     let size = group_part(&groups, t, threads);
+    // A prompt's rows go in blocks that take each tile of the cache together (widened once,
+    // read from L1 by every row), as long as the blocks still spread over the threads.
+    let block = (t * groups.len() / (4 * threads)).clamp(1, BLOCK);
     let mut rows: Vec<Option<&mut [f32]>> = out.chunks_exact_mut(hd).map(Some).collect();
     let mut items: Vec<Item> = Vec::new();
-    for i in 0..t {
+    for i0 in (0..t).step_by(block) {
+        let rs = i0..(i0 + block).min(t);
         for (g, hs) in groups.iter().enumerate() {
             for part in hs.chunks(size) {
                 let outs = part
                     .iter()
-                    .map(|&h| (h, rows[i * nq + h].take().expect("one output row per head")))
+                    .map(|&h| {
+                        let o = rs
+                            .clone()
+                            .map(|i| rows[i * nq + h].take().expect("one output row per head"));
+                        (h, o.collect())
+                    })
                     .collect();
-                items.push((i, g, outs));
+                items.push((rs.clone(), g, outs));
             }
         }
     }
-    let one = |(i, g, outs): &mut Item| {
-        let end = pos + *i + 1;
-        let lo = window.map_or(0, |w| end.saturating_sub(w));
-        let len = end - lo;
-        let base = lo * kvw + *g * hd;
-        let qrow = &q[*i * nq * hd..][..nq * hd];
-        let mut sc = vec![0f32; len * outs.len()];
-        // Heads that share a tile of a converting cache (f16) widen it once, into `wide`, a
-        // tile small enough to stay in the core's L1 cache (a multiple of the weighted sum's
-        // four rows a pass, so the sums' order is the same as in one pass over the range).
-        let shared = T::CONVERTS && outs.len() > 1;
+    let one = |(rs, g, heads): &mut Item| {
+        // Each row's range of positions: `lo..end`.
+        let spans: Vec<(usize, usize)> = rs
+            .clone()
+            .map(|i| {
+                let end = pos + i + 1;
+                (window.map_or(0, |w| end.saturating_sub(w)), end)
+            })
+            .collect();
+        let from = spans.iter().map(|s| s.0).min().expect("a row");
+        let to = spans.iter().map(|s| s.1).max().expect("a row");
+        let nh = heads.len();
+        // Scores of row r, head j at `sc[r * nh + j]`.
+        let mut sc: Vec<Vec<f32>> = spans
+            .iter()
+            .flat_map(|&(lo, end)| std::iter::repeat_n(end - lo, nh))
+            .map(|n| vec![0f32; n])
+            .collect();
+        // Rows and heads that share a tile of a converting cache (f16) widen it once, into
+        // `wide`, a tile small enough to stay in the core's L1 cache. Every score and every
+        // weighted sum is the same operations in the same order however the range is tiled
+        // (each score alone; each sum position after position).
+        let shared = T::CONVERTS && nh * spans.len() > 1;
         let tile = if shared {
             (WIDE / hd).clamp(4, TILE) / 4 * 4
         } else {
             TILE
         };
-        let mut wide = vec![0f32; if shared { tile.min(len) * hd } else { 0 }];
-        for t0 in (0..len).step_by(tile) {
-            let n = tile.min(len - t0);
-            let k = &cache.k[base + t0 * kvw..];
+        let mut wide = vec![0f32; if shared { tile.min(to - from) * hd } else { 0 }];
+        // The part of tile `a..a + n` row `r` sees.
+        let part = |r: usize, a: usize, n: usize| {
+            let (lo, end) = spans[r];
+            (a.max(lo), (a + n).min(end), lo)
+        };
+        for a in (from..to).step_by(tile) {
+            let n = tile.min(to - a);
+            let k = &cache.k[a * kvw + *g * hd..];
             if shared {
                 T::widen_rows(k, kvw, n, hd, &mut wide);
             }
-            for ((h, _), s) in outs.iter().zip(sc.chunks_exact_mut(len)) {
-                let (qh, s) = (&qrow[*h * hd..][..hd], &mut s[t0..t0 + n]);
-                if shared {
-                    f32::scores(qh, &wide, hd, scale, s);
-                } else {
-                    T::scores(qh, k, kvw, scale, s);
+            for (r, i) in rs.clone().enumerate() {
+                let (s0, s1, lo) = part(r, a, n);
+                if s0 >= s1 {
+                    continue;
+                }
+                for (j, (h, _)) in heads.iter().enumerate() {
+                    let qh = &q[(i * nq + *h) * hd..][..hd];
+                    let s = &mut sc[r * nh + j][s0 - lo..s1 - lo];
+                    if shared {
+                        f32::scores(qh, &wide[(s0 - a) * hd..], hd, scale, s);
+                    } else {
+                        T::scores(qh, &k[(s0 - a) * kvw..], kvw, scale, s);
+                    }
                 }
             }
         }
-        sc.chunks_exact_mut(len).for_each(softmax);
-        outs.iter_mut()
-            .for_each(|(_, o)| o.iter_mut().for_each(|v| *v = 0.0));
-        for t0 in (0..len).step_by(tile) {
-            let n = tile.min(len - t0);
-            let v = &cache.v[base + t0 * kvw..];
+        sc.iter_mut().for_each(|s| softmax(s));
+        for (_, os) in heads.iter_mut() {
+            os.iter_mut().for_each(|o| o.fill(0.0));
+        }
+        for a in (from..to).step_by(tile) {
+            let n = tile.min(to - a);
+            let v = &cache.v[a * kvw + *g * hd..];
             if shared {
                 T::widen_rows(v, kvw, n, hd, &mut wide);
             }
-            for ((_, o), s) in outs.iter_mut().zip(sc.chunks_exact(len)) {
+            for r in 0..spans.len() {
+                let (s0, s1, lo) = part(r, a, n);
+                if s0 >= s1 {
+                    continue;
+                }
+                // The heads take each value row together: loaded once for all their sums.
+                let w: Vec<&[f32]> = (0..nh).map(|j| &sc[r * nh + j][s0 - lo..s1 - lo]).collect();
+                let mut o: Vec<&mut [f32]> = heads.iter_mut().map(|(_, os)| &mut *os[r]).collect();
                 if shared {
-                    f32::weighted_sum(&s[t0..t0 + n], &wide, hd, o);
+                    f32::weighted_sum_multi(&w, &wide[(s0 - a) * hd..], hd, &mut o);
                 } else {
-                    T::weighted_sum(&s[t0..t0 + n], v, kvw, o);
+                    T::weighted_sum_multi(&w, &v[(s0 - a) * kvw..], kvw, &mut o);
                 }
             }
         }
@@ -321,6 +368,8 @@ mod tests {
                 (5, 140, None),
                 (40, 0, None),
                 (3, 290, Some(100)),
+                (40, 290, Some(100)),
+                (37, 20, Some(30)),
             ] {
                 let n = pos + t;
                 let val = |i: usize, f: f32| ((i as f32) * f).sin();

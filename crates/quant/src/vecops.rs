@@ -238,6 +238,71 @@ fn weighted_sum_impl<T: Copy, W: Widen<T>>(w: &[f32], v: &[T], stride: usize, ou
     }
 }
 
+/// Queries that [`weighted_sum_multi`] takes in one pass.
+const QUERIES: usize = 4;
+
+/// [`weighted_sum_impl`] for several queries' weights over the same value rows (each row's
+/// chunk loaded once for all of them): every output is the same operations in the same order
+/// as one query's.
+#[inline(always)]
+fn weighted_sum_multi_impl(ws: &[&[f32]], v: &[f32], stride: usize, outs: &mut [&mut [f32]]) {
+    assert_eq!(ws.len(), outs.len(), "one output per query");
+    let mut i = 0;
+    while i < ws.len() {
+        let m = (ws.len() - i).min(QUERIES);
+        let (w, o) = (&ws[i..i + m], &mut outs[i..i + m]);
+        match m {
+            4 => weighted_sum_m::<4>(w, v, stride, o),
+            3 => weighted_sum_m::<3>(w, v, stride, o),
+            2 => weighted_sum_m::<2>(w, v, stride, o),
+            _ => weighted_sum_impl::<f32, Plain>(w[0], v, stride, o[0]),
+        }
+        i += m;
+    }
+}
+
+#[inline(always)]
+fn weighted_sum_m<const M: usize>(
+    ws: &[&[f32]],
+    v: &[f32],
+    stride: usize,
+    outs: &mut [&mut [f32]],
+) {
+    let hd = outs[0].len();
+    let n = ws[0].len();
+    assert!(ws.iter().all(|w| w.len() == n) && outs.iter().all(|o| o.len() == hd));
+    let whole = hd / L * L;
+    let mut p = 0;
+    while p + KEYS <= n {
+        let vs = rows::<f32, KEYS>(v, p, stride, hd);
+        let wp: [[f32; KEYS]; M] = std::array::from_fn(|m| ws[m][p..p + KEYS].try_into().unwrap());
+        for c in 0..whole / L {
+            let vc: [[f32; L]; KEYS] = std::array::from_fn(|j| Plain::chunk(&vs[j][c * L..]));
+            for (o, w) in outs.iter_mut().zip(&wp) {
+                let o = &mut o[c * L..][..L];
+                for i in 0..L {
+                    o[i] = o[i]
+                        + w[0] * vc[0][i]
+                        + w[1] * vc[1][i]
+                        + w[2] * vc[2][i]
+                        + w[3] * vc[3][i];
+                }
+            }
+        }
+        for (o, w) in outs.iter_mut().zip(&wp) {
+            for (i, o) in o.iter_mut().enumerate().skip(whole) {
+                *o = *o + w[0] * vs[0][i] + w[1] * vs[1][i] + w[2] * vs[2][i] + w[3] * vs[3][i];
+            }
+        }
+        p += KEYS;
+    }
+    for p in p..n {
+        for (w, o) in ws.iter().zip(outs.iter_mut()) {
+            axpy_w::<f32, Plain>(o, w[p], &v[p * stride..p * stride + hd]);
+        }
+    }
+}
+
 /// `e^x`, within 2 ulp for the arguments softmax meets (`x <= 0`; below -87.3 it gives about
 /// 1e-38 instead of a smaller number or 0). Plain arithmetic on f32 and its bits (Cephes'
 /// range reduction and polynomial), so that a loop of it vectorizes and every compilation
@@ -351,6 +416,11 @@ multiversion!(
     weighted_sum, weighted_sum_impl<f32>, weighted_sum_avx512, weighted_sum_avx2,
     (w: &[f32], v: &[f32], stride: usize, out: &mut [f32]); [Plain, Plain, Plain]);
 multiversion!(
+    /// [`weighted_sum`] for several queries' weights over the same value rows: `outs[m] +=
+    /// Σ_p ws[m][p] * v[p * stride..]`, each the bits [`weighted_sum`] gives.
+    weighted_sum_multi, weighted_sum_multi_impl, weighted_sum_multi_avx512, weighted_sum_multi_avx2,
+    (ws: &[&[f32]], v: &[f32], stride: usize, outs: &mut [&mut [f32]]));
+multiversion!(
     /// [`scores`] over an f16 cache.
     scores_f16, scores_impl<f16>, scores_f16_avx512, scores_f16_avx2,
     (q: &[f32], k: &[f16], stride: usize, scale: f32, out: &mut [f32]); [X16, X8, Soft]);
@@ -379,6 +449,13 @@ pub trait CacheElem: Copy + Default + Send + Sync + 'static {
     fn scores(q: &[f32], k: &[Self], stride: usize, scale: f32, out: &mut [f32]);
     /// `out += Σ_p w[p] * v[p * stride..][..out.len()]`, in order of `p`.
     fn weighted_sum(w: &[f32], v: &[Self], stride: usize, out: &mut [f32]);
+    /// [`CacheElem::weighted_sum`] for several queries' weights over the same rows (the same
+    /// bits).
+    fn weighted_sum_multi(ws: &[&[f32]], v: &[Self], stride: usize, outs: &mut [&mut [f32]]) {
+        for (w, o) in ws.iter().zip(outs.iter_mut()) {
+            Self::weighted_sum(w, v, stride, o);
+        }
+    }
     /// Appends `src`, rounded to this type (to nearest, ties to even).
     fn extend(dst: &mut Vec<Self>, src: &[f32]);
     /// Whether a load of this type costs a conversion: then the heads that share rows
@@ -395,6 +472,9 @@ impl CacheElem for f32 {
     }
     fn weighted_sum(w: &[f32], v: &[f32], stride: usize, out: &mut [f32]) {
         weighted_sum(w, v, stride, out)
+    }
+    fn weighted_sum_multi(ws: &[&[f32]], v: &[f32], stride: usize, outs: &mut [&mut [f32]]) {
+        weighted_sum_multi(ws, v, stride, outs)
     }
     fn extend(dst: &mut Vec<f32>, src: &[f32]) {
         dst.extend_from_slice(src)
@@ -546,6 +626,56 @@ mod tests {
                     .zip(&want)
                     .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "hd {hd} stride {stride} keys {keys}");
+            }
+        }
+    }
+
+    /// Several queries' weighted sums in one pass give each query's own bits, in every
+    /// compilation: 1..9 queries (passes of 4 and their remainders), rows in groups of 4 and
+    /// not, heads with and without a tail past the 16 lanes.
+    #[test]
+    fn queries_together_give_each_querys_bits() {
+        let data: Vec<f32> = (0..40_000)
+            .map(|i| (i as f32 * 0.291).cos() * 2.0)
+            .collect();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for hd in [16, 17, 72, 256] {
+            for (stride, keys) in [(hd, 4), (hd + 5, 7), (3 * hd, 13), (hd, 1)] {
+                let k = &data[1000..];
+                for m in 1..=9 {
+                    let ws: Vec<&[f32]> = (0..m)
+                        .map(|i| &data[20_000 + 17 * i..20_000 + 17 * i + keys])
+                        .collect();
+                    let init = |i: usize| data[30_000 + 13 * i..30_000 + 13 * i + hd].to_vec();
+                    // The dispatched compilation, the portable one and the AVX2 one.
+                    for imp in 0..3 {
+                        #[cfg(target_arch = "x86_64")]
+                        let has_avx2 = super::avx2();
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let has_avx2 = false;
+                        if imp == 2 && !has_avx2 {
+                            continue;
+                        }
+                        let mut ou: Vec<Vec<f32>> = (0..m).map(init).collect();
+                        let mut oo: Vec<&mut [f32]> = ou.iter_mut().map(|v| &mut v[..]).collect();
+                        match imp {
+                            0 => super::weighted_sum_multi(&ws, k, stride, &mut oo),
+                            1 => super::weighted_sum_multi_impl(&ws, k, stride, &mut oo),
+                            // SAFETY: AVX2, FMA and F16C were detected.
+                            #[cfg(target_arch = "x86_64")]
+                            _ => unsafe { super::weighted_sum_multi_avx2(&ws, k, stride, &mut oo) },
+                            #[cfg(not(target_arch = "x86_64"))]
+                            _ => unreachable!(),
+                        }
+                        drop(oo);
+                        for (i, got) in ou.iter().enumerate() {
+                            let mut o1 = init(i);
+                            super::weighted_sum(ws[i], k, stride, &mut o1);
+                            let at = format!("imp {imp} hd {hd} keys {keys} m {m} q {i}");
+                            assert_eq!(bits(got), bits(&o1), "{at}");
+                        }
+                    }
+                }
             }
         }
     }
