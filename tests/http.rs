@@ -58,17 +58,21 @@ impl Server {
             .unwrap()
             .trim_end_matches("/v1")
             .to_string();
-        // "coordinator listening on ADDR, ..." or (`tessera run`) "coordinator on ADDR: ...".
-        s.grpc = s
-            .wait_line("coordinator ")
-            .split(" on ")
-            .nth(1)
-            .unwrap()
-            .split([',', ' '])
-            .next()
-            .unwrap()
-            .trim_end_matches(':')
-            .to_string();
+        // "coordinator listening on ADDR, ..." or (`tessera run`) "coordinator on ADDR: ...";
+        // the workers' lines share the stream, so only a line that starts so and names an
+        // address counts (a CI run once took another line for it).
+        s.grpc = loop {
+            let l = s.wait_line("coordinator ");
+            let addr = Some(&l[..])
+                .filter(|l| l.starts_with("coordinator "))
+                .and_then(|r| r.split(" on ").nth(1))
+                .and_then(|r| r.split([',', ' ']).next())
+                .map(|a| a.trim_end_matches(':'))
+                .filter(|a| a.parse::<std::net::SocketAddr>().is_ok());
+            if let Some(a) = addr {
+                break a.to_string();
+            }
+        };
         if wait_ready {
             s.wait_line("serving on");
         }
