@@ -24,10 +24,11 @@ pub(crate) const IG_ROWS: usize = 32;
 /// many in f32).
 pub(crate) const IG_COLS: usize = 6;
 
-/// Whether prompt rows on the fast path take this GEMM on `isa` (elsewhere the f32 GEMM, which
-/// is as fast as 16-bit products without VNNI's fused dot product).
+/// Whether prompt rows on the fast path take this GEMM on `isa`: AVX-512 VNNI, or AVX-VNNI's
+/// 256-bit `vpdpwssd` (elsewhere the f32 GEMM, which is as fast as 16-bit products without
+/// VNNI's fused dot product).
 pub(crate) fn serves(isa: Isa) -> bool {
-    isa == Isa::Avx512
+    matches!(isa, Isa::Avx512 | Isa::AvxVnni)
 }
 
 /// The values a weight scale covers: 16 for the formats with a scale per 16 values.
@@ -88,6 +89,10 @@ impl GemmActs {
             if crate::x86::has_avx512bw() {
                 // SAFETY: AVX-512 was detected.
                 unsafe { crate::x86::igemm_quantize_row(src, a, d, ds16, ds32) };
+                continue;
+            } else if crate::x86::has_avx2() {
+                // SAFETY: AVX2 was detected.
+                unsafe { crate::x86::igemm_quantize_row_avx2(src, a, d, ds16, ds32) };
                 continue;
             }
             quantize_row(src, a, d, ds16, ds32);
@@ -185,6 +190,15 @@ impl Tile {
                 let rows = (16 * h..n.min(16 * h + 16)).map(|i| r0 + i);
                 let rows: Vec<&[u8]> = rows.map(|r| &w.data[r * rb..(r + 1) * rb]).collect();
                 crate::x86::igemm_decode_rows(w.ty, &rows, h, self);
+            }
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if isa.is_x86() {
+            for e in 0..n.div_ceil(8) {
+                let rows = (8 * e..n.min(8 * e + 8)).map(|i| r0 + i);
+                let rows: Vec<&[u8]> = rows.map(|r| &w.data[r * rb..(r + 1) * rb]).collect();
+                crate::x86::igemm_decode_rows8(w.ty, &rows, e, self);
             }
             return;
         }
@@ -290,6 +304,19 @@ fn block(
     #[cfg(target_arch = "x86_64")]
     if isa == Isa::Avx512 {
         return crate::x86::igemm_block(t, g, mins, a, b0, n, res);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::AvxVnni {
+        // Three activation rows at a time, on each half of the tile.
+        let mut part = [[0f32; IG_ROWS]; IG_COLS];
+        for c0 in (0..n).step_by(3) {
+            let m = 3.min(n - c0);
+            for h in 0..2 {
+                crate::x86::igemm_half_avx_vnni(t, g, mins, a, b0 + c0, m, h, &mut part);
+            }
+            res[c0..c0 + m].copy_from_slice(&part[..m]);
+        }
+        return;
     }
     let _ = isa;
     reference(t, g, mins, a, b0, n, res)
@@ -430,5 +457,19 @@ mod tests {
             (&a.d[..n / 32], &a.ds16[..n / 16])
         );
         assert_eq!(p.3, a.ds32[..n / 32]);
+        #[cfg(target_arch = "x86_64")]
+        if crate::x86::has_avx2() {
+            let mut v = (
+                vec![0i16; n],
+                vec![0f32; n / 32],
+                vec![0f32; n / 16],
+                vec![0f32; n / 32],
+            );
+            // SAFETY: AVX2 was detected.
+            unsafe {
+                crate::x86::igemm_quantize_row_avx2(&x[..n], &mut v.0, &mut v.1, &mut v.2, &mut v.3)
+            };
+            assert_eq!(v, p);
+        }
     }
 }

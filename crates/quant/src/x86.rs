@@ -1796,6 +1796,112 @@ pub(crate) unsafe fn igemm_quantize_row(
     }
 }
 
+/// [`crate::igemm::quantize_row`] compiled for AVX2 (rounding by `vroundps`, not a call per
+/// value): the same values.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn igemm_quantize_row_avx2(
+    x: &[f32],
+    a: &mut [i16],
+    d: &mut [f32],
+    ds16: &mut [f32],
+    ds32: &mut [f32],
+) {
+    crate::igemm::quantize_row(x, a, d, ds16, ds32)
+}
+
+/// Tile rows `8e..8e + rows.len()` (at most 8) decoded from `rows` with AVX2 (where the
+/// 16-row transpose of [`igemm_decode_rows`] has no AVX-512 to run on): each chunk's 32 values
+/// of 8 rows as 8 x 16 pairs, transposed 8 x 8 at a time so that each pair lands as the tile
+/// lays it out.
+pub(crate) fn igemm_decode_rows8(
+    ty: GgmlType,
+    rows: &[&[u8]],
+    e: usize,
+    t: &mut crate::igemm::Tile,
+) {
+    assert!(rows.len() <= 8 && e < 4 && has_avx2());
+    // SAFETY: AVX2 was detected.
+    unsafe { by_type!(ty, igemm_decode8_f, rows, e, t) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn igemm_decode8_f<F: Fmt>(rows: &[&[u8]], e: usize, t: &mut crate::igemm::Tile) {
+    use crate::igemm::IG_ROWS;
+    let cpb = F::PER / 32;
+    let chunks = t.k / 32;
+    let need = chunks / cpb * F::BYTES;
+    assert!(rows.iter().all(|r| r.len() >= need));
+    assert!(t.q.len() == t.k * IG_ROWS && t.s.len() == t.k / 16 * IG_ROWS);
+    let off = _mm256_set1_epi16(F::OFF as i16);
+    let (mut s, mut m) = ([[0f32; 8]; 2], [[0f32; 8]; 2]);
+    for c in 0..chunks {
+        // Row i's pairs 0..8 in lo[i], 8..16 in hi[i].
+        let (mut lo, mut hi) = ([_mm256_setzero_si256(); 8], [_mm256_setzero_si256(); 8]);
+        for (i, row) in rows.iter().enumerate() {
+            // SAFETY: the block lies inside the row (checked above).
+            let (v, sc) = unsafe { F::unpack(row.as_ptr().add((c / cpb) * F::BYTES), c % cpb) };
+            let halves = [_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)];
+            let w = halves.map(|x| {
+                let w = if F::SIGNED {
+                    _mm256_cvtepi8_epi16(x)
+                } else {
+                    _mm256_cvtepu8_epi16(x)
+                };
+                _mm256_sub_epi16(w, off)
+            });
+            (lo[i], hi[i]) = (w[0], w[1]);
+            for half in 0..2 {
+                s[half][i] = sc.s[half];
+                m[half][i] = sc.m[half];
+            }
+        }
+        for (j0, block) in [(0, lo), (8, hi)] {
+            let o = transpose8(block);
+            // SAFETY: pair 16c + j0 + j of rows 8e.. lies inside the tile (checked above).
+            unsafe {
+                for (j, v) in o.iter().enumerate() {
+                    let at = (16 * c + j0 + j) * 2 * IG_ROWS + 16 * e;
+                    _mm256_storeu_si256(t.q.as_mut_ptr().add(at) as *mut _, *v);
+                }
+            }
+        }
+        // SAFETY: as above.
+        unsafe {
+            for half in 0..2 {
+                let at = (2 * c + half) * IG_ROWS + 8 * e;
+                _mm256_storeu_ps(t.s.as_mut_ptr().add(at), _mm256_loadu_ps(s[half].as_ptr()));
+                _mm256_storeu_ps(t.m.as_mut_ptr().add(at), _mm256_loadu_ps(m[half].as_ptr()));
+            }
+        }
+    }
+}
+
+/// An 8 x 8 transpose of 32-bit elements: `out[j]` lane `i` is `r[i]` lane `j`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+fn transpose8(r: [__m256i; 8]) -> [__m256i; 8] {
+    // Within each 128-bit half H: u[4i + e] holds element 4H + e of rows 4i..4i + 4.
+    let mut t = [_mm256_setzero_si256(); 8];
+    for i in 0..4 {
+        t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    let mut u = [_mm256_setzero_si256(); 8];
+    for i in 0..2 {
+        u[4 * i] = _mm256_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 1] = _mm256_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        u[4 * i + 2] = _mm256_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        u[4 * i + 3] = _mm256_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    // Element 4H + e of the 8 rows: half H of u[e] (rows 0..4) and of u[4 + e] (rows 4..8).
+    let mut out = [_mm256_setzero_si256(); 8];
+    for e in 0..4 {
+        out[e] = _mm256_permute2x128_si256::<0x20>(u[e], u[4 + e]);
+        out[4 + e] = _mm256_permute2x128_si256::<0x31>(u[e], u[4 + e]);
+    }
+    out
+}
+
 /// Tile rows `16h..16h + rows.len()` (at most 16) decoded from `rows`: chunk by chunk, each
 /// row's 32 values less the format's offset, widened to 16 bits (16 pairs, one vector), the 16
 /// rows' vectors transposed so that each pair of values lands as the tile lays it out, with
@@ -1990,6 +2096,135 @@ unsafe fn igemm_block_v<const N: usize, const G: usize, const MINS: bool>(
             _mm512_storeu_ps(r.as_mut_ptr().add(16), acc[c][1]);
         }
     }
+}
+
+/// [`crate::igemm::reference`] with AVX-VNNI (Alder Lake and later, Zen 5): rows `16h..16h +
+/// 16` of the tile (two 8-lane vectors), activation rows `b0..b0 + n` (`n` ≤ 3, so that the
+/// accumulators fit 16 registers); the same sums and float operations as the reference.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn igemm_half_avx_vnni(
+    t: &crate::igemm::Tile,
+    g: usize,
+    mins: bool,
+    a: &crate::igemm::GemmActs,
+    b0: usize,
+    n: usize,
+    h: usize,
+    res: &mut [[f32; crate::igemm::IG_ROWS]; crate::igemm::IG_COLS],
+) {
+    use crate::igemm::IG_ROWS;
+    let k = t.k;
+    assert!(
+        k == a.cols
+            && k.is_multiple_of(32)
+            && (1..=3).contains(&n)
+            && h < 2
+            && b0 + n <= a.rows
+            && n <= res.len()
+            && t.q.len() == k * IG_ROWS
+            && t.s.len() == k / 16 * IG_ROWS
+            && t.m.len() == t.s.len()
+            && has_avx_vnni()
+    );
+    macro_rules! go {
+        ($($n:literal)*) => {
+            match (n, g, mins) {
+                $(
+                    ($n, 32, false) => igemm_half_v::<$n, 32, false>(t, a, b0, h, res),
+                    ($n, 32, true) => igemm_half_v::<$n, 32, true>(t, a, b0, h, res),
+                    ($n, 16, false) => igemm_half_v::<$n, 16, false>(t, a, b0, h, res),
+                    ($n, 16, true) => igemm_half_v::<$n, 16, true>(t, a, b0, h, res),
+                )*
+                _ => unreachable!("1..=3 rows; scale groups of 16 or 32 values"),
+            }
+        };
+    }
+    // SAFETY: shapes checked above; AVX-VNNI detected.
+    unsafe { go!(1 2 3) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+unsafe fn igemm_half_v<const N: usize, const G: usize, const MINS: bool>(
+    t: &crate::igemm::Tile,
+    a: &crate::igemm::GemmActs,
+    b0: usize,
+    h: usize,
+    res: &mut [[f32; crate::igemm::IG_ROWS]; crate::igemm::IG_COLS],
+) {
+    use crate::igemm::IG_ROWS;
+    let k = t.k;
+    // Rows 16h.. of pair p: 16 pairs of i16 at q[p * 64 + 32h].
+    let q = t.q.as_ptr().wrapping_add(32 * h);
+    let r0 = 16 * h;
+    // SAFETY (whole body): the caller checked the tile's and the activations' shapes; every
+    // pointer below stays inside them.
+    unsafe {
+        let xs: [*const i16; N] = std::array::from_fn(|c| a.a.as_ptr().add((b0 + c) * k));
+        let mut acc = [[_mm256_setzero_ps(); 2]; N];
+        for grp in 0..k / G {
+            let mut s = [[_mm256_setzero_si256(); 2]; N];
+            for p in grp * G / 2..(grp + 1) * G / 2 {
+                let w0 = _mm256_loadu_si256(q.add(p * 2 * IG_ROWS) as *const _);
+                let w1 = _mm256_loadu_si256(q.add(p * 2 * IG_ROWS + 16) as *const _);
+                for c in 0..N {
+                    let x = _mm256_set1_epi32((xs[c].add(2 * p) as *const i32).read_unaligned());
+                    s[c][0] = dpwssd256(s[c][0], w0, x);
+                    s[c][1] = dpwssd256(s[c][1], w1, x);
+                }
+            }
+            let at = grp * G / 16 * IG_ROWS + r0;
+            let sv = [
+                _mm256_loadu_ps(t.s.as_ptr().add(at)),
+                _mm256_loadu_ps(t.s.as_ptr().add(at + 8)),
+            ];
+            for c in 0..N {
+                let d = _mm256_set1_ps(*a.d.get_unchecked(((b0 + c) * k + grp * G) / 32));
+                for v in 0..2 {
+                    let p = _mm256_mul_ps(_mm256_cvtepi32_ps(s[c][v]), d);
+                    acc[c][v] = _mm256_fmadd_ps(p, sv[v], acc[c][v]);
+                }
+            }
+            if MINS {
+                let mv = [
+                    _mm256_loadu_ps(t.m.as_ptr().add(at)),
+                    _mm256_loadu_ps(t.m.as_ptr().add(at + 8)),
+                ];
+                for c in 0..N {
+                    let ds = if G == 32 {
+                        *a.ds32.get_unchecked((b0 + c) * k / 32 + grp)
+                    } else {
+                        *a.ds16.get_unchecked((b0 + c) * k / 16 + grp)
+                    };
+                    let ds = _mm256_set1_ps(ds);
+                    for v in 0..2 {
+                        acc[c][v] = _mm256_fmadd_ps(mv[v], ds, acc[c][v]);
+                    }
+                }
+            }
+        }
+        for (c, r) in res.iter_mut().take(N).enumerate() {
+            _mm256_storeu_ps(r.as_mut_ptr().add(r0), acc[c][0]);
+            _mm256_storeu_ps(r.as_mut_ptr().add(r0 + 8), acc[c][1]);
+        }
+    }
+}
+
+/// `vpdpwssd` on 256-bit vectors (AVX-VNNI), written out as [`dpwssd`] is.
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+#[inline]
+fn dpwssd256(acc: __m256i, w: __m256i, x: __m256i) -> __m256i {
+    let mut acc = acc;
+    // SAFETY: registers only; the enclosing functions enable AVX-VNNI, detected at run time.
+    unsafe {
+        std::arch::asm!(
+            "{{vex}} vpdpwssd {a}, {w}, {x}",
+            a = inout(ymm_reg) acc,
+            w = in(ymm_reg) w,
+            x = in(ymm_reg) x,
+            options(pure, nomem, nostack, preserves_flags)
+        )
+    };
+    acc
 }
 
 /// `vpdpwssd`, written out: LLVM's machine combiner otherwise splits most of them into

@@ -227,11 +227,11 @@ fn prompt_rows_are_independent_of_their_batch() {
                 }
                 by_prec.push(all);
             }
-            let int_gemm = isa == Isa::Avx512 && !ty.is_dense();
+            let int_gemm = matches!(isa, Isa::Avx512 | Isa::AvxVnni) && !ty.is_dense();
             assert_eq!(
                 by_prec[0] != by_prec[1],
                 int_gemm,
-                "{} {}: the fast path's prompt rows take the integer GEMM iff AVX-512 VNNI runs",
+                "{} {}: the fast path's prompt rows take the integer GEMM iff VNNI runs",
                 ty.name(),
                 isa.name()
             );
