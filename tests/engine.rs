@@ -339,7 +339,7 @@ fn smollm2_fast_path_agrees_with_the_reference_at_least_as_far_as_llama_cpp() {
 
 /// The fast path against the exact one on every tiny-llama-gguf format, at a decode step (the
 /// prompt but its last token as a prefill, whose rows take the integer GEMM on the fast path
-/// where AVX-512 VNNI runs and the f32 GEMM elsewhere, then the last token through the
+/// where VNNI runs and the f32 GEMM elsewhere, then the last token through the
 /// kernels). Random weights make 8-bit activations err far more than on a trained model
 /// (llama.cpp's logits are up to ~1.0 off here; one 8-bit plane gave up to 0.6); the fast
 /// path's two planes and 16-bit prompt rows stay within 1e-3 of the logits' range with an f32

@@ -1,7 +1,7 @@
-//! Prefill on the fast path, where AVX-512 VNNI runs: a prompt's rows as 16-bit integers (one
-//! scale per 32 values) against weight tiles decoded to 16-bit integers, multiplied by
-//! `vpdpwssd` (32 products a vector against the f32 GEMM's 16 FMAs), the sums scaled into f32
-//! once per weight scale.
+//! Prefill on the fast path, where VNNI runs (AVX-512 VNNI, or AVX-VNNI at 256 bits): a
+//! prompt's rows as 16-bit integers (one scale per 32 values) against weight tiles decoded to
+//! 16-bit integers, multiplied by `vpdpwssd` (32 products a 512-bit vector against the f32
+//! GEMM's 16 FMAs), the sums scaled into f32 once per weight scale.
 //!
 //! Activations: each 32 values get `d = max |x| / 32767` and `a = round(x / d)`, so a prompt row
 //! carries about 15 bits, as the decode kernels' two 8-bit planes do. Weights: a tile of

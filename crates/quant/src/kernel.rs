@@ -251,7 +251,8 @@ type Item = (usize, std::ops::Range<usize>);
 
 /// [`matmul_group`], with the rows of prompts marked (`prompt[b]`, or none): those go through a
 /// GEMM (the fastest for many rows: on the fast path over quantized weights the integer GEMM
-/// where AVX-512 VNNI runs, else the f32 GEMM, exact), the others through `prec`'s kernel.
+/// where VNNI runs, AVX-512 VNNI or AVX-VNNI; else the f32 GEMM, exact), the others through
+/// `prec`'s kernel.
 /// Which kernel a row takes depends on that row alone, so its result does not depend on the
 /// rest of the batch.
 pub fn matmul_rows(

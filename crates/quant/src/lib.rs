@@ -7,7 +7,7 @@
 //! - [`kernel`]: `y = x · Wᵀ` for a batch of rows, on threads, in two precisions (quantized
 //!   activations, or f32 activations against weights dequantized in registers), with the
 //!   instruction set chosen at run time (scalar, AVX2, AVX-VNNI, AVX-512 with or without VNNI);
-//!   a prompt's rows through a GEMM: 16-bit integers on the fast path where AVX-512 VNNI runs
+//!   a prompt's rows through a GEMM: 16-bit integers on the fast path where VNNI runs
 //!   (`igemm`), else f32 over dequantized tiles (`gemm`).
 //! - [`quantize`]: f32 rows into GGML blocks, for requantizing model files.
 //!

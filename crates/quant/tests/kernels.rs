@@ -137,7 +137,7 @@ fn every_format_every_isa_every_batch() {
 }
 
 /// Prompt rows take a GEMM: on the exact path the f32 GEMM, within f32 rounding of the exact
-/// product; on the fast path the integer GEMM where AVX-512 VNNI runs (activations rounded to
+/// product; on the fast path the integer GEMM where VNNI runs (activations rounded to
 /// 15 bits a 32-value group, so within 1e-4 of the product's scale) and the f32 GEMM elsewhere.
 /// Every format and instruction set, batches of 1..40 rows (tiles of 6 and 32 weight rows and
 /// 6, 16 and 32 activation rows, with their edges), mixed with rows that take the precision's
