@@ -167,7 +167,7 @@ impl Tile {
     /// Stores chunk `c` (values `32c..32c+32`) of tile row `i`: integers `q`, and each half's
     /// scale and min.
     #[inline(always)]
-    pub(crate) fn put(&mut self, i: usize, c: usize, q: &[i16; 32], s: [f32; 2], m: [f32; 2]) {
+    fn put(&mut self, i: usize, c: usize, q: &[i16; 32], s: [f32; 2], m: [f32; 2]) {
         for (p, pair) in q.chunks_exact(2).enumerate() {
             let at = (16 * c + p) * 2 * IG_ROWS + 2 * i;
             self.q[at] = pair[0];
@@ -184,15 +184,6 @@ impl Tile {
         // A whole tile overwrites every value.
         self.reset(w.cols, n < IG_ROWS || self.k != w.cols);
         let rb = w.row_bytes();
-        #[cfg(target_arch = "x86_64")]
-        if matches!(isa, Isa::Avx512 | Isa::Avx512Bw) {
-            for h in 0..n.div_ceil(16) {
-                let rows = (16 * h..n.min(16 * h + 16)).map(|i| r0 + i);
-                let rows: Vec<&[u8]> = rows.map(|r| &w.data[r * rb..(r + 1) * rb]).collect();
-                crate::x86::igemm_decode_rows(w.ty, &rows, h, self);
-            }
-            return;
-        }
         #[cfg(target_arch = "x86_64")]
         if isa.is_x86() {
             for e in 0..n.div_ceil(8) {

@@ -1809,10 +1809,10 @@ pub(crate) unsafe fn igemm_quantize_row_avx2(
     crate::igemm::quantize_row(x, a, d, ds16, ds32)
 }
 
-/// Tile rows `8e..8e + rows.len()` (at most 8) decoded from `rows` with AVX2 (where the
-/// 16-row transpose of [`igemm_decode_rows`] has no AVX-512 to run on): each chunk's 32 values
-/// of 8 rows as 8 x 16 pairs, transposed 8 x 8 at a time so that each pair lands as the tile
-/// lays it out.
+/// Tile rows `8e..8e + rows.len()` (at most 8) decoded from `rows` with AVX2, for every x86
+/// instruction set (a 16-row AVX-512 version ran no faster): each chunk's 32 values of 8 rows
+/// as 8 x 16 pairs, transposed 8 x 8 at a time so that each pair lands as the tile lays it
+/// out.
 pub(crate) fn igemm_decode_rows8(
     ty: GgmlType,
     rows: &[&[u8]],
@@ -1898,97 +1898,6 @@ fn transpose8(r: [__m256i; 8]) -> [__m256i; 8] {
     for e in 0..4 {
         out[e] = _mm256_permute2x128_si256::<0x20>(u[e], u[4 + e]);
         out[4 + e] = _mm256_permute2x128_si256::<0x31>(u[e], u[4 + e]);
-    }
-    out
-}
-
-/// Tile rows `16h..16h + rows.len()` (at most 16) decoded from `rows`: chunk by chunk, each
-/// row's 32 values less the format's offset, widened to 16 bits (16 pairs, one vector), the 16
-/// rows' vectors transposed so that each pair of values lands as the tile lays it out, with
-/// their scales and mins (see [`crate::igemm::Tile`]).
-pub(crate) fn igemm_decode_rows(
-    ty: GgmlType,
-    rows: &[&[u8]],
-    h: usize,
-    t: &mut crate::igemm::Tile,
-) {
-    assert!(rows.len() <= 16 && h < 2 && has_avx512bw());
-    // SAFETY: AVX-512 BW was detected.
-    unsafe { by_type!(ty, igemm_decode_f, rows, h, t) }
-}
-
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
-unsafe fn igemm_decode_f<F: Fmt>(rows: &[&[u8]], h: usize, t: &mut crate::igemm::Tile) {
-    use crate::igemm::IG_ROWS;
-    let cpb = F::PER / 32;
-    let chunks = t.k / 32;
-    let need = chunks / cpb * F::BYTES;
-    assert!(rows.iter().all(|r| r.len() >= need));
-    assert!(t.q.len() == t.k * IG_ROWS && t.s.len() == t.k / 16 * IG_ROWS);
-    let off = _mm512_set1_epi16(F::OFF as i16);
-    let (mut s, mut m) = ([[0f32; 16]; 2], [[0f32; 16]; 2]);
-    for c in 0..chunks {
-        let mut r = [_mm512_setzero_si512(); 16];
-        for (i, row) in rows.iter().enumerate() {
-            // SAFETY: the block lies inside the row (checked above).
-            let (v, sc) = unsafe { F::unpack(row.as_ptr().add((c / cpb) * F::BYTES), c % cpb) };
-            let w = if F::SIGNED {
-                _mm512_cvtepi8_epi16(v)
-            } else {
-                _mm512_cvtepu8_epi16(v)
-            };
-            r[i] = _mm512_sub_epi16(w, off);
-            for half in 0..2 {
-                s[half][i] = sc.s[half];
-                m[half][i] = sc.m[half];
-            }
-        }
-        let o = transpose16(r);
-        // SAFETY: pair 16c + j of rows 16h.. lies inside the tile (checked above).
-        unsafe {
-            for (j, v) in o.iter().enumerate() {
-                let at = (16 * c + j) * 2 * IG_ROWS + 32 * h;
-                _mm512_storeu_si512(t.q.as_mut_ptr().add(at) as *mut _, *v);
-            }
-            for half in 0..2 {
-                let at = (2 * c + half) * IG_ROWS + 16 * h;
-                _mm512_storeu_ps(t.s.as_mut_ptr().add(at), _mm512_loadu_ps(s[half].as_ptr()));
-                _mm512_storeu_ps(t.m.as_mut_ptr().add(at), _mm512_loadu_ps(m[half].as_ptr()));
-            }
-        }
-    }
-}
-
-/// A 16 x 16 transpose of 32-bit elements: `out[j]` lane `i` is `r[i]` lane `j`.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")]
-#[inline]
-fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
-    // Within each 128-bit lane L: pairs of rows interleaved, then quads, so that u[4i + e]
-    // lane L holds element 4L + e of rows 4i..4i + 4.
-    let mut t = [_mm512_setzero_si512(); 16];
-    for i in 0..8 {
-        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    let mut u = [_mm512_setzero_si512(); 16];
-    for i in 0..4 {
-        u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-        u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-        u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-        u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-    }
-    // Then the 128-bit lanes: element 4L + e of all 16 rows from lane L of u[e], u[4 + e],
-    // u[8 + e] and u[12 + e].
-    let mut out = [_mm512_setzero_si512(); 16];
-    for e in 0..4 {
-        let v0 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[e], u[4 + e]);
-        let v1 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[e], u[4 + e]);
-        let v2 = _mm512_shuffle_i32x4::<0b10_00_10_00>(u[8 + e], u[12 + e]);
-        let v3 = _mm512_shuffle_i32x4::<0b11_01_11_01>(u[8 + e], u[12 + e]);
-        out[e] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v0, v2);
-        out[8 + e] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v0, v2);
-        out[4 + e] = _mm512_shuffle_i32x4::<0b10_00_10_00>(v1, v3);
-        out[12 + e] = _mm512_shuffle_i32x4::<0b11_01_11_01>(v1, v3);
     }
     out
 }
