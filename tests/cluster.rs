@@ -440,11 +440,13 @@ fn a_restarted_coordinator_adopts_the_shards_the_workers_hold() {
     );
     eprintln!("the restarted coordinator served again after {took:.2?}: {ready}");
     c.expect_reference(case);
+    let after: Vec<String> = lines.try_iter().collect();
     assert!(
-        lines
-            .try_iter()
+        after
+            .iter()
             .all(|l| !l.contains("shard ") || !l.contains(" -> ")),
-        "a shard was loaded after all"
+        "a shard was loaded after all; the coordinator said:\n{}",
+        after.join("\n")
     );
 }
 
