@@ -407,8 +407,17 @@ fn a_restarted_coordinator_adopts_the_shards_the_workers_hold() {
         !long.wait().unwrap().success(),
         "the request outlived its coordinator"
     );
+    let lines = restart_adopting(&mut c, &[]);
+    c.expect_reference(case);
+    no_shard_shipped(&lines);
+}
+
+/// Starts the cluster's coordinator again (its old one is gone), with `env`, and waits until
+/// it says it adopted the workers' shards (nothing shipped), within 20 s. Its stderr lines.
+fn restart_adopting(c: &mut Cluster, env: &[(&str, &str)]) -> std::sync::mpsc::Receiver<String> {
     let restarted = Instant::now();
     c.coordinator = coordinator_cmd(&smollm2(), 2, &c.addr, &c.token)
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -439,7 +448,11 @@ fn a_restarted_coordinator_adopts_the_shards_the_workers_hold() {
         "serving again took {took:?}"
     );
     eprintln!("the restarted coordinator served again after {took:.2?}: {ready}");
-    c.expect_reference(case);
+    lines
+}
+
+/// Fails if the coordinator whose stderr is `lines` loaded a shard (it should have adopted).
+fn no_shard_shipped(lines: &std::sync::mpsc::Receiver<String>) {
     let after: Vec<String> = lines.try_iter().collect();
     assert!(
         after
@@ -448,6 +461,31 @@ fn a_restarted_coordinator_adopts_the_shards_the_workers_hold() {
         "a shard was loaded after all; the coordinator said:\n{}",
         after.join("\n")
     );
+}
+
+/// The race a killed coordinator can leave behind, made certain: a step request reaches the
+/// first worker and not the second. The first runs it and waits in its first all-reduce for
+/// a peer that never got the step; the next coordinator must not pair that stale all-reduce
+/// with its own steps (a size mismatch that costs a reload, or wrong sums where the sizes
+/// agree). The step is called off when its stream ends, and adoption rebuilds the mesh.
+#[test]
+fn a_step_that_reached_only_some_workers_is_called_off() {
+    let r = reference("smollm2-135m-q4_1");
+    let case = &r.cases[0];
+    let mut c = Cluster::start(&smollm2(), 2);
+    c.coordinator.kill().unwrap();
+    c.coordinator.wait().unwrap();
+    // Its 4th step request (a decode step of this request) goes to worker-0 alone.
+    let dying = restart_adopting(&mut c, &[("TESSERA_FAULT_DIE_MID_STEP", "4")]);
+    let o = c.generate(&case.prompt, 16).output().unwrap();
+    assert!(!o.status.success(), "the request outlived its coordinator");
+    let status = c.coordinator.wait().unwrap();
+    let said: Vec<String> = dying.try_iter().collect();
+    assert_eq!(status.code(), Some(70), "{}", said.join("\n"));
+    let lines = restart_adopting(&mut c, &[]);
+    c.expect_reference(case);
+    c.expect_reference(case);
+    no_shard_shipped(&lines);
 }
 
 #[test]

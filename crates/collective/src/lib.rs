@@ -115,6 +115,48 @@ pub enum CollectiveError {
     },
     #[error("all-reduce transport error with peer {peer}: {msg}")]
     Transport { peer: usize, msg: String },
+    /// The step it belonged to was called off (see [`Cancel`]): its peers may never send.
+    #[error("all-reduce called off: its step was abandoned")]
+    Cancelled,
+}
+
+/// Calls off the all-reduces of abandoned steps. A worker numbers each step it runs with a
+/// ticket; a receive that waits for a peer gives up with [`CollectiveError::Cancelled`] once
+/// the running ticket is cancelled (within about 10 ms, 200 ms at worst on a datagram lane).
+/// Meant for a step whose coordinator went away after sending it to only some workers: those
+/// would otherwise wait for peers that never got it.
+#[derive(Debug, Default)]
+pub struct Cancel {
+    issued: std::sync::atomic::AtomicU64,
+    running: std::sync::atomic::AtomicU64,
+    /// Every ticket up to this one is cancelled.
+    floor: std::sync::atomic::AtomicU64,
+}
+
+impl Cancel {
+    /// A new ticket, greater than every one before it.
+    pub fn ticket(&self) -> u64 {
+        self.issued
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1
+    }
+    /// The step of ticket `t` is the one running now.
+    pub fn start(&self, t: u64) {
+        self.running.store(t, std::sync::atomic::Ordering::SeqCst);
+    }
+    /// Cancels the step of ticket `t` and every earlier one.
+    pub fn cancel_through(&self, t: u64) {
+        self.floor.fetch_max(t, std::sync::atomic::Ordering::SeqCst);
+    }
+    /// Cancels every step issued so far.
+    pub fn cancel_all(&self) {
+        self.cancel_through(self.issued.load(std::sync::atomic::Ordering::SeqCst));
+    }
+    /// Whether the running step is cancelled.
+    pub fn cancelled(&self) -> bool {
+        let running = self.running.load(std::sync::atomic::Ordering::SeqCst);
+        running > 0 && running <= self.floor.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 /// Moves f32 vectors between ranks of one group. Messages between a pair of ranks arrive in
@@ -493,6 +535,29 @@ mod tests {
             // Which peer a rank notices first depends on timing; that it errors does not.
             assert!(matches!(err, CollectiveError::PeerGone { .. }), "{err}");
         }
+    }
+
+    #[test]
+    fn cancel_calls_off_the_tickets_it_names_and_no_later_one() {
+        let c = Cancel::default();
+        // No step yet (a mesh being built): nothing to call off.
+        c.cancel_all();
+        assert!(!c.cancelled());
+        let (a, b) = (c.ticket(), c.ticket());
+        assert!(b > a);
+        c.start(a);
+        c.cancel_through(a);
+        assert!(c.cancelled());
+        c.start(b);
+        assert!(!c.cancelled(), "a later ticket is not called off");
+        c.cancel_all();
+        assert!(c.cancelled());
+        // A late, smaller cancel does not lift the floor.
+        c.cancel_through(a);
+        assert!(c.cancelled());
+        let d = c.ticket();
+        c.start(d);
+        assert!(!c.cancelled());
     }
 
     #[test]

@@ -507,6 +507,7 @@ impl QuicNode {
                     .unwrap_or(1000),
             ),
             piece: None,
+            cancel: None,
         };
         // Large all-reduces go over the lanes in pieces only if every rank can: agree. A
         // one-value all-gather costs about a one-way latency: the fastest of 8 (the first ones
@@ -841,9 +842,20 @@ pub struct QuicTransport {
     /// TESSERA_SPIN_US says otherwise (0 where workers share cores, as `tessera run` sets
     /// when it starts more worker threads than there are cores).
     pub spin: Duration,
+    /// Where set, a receive gives up when its step is cancelled.
+    cancel: Option<Arc<crate::Cancel>>,
 }
 
 impl QuicTransport {
+    /// Receives give up with [`CollectiveError::Cancelled`] when `cancel` calls their step off.
+    pub fn set_cancel(&mut self, cancel: Arc<crate::Cancel>) {
+        self.cancel = Some(cancel);
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(|c| c.cancelled())
+    }
+
     /// The datagram lane to `peer` if it has one and `len` f32 values fit it.
     fn lane(&mut self, peer: usize, len: usize) -> Option<&mut fast::Lane> {
         if len * 4 > fast::MAX_BYTES {
@@ -961,9 +973,22 @@ impl Transport for QuicTransport {
         })
     }
     fn recv(&mut self, peer: usize, out: &mut [f32]) -> Result<(), CollectiveError> {
+        let r = self.recv_from(peer, out);
+        // A wait cut short by a cancelled step says so, not that the peer went away.
+        match r {
+            Err(_) if self.cancelled() => Err(CollectiveError::Cancelled),
+            r => r,
+        }
+    }
+}
+
+impl QuicTransport {
+    fn recv_from(&mut self, peer: usize, out: &mut [f32]) -> Result<(), CollectiveError> {
         let (spin, timeout) = (self.spin, self.timeout);
         let conn = self.conns[peer].clone();
-        let alive = || conn.as_ref().is_some_and(|c| c.close_reason().is_none());
+        let cancel = self.cancel.clone();
+        let cancelled = move || cancel.as_ref().is_some_and(|c| c.cancelled());
+        let alive = || conn.as_ref().is_some_and(|c| c.close_reason().is_none()) && !cancelled();
         if let Some(l) = self.shm_link(peer, out.len()) {
             return l.recv(peer, out, spin, timeout, &alive);
         }
@@ -996,24 +1021,36 @@ impl Transport for QuicTransport {
                 }
                 std::future::pending::<()>().await
             };
+            // Looks for a cancelled step every 10 ms.
+            let called_off = async {
+                while !cancelled() {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            };
+            // None: called off.
             let read = async {
                 tokio::select! {
                     biased;
-                    r = read => r,
+                    r = read => Some(r),
                     _ = spinning => unreachable!("spinning never ends"),
+                    _ = called_off => None,
                 }
             };
-            match tokio::time::timeout(timeout, read).await {
-                Ok(Ok(None)) => Ok(()),
-                Ok(Ok(Some(n))) => Err(CollectiveError::SizeMismatch {
+            match tokio::time::timeout(timeout, read)
+                .await
+                .map(|r| r.ok_or(()))
+            {
+                Ok(Err(())) => Err(CollectiveError::Cancelled),
+                Ok(Ok(Ok(None))) => Ok(()),
+                Ok(Ok(Ok(Some(n)))) => Err(CollectiveError::SizeMismatch {
                     peer,
                     got: n,
                     want: out.len(),
                 }),
-                Ok(Err(quinn::ReadExactError::FinishedEarly(_))) => {
+                Ok(Ok(Err(quinn::ReadExactError::FinishedEarly(_)))) => {
                     Err(CollectiveError::PeerGone { peer })
                 }
-                Ok(Err(e)) => Err(CollectiveError::Transport {
+                Ok(Ok(Err(e))) => Err(CollectiveError::Transport {
                     peer,
                     msg: format!("receive: {e}"),
                 }),
@@ -1319,6 +1356,62 @@ mod tests {
         );
         // The legitimate pair still forms a mesh afterwards.
         assert!(connect(&g.nodes, 3).into_iter().all(|r| r.is_ok()));
+    }
+
+    /// A receive waiting for a peer that never sends (it is alive, its step was never sent
+    /// to it) stops soon after its step is cancelled, on shared memory, the datagram lane and
+    /// the QUIC stream alike; the transport's own timeout is 10 s.
+    #[test]
+    fn a_cancelled_step_stops_waiting_on_every_path() {
+        for path in ["shm", "lane", "quic"] {
+            let g = match path {
+                "shm" => shm_group(2),
+                _ => group(2),
+            };
+            if path == "quic" {
+                g.nodes.iter().for_each(|n| n.set_lanes(false));
+            }
+            let mut ts: Vec<_> = connect(&g.nodes, 1)
+                .into_iter()
+                .map(|t| t.unwrap())
+                .collect();
+            let silent = ts.pop().unwrap();
+            let mut t = ts.pop().unwrap();
+            match path {
+                "shm" => assert_eq!(t.shm_peers(), 1),
+                "lane" => assert_eq!((t.shm_peers(), t.lane_peers()), (0, 1)),
+                _ => assert_eq!((t.shm_peers(), t.lane_peers()), (0, 0)),
+            }
+            let cancel = Arc::new(crate::Cancel::default());
+            t.set_cancel(cancel.clone());
+            let ticket = cancel.ticket();
+            cancel.start(ticket);
+            let h = std::thread::spawn(move || {
+                let mut mesh = Mesh::new(t);
+                let mut buf = vec![1.0f32; 576];
+                let r = mesh.all_reduce_sum(&mut buf);
+                (r, std::time::Instant::now())
+            });
+            std::thread::sleep(Duration::from_millis(300));
+            assert!(!h.is_finished(), "{path}: the all-reduce did not wait");
+            let called = std::time::Instant::now();
+            cancel.cancel_through(ticket);
+            let (r, done) = h.join().unwrap();
+            assert!(
+                matches!(r, Err(CollectiveError::Cancelled)),
+                "{path}: {r:?}"
+            );
+            let took = done - called;
+            assert!(
+                took < Duration::from_secs(1),
+                "{path}: stopped after {took:?}"
+            );
+            // The next step is not called off.
+            let next = cancel.ticket();
+            cancel.start(next);
+            assert!(!cancel.cancelled());
+            drop(silent);
+        }
     }
 
     #[test]

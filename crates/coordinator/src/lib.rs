@@ -608,6 +608,7 @@ impl CoordinatorState {
             handle: tokio::runtime::Handle::current(),
             comm: Default::default(),
             usage: self.cache_usage.clone(),
+            sent: 0,
         };
         let mut g = self.inner.lock().unwrap();
         // A worker replaced (restarted under its name) while the mesh was loading: the plan
@@ -705,6 +706,35 @@ impl CoordinatorState {
             );
             bytes += h.weight_bytes_per_token;
         }
+        // The shards stay, their mesh does not: the old coordinator may have died after
+        // sending a step to only some of them, and left messages of it in the connections (or
+        // a worker waiting for them). Each member drops its mesh and joins a new one.
+        let old_mesh = mesh_id;
+        let mesh_id = {
+            let mut g = self.inner.lock().unwrap();
+            g.mesh_id = g.mesh_id.max(old_mesh) + 1;
+            g.mesh_id
+        };
+        let remeshes: Vec<_> = clients
+            .iter()
+            .map(|(id, client)| {
+                let (id, mut client) = (*id, client.clone());
+                let req = self.keys.request(RemeshRequest {
+                    from_mesh_id: old_mesh,
+                    to_mesh_id: mesh_id,
+                });
+                tokio::spawn(async move { (id, client.remesh(req).await) })
+            })
+            .collect();
+        for t in remeshes {
+            let (id, r) = t.await.map_err(|e| (None, e.into()))?;
+            r.map_err(|s| {
+                (
+                    Some(id),
+                    anyhow::anyhow!("rebuilding its mesh: {}", s.message()),
+                )
+            })?;
+        }
         let names: Vec<(String, String)> =
             members.iter().map(|m| (m.1.clone(), m.2.clone())).collect();
         self.serve_mesh(ids, clients, &names, bytes, shards, mesh_id)
@@ -722,8 +752,9 @@ impl CoordinatorState {
         *self.load_seconds.lock().unwrap() = Some(secs);
         tracing::info!(mesh = mesh_id, secs, "cluster ready (adopted)");
         eprintln!(
-            "cluster ready: adopted the shards {} worker(s) already hold (mesh {mesh_id}, \
-             sha256 and shard specs checked; nothing shipped) in {secs:.2} s",
+            "cluster ready: adopted the shards {} worker(s) already hold (mesh {old_mesh}, \
+             rebuilt as mesh {mesh_id}; sha256 and shard specs checked; nothing shipped) in \
+             {secs:.2} s",
             ids.len()
         );
         Ok(())

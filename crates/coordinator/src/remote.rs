@@ -32,6 +32,8 @@ pub struct RemoteCluster {
     pub(crate) handle: tokio::runtime::Handle,
     pub(crate) comm: CommStats,
     pub(crate) usage: CacheUsage,
+    /// Step requests sent so far.
+    pub(crate) sent: u64,
 }
 
 /// A step's failure, worst first: a worker whose stream died is the likely culprit; the
@@ -153,6 +155,18 @@ fn link_err(rank: usize, l: &StepLink, why: &str) -> ModelError {
     }
 }
 
+/// Fault injection for the tests of a coordinator that dies in the middle of a step: where
+/// TESSERA_FAULT_DIE_MID_STEP=N, the N-th step request goes to the first worker only, and the
+/// process exits half a second later (as if killed between two sends).
+fn die_mid_step() -> Option<u64> {
+    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *AT.get_or_init(|| {
+        std::env::var("TESSERA_FAULT_DIE_MID_STEP")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    })
+}
+
 /// Sends `req` down every worker's step stream.
 async fn send_all(links: &[StepLink], req: &StepRequest) -> Result<(), ModelError> {
     for (rank, l) in links.iter().enumerate() {
@@ -219,7 +233,15 @@ impl Runner for RemoteCluster {
         let handle = self.handle.clone();
         let links = &mut self.links;
         let usage = self.usage.clone();
+        self.sent += 1;
+        let die = die_mid_step() == Some(self.sent);
         let result: Result<(Vec<Pick>, u64, u64, u64, u64), ModelError> = handle.block_on(async {
+            if die {
+                let _ = links[0].tx.send(req.clone()).await;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                eprintln!("TESSERA_FAULT_DIE_MID_STEP: exiting with a step sent to one worker");
+                std::process::exit(70);
+            }
             send_all(links, &req).await?;
             let mut parts = Vec::with_capacity(links.len());
             let mut tops = Vec::with_capacity(links.len());

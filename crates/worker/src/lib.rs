@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tessera_collective::quic::{Identity, QuicNode, generate_key, token_proof};
-use tessera_collective::{Collective, Mesh, Single, Wire};
+use tessera_collective::{Cancel, Collective, Mesh, Single, Wire};
 use tessera_core::{CacheType, ModelConfig, ShardSpec};
 use tessera_model::gguf::GgmlType;
 use tessera_model::weights::{Bytes, RawTensor, WeightArena, Weights};
@@ -42,13 +42,18 @@ pub struct WorkerConfig {
 }
 
 enum ShardCmd {
-    Step(StepRequest, oneshot::Sender<StepReply>),
+    /// A step, with its ticket (see [`Cancel`]).
+    Step(StepRequest, oneshot::Sender<StepReply>, u64),
     /// A new coordinator session: drop every KV cache (its sequence ids start over).
     Reset,
+    /// Drop every KV cache and the mesh, and join the peers in a new one of this id.
+    Remesh(u64, oneshot::Sender<Result<(), String>>),
 }
 
 struct Loaded {
     tx: std::sync::mpsc::Sender<ShardCmd>,
+    /// Calls off the all-reduces of abandoned steps.
+    cancel: Arc<Cancel>,
     mesh_id: u64,
     /// What registration tells a restarted coordinator, so that it can adopt this shard
     /// (none when the coordinator's model had no file hash to check it by).
@@ -129,8 +134,11 @@ impl Worker for WorkerService {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        // A new load replaces whatever shard and mesh this worker had.
-        self.state.shard.lock().unwrap().take();
+        // A new load replaces whatever shard and mesh this worker had; a step the old shard
+        // still runs is called off (its thread ends with it).
+        if let Some(old) = self.state.shard.lock().unwrap().take() {
+            old.cancel.cancel_all();
+        }
         let weights = if a.use_local_model {
             let path = self
                 .state
@@ -222,6 +230,7 @@ impl Worker for WorkerService {
             .map_err(|e| Status::invalid_argument(format!("peer address: {e}")))?;
         let (ready_tx, ready_rx) = oneshot::channel();
         let (tx, rx) = std::sync::mpsc::channel::<ShardCmd>();
+        let cancel = Arc::new(Cancel::default());
         let node = self.state.node.clone();
         let backend = self.state.backend;
         let mesh_id = a.mesh_id;
@@ -232,11 +241,25 @@ impl Worker for WorkerService {
             "" => CacheType::F32,
             s => s.parse().map_err(Status::invalid_argument)?,
         };
+        let thread_cancel = cancel.clone();
         std::thread::Builder::new()
             .name(format!("shard-{}", spec.rank))
             .spawn(move || {
                 shard_thread(
-                    cfg, spec, weights, backend, precision, cache, wire, node, mesh_id, peers, rx,
+                    cfg,
+                    spec,
+                    weights,
+                    backend,
+                    precision,
+                    cache,
+                    MeshPlan {
+                        wire,
+                        node,
+                        mesh_id,
+                        peers,
+                        cancel: thread_cancel,
+                    },
+                    rx,
                     ready_tx,
                 )
             })
@@ -259,6 +282,7 @@ impl Worker for WorkerService {
         });
         *self.state.shard.lock().unwrap() = Some(Loaded {
             tx,
+            cancel,
             mesh_id,
             held: adoptable,
         });
@@ -284,30 +308,56 @@ impl Worker for WorkerService {
     ) -> Result<Response<StepStream>, Status> {
         self.state.keys.check(req.metadata())?;
         self.state.touch();
-        let tx = {
+        let (tx, cancel) = {
             let g = self.state.shard.lock().unwrap();
-            g.as_ref()
-                .ok_or_else(|| Status::failed_precondition("no shard loaded"))?
-                .tx
-                .clone()
+            let l = g
+                .as_ref()
+                .ok_or_else(|| Status::failed_precondition("no shard loaded"))?;
+            (l.tx.clone(), l.cancel.clone())
         };
         let _ = tx.send(ShardCmd::Reset);
         let mut input = req.into_inner();
         let (out_tx, out_rx) = mpsc::channel(4);
         tokio::spawn(async move {
+            use tokio_stream::StreamExt;
+            // A request that came while the one before it ran; the end of the stream.
+            let mut next: Option<StepRequest> = None;
+            let mut ended = false;
             loop {
-                let req = match input.message().await {
-                    Ok(Some(r)) => r,
-                    _ => break,
+                let req = match next.take() {
+                    Some(r) => r,
+                    None if ended => break,
+                    None => match input.next().await {
+                        Some(Ok(r)) => r,
+                        _ => break,
+                    },
                 };
-                let (rtx, rrx) = oneshot::channel();
-                if tx.send(ShardCmd::Step(req, rtx)).is_err() {
+                let ticket = cancel.ticket();
+                let (rtx, mut rrx) = oneshot::channel();
+                if tx.send(ShardCmd::Step(req, rtx, ticket)).is_err() {
                     let _ = out_tx
                         .send(Err(Status::unavailable("shard was replaced")))
                         .await;
                     break;
                 }
-                let reply = match rrx.await {
+                // While the step runs, the stream is watched: a coordinator that goes away
+                // may have sent this step to only some workers, and the all-reduces of those
+                // that got it would wait for the others until the transport's timeout. The
+                // step is called off instead (the shard then needs a new mesh: the next
+                // coordinator's Remesh).
+                let reply = loop {
+                    tokio::select! {
+                        r = &mut rrx => break r,
+                        m = input.next(), if !ended && next.is_none() => match m {
+                            Some(Ok(r)) => next = Some(r),
+                            _ => {
+                                ended = true;
+                                cancel.cancel_through(ticket);
+                            }
+                        },
+                    }
+                };
+                let reply = match reply {
                     Ok(r) => Ok(r),
                     Err(_) => Err(Status::internal("shard thread died")),
                 };
@@ -320,6 +370,50 @@ impl Worker for WorkerService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(out_rx),
         )))
+    }
+
+    async fn remesh(&self, req: Request<RemeshRequest>) -> Result<Response<RemeshReply>, Status> {
+        self.state.keys.check(req.metadata())?;
+        self.state.touch();
+        let started = Instant::now();
+        let r = req.into_inner();
+        let (tx, cancel) = {
+            let g = self.state.shard.lock().unwrap();
+            let l = g
+                .as_ref()
+                .ok_or_else(|| Status::failed_precondition("no shard loaded"))?;
+            if l.mesh_id != r.from_mesh_id {
+                return Err(Status::failed_precondition(format!(
+                    "this worker holds a shard of mesh {}, not of mesh {}",
+                    l.mesh_id, r.from_mesh_id
+                )));
+            }
+            (l.tx.clone(), l.cancel.clone())
+        };
+        // Whatever the shard runs now belongs to a coordinator that is gone.
+        cancel.cancel_all();
+        let (rtx, rrx) = oneshot::channel();
+        tx.send(ShardCmd::Remesh(r.to_mesh_id, rtx))
+            .map_err(|_| Status::internal("shard thread died"))?;
+        rrx.await
+            .map_err(|_| Status::internal("shard thread died"))?
+            .map_err(Status::unavailable)?;
+        let mut g = self.state.shard.lock().unwrap();
+        if let Some(l) = g.as_mut().filter(|l| l.mesh_id == r.from_mesh_id) {
+            l.mesh_id = r.to_mesh_id;
+            if let Some(h) = l.held.as_mut() {
+                h.mesh_id = r.to_mesh_id;
+            }
+        }
+        tracing::info!(
+            from = r.from_mesh_id,
+            to = r.to_mesh_id,
+            secs = started.elapsed().as_secs_f64(),
+            "mesh rebuilt"
+        );
+        Ok(Response::new(RemeshReply {
+            seconds: started.elapsed().as_secs_f64(),
+        }))
     }
 
     async fn health(&self, req: Request<Empty>) -> Result<Response<HealthReply>, Status> {
@@ -395,6 +489,39 @@ fn top_spec(s: &tessera_proto::SeqStep) -> Option<TopSpec> {
     })
 }
 
+/// How a shard joins its all-reduce mesh, again after [`ShardCmd::Remesh`].
+struct MeshPlan {
+    wire: Wire,
+    node: Arc<QuicNode>,
+    mesh_id: u64,
+    peers: Vec<SocketAddr>,
+    cancel: Arc<Cancel>,
+}
+
+impl MeshPlan {
+    fn connect(&self, rank: usize, mesh_id: u64) -> Result<Box<dyn Collective>, String> {
+        if self.peers.len() == 1 {
+            return Ok(Box::new(Single));
+        }
+        let mut t = self
+            .node
+            .connect_mesh(mesh_id, rank, &self.peers, Duration::from_secs(60))
+            .map_err(|e| format!("joining the mesh: {e}"))?;
+        t.set_cancel(self.cancel.clone());
+        let mut mesh = Mesh::new(t);
+        mesh.wire = self.wire;
+        // For measuring the two algorithms against each other (see README): vectors of at
+        // most this many values use the one-step all-gather, longer ones the ring.
+        if let Some(v) = std::env::var("TESSERA_RING_THRESHOLD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            mesh.ring_threshold = v;
+        }
+        Ok(Box::new(mesh))
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn shard_thread(
     cfg: ModelConfig,
@@ -403,10 +530,7 @@ fn shard_thread(
     backend: Backend,
     precision: Precision,
     cache: CacheType,
-    wire: Wire,
-    node: Arc<QuicNode>,
-    mesh_id: u64,
-    peers: Vec<SocketAddr>,
+    plan: MeshPlan,
     rx: std::sync::mpsc::Receiver<ShardCmd>,
     ready: oneshot::Sender<Result<(u64, u64, CacheType), String>>,
 ) {
@@ -414,27 +538,9 @@ fn shard_thread(
         let device = backend.device().map_err(|e| e.to_string())?;
         let model = ShardModel::load(&weights, &cfg, &spec, &device, precision, cache)
             .map_err(|e| e.to_string())?;
-        let coll: Box<dyn Collective> = if spec.world == 1 {
-            Box::new(Single)
-        } else {
-            let t = node
-                .connect_mesh(mesh_id, spec.rank, &peers, Duration::from_secs(60))
-                .map_err(|e| format!("joining the mesh: {e}"))?;
-            let mut mesh = Mesh::new(t);
-            mesh.wire = wire;
-            // For measuring the two algorithms against each other (see README): vectors of at
-            // most this many values use the one-step all-gather, longer ones the ring.
-            if let Some(v) = std::env::var("TESSERA_RING_THRESHOLD")
-                .ok()
-                .and_then(|v| v.parse().ok())
-            {
-                mesh.ring_threshold = v;
-            }
-            Box::new(mesh)
-        };
-        Ok((model, coll))
+        Ok((model, plan.connect(spec.rank, plan.mesh_id)?))
     };
-    let (mut model, mut coll) = match setup() {
+    let (mut model, coll) = match setup() {
         Ok(x) => {
             let m = &x.0;
             let _ = ready.send(Ok((
@@ -450,21 +556,54 @@ fn shard_thread(
         }
     };
     drop(weights);
+    // None once an all-reduce failed: the mesh may hold a half-done step's messages, so it
+    // serves no step until the coordinator has it rebuilt (the weights stay).
+    let mut coll = Ok(coll);
+    let mut mesh_now = plan.mesh_id;
     let mut kept = KeptRows::new();
     while let Ok(cmd) = rx.recv() {
         let (req, reply) = match cmd {
-            ShardCmd::Step(req, reply) => (req, reply),
+            ShardCmd::Step(req, reply, ticket) => {
+                plan.cancel.start(ticket);
+                (req, reply)
+            }
             ShardCmd::Reset => {
                 model.free_all();
                 kept.clear();
                 continue;
             }
+            ShardCmd::Remesh(mesh_id, reply) => {
+                model.free_all();
+                kept.clear();
+                // The old connections close first: peers still waiting on them stop at once.
+                drop(std::mem::replace(&mut coll, Err(String::new())));
+                coll = plan.connect(spec.rank, mesh_id);
+                mesh_now = mesh_id;
+                let _ = reply.send(coll.as_ref().map(|_| ()).map_err(Clone::clone));
+                continue;
+            }
         };
-        let (out, mesh_broken) = run_step(&mut model, coll.as_mut(), req, &mut kept);
+        let out = match coll.as_mut() {
+            Ok(c) => {
+                let (out, broken) = run_step(&mut model, c.as_mut(), req, &mut kept);
+                if broken {
+                    tracing::warn!(
+                        mesh = mesh_now,
+                        "the all-reduce mesh broke ({}); waiting for a new one",
+                        out.error
+                    );
+                    coll = Err(out.error.clone());
+                }
+                out
+            }
+            Err(why) => StepReply {
+                error: format!(
+                    "this shard's all-reduce mesh is down ({why}); it serves again once the coordinator rebuilds it"
+                ),
+                ..Default::default()
+            },
+        };
         let _ = reply.send(out);
-        if mesh_broken {
-            return;
-        }
     }
 }
 
