@@ -499,13 +499,19 @@ struct MeshPlan {
 }
 
 impl MeshPlan {
-    fn connect(&self, rank: usize, mesh_id: u64) -> Result<Box<dyn Collective>, String> {
+    /// Joins mesh `mesh_id`, waiting up to `patience` for every peer.
+    fn connect(
+        &self,
+        rank: usize,
+        mesh_id: u64,
+        patience: Duration,
+    ) -> Result<Box<dyn Collective>, String> {
         if self.peers.len() == 1 {
             return Ok(Box::new(Single));
         }
         let mut t = self
             .node
-            .connect_mesh(mesh_id, rank, &self.peers, Duration::from_secs(60))
+            .connect_mesh(mesh_id, rank, &self.peers, patience)
             .map_err(|e| format!("joining the mesh: {e}"))?;
         t.set_cancel(self.cancel.clone());
         let mut mesh = Mesh::new(t);
@@ -538,7 +544,9 @@ fn shard_thread(
         let device = backend.device().map_err(|e| e.to_string())?;
         let model = ShardModel::load(&weights, &cfg, &spec, &device, precision, cache)
             .map_err(|e| e.to_string())?;
-        Ok((model, plan.connect(spec.rank, plan.mesh_id)?))
+        // Peers may still be loading their shards.
+        let patience = Duration::from_secs(60);
+        Ok((model, plan.connect(spec.rank, plan.mesh_id, patience)?))
     };
     let (mut model, coll) = match setup() {
         Ok(x) => {
@@ -577,7 +585,8 @@ fn shard_thread(
                 kept.clear();
                 // The old connections close first: peers still waiting on them stop at once.
                 drop(std::mem::replace(&mut coll, Err(String::new())));
-                coll = plan.connect(spec.rank, mesh_id);
+                // Every peer holds its shard already and was asked at the same time.
+                coll = plan.connect(spec.rank, mesh_id, Duration::from_secs(15));
                 mesh_now = mesh_id;
                 let _ = reply.send(coll.as_ref().map(|_| ()).map_err(Clone::clone));
                 continue;
