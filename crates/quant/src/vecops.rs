@@ -2,7 +2,8 @@
 //! sums, norms). Each is written once, with independent accumulator lanes so the compiler
 //! vectorizes it, and compiled three times: for the baseline, AVX2 + FMA and AVX-512, picked
 //! at run time. Every compilation performs the same operations in the same order, so they
-//! agree bit for bit.
+//! agree bit for bit. One is also written out with AVX-512 intrinsics: attention's scores
+//! ([`scores_x16`], 16 keys at a time, each key's operations still in the portable order).
 //!
 //! Attention's products read the KV cache in its element type ([`CacheElem`]): f32, or f16
 //! (half the bytes, as llama.cpp keeps its cache), widened to f32 as it is loaded, `L` values
@@ -209,6 +210,83 @@ fn scores_impl<T: Copy, W: Widen<T>>(
     }
 }
 
+/// [`scores_impl`] with 512-bit vectors, for the AVX-512 compilations: where the head size is
+/// whole vectors, 16 keys at a time. Each key's products and sums are [`scores_impl`]'s, in its
+/// order (a product, then an add, per lane and vector; the lanes summed as [`finish`]'s tree);
+/// what changes is the tree: the 16 keys' trees run together, each step on two keys' halves
+/// packed in one vector (31 shuffles and 15 adds for 16 keys, not 4 and 4 for each), and the
+/// sums come out as one vector. So the bits are [`scores_impl`]'s.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn scores_x16<T: Copy, W: Widen<T>>(
+    q: &[f32],
+    k: &[T],
+    stride: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    const N: usize = 16;
+    let hd = q.len();
+    let mut p = 0;
+    if hd > 0 && hd.is_multiple_of(L) {
+        // SAFETY: AVX-512F is enabled in the function this is inlined into (the AVX-512
+        // compilations, chosen only where it was detected); every load and store is of a
+        // slice checked to hold 16 values.
+        unsafe {
+            let v = |a: [f32; L]| std::mem::transmute::<[f32; L], __m512>(a);
+            // Lane 4k + j of the packed tree's result holds key 4j + k.
+            let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+            let scale = _mm512_set1_ps(scale);
+            while p + N <= out.len() {
+                let ks = rows::<T, N>(k, p, stride, hd);
+                let mut acc = [_mm512_setzero_ps(); N];
+                for c in 0..hd / L {
+                    let qc = v(Plain::chunk(&q[c * L..]));
+                    for (a, kr) in acc.iter_mut().zip(&ks) {
+                        *a = _mm512_add_ps(*a, _mm512_mul_ps(qc, v(W::chunk(&kr[c * L..]))));
+                    }
+                }
+                // Lanes i and i + 8 of each key: two keys a vector.
+                let s: [__m512; 8] = std::array::from_fn(|m| {
+                    let (a, b) = (acc[2 * m], acc[2 * m + 1]);
+                    _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0x44>(a, b),
+                        _mm512_shuffle_f32x4::<0xEE>(a, b),
+                    )
+                });
+                // Lanes i and i + 4: keys 4r..4r + 4 in the four 128-bit blocks.
+                let t: [__m512; 4] = std::array::from_fn(|r| {
+                    let (a, b) = (s[2 * r], s[2 * r + 1]);
+                    _mm512_add_ps(
+                        _mm512_shuffle_f32x4::<0x88>(a, b),
+                        _mm512_shuffle_f32x4::<0xDD>(a, b),
+                    )
+                });
+                // Lanes i and i + 2 of each block, then i and i + 1.
+                let u: [__m512; 2] = std::array::from_fn(|r| {
+                    let (a, b) = (t[2 * r], t[2 * r + 1]);
+                    _mm512_add_ps(
+                        _mm512_shuffle_ps::<0x44>(a, b),
+                        _mm512_shuffle_ps::<0xEE>(a, b),
+                    )
+                });
+                let f = _mm512_add_ps(
+                    _mm512_shuffle_ps::<0x88>(u[0], u[1]),
+                    _mm512_shuffle_ps::<0xDD>(u[0], u[1]),
+                );
+                let f = _mm512_mul_ps(_mm512_permutexvar_ps(order, f), scale);
+                let o = &mut out[p..p + N];
+                _mm512_storeu_ps(o.as_mut_ptr(), f);
+                p += N;
+            }
+        }
+    }
+    if p < out.len() {
+        scores_impl::<T, W>(q, &k[p * stride..], stride, scale, &mut out[p..]);
+    }
+}
+
 /// `out += Σ_p w[p] * v[p * stride..][..out.len()]`, in order of `p`.
 #[inline(always)]
 fn weighted_sum_impl<T: Copy, W: Widen<T>>(w: &[f32], v: &[T], stride: usize, out: &mut [f32]) {
@@ -409,8 +487,9 @@ multiversion!(
 multiversion!(softmax, softmax_impl, softmax_avx512, softmax_avx2, (s: &mut [f32]));
 multiversion!(
     /// `out[p] = scale * (q · k[p * stride..][..q.len()])`, for an f32 cache.
-    scores, scores_impl<f32>, scores_avx512, scores_avx2,
-    (q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]); [Plain, Plain, Plain]);
+    scores, scores_impl, scores_avx512, scores_avx2,
+    (q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]);
+    [scores_x16::<f32, Plain>, scores_impl::<f32, Plain>, scores_impl::<f32, Plain>]);
 multiversion!(
     /// `out += Σ_p w[p] * v[p * stride..][..out.len()]`, in order of `p`, for an f32 cache.
     weighted_sum, weighted_sum_impl<f32>, weighted_sum_avx512, weighted_sum_avx2,
@@ -422,8 +501,9 @@ multiversion!(
     (ws: &[&[f32]], v: &[f32], stride: usize, outs: &mut [&mut [f32]]));
 multiversion!(
     /// [`scores`] over an f16 cache.
-    scores_f16, scores_impl<f16>, scores_f16_avx512, scores_f16_avx2,
-    (q: &[f32], k: &[f16], stride: usize, scale: f32, out: &mut [f32]); [X16, X8, Soft]);
+    scores_f16, scores_impl, scores_f16_avx512, scores_f16_avx2,
+    (q: &[f32], k: &[f16], stride: usize, scale: f32, out: &mut [f32]);
+    [scores_x16::<f16, X16>, scores_impl::<f16, X8>, scores_impl::<f16, Soft>]);
 multiversion!(
     /// [`weighted_sum`] over an f16 cache.
     weighted_sum_f16, weighted_sum_impl<f16>, weighted_sum_f16_avx512, weighted_sum_f16_avx2,
@@ -601,11 +681,20 @@ mod tests {
     /// (whole groups and remainders).
     #[test]
     fn grouped_attention_products_equal_one_key_at_a_time() {
-        let data: Vec<f32> = (0..40_000)
+        let data: Vec<f32> = (0..160_000)
             .map(|i| (i as f32 * 0.173).sin() * 3.0)
             .collect();
         for hd in [1, 16, 17, 64, 80, 256] {
-            for (stride, keys) in [(hd, 1), (hd, 4), (hd + 5, 7), (3 * hd, 13)] {
+            // Up to 100 keys: AVX-512 takes 16 at a time where the head is whole vectors.
+            for (stride, keys) in [
+                (hd, 1),
+                (hd, 4),
+                (hd + 5, 7),
+                (3 * hd, 13),
+                (hd, 16),
+                (hd + 3, 37),
+                (2 * hd, 100),
+            ] {
                 let q = &data[7..7 + hd];
                 let k = &data[1000..];
                 let mut got = vec![0f32; keys];
@@ -685,13 +774,22 @@ mod tests {
     #[test]
     fn f16_products_are_the_f32_products_of_the_widened_values() {
         use half::f16;
-        let data: Vec<f32> = (0..40_000)
+        let data: Vec<f32> = (0..160_000)
             .map(|i| (i as f32 * 0.173).sin() * 3.0)
             .collect();
         let halves: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
         let widened: Vec<f32> = halves.iter().map(|x| x.to_f32()).collect();
         for hd in [1, 16, 17, 64, 80, 256] {
-            for (stride, keys) in [(hd, 1), (hd, 4), (hd + 5, 7), (3 * hd, 13)] {
+            // Up to 100 keys: AVX-512 takes 16 at a time where the head is whole vectors.
+            for (stride, keys) in [
+                (hd, 1),
+                (hd, 4),
+                (hd + 5, 7),
+                (3 * hd, 13),
+                (hd, 16),
+                (hd + 3, 37),
+                (2 * hd, 100),
+            ] {
                 let q = &data[7..7 + hd];
                 let (k16, k32) = (&halves[1000..], &widened[1000..]);
                 let mut want = vec![0f32; keys];
