@@ -676,6 +676,21 @@ mod tests {
         }
     }
 
+    /// (row stride, keys) for a head of `hd` values: one key to 100, so that whole groups of
+    /// 4 and of 16 (AVX-512 takes 16 at a time where the head is whole vectors) and their
+    /// remainders all occur.
+    fn key_layouts(hd: usize) -> [(usize, usize); 7] {
+        [
+            (hd, 1),
+            (hd, 4),
+            (hd + 5, 7),
+            (3 * hd, 13),
+            (hd, 16),
+            (hd + 3, 37),
+            (2 * hd, 100),
+        ]
+    }
+
     /// Scores taken several keys at a time are each key's `dot`, scaled, bit for bit; the
     /// weighted sum is the chain of `axpy`s in order: every head size, stride and key count
     /// (whole groups and remainders).
@@ -685,16 +700,7 @@ mod tests {
             .map(|i| (i as f32 * 0.173).sin() * 3.0)
             .collect();
         for hd in [1, 16, 17, 64, 80, 256] {
-            // Up to 100 keys: AVX-512 takes 16 at a time where the head is whole vectors.
-            for (stride, keys) in [
-                (hd, 1),
-                (hd, 4),
-                (hd + 5, 7),
-                (3 * hd, 13),
-                (hd, 16),
-                (hd + 3, 37),
-                (2 * hd, 100),
-            ] {
+            for (stride, keys) in key_layouts(hd) {
                 let q = &data[7..7 + hd];
                 let k = &data[1000..];
                 let mut got = vec![0f32; keys];
@@ -780,16 +786,7 @@ mod tests {
         let halves: Vec<f16> = data.iter().map(|&x| f16::from_f32(x)).collect();
         let widened: Vec<f32> = halves.iter().map(|x| x.to_f32()).collect();
         for hd in [1, 16, 17, 64, 80, 256] {
-            // Up to 100 keys: AVX-512 takes 16 at a time where the head is whole vectors.
-            for (stride, keys) in [
-                (hd, 1),
-                (hd, 4),
-                (hd + 5, 7),
-                (3 * hd, 13),
-                (hd, 16),
-                (hd + 3, 37),
-                (2 * hd, 100),
-            ] {
+            for (stride, keys) in key_layouts(hd) {
                 let q = &data[7..7 + hd];
                 let (k16, k32) = (&halves[1000..], &widened[1000..]);
                 let mut want = vec![0f32; keys];
