@@ -1913,34 +1913,50 @@ pub(crate) fn igemm_block(
     n: usize,
     res: &mut [[f32; crate::igemm::IG_ROWS]; crate::igemm::IG_COLS],
 ) {
-    use crate::igemm::{IG_COLS, IG_ROWS};
-    let k = t.k;
     assert!(
-        k == a.cols
-            && k.is_multiple_of(32)
-            && (1..=IG_COLS).contains(&n)
-            && b0 + n <= a.rows
-            && t.q.len() == k * IG_ROWS
-            && t.s.len() == k / 16 * IG_ROWS
-            && t.m.len() == t.s.len()
-            && has_avx512()
+        igemm_shapes_fit(t, a, b0, n) && n <= crate::igemm::IG_COLS && has_avx512(),
+        "a tile and activation rows of matching shapes, on AVX-512 VNNI"
     );
-    macro_rules! go {
-        ($($n:literal)*) => {
-            match (n, g, mins) {
-                $(
-                    ($n, 32, false) => igemm_block_v::<$n, 32, false>(t, a, b0, res),
-                    ($n, 32, true) => igemm_block_v::<$n, 32, true>(t, a, b0, res),
-                    ($n, 16, false) => igemm_block_v::<$n, 16, false>(t, a, b0, res),
-                    ($n, 16, true) => igemm_block_v::<$n, 16, true>(t, a, b0, res),
-                )*
-                _ => unreachable!("1..=IG_COLS rows; scale groups of 16 or 32 values"),
-            }
-        };
-    }
     // SAFETY: shapes checked above; AVX-512 VNNI detected.
-    unsafe { go!(1 2 3 4 5 6) }
+    unsafe { by_shape!(igemm_block_v, (t, a, b0, res), n, g, mins, 1 2 3 4 5 6) }
 }
+
+/// What every integer GEMM kernel needs of its tile (`t`) and its activation rows `b0..b0 +
+/// n` (`a`): the same width, a multiple of 32, at least one row and no more than there are,
+/// and the tile's values, scales and mins all there.
+fn igemm_shapes_fit(
+    t: &crate::igemm::Tile,
+    a: &crate::igemm::GemmActs,
+    b0: usize,
+    n: usize,
+) -> bool {
+    use crate::igemm::IG_ROWS;
+    let k = t.k;
+    k == a.cols
+        && k.is_multiple_of(32)
+        && n >= 1
+        && b0 + n <= a.rows
+        && t.q.len() == k * IG_ROWS
+        && t.s.len() == k / 16 * IG_ROWS
+        && t.m.len() == t.s.len()
+}
+
+/// Calls `$f::<N, G, MINS>($args)` for the block's row count `$n` (one of `$ns`), its scale
+/// group `$g` (16 or 32 values) and whether it has mins: each kernel is compiled per shape.
+macro_rules! by_shape {
+    ($f:ident, $args:tt, $n:expr, $g:expr, $mins:expr, $($ns:literal)*) => {
+        match ($n, $g, $mins) {
+            $(
+                ($ns, 32, false) => $f::<$ns, 32, false> $args,
+                ($ns, 32, true) => $f::<$ns, 32, true> $args,
+                ($ns, 16, false) => $f::<$ns, 16, false> $args,
+                ($ns, 16, true) => $f::<$ns, 16, true> $args,
+            )*
+            _ => unreachable!("rows checked by the caller; scale groups of 16 or 32 values"),
+        }
+    };
+}
+use by_shape;
 
 /// `N` activation rows (a full block, or a prompt's last few: each output's arithmetic is the
 /// same whatever `N`).
@@ -2021,35 +2037,12 @@ pub(crate) fn igemm_half_avx_vnni(
     h: usize,
     res: &mut [[f32; crate::igemm::IG_ROWS]; crate::igemm::IG_COLS],
 ) {
-    use crate::igemm::IG_ROWS;
-    let k = t.k;
     assert!(
-        k == a.cols
-            && k.is_multiple_of(32)
-            && (1..=3).contains(&n)
-            && h < 2
-            && b0 + n <= a.rows
-            && n <= res.len()
-            && t.q.len() == k * IG_ROWS
-            && t.s.len() == k / 16 * IG_ROWS
-            && t.m.len() == t.s.len()
-            && has_avx_vnni()
+        igemm_shapes_fit(t, a, b0, n) && n <= 3 && n <= res.len() && h < 2 && has_avx_vnni(),
+        "a tile and at most 3 activation rows of matching shapes, on AVX-VNNI"
     );
-    macro_rules! go {
-        ($($n:literal)*) => {
-            match (n, g, mins) {
-                $(
-                    ($n, 32, false) => igemm_half_v::<$n, 32, false>(t, a, b0, h, res),
-                    ($n, 32, true) => igemm_half_v::<$n, 32, true>(t, a, b0, h, res),
-                    ($n, 16, false) => igemm_half_v::<$n, 16, false>(t, a, b0, h, res),
-                    ($n, 16, true) => igemm_half_v::<$n, 16, true>(t, a, b0, h, res),
-                )*
-                _ => unreachable!("1..=3 rows; scale groups of 16 or 32 values"),
-            }
-        };
-    }
     // SAFETY: shapes checked above; AVX-VNNI detected.
-    unsafe { go!(1 2 3) }
+    unsafe { by_shape!(igemm_half_v, (t, a, b0, h, res), n, g, mins, 1 2 3) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
