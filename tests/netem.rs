@@ -52,6 +52,8 @@ unsafe extern "C" {
 /// Runs netem.sh with this test's namespace prefix; tears everything down when dropped.
 struct Net {
     prefix: String,
+    /// Held until the namespaces are gone (fields drop after `drop`).
+    _one: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Net {
@@ -68,6 +70,53 @@ impl Net {
     }
 }
 
+/// The emulated network for one test, or None (having said why) where namespaces are
+/// impossible here and not required. One at a time: each test's cluster has the machine's
+/// cores to itself, so timings that a test checks are not another test's.
+fn net(tag: &str) -> Option<Net> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if let Err(why) = netns_possible() {
+        assert!(
+            std::env::var_os("TESSERA_REQUIRE_NETNS").is_none(),
+            "network namespaces are required here: {why}"
+        );
+        eprintln!("SKIPPED: network namespaces impossible here: {why}");
+        return None;
+    }
+    Some(Net {
+        prefix: format!("{tag}{}", std::process::id() % 100_000),
+        _one: ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner()),
+    })
+}
+
+impl Net {
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.sh(args);
+        assert!(
+            o.status.success(),
+            "netem.sh {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+
+    /// `tessera generate` of `n` tokens, from the coordinator's namespace.
+    fn generate(&self, addr: &str, prompt: &str, n: usize) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &format!("{}-c", self.prefix)])
+            .arg(env!("CARGO_BIN_EXE_tessera"))
+            .args(["generate", "--coordinator", addr, "--prompt", prompt])
+            .args(["--max-tokens", &n.to_string()])
+            .args(["--ids", "--ignore-eos"])
+            .env("TESSERA_TOKEN", "netem-test-token");
+        c
+    }
+
+    fn coordinator_log(&self) -> String {
+        std::fs::read_to_string(format!("/tmp/{}/coordinator.log", self.prefix)).unwrap()
+    }
+}
+
 impl Drop for Net {
     fn drop(&mut self) {
         let _ = self.sh(&["down"]);
@@ -76,38 +125,18 @@ impl Drop for Net {
 
 #[test]
 fn two_workers_behind_shaped_delayed_links_answer_like_loopback() {
-    if let Err(why) = netns_possible() {
-        assert!(
-            std::env::var_os("TESSERA_REQUIRE_NETNS").is_none(),
-            "network namespaces are required here: {why}"
-        );
-        eprintln!("SKIPPED: network namespaces impossible here: {why}");
+    let Some(net) = net("tt") else {
         return;
-    }
-    let net = Net {
-        prefix: format!("tt{}", std::process::id() % 100_000),
     };
-    let up = net.sh(&["up", "2", "1gbit", "1000"]);
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    net.ok(&["up", "2", "1gbit", "1000"]);
     let model = smollm2();
-    let c = net.sh(&["cluster", model.to_str().unwrap(), "--exact"]);
-    assert!(c.status.success(), "{}", String::from_utf8_lossy(&c.stderr));
-    let addr = String::from_utf8_lossy(&c.stdout).trim().to_string();
+    let addr = net.ok(&["cluster", model.to_str().unwrap(), "--exact"]);
     assert_eq!(addr, "10.77.0.2:7060");
 
     let r = reference("smollm2-135m-q4_1");
     let case = &r.cases[0];
-    let o = Command::new("ip")
-        .args(["netns", "exec", &format!("{}-c", net.prefix)])
-        .arg(env!("CARGO_BIN_EXE_tessera"))
-        .args(["generate", "--coordinator", &addr, "--prompt", &case.prompt])
-        .args(["--max-tokens", &case.greedy_ids.len().to_string()])
-        .args(["--ids", "--ignore-eos"])
-        .env("TESSERA_TOKEN", "netem-test-token")
+    let o = net
+        .generate(&addr, &case.prompt, case.greedy_ids.len())
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -130,6 +159,68 @@ fn two_workers_behind_shaped_delayed_links_answer_like_loopback() {
         mean < 5000.0,
         "all-reduce {mean} us: far more than the link's latency"
     );
+}
+
+/// Every packet between the two workers dropped for 7 s (their link alone: both still reach
+/// the coordinator) outlasts the transport's 5 s timeout, so their all-reduce mesh breaks
+/// under a waiting request, while both processes and their shards stay well. The coordinator
+/// has them rebuild the mesh where the shards are (nothing loaded or shipped again), and the
+/// request answers with the reference tokens. Twice, so that the second rebuild starts from
+/// the mesh the first one made.
+#[test]
+fn a_stall_between_two_workers_is_mended_by_a_new_mesh_not_a_reload() {
+    let Some(net) = net("ts") else {
+        return;
+    };
+    net.ok(&["up", "2", "none", "100"]);
+    let model = smollm2();
+    let addr = net.ok(&["cluster", model.to_str().unwrap(), "--exact"]);
+    let r = reference("smollm2-135m-q4_1");
+    let case = &r.cases[0];
+    let want: Vec<String> = case.greedy_ids.iter().map(|t| t.to_string()).collect();
+    let want = want.join(" ");
+    let n = case.greedy_ids.len();
+    for round in 1..=2 {
+        net.ok(&["cut", "1", "2", "on"]);
+        // The request's first step waits in an all-reduce that the cut holds up.
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        let started = std::time::Instant::now();
+        let g = net
+            .generate(&addr, &case.prompt, n)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(6));
+        net.ok(&["cut", "1", "2", "off"]);
+        let o = g.wait_with_output().unwrap();
+        let took = started.elapsed();
+        let log = net.coordinator_log();
+        assert!(
+            o.status.success(),
+            "round {round}: {}\n{log}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            want,
+            "round {round}: {log}"
+        );
+        assert!(
+            took.as_secs_f64() > 5.0,
+            "round {round}: answered in {took:?}, so the cut held nothing up"
+        );
+        let broke = log.matches("mesh broke").count();
+        let rebuilt = log.matches("rebuilding the mesh, the shards stay").count();
+        let adopted = log.matches("rebuilt as mesh").count();
+        assert_eq!((rebuilt, adopted), (round, round), "round {round}: {log}");
+        assert!(broke >= round, "round {round}: {log}");
+    }
+    let log = net.coordinator_log();
+    assert_eq!(log.matches(": shipped ").count(), 2, "{log}");
+    for never in ["resharding", "loading anew", "loading the shards failed"] {
+        assert!(!log.contains(never), "{never:?} in\n{log}");
+    }
 }
 
 /// Workers of one machine share memory for their all-reduces, but a `/dev/shm` too small for

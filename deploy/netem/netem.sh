@@ -9,6 +9,9 @@
 #   netem.sh cluster MODEL [ARGS...]     start the coordinator (ARGS added) and the workers in
 #                                        them; prints the coordinator's address when ready
 #   netem.sh exec NAME CMD...            run CMD in namespace NAME (c, w1, w2, ..., r)
+#   netem.sh cut I J on|off              drop (silently, both ways) or pass again every packet
+#                                        between workers I and J: a stall of their link alone,
+#                                        the coordinator still reaches both
 #   netem.sh rtt                         UDP round trips worker 1 -> coordinator (python3):
 #                                        what the links and the relay really add
 #   netem.sh down                        stop everything, delete the namespaces
@@ -118,6 +121,14 @@ down() {
   done
 }
 
+cut() { # worker worker on|off
+  local a=10.77.$1.2 b=10.77.$2.2 op
+  case "$3" in on) op=add ;; off) op=del ;; *) echo "cut: on or off, not $3" >&2; return 2 ;; esac
+  # Looked up before the delay relay's rule (and again for packets the relay hands back).
+  inx r ip rule "$op" from "$a" to "$b" blackhole pref 10
+  inx r ip rule "$op" from "$b" to "$a" blackhole pref 11
+}
+
 rtt() {
   inx c python3 -c '
 import socket
@@ -145,7 +156,8 @@ case "${1:-}" in
   up) shift; up "$@" ;;
   cluster) shift; cluster "$@" ;;
   exec) shift; name=$1; shift; inx "$name" "$@" ;;
+  cut) shift; cut "$@" ;;
   rtt) rtt ;;
   down) down ;;
-  *) sed -n '2,20p' "$0"; exit 2 ;;
+  *) sed -n '2,22p' "$0"; exit 2 ;;
 esac

@@ -52,6 +52,28 @@ fn gone(id: u64) -> anyhow::Error {
     anyhow::anyhow!("worker #{id} left (or registered again as a new process) before loading")
 }
 
+/// Recent failures of a mesh whose members all answered. Rebuilding the mesh (milliseconds)
+/// mends a broken link; a step that breaks every mesh it runs on would make that a loop, so
+/// past [`MeshFailures::MAX`] failures within [`MeshFailures::WINDOW`] the shards are loaded
+/// anew instead (and the scheduler gives up the requests that keep failing).
+#[derive(Default)]
+struct MeshFailures {
+    at: Vec<Instant>,
+}
+
+impl MeshFailures {
+    const WINDOW: Duration = Duration::from_secs(60);
+    const MAX: usize = 3;
+
+    /// Notes a failure at `now`; whether rebuilding the mesh may mend it.
+    fn note(&mut self, now: Instant) -> bool {
+        self.at
+            .retain(|t| now.saturating_duration_since(*t) < Self::WINDOW);
+        self.at.push(now);
+        self.at.len() <= Self::MAX
+    }
+}
+
 /// A plan refused before loading: some worker would be short of memory.
 #[derive(Debug)]
 struct DoesNotFit(String);
@@ -126,6 +148,9 @@ struct Inner {
     state: &'static str,
     /// Why the last plan was refused (a worker short of memory), until one is accepted.
     refusal: Option<String>,
+    /// When the serving mesh failed with every member alive, lately: each such failure is
+    /// mended by rebuilding the mesh where the shards are, unless it keeps failing.
+    mesh_failures: MeshFailures,
 }
 
 pub struct CoordinatorState {
@@ -200,6 +225,7 @@ impl CoordinatorState {
                     served: false,
                     state: "waiting for workers",
                     refusal: None,
+                    mesh_failures: MeshFailures::default(),
                 }),
                 changed: Notify::new(),
                 load_seconds: Mutex::new(None),
@@ -263,7 +289,23 @@ impl CoordinatorState {
         match id {
             Some(id) => self.fail_worker(id),
             None => {
+                // Every member answered: they keep their shards, and the supervisor adopts
+                // them again (each rebuilds its mesh) instead of loading anew, unless the mesh
+                // keeps failing (a step that fails on every mesh, a link that keeps dropping):
+                // then the shards are loaded anew.
                 let mut g = self.inner.lock().unwrap();
+                if g.mesh_failures.note(Instant::now()) {
+                    eprintln!("{e}: rebuilding the mesh, the shards stay where they are");
+                } else {
+                    eprintln!(
+                        "{e}: the mesh failed {} times within {:?}, loading the shards anew",
+                        g.mesh_failures.at.len(),
+                        MeshFailures::WINDOW
+                    );
+                    for w in g.workers.values_mut() {
+                        w.held = None;
+                    }
+                }
                 g.loaded = false;
                 g.state = "recovering";
                 drop(g);
@@ -542,12 +584,15 @@ impl CoordinatorState {
         for t in tasks {
             let (id, r) = t.await.map_err(|e| (None, e.into()))?;
             match r {
-                Ok((reply, c)) => {
+                Ok((reply, c, held)) => {
                     bytes += reply.weight_bytes_per_token;
                     if let Some(w) = self.inner.lock().unwrap().workers.get_mut(&id) {
                         w.weight_bytes_held = reply.weight_bytes_held;
                         w.rss_bytes = reply.rss_bytes;
                         w.kv_cache = reply.kv_cache.clone();
+                        // What it holds now, as it would tell a coordinator it registers with:
+                        // after a failure of the mesh alone, it is adopted again.
+                        w.held = Some(held);
                     }
                     clients.push((id, c));
                 }
@@ -636,10 +681,10 @@ impl CoordinatorState {
     /// coordinator would cut it now (same file by sha256, configuration, precision, wire,
     /// plan, and peers at the addresses they registered): their ids in rank order, and the
     /// mesh. A restarted coordinator adopts them instead of shipping the shards again.
+    /// After a failure of the mesh alone, the same check finds the shards this coordinator
+    /// loaded (its own record of each member's, kept at each load and adoption), and a model
+    /// directory (no file to hash) qualifies too: workers never report a shard without a hash.
     fn adoptable(&self, g: &Inner, live: &[u64]) -> Option<(Vec<u64>, u64)> {
-        if self.model_sha256.is_empty() {
-            return None;
-        }
         let cfg_json = serde_json::to_string(&self.files.cfg).ok()?;
         let mut meshes: BTreeMap<u64, Vec<(usize, u64)>> = BTreeMap::new();
         for id in live {
@@ -745,6 +790,11 @@ impl CoordinatorState {
                 if let Some(w) = g.workers.get_mut(&m.0) {
                     w.weight_bytes_held = m.3.weight_bytes_held;
                     w.kv_cache = m.3.kv_cache.clone();
+                    // The worker now holds its shard in the new mesh (Remesh said so); the
+                    // next adoption starts from it.
+                    if let Some(h) = w.held.as_mut() {
+                        h.mesh_id = mesh_id;
+                    }
                 }
             }
         }
@@ -783,7 +833,7 @@ impl CoordinatorState {
         peers: Vec<Peer>,
         mesh_id: u64,
         local: bool,
-    ) -> anyhow::Result<(LoadReply, WorkerClient<Channel>)> {
+    ) -> anyhow::Result<(LoadReply, WorkerClient<Channel>, HeldShard)> {
         let mut client = self.worker_client(addr).await?;
         // Two passes over the shard's slices, off the async runtime: one to hash them (for the
         // assignment), one to stream them; whole rows are views of the memory map, so neither
@@ -839,7 +889,7 @@ impl CoordinatorState {
         let assignment = Assignment {
             config_json: serde_json::to_string(&self.files.cfg)?,
             spec_json: serde_json::to_string(spec)?,
-            peers,
+            peers: peers.clone(),
             mesh_id,
             use_local_model: local,
             total_bytes: total,
@@ -848,6 +898,17 @@ impl CoordinatorState {
             wire: self.wire.name().into(),
             model_sha256: self.model_sha256.clone(),
             kv_cache: self.cache_type().name().into(),
+        };
+        let mut held = HeldShard {
+            mesh_id,
+            config_json: assignment.config_json.clone(),
+            spec_json: assignment.spec_json.clone(),
+            model_sha256: assignment.model_sha256.clone(),
+            exact: assignment.exact,
+            wire: assignment.wire.clone(),
+            peers,
+            kv_cache: assignment.kv_cache.clone(),
+            ..Default::default()
         };
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
@@ -887,7 +948,9 @@ impl CoordinatorState {
                 reply.seconds
             );
         }
-        Ok((reply, client))
+        held.weight_bytes_per_token = reply.weight_bytes_per_token;
+        held.weight_bytes_held = reply.weight_bytes_held;
+        Ok((reply, client, held))
     }
 
     /// Checks every worker each second, all at once: a silent ready one degrades the
@@ -1448,4 +1511,30 @@ pub async fn serve(
         .serve_with_incoming(keys.incoming(listener))
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mesh_that_keeps_failing_is_reloaded_not_rebuilt_again_and_again() {
+        let t0 = Instant::now();
+        let s = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut f = MeshFailures::default();
+        // Three failures within the window are each mended by a rebuild; the fourth is not.
+        assert!(f.note(s(0)));
+        assert!(f.note(s(10)));
+        assert!(f.note(s(20)));
+        assert!(!f.note(s(30)));
+        // Once the early ones are older than the window, rebuilding is tried again.
+        assert!(!f.note(s(59)));
+        assert!(f.note(s(85)));
+        assert_eq!(f.at.len(), 3, "{:?}", f.at);
+        // Far apart, failures never add up.
+        let mut f = MeshFailures::default();
+        for i in 0..10 {
+            assert!(f.note(s(i * 61)), "failure {i}");
+        }
+    }
 }

@@ -37,11 +37,13 @@ pub struct RemoteCluster {
 }
 
 /// A step's failure, worst first: a worker whose stream died is the likely culprit; the
-/// others then report all-reduce errors of their own.
+/// others then report all-reduce errors of their own. Where every failure is such an
+/// all-reduce error (`mesh_down`), no worker is to blame: the mesh broke.
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 enum Blame {
     Dead,
     Reported,
+    Mesh,
 }
 
 /// Whether a worker's candidates are shaped as `want` asked: a count per such sequence, no
@@ -281,6 +283,9 @@ impl Runner for RemoteCluster {
                         tops.push(*r);
                         continue;
                     }
+                    Gathered::Reply(r) if r.mesh_down => {
+                        (Blame::Mesh, format!("failed the step: {}", r.error))
+                    }
                     Gathered::Reply(r) => {
                         (Blame::Reported, format!("failed the step: {}", r.error))
                     }
@@ -296,8 +301,15 @@ impl Runner for RemoteCluster {
                     worst = Some((failure.0, e));
                 }
             }
-            if let Some((_, e)) = worst {
-                return Err(e);
+            match worst {
+                Some((Blame::Mesh, e)) => {
+                    return Err(ModelError::MeshDown(match e {
+                        ModelError::Shard { msg, .. } => msg,
+                        e => e.to_string(),
+                    }));
+                }
+                Some((_, e)) => return Err(e),
+                None => {}
             }
             let mut full = gather_logits(&parts, n_full, self.cfg.vocab)?.into_iter();
             // Each worker's best candidates of its slice, together: they hold the whole

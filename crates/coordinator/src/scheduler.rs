@@ -805,6 +805,7 @@ fn clone_err(e: &ModelError) -> ModelError {
             rank: *rank,
             msg: msg.clone(),
         },
+        ModelError::MeshDown(msg) => ModelError::MeshDown(msg.clone()),
         other => ModelError::Backend(other.to_string()),
     }
 }

@@ -43,6 +43,11 @@ pub enum ModelError {
     Backend(String),
     #[error(transparent)]
     Collective(#[from] tessera_collective::CollectiveError),
+    /// Every worker of the mesh answered, and those that failed the step failed it in an
+    /// all-reduce: the processes and their shards are well, the links between them are not
+    /// (a network stall outlived the transport's timeout). Rebuilding the mesh mends it.
+    #[error("the workers' all-reduce mesh broke: {0}")]
+    MeshDown(String),
     #[error("shard {rank} failed: {msg}")]
     Shard { rank: usize, msg: String },
 }

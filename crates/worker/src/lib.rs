@@ -609,6 +609,7 @@ fn shard_thread(
                 error: format!(
                     "this shard's all-reduce mesh is down ({why}); it serves again once the coordinator rebuilds it"
                 ),
+                mesh_down: true,
                 ..Default::default()
             },
         };
@@ -677,6 +678,7 @@ pub fn run_step(
         Ok(p) => pick(p, &want, &mut out, kept),
         Err(e) => {
             mesh_broken = matches!(e, tessera_model::ModelError::Collective(_));
+            out.mesh_down = mesh_broken;
             out.error = e.to_string();
         }
     }
