@@ -166,7 +166,8 @@ fn two_workers_behind_shaped_delayed_links_answer_like_loopback() {
 /// under a waiting request, while both processes and their shards stay well. The coordinator
 /// has them rebuild the mesh where the shards are (nothing loaded or shipped again), and the
 /// request answers with the reference tokens. Twice, so that the second rebuild starts from
-/// the mesh the first one made.
+/// the mesh the first one made; then a cut of 21 s, longer than a worker waits for its peers
+/// to join a new mesh, so that the first rebuild fails and a second one mends it.
 #[test]
 fn a_stall_between_two_workers_is_mended_by_a_new_mesh_not_a_reload() {
     let Some(net) = net("ts") else {
@@ -180,7 +181,9 @@ fn a_stall_between_two_workers_is_mended_by_a_new_mesh_not_a_reload() {
     let want: Vec<String> = case.greedy_ids.iter().map(|t| t.to_string()).collect();
     let want = want.join(" ");
     let n = case.greedy_ids.len();
-    for round in 1..=2 {
+    // The third cut outlasts the workers' 15 s patience for a new mesh: the first rebuild
+    // fails, and the coordinator asks again rather than ship the shards.
+    for (round, cut_secs) in [(1, 6), (2, 6), (3, 20)] {
         net.ok(&["cut", "1", "2", "on"]);
         // The request's first step waits in an all-reduce that the cut holds up.
         std::thread::sleep(std::time::Duration::from_secs(1));
@@ -191,7 +194,7 @@ fn a_stall_between_two_workers_is_mended_by_a_new_mesh_not_a_reload() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(std::time::Duration::from_secs(6));
+        std::thread::sleep(std::time::Duration::from_secs(cut_secs));
         net.ok(&["cut", "1", "2", "off"]);
         let o = g.wait_with_output().unwrap();
         let took = started.elapsed();
@@ -215,6 +218,8 @@ fn a_stall_between_two_workers_is_mended_by_a_new_mesh_not_a_reload() {
         let adopted = log.matches("rebuilt as mesh").count();
         assert_eq!((rebuilt, adopted), (round, round), "round {round}: {log}");
         assert!(broke >= round, "round {round}: {log}");
+        let retried = log.matches("rebuilding the mesh failed").count();
+        assert_eq!(retried > 0, round == 3, "round {round}: {log}");
     }
     let log = net.coordinator_log();
     assert_eq!(log.matches(": shipped ").count(), 2, "{log}");

@@ -74,6 +74,11 @@ impl MeshFailures {
     }
 }
 
+/// How long an adoption keeps asking the members to rebuild their mesh while they cannot
+/// reach each other (each try waits out the workers' own patience, 15 s), before it gives up
+/// and the shards are loaded anew.
+const REMESH_FOR: Duration = Duration::from_secs(60);
+
 /// A plan refused before loading: some worker would be short of memory.
 #[derive(Debug)]
 struct DoesNotFit(String);
@@ -754,32 +759,65 @@ impl CoordinatorState {
         // The shards stay, their mesh does not: the old coordinator may have died after
         // sending a step to only some of them, and left messages of it in the connections (or
         // a worker waiting for them). Each member drops its mesh and joins a new one.
+        // Where the link between them is still down, each member's join gives up after its
+        // patience (ABORTED): they all try again on a fresh mesh, for up to REMESH_FOR in all,
+        // since shipping the shards again would not mend a link. Any other error (a worker
+        // gone, or holding another mesh) ends the adoption at once.
         let old_mesh = mesh_id;
-        let mesh_id = {
-            let mut g = self.inner.lock().unwrap();
-            g.mesh_id = g.mesh_id.max(old_mesh) + 1;
-            g.mesh_id
+        let mut from = vec![old_mesh; clients.len()];
+        let mut tries = 0;
+        let mesh_id = loop {
+            tries += 1;
+            let mesh_id = {
+                let mut g = self.inner.lock().unwrap();
+                g.mesh_id = g.mesh_id.max(old_mesh) + 1;
+                g.mesh_id
+            };
+            let remeshes: Vec<_> = clients
+                .iter()
+                .zip(&from)
+                .map(|((id, client), &from)| {
+                    let (id, mut client) = (*id, client.clone());
+                    let req = self.keys.request(RemeshRequest {
+                        from_mesh_id: from,
+                        to_mesh_id: mesh_id,
+                    });
+                    tokio::spawn(async move { (id, client.remesh(req).await) })
+                })
+                .collect();
+            let mut missed = None;
+            for (t, from) in remeshes.into_iter().zip(from.iter_mut()) {
+                let (id, r) = t.await.map_err(|e| (None, e.into()))?;
+                match r {
+                    Ok(_) => *from = mesh_id,
+                    Err(s) if s.code() == tonic::Code::Aborted => {
+                        missed.get_or_insert((id, s.message().to_string()));
+                    }
+                    Err(s) => {
+                        return Err((
+                            Some(id),
+                            anyhow::anyhow!("rebuilding its mesh: {}", s.message()),
+                        ));
+                    }
+                }
+            }
+            match missed {
+                None => break mesh_id,
+                Some((_, why)) if started.elapsed() < REMESH_FOR => {
+                    tracing::warn!(mesh = mesh_id, "rebuilding the mesh failed: {why}");
+                    eprintln!("rebuilding the mesh failed ({why}); trying again");
+                }
+                Some((id, why)) => {
+                    return Err((
+                        Some(id),
+                        anyhow::anyhow!(
+                            "rebuilding its mesh (tried {tries} times in {:.0} s): {why}",
+                            started.elapsed().as_secs_f64()
+                        ),
+                    ));
+                }
+            }
         };
-        let remeshes: Vec<_> = clients
-            .iter()
-            .map(|(id, client)| {
-                let (id, mut client) = (*id, client.clone());
-                let req = self.keys.request(RemeshRequest {
-                    from_mesh_id: old_mesh,
-                    to_mesh_id: mesh_id,
-                });
-                tokio::spawn(async move { (id, client.remesh(req).await) })
-            })
-            .collect();
-        for t in remeshes {
-            let (id, r) = t.await.map_err(|e| (None, e.into()))?;
-            r.map_err(|s| {
-                (
-                    Some(id),
-                    anyhow::anyhow!("rebuilding its mesh: {}", s.message()),
-                )
-            })?;
-        }
         let names: Vec<(String, String)> =
             members.iter().map(|m| (m.1.clone(), m.2.clone())).collect();
         self.serve_mesh(ids, clients, &names, bytes, shards, mesh_id)

@@ -395,9 +395,11 @@ impl Worker for WorkerService {
         let (rtx, rrx) = oneshot::channel();
         tx.send(ShardCmd::Remesh(r.to_mesh_id, rtx))
             .map_err(|_| Status::internal("shard thread died"))?;
+        // ABORTED: the mesh could not be joined (a peer did not connect within the patience);
+        // the shard stays, under the mesh it held, and Remesh may be asked again.
         rrx.await
             .map_err(|_| Status::internal("shard thread died"))?
-            .map_err(Status::unavailable)?;
+            .map_err(Status::aborted)?;
         let mut g = self.state.shard.lock().unwrap();
         if let Some(l) = g.as_mut().filter(|l| l.mesh_id == r.from_mesh_id) {
             l.mesh_id = r.to_mesh_id;
