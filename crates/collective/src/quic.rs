@@ -425,12 +425,22 @@ impl QuicNode {
                         peer,
                         msg: format!("connecting to {addr}: {e}"),
                     };
-                    let conn = self
-                        .endpoint
-                        .connect_with(client.clone(), *addr, SERVER_NAME)
-                        .map_err(|e| err(&e))?
-                        .await
-                        .map_err(|e| err(&e))?;
+                    // A handshake that times out (the link to the peer is down, say while the
+                    // mesh is rebuilt through a stall) is tried again until `timeout` runs
+                    // out; any other failure (refused, not trusted) ends the join at once.
+                    let conn = loop {
+                        let connecting = self
+                            .endpoint
+                            .connect_with(client.clone(), *addr, SERVER_NAME)
+                            .map_err(|e| err(&e))?;
+                        match connecting.await {
+                            Ok(conn) => break conn,
+                            Err(quinn::ConnectionError::TimedOut) => {
+                                tracing::debug!(peer, "handshake timed out; dialling again");
+                            }
+                            Err(e) => return Err(err(&e)),
+                        }
+                    };
                     let mut send = conn.open_uni().await.map_err(|e| err(&e))?;
                     send.write_all(&my_hello).await.map_err(|e| err(&e))?;
                     let mut recv = conn.accept_uni().await.map_err(|e| err(&e))?;
@@ -471,9 +481,15 @@ impl QuicNode {
                 Ok(())
             })
             .await
-            .map_err(|_| CollectiveError::Transport {
-                peer: usize::MAX,
-                msg: format!("mesh not complete after {timeout:?}"),
+            .map_err(|_| {
+                // Named by the first peer it has no connection with.
+                let peer = (0..world)
+                    .find(|&p| p != rank && sends[p].is_none())
+                    .unwrap_or(usize::MAX);
+                CollectiveError::Transport {
+                    peer,
+                    msg: format!("mesh {mesh_id} not complete after {timeout:?}"),
+                }
             })?
         })?;
         let lanes = self.open_lanes(
