@@ -927,7 +927,7 @@ impl CoordinatorState {
         let assignment = Assignment {
             config_json: serde_json::to_string(&self.files.cfg)?,
             spec_json: serde_json::to_string(spec)?,
-            peers: peers.clone(),
+            peers,
             mesh_id,
             use_local_model: local,
             total_bytes: total,
@@ -937,17 +937,8 @@ impl CoordinatorState {
             model_sha256: self.model_sha256.clone(),
             kv_cache: self.cache_type().name().into(),
         };
-        let mut held = HeldShard {
-            mesh_id,
-            config_json: assignment.config_json.clone(),
-            spec_json: assignment.spec_json.clone(),
-            model_sha256: assignment.model_sha256.clone(),
-            exact: assignment.exact,
-            wire: assignment.wire.clone(),
-            peers,
-            kv_cache: assignment.kv_cache.clone(),
-            ..Default::default()
-        };
+        // The worker's record of what it holds, less the byte counts its reply brings.
+        let record = assignment.clone();
         let bar = indicatif::ProgressBar::new(total);
         bar.set_style(
             indicatif::ProgressStyle::with_template("shard {msg} [{bar:30}] {bytes}/{total_bytes}")
@@ -986,8 +977,11 @@ impl CoordinatorState {
                 reply.seconds
             );
         }
-        held.weight_bytes_per_token = reply.weight_bytes_per_token;
-        held.weight_bytes_held = reply.weight_bytes_held;
+        let held = HeldShard::of(
+            &record,
+            reply.weight_bytes_per_token,
+            reply.weight_bytes_held,
+        );
         Ok((reply, client, held))
     }
 

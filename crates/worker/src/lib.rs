@@ -268,18 +268,7 @@ impl Worker for WorkerService {
             .await
             .map_err(|_| Status::internal("shard thread died"))?
             .map_err(Status::failed_precondition)?;
-        let adoptable = (!a.model_sha256.is_empty()).then(|| HeldShard {
-            mesh_id,
-            config_json: a.config_json.clone(),
-            spec_json: a.spec_json.clone(),
-            model_sha256: a.model_sha256.clone(),
-            exact: a.exact,
-            wire: a.wire.clone(),
-            peers: a.peers.clone(),
-            weight_bytes_per_token: bytes,
-            weight_bytes_held: held,
-            kv_cache: a.kv_cache.clone(),
-        });
+        let adoptable = (!a.model_sha256.is_empty()).then(|| HeldShard::of(&a, bytes, held));
         *self.state.shard.lock().unwrap() = Some(Loaded {
             tx,
             cancel,
@@ -596,8 +585,8 @@ fn shard_thread(
         };
         let out = match coll.as_mut() {
             Ok(c) => {
-                let (out, broken) = run_step(&mut model, c.as_mut(), req, &mut kept);
-                if broken {
+                let out = run_step(&mut model, c.as_mut(), req, &mut kept);
+                if out.mesh_down {
                     tracing::warn!(
                         mesh = mesh_now,
                         "the all-reduce mesh broke ({}); waiting for a new one",
@@ -626,14 +615,14 @@ pub type KeptRows = Vec<(u64, Vec<f32>)>;
 /// One step request from the coordinator, as a shard runs it: frees the listed caches, then
 /// either returns kept rows (`last_logits`) or runs the batch and picks each sequence's
 /// candidates or logits. Every field is checked (a malformed request gets an error reply,
-/// never a panic, and cannot make the reply large). Also says whether the mesh broke (a
-/// collective error: the shard is of no use until reloaded).
+/// never a panic, and cannot make the reply large). The reply's `mesh_down` says whether the
+/// mesh broke (a collective error: the shard serves no step until its mesh is rebuilt).
 pub fn run_step(
     model: &mut ShardModel,
     coll: &mut dyn Collective,
     req: StepRequest,
     kept: &mut KeptRows,
-) -> (StepReply, bool) {
+) -> StepReply {
     let started = Instant::now();
     let before = coll.stats();
     let mut out = StepReply::default();
@@ -648,7 +637,7 @@ pub fn run_step(
                 req.last_logits.len(),
                 kept.len()
             );
-            return (out, false);
+            return out;
         }
         for seq in &req.last_logits {
             match kept.iter().find(|k| k.0 == *seq) {
@@ -660,7 +649,7 @@ pub fn run_step(
                 }
             }
         }
-        return (out, false);
+        return out;
     }
     let want: Vec<(u64, Option<TopSpec>)> =
         req.steps.iter().map(|s| (s.seq, top_spec(s))).collect();
@@ -674,13 +663,11 @@ pub fn run_step(
             pos: s.pos as usize,
         })
         .collect();
-    let mut mesh_broken = false;
     let specs: Vec<Option<TopSpec>> = want.iter().map(|w| w.1).collect();
     match tessera_quant::install(|| model.forward_pick(&steps, coll, &specs)) {
         Ok(p) => pick(p, &want, &mut out, kept),
         Err(e) => {
-            mesh_broken = matches!(e, tessera_model::ModelError::Collective(_));
-            out.mesh_down = mesh_broken;
+            out.mesh_down = matches!(e, tessera_model::ModelError::Collective(_));
             out.error = e.to_string();
         }
     }
@@ -691,7 +678,7 @@ pub fn run_step(
     out.cached_sequences = seqs as u32;
     out.cached_positions = positions as u64;
     out.step_ns = started.elapsed().as_nanos() as u64;
-    (out, mesh_broken)
+    out
 }
 
 /// The tensor slice a block's first chunk describes, and the bytes it must carry in all.
