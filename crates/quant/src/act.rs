@@ -5,6 +5,11 @@
 //! (`256 * Σ w·hi + Σ w·lo`, exact in 32 bits), so activations carry about 16 bits: the fast path
 //! lands within ~1e-3 of f32 activations (one 8-bit plane, llama.cpp's way, errs ~0.1-0.5 on
 //! SmolLM2's logits) for a few percent more work per weight block read.
+//!
+//! The two planes also come as one plane of 16-bit values `256 * hi + lo` (at most 32639 in
+//! magnitude), for the AVX2 kernel without VNNI: one `vpmaddwd` of weights widened to 16 bits
+//! against it sums exactly the integers of two byte-plane dot products, in half the
+//! instructions.
 
 /// `rows` activation rows of `cols` values (a multiple of 32), quantized.
 #[derive(Debug, Default, Clone)]
@@ -23,6 +28,11 @@ pub struct QActs {
     /// each 16 values' scale spread over their 4 lanes, and scale x sum of every 16 values.
     pub dxv: Vec<f32>,
     pub ds16: Vec<f32>,
+    /// The two planes as one, `256 * q + q2`, `rows * cols` values.
+    pub x16: Vec<i16>,
+    /// For the 16-bit AVX2 kernel, per 32-block: its two 16 values' scales as that kernel's
+    /// sums come out, `[d0, d0, d1, d1, d0, d0, d1, d1]`.
+    pub dx16: Vec<f32>,
 }
 
 impl QActs {
@@ -46,12 +56,18 @@ impl QActs {
         self.q2.resize(rows * cols, 0);
         self.d.resize(rows * cols / 16, 0.0);
         self.sums.resize(rows * cols / 16, 0);
+        self.x16.resize(rows * cols, 0);
         let mut simd = false;
         #[cfg(target_arch = "x86_64")]
         if crate::x86::has_avx2() {
             // SAFETY: AVX2 was detected; the buffers were sized above.
             unsafe {
-                crate::x86::quantize_rows(x, &mut self.q, &mut self.q2, &mut self.d, &mut self.sums)
+                crate::x86::quantize_rows(
+                    x,
+                    (&mut self.q, &mut self.q2, &mut self.x16),
+                    &mut self.d,
+                    &mut self.sums,
+                )
             };
             simd = true;
         }
@@ -65,8 +81,17 @@ impl QActs {
             {
                 quantize_block(xb, qb, q2b, d, s);
             }
+            for ((o, q), q2) in self.x16.iter_mut().zip(&self.q).zip(&self.q2) {
+                *o = 256 * *q as i16 + *q2 as i16;
+            }
         }
         let chunks = cols / 32;
+        self.dx16.clear();
+        self.dx16.extend(
+            self.d
+                .chunks_exact(2)
+                .flat_map(|h| [h[0], h[0], h[1], h[1], h[0], h[0], h[1], h[1]]),
+        );
         let pairs = self.pairs();
         self.dxv.clear();
         self.dxv.resize(rows * pairs * 16, 0.0);
@@ -175,6 +200,12 @@ mod tests {
         assert_eq!(a.q2, q2);
         assert_eq!(a.d, d);
         assert_eq!(a.sums, s);
+        let x16: Vec<i16> = q
+            .iter()
+            .zip(&q2)
+            .map(|(a, b)| 256 * *a as i16 + *b as i16)
+            .collect();
+        assert_eq!(a.x16, x16);
     }
 
     /// Two planes carry about 16 bits: every value within half a 256th of its step.

@@ -133,6 +133,20 @@ impl GgmlType {
         self.block().0 == 1
     }
 
+    /// Byte offsets of a block's f16 scale fields (any bytes elsewhere make a valid block: what
+    /// tests need to write random blocks with finite scales).
+    pub fn f16_fields(self) -> &'static [usize] {
+        use GgmlType::*;
+        match self {
+            Q4_0 | Q5_0 | Q8_0 | IQ4_NL | IQ4_XS => &[0],
+            Q4_1 | Q5_1 | Q4_K | Q5_K => &[0, 2],
+            Q2_K => &[80, 82],
+            Q3_K => &[108],
+            Q6_K => &[208],
+            F32 | F16 | BF16 => &[],
+        }
+    }
+
     /// Bytes of a row of `cols` values, or None when `cols` is not a whole number of blocks.
     pub fn row_bytes(self, cols: usize) -> Option<usize> {
         let (per, bytes) = self.block();

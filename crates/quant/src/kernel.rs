@@ -163,7 +163,7 @@ unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
 impl Out {
-    fn new(y: &mut [f32], stride: usize, map: Option<Vec<usize>>) -> Out {
+    pub(crate) fn new(y: &mut [f32], stride: usize, map: Option<Vec<usize>>) -> Out {
         Out {
             ptr: y.as_mut_ptr(),
             stride,

@@ -1,8 +1,9 @@
 //! x86-64 kernels: every format's 32-value chunk unpacked into one 256-bit vector of small
 //! integers (two chunks into one 512-bit vector on AVX-512), then either integer dot products
-//! with quantized activations (`maddubs` on AVX2 and on AVX-512 without VNNI, `vpdpbusd` on
-//! AVX-VNNI and AVX-512 VNNI) or f32 FMAs against f32 activations (the exact path, one AVX2
-//! compilation for every instruction set).
+//! with quantized activations (`maddubs` on AVX2 and on AVX-512 without VNNI, and `vpmaddwd`
+//! on 16-bit values for AVX2's signed formats; `vpdpbusd` on AVX-VNNI and AVX-512 VNNI) or f32
+//! FMAs against f32 activations (the exact path, one AVX2 compilation for every instruction
+//! set).
 //! The instruction set is picked at run time. Super-block formats decode their scales once per
 //! block at either width; weights are prefetched ahead of the row being read.
 
@@ -39,17 +40,18 @@ pub(crate) fn has_avx512() -> bool {
 }
 
 /// [`crate::act::QActs`] quantization of 16-value blocks: the same operations as the portable
-/// `quantize_block` (max |x|, step = max / 127, both planes rounded to nearest even), 8 at a time.
+/// `quantize_block` (max |x|, step = max / 127, both planes rounded to nearest even), 8 at a time,
+/// and the planes joined into 16 bits (`x16`).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn quantize_rows(
     x: &[f32],
-    q: &mut [i8],
-    q2: &mut [i8],
+    (q, q2, x16): (&mut [i8], &mut [i8], &mut [i16]),
     d: &mut [f32],
     sums: &mut [i32],
 ) {
     let n = x.len();
-    assert!(q.len() == n && q2.len() == n && d.len() * 16 == n && sums.len() * 16 == n);
+    assert!(q.len() == n && q2.len() == n && x16.len() == n);
+    assert!(d.len() * 16 == n && sums.len() * 16 == n);
     let sign = _mm256_set1_ps(-0.0);
     let (lim_hi, lim_lo) = (_mm256_set1_epi32(127), _mm256_set1_epi32(-127));
     // i32 -> i8, 16 of them: [0..4, 8..12 | 4..8, 12..16] after the i16 pack, then in order.
@@ -90,6 +92,11 @@ pub(crate) unsafe fn quantize_rows(
                 q2.as_mut_ptr().add(16 * blk) as *mut __m128i,
                 pack(lo[0], lo[1]),
             );
+            // 256 * hi + lo fits 16 bits; the pack's lane order undone as above.
+            let j: [__m256i; 2] =
+                std::array::from_fn(|g| _mm256_add_epi32(_mm256_slli_epi32(hi[g], 8), lo[g]));
+            let w = _mm256_permute4x64_epi64(_mm256_packs_epi32(j[0], j[1]), 0b11_01_10_00);
+            _mm256_storeu_si256(x16.as_mut_ptr().add(16 * blk) as *mut __m256i, w);
         }
         let s = _mm256_add_epi32(
             _mm256_slli_epi32(_mm256_add_epi32(hi[0], hi[1]), 8),
@@ -349,7 +356,21 @@ struct Sc2 {
 #[inline]
 unsafe fn h2f(p: *const u8) -> f32 {
     let bits = unsafe { u16::from_le_bytes([*p, *p.add(1)]) };
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    // `vmovd` writes the whole register. Left to itself LLVM inserts the 16 bits into whatever
+    // register is at hand (`vpinsrw`, as only lane 0 is used), which ties each block's scale to
+    // the last value that register held: in the Q8_0 kernel, the accumulator, so every block
+    // waited on the one before (half the speed on Zen 3).
+    let v: __m128i;
+    // SAFETY: `vmovd` from a general register reads and writes registers only.
+    unsafe {
+        std::arch::asm!(
+            "vmovd {v}, {b:e}",
+            v = lateout(xmm_reg) v,
+            b = in(reg) bits as u32,
+            options(pure, nomem, nostack, preserves_flags)
+        )
+    };
+    _mm_cvtss_f32(_mm_cvtph_ps(v))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -894,15 +915,27 @@ unsafe fn dense32(ty: GgmlType, p: *const u8) -> [__m256; 4] {
 /// The 256-bit kernel: one 32-value chunk per vector, with the activations' per-half scales and
 /// scaled sums as [`QActs`] lays them out for the 512-bit kernels (a chunk is half a pair).
 /// Super-block formats decode their scales once per block; the float work per chunk is one
-/// multiply and one FMA. Two instantiations: `avx2` (`maddubs`) and `vnni` (AVX-VNNI's 256-bit
-/// `vpdpbusd`), whose sums come out the same.
+/// multiply and one FMA. Two instantiations whose sums come out the same: `vnni` (AVX-VNNI's
+/// 256-bit `vpdpbusd` on both byte planes) and `avx2`, whose signed formats (Q8_0, IQ4_NL,
+/// IQ4_XS) go `wide`: the weights widened to 16 bits, two `vpmaddwd` against the joined plane
+/// [`QActs::x16`] and one `vphaddd`, where the byte planes need `vpsignb` on each plane before
+/// two `vpmaddubsw` and two `vpmaddwd` (on Zen 3, Q8_0 from cache 1.1-1.7x as fast, from
+/// memory level: one core's stream is the limit either way; the unsigned formats ran 10-30%
+/// slower wide, their widening on the shuffle ports their unpacking already keeps busy). `wide` sums come out with the chunk's 4-value groups in the order [`WIDE_LANES`], so
+/// the scales are laid out alike and the accumulators put back in order before their
+/// horizontal sum: the same float operations in the same order.
 macro_rules! isa_kernels {
-    ($m:ident, $feat:tt, $vnni:expr) => {
+    ($m:ident, $feat:tt, $vnni:expr, $wide:expr) => {
         mod $m {
             use super::*;
 
             /// How far ahead of the current block the weights are prefetched, in bytes.
             const PREFETCH: usize = 2048;
+
+            /// Whether format `F` goes through the 16-bit dot products.
+            const fn wide<F: Fmt>() -> bool {
+                $wide && F::SIGNED
+            }
 
             /// Rows `r0..r0+R` against activation rows `b0..b0+B`, quantized activations.
             #[target_feature(enable = $feat)]
@@ -919,13 +952,16 @@ macro_rules! isa_kernels {
                 let mut acc = [[_mm256_setzero_ps(); B]; R];
                 let mut cacc = [[_mm256_setzero_ps(); B]; R];
                 if F::PER == 256 {
-                    // Chunk c's halves 2c and 2c + 1 of a vector of eight, each over 4 lanes.
-                    let idx = [
-                        _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
-                        _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3),
-                        _mm256_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5),
-                        _mm256_setr_epi32(6, 6, 6, 6, 7, 7, 7, 7),
-                    ];
+                    // Chunk c's halves 2c and 2c + 1 of a vector of eight, each over 4 lanes
+                    // (in `wide`'s lane order there).
+                    let idx: [__m256i; 4] = std::array::from_fn(|c| {
+                        let (h0, h1) = (2 * c as i32, 2 * c as i32 + 1);
+                        if wide::<F>() {
+                            _mm256_setr_epi32(h0, h0, h1, h1, h0, h0, h1, h1)
+                        } else {
+                            _mm256_setr_epi32(h0, h0, h0, h0, h1, h1, h1, h1)
+                        }
+                    });
                     for blk in 0..chunks / 8 {
                         let mut svw = [[_mm256_setzero_ps(); 8]; R];
                         for ri in 0..R {
@@ -954,7 +990,7 @@ macro_rules! isa_kernels {
                         }
                         for c in 0..8 {
                             // SAFETY: as above.
-                            let (xs, xs2, dxv) = unsafe { chunk_acts::<B>(a, b0, 8 * blk + c, pairs) };
+                            let (xs, xs2, dxv) = unsafe { chunk_acts::<F, B>(a, b0, 8 * blk + c, pairs) };
                             for ri in 0..R {
                                 let row = w.wrapping_add((r0 + ri) * row_bytes + blk * F::BYTES);
                                 if c % 2 == 0 {
@@ -971,7 +1007,7 @@ macro_rules! isa_kernels {
                 } else {
                     for k in 0..chunks {
                         // SAFETY: the caller checked the activation rows exist.
-                        let (xs, xs2, dxv) = unsafe { chunk_acts::<B>(a, b0, k, pairs) };
+                        let (xs, xs2, dxv) = unsafe { chunk_acts::<F, B>(a, b0, k, pairs) };
                         let mut ds = [_mm256_setzero_ps(); B];
                         if F::CORR {
                             for bi in 0..B {
@@ -990,7 +1026,12 @@ macro_rules! isa_kernels {
                             }
                             // SAFETY: the caller checked the weight rows exist.
                             let (v, sc) = unsafe { F::unpack(row, 0) };
-                            let svw = _mm256_setr_m128(_mm_set1_ps(sc.s[0]), _mm_set1_ps(sc.s[1]));
+                            let svw = if wide::<F>() {
+                                let h = _mm_setr_ps(sc.s[0], sc.s[0], sc.s[1], sc.s[1]);
+                                _mm256_setr_m128(h, h)
+                            } else {
+                                _mm256_setr_m128(_mm_set1_ps(sc.s[0]), _mm_set1_ps(sc.s[1]))
+                            };
                             accumulate::<F, B>(v, svw, (&xs, &xs2), &dxv, &mut acc[ri]);
                             if F::CORR {
                                 let s = _mm256_setr_ps(sc.s[0], sc.s[1], 0., 0., 0., 0., 0., 0.);
@@ -1005,16 +1046,22 @@ macro_rules! isa_kernels {
                 }
                 for ri in 0..R {
                     for bi in 0..B {
-                        out.set(b0 + bi, r0 + ri, hsum(acc[ri][bi]) + hsum(cacc[ri][bi]));
+                        let a = if wide::<F>() {
+                            _mm256_permutevar8x32_ps(acc[ri][bi], WIDE_LANES)
+                        } else {
+                            acc[ri][bi]
+                        };
+                        out.set(b0 + bi, r0 + ri, hsum(a) + hsum(cacc[ri][bi]));
                     }
                 }
             }
 
             /// Activation rows `b0..b0+B` at chunk `k`: both planes and each half's scale spread
-            /// over its 4 lanes.
+            /// over its 4 lanes (`wide`: the joined plane's two halves, and the scales in its
+            /// lane order).
             #[target_feature(enable = $feat)]
             #[inline]
-            unsafe fn chunk_acts<const B: usize>(
+            unsafe fn chunk_acts<F: Fmt, const B: usize>(
                 a: &QActs,
                 b0: usize,
                 k: usize,
@@ -1028,10 +1075,18 @@ macro_rules! isa_kernels {
                     // SAFETY: the caller checked the activation rows exist, with scales for
                     // every pair.
                     unsafe {
-                        xs[bi] = load256(a.q.as_ptr().add(b * a.cols + 32 * k) as *const u8);
-                        xs2[bi] = load256(a.q2.as_ptr().add(b * a.cols + 32 * k) as *const u8);
-                        let at = (b * pairs + k / 2) * 16 + 8 * (k % 2);
-                        dxv[bi] = _mm256_loadu_ps(a.dxv.as_ptr().add(at));
+                        if wide::<F>() {
+                            let x = a.x16.as_ptr().add(b * a.cols + 32 * k);
+                            xs[bi] = load256(x as *const u8);
+                            xs2[bi] = load256(x.add(16) as *const u8);
+                            let at = (b * a.cols / 32 + k) * 8;
+                            dxv[bi] = _mm256_loadu_ps(a.dx16.as_ptr().add(at));
+                        } else {
+                            xs[bi] = load256(a.q.as_ptr().add(b * a.cols + 32 * k) as *const u8);
+                            xs2[bi] = load256(a.q2.as_ptr().add(b * a.cols + 32 * k) as *const u8);
+                            let at = (b * pairs + k / 2) * 16 + 8 * (k % 2);
+                            dxv[bi] = _mm256_loadu_ps(a.dxv.as_ptr().add(at));
+                        }
                     }
                 }
                 (xs, xs2, dxv)
@@ -1060,6 +1115,21 @@ macro_rules! isa_kernels {
                 dxv: &[__m256; B],
                 acc: &mut [__m256; B],
             ) {
+                if wide::<F>() {
+                    // The chunk's two halves as 16-bit values, against the joined plane's.
+                    let (lo, hi) = (_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+                    let w = [_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi)];
+                    for bi in 0..B {
+                        // Sums of value pairs, then of 4-value groups: at most 4 x 128 x 32639.
+                        let p = _mm256_hadd_epi32(
+                            _mm256_madd_epi16(w[0], xs[bi]),
+                            _mm256_madd_epi16(w[1], xs2[bi]),
+                        );
+                        let p = _mm256_cvtepi32_ps(p);
+                        acc[bi] = _mm256_fmadd_ps(_mm256_mul_ps(svw, dxv[bi]), p, acc[bi]);
+                    }
+                    return;
+                }
                 let vu = if F::SIGNED { _mm256_sign_epi8(v, v) } else { v };
                 for bi in 0..B {
                     let (xx, xx2) = if F::SIGNED {
@@ -1495,8 +1565,18 @@ mod exact_avx2 {
     }
 }
 
-isa_kernels!(avx2, "avx2,fma,f16c", false);
-isa_kernels!(vnni, "avx2,fma,f16c,avxvnni", true);
+/// Where `wide` sums put a chunk's 4-value groups: lane `i` holds group `WIDE_LANES[i]` (its own
+/// inverse, so the same permutation puts them back). `vphaddd` adds within 128-bit lanes, so its
+/// low lane holds groups 0-1 (of the first half's pair sums) and 4-5 (of the second's), its high
+/// lane 2-3 and 6-7.
+const WIDE_LANES: __m256i = unsafe { std::mem::transmute([0i32, 1, 4, 5, 2, 3, 6, 7]) };
+
+isa_kernels!(avx2, "avx2,fma,f16c", false, true);
+isa_kernels!(vnni, "avx2,fma,f16c,avxvnni", true, false);
+// The byte-plane AVX2 kernel `avx2` replaced, kept to show that the two sum alike on machines
+// without AVX-VNNI.
+#[cfg(test)]
+isa_kernels!(avx2_bytes, "avx2,fma,f16c", false, false);
 
 /// Tiles rows and activation rows and runs the kernel of `isa` for format `F`.
 fn go_fast<F: Fmt>(isa: Isa, w: &[u8], rows: Range<usize>, a: &QActs, out: &Out) {
@@ -2147,4 +2227,92 @@ fn dpwssd(acc: __m512i, w: __m512i, x: __m512i) -> __m512i {
         )
     };
     acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::ALL_TYPES;
+
+    /// Rows `0..rows` of `w` against every row of `a` through both AVX2 kernels, in the tile
+    /// shapes the dispatcher uses.
+    fn both<F: Fmt>(w: &[u8], rows: usize, a: &QActs) -> (Vec<f32>, Vec<f32>) {
+        let row_bytes = a.cols / F::PER * F::BYTES;
+        assert!(w.len() >= rows * row_bytes && rows.is_multiple_of(2) && a.rows == 4);
+        let run = |wide: bool| {
+            let mut y = vec![f32::NAN; a.rows * rows];
+            let out = Out::new(&mut y, rows, None);
+            let p = w.as_ptr();
+            // SAFETY: AVX2 was detected; the rows and activation rows exist (asserted above).
+            unsafe {
+                for r in (0..rows).step_by(2) {
+                    if wide {
+                        avx2::fast::<F, 2, 4>(p, row_bytes, r, a, 0, &out);
+                        avx2::fast::<F, 1, 1>(p, row_bytes, r + 1, a, 3, &out);
+                    } else {
+                        avx2_bytes::fast::<F, 2, 4>(p, row_bytes, r, a, 0, &out);
+                        avx2_bytes::fast::<F, 1, 1>(p, row_bytes, r + 1, a, 3, &out);
+                    }
+                }
+            }
+            drop(out);
+            y
+        };
+        (run(true), run(false))
+    }
+
+    /// The 16-bit AVX2 kernel gives the byte-plane kernel's bits (and so AVX-VNNI's, which
+    /// `tests/kernels.rs` compares with the byte planes where a machine has it), for every
+    /// format, with activations at the planes' extremes among them.
+    #[test]
+    fn the_wide_avx2_kernel_gives_the_byte_planes_bits() {
+        if !has_avx2() {
+            eprintln!("skipped: no AVX2 here");
+            return;
+        }
+        let mut seed = 7u64;
+        let mut rnd = move || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for ty in ALL_TYPES.iter().filter(|t| !t.is_dense()) {
+            let cols = 3 * ty.block_values().max(64);
+            let rows = 6;
+            // Random blocks (every weight byte value, -128 among them) with modest scales.
+            let mut w: Vec<u8> = (0..rows * ty.row_bytes(cols).unwrap())
+                .map(|_| (rnd() * 256.0) as i32 as u8)
+                .collect();
+            for blk in w.chunks_exact_mut(ty.block_bytes()) {
+                for &at in ty.f16_fields() {
+                    let v = half::f16::from_f32(rnd() * 0.1);
+                    blk[at..at + 2].copy_from_slice(&v.to_le_bytes());
+                }
+            }
+            // Row 0 of the activations at +-max in every block (hi = +-127), so the joined
+            // plane reaches its extremes; the others random with outliers.
+            let x: Vec<f32> = (0..4 * cols)
+                .map(|i| match (i / cols, i % 16) {
+                    (0, 0) => -1.0,
+                    (0, _) => {
+                        if i % 3 == 0 {
+                            1.0
+                        } else {
+                            -0.999_1
+                        }
+                    }
+                    _ => rnd() * if i % 37 == 0 { 50.0 } else { 1.0 },
+                })
+                .collect();
+            let a = QActs::quantize(&x, 4, cols);
+            let (wide, bytes) = by_type!(*ty, both, &w, rows, &a);
+            assert!(wide.iter().all(|v| v.is_finite()));
+            let same = wide
+                .iter()
+                .zip(&bytes)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{}: {wide:?} != {bytes:?}", ty.name());
+        }
+    }
 }

@@ -6,19 +6,6 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tessera_quant::*;
 
-/// Byte offsets of the f16 scale fields of one block (random bytes elsewhere are valid).
-fn f16_fields(ty: GgmlType) -> &'static [usize] {
-    use GgmlType::*;
-    match ty {
-        Q4_0 | Q5_0 | Q8_0 | IQ4_NL | IQ4_XS => &[0],
-        Q4_1 | Q5_1 | Q4_K | Q5_K => &[0, 2],
-        Q2_K => &[80, 82],
-        Q3_K => &[108],
-        Q6_K => &[208],
-        F32 | F16 | BF16 => &[],
-    }
-}
-
 /// A random `rows x cols` matrix of `ty` with finite, modest scales.
 fn random_matrix(ty: GgmlType, rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
     let n = ty.row_bytes(cols).unwrap() * rows;
@@ -41,7 +28,7 @@ fn random_matrix(ty: GgmlType, rows: usize, cols: usize, rng: &mut ChaCha8Rng) -
         }
         _ => {
             for blk in data.chunks_exact_mut(ty.block_bytes()) {
-                for &at in f16_fields(ty) {
+                for &at in ty.f16_fields() {
                     let v = f16::from_f32(rng.random_range(-0.05..0.05));
                     blk[at..at + 2].copy_from_slice(&v.to_le_bytes());
                 }
