@@ -6,10 +6,11 @@
 //! lands within ~1e-3 of f32 activations (one 8-bit plane, llama.cpp's way, errs ~0.1-0.5 on
 //! SmolLM2's logits) for a few percent more work per weight block read.
 //!
-//! The two planes also come as one plane of 16-bit values `256 * hi + lo` (at most 32639 in
+//! The two planes can also come as one plane of 16-bit values `256 * hi + lo` (at most 32639 in
 //! magnitude), for the AVX2 kernel without VNNI: one `vpmaddwd` of weights widened to 16 bits
 //! against it sums exactly the integers of two byte-plane dot products, in half the
-//! instructions.
+//! instructions. Only that kernel reads it, so the matrix products have it written only for
+//! that instruction set.
 
 /// `rows` activation rows of `cols` values (a multiple of 32), quantized.
 #[derive(Debug, Default, Clone)]
@@ -28,15 +29,16 @@ pub struct QActs {
     /// each 16 values' scale spread over their 4 lanes, and scale x sum of every 16 values.
     pub dxv: Vec<f32>,
     pub ds16: Vec<f32>,
-    /// The two planes as one, `256 * q + q2`, `rows * cols` values.
+    /// The two planes as one, `256 * q + q2`, `rows * cols` values (empty unless joined).
     pub x16: Vec<i16>,
     /// For the 16-bit AVX2 kernel, per 32-block: its two 16 values' scales as that kernel's
-    /// sums come out, `[d0, d0, d1, d1, d0, d0, d1, d1]`.
+    /// sums come out, `[d0, d0, d1, d1, d0, d0, d1, d1]` (empty unless joined).
     pub dx16: Vec<f32>,
 }
 
 impl QActs {
-    /// Quantizes `x` (`rows * cols` values, row-major); `cols` must be a multiple of 32.
+    /// Quantizes `x` (`rows * cols` values, row-major), the joined plane included; `cols` must
+    /// be a multiple of 32.
     pub fn quantize(x: &[f32], rows: usize, cols: usize) -> QActs {
         let mut a = QActs::default();
         a.requantize(x, rows, cols);
@@ -45,6 +47,11 @@ impl QActs {
 
     /// Like [`QActs::quantize`], reusing this value's buffers.
     pub fn requantize(&mut self, x: &[f32], rows: usize, cols: usize) {
+        self.requantize_for(x, rows, cols, true)
+    }
+
+    /// [`QActs::requantize`], with the joined plane (`x16`, `dx16`) only if `joined`.
+    pub(crate) fn requantize_for(&mut self, x: &[f32], rows: usize, cols: usize, joined: bool) {
         assert!(
             cols.is_multiple_of(32),
             "activation rows must be whole 32-blocks"
@@ -56,7 +63,10 @@ impl QActs {
         self.q2.resize(rows * cols, 0);
         self.d.resize(rows * cols / 16, 0.0);
         self.sums.resize(rows * cols / 16, 0);
-        self.x16.resize(rows * cols, 0);
+        self.x16.clear();
+        if joined {
+            self.x16.resize(rows * cols, 0);
+        }
         let mut simd = false;
         #[cfg(target_arch = "x86_64")]
         if crate::x86::has_avx2() {
@@ -64,7 +74,11 @@ impl QActs {
             unsafe {
                 crate::x86::quantize_rows(
                     x,
-                    (&mut self.q, &mut self.q2, &mut self.x16),
+                    (
+                        &mut self.q,
+                        &mut self.q2,
+                        joined.then_some(&mut self.x16[..]),
+                    ),
                     &mut self.d,
                     &mut self.sums,
                 )
@@ -87,11 +101,13 @@ impl QActs {
         }
         let chunks = cols / 32;
         self.dx16.clear();
-        self.dx16.extend(
-            self.d
-                .chunks_exact(2)
-                .flat_map(|h| [h[0], h[0], h[1], h[1], h[0], h[0], h[1], h[1]]),
-        );
+        if joined {
+            self.dx16.extend(
+                self.d
+                    .chunks_exact(2)
+                    .flat_map(|h| [h[0], h[0], h[1], h[1], h[0], h[0], h[1], h[1]]),
+            );
+        }
         let pairs = self.pairs();
         self.dxv.clear();
         self.dxv.resize(rows * pairs * 16, 0.0);

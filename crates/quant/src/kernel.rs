@@ -381,7 +381,8 @@ pub fn matmul_rows(
     if fast {
         ACTS.with(|a| {
             let mut a = a.borrow_mut();
-            a.requantize(xr, nr, cols);
+            // The joined plane only for the kernel that reads it.
+            a.requantize_for(xr, nr, cols, isa == Isa::Avx2);
             go(Some(&a));
         });
     } else {

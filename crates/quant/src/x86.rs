@@ -41,16 +41,16 @@ pub(crate) fn has_avx512() -> bool {
 
 /// [`crate::act::QActs`] quantization of 16-value blocks: the same operations as the portable
 /// `quantize_block` (max |x|, step = max / 127, both planes rounded to nearest even), 8 at a time,
-/// and the planes joined into 16 bits (`x16`).
+/// and the planes joined into 16 bits where asked (`x16`).
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(crate) unsafe fn quantize_rows(
     x: &[f32],
-    (q, q2, x16): (&mut [i8], &mut [i8], &mut [i16]),
+    (q, q2, mut x16): (&mut [i8], &mut [i8], Option<&mut [i16]>),
     d: &mut [f32],
     sums: &mut [i32],
 ) {
     let n = x.len();
-    assert!(q.len() == n && q2.len() == n && x16.len() == n);
+    assert!(q.len() == n && q2.len() == n && x16.as_ref().is_none_or(|x| x.len() == n));
     assert!(d.len() * 16 == n && sums.len() * 16 == n);
     let sign = _mm256_set1_ps(-0.0);
     let (lim_hi, lim_lo) = (_mm256_set1_epi32(127), _mm256_set1_epi32(-127));
@@ -92,11 +92,13 @@ pub(crate) unsafe fn quantize_rows(
                 q2.as_mut_ptr().add(16 * blk) as *mut __m128i,
                 pack(lo[0], lo[1]),
             );
-            // 256 * hi + lo fits 16 bits; the pack's lane order undone as above.
-            let j: [__m256i; 2] =
-                std::array::from_fn(|g| _mm256_add_epi32(_mm256_slli_epi32(hi[g], 8), lo[g]));
-            let w = _mm256_permute4x64_epi64(_mm256_packs_epi32(j[0], j[1]), 0b11_01_10_00);
-            _mm256_storeu_si256(x16.as_mut_ptr().add(16 * blk) as *mut __m256i, w);
+            if let Some(x16) = x16.as_deref_mut() {
+                // 256 * hi + lo fits 16 bits; the pack's lane order undone as above.
+                let j: [__m256i; 2] =
+                    std::array::from_fn(|g| _mm256_add_epi32(_mm256_slli_epi32(hi[g], 8), lo[g]));
+                let w = _mm256_permute4x64_epi64(_mm256_packs_epi32(j[0], j[1]), 0b11_01_10_00);
+                _mm256_storeu_si256(x16.as_mut_ptr().add(16 * blk) as *mut __m256i, w);
+            }
         }
         let s = _mm256_add_epi32(
             _mm256_slli_epi32(_mm256_add_epi32(hi[0], hi[1]), 8),
@@ -921,9 +923,10 @@ unsafe fn dense32(ty: GgmlType, p: *const u8) -> [__m256; 4] {
 /// [`QActs::x16`] and one `vphaddd`, where the byte planes need `vpsignb` on each plane before
 /// two `vpmaddubsw` and two `vpmaddwd` (on Zen 3, Q8_0 from cache 1.1-1.7x as fast, from
 /// memory level: one core's stream is the limit either way; the unsigned formats ran 10-30%
-/// slower wide, their widening on the shuffle ports their unpacking already keeps busy). `wide` sums come out with the chunk's 4-value groups in the order [`WIDE_LANES`], so
-/// the scales are laid out alike and the accumulators put back in order before their
-/// horizontal sum: the same float operations in the same order.
+/// slower wide, their widening on the shuffle ports their unpacking already keeps busy).
+/// `wide` sums come out with the chunk's 4-value groups in the order [`WIDE_LANES`], so the
+/// scales are laid out alike and the accumulators put back in order before their horizontal
+/// sum: the same float operations in the same order.
 macro_rules! isa_kernels {
     ($m:ident, $feat:tt, $vnni:expr, $wide:expr) => {
         mod $m {
@@ -1586,6 +1589,13 @@ fn go_fast<F: Fmt>(isa: Isa, w: &[u8], rows: Range<usize>, a: &QActs, out: &Out)
         "weights shorter than their rows"
     );
     assert!(a.q.len() >= a.rows * a.cols && a.cols.is_multiple_of(F::PER));
+    // The AVX2 kernel's signed formats read the joined plane and its scales.
+    assert!(
+        isa != Isa::Avx2
+            || !F::SIGNED
+            || (a.x16.len() >= a.rows * a.cols && a.dx16.len() >= a.rows * a.cols / 4),
+        "activations quantized without the joined plane"
+    );
     let n = a.rows;
     let p = w.as_ptr();
     macro_rules! call {
